@@ -1,0 +1,154 @@
+"""Configuration: dataclasses, loaded from a TOML file, overridden by command-line flags.
+
+Every tunable of the project is a field of one of the dataclasses below. A config file is
+TOML with one table per dataclass (``[prepare]``, ``[source]``, ...); each field is also a
+flag (``history_length`` → ``--history-length``). Unknown keys and out-of-range values are
+errors that name the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from morec_rec.errors import MorecError
+
+C = TypeVar("C")
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """How a source reader finds its fields (used by the readers that need each field)."""
+
+    #: Interaction columns of the ``generic`` and ``morec`` sources.
+    user_column: str = "user"
+    item_column: str = "item"
+    time_column: str = "timestamp"
+    #: Rating column; empty means implicit feedback (no rating filter).
+    rating_column: str = ""
+    #: Item-table columns of the ``generic`` source.
+    price_column: str = "price"
+    category_column: str = "category"
+    #: CSV field delimiter of the ``generic`` and ``morec`` sources.
+    delimiter: str = ","
+    #: ``tafeng``: digits of PRODUCT_SUBCLASS kept as the category (2 → 26 groups).
+    category_prefix: int = 2
+
+    def __post_init__(self) -> None:
+        _check(len(self.delimiter) == 1, "delimiter", self.delimiter, "one character")
+        _check(1 <= self.category_prefix <= 6, "category_prefix", self.category_prefix, "1..6")
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    """Preparation of a raw source into the on-disk format (see README, "Data format")."""
+
+    #: Interactions rated below this are dropped (only where the source has ratings).
+    min_rating: float = 3.0
+    #: Iterative k-core: every user and item keeps at least this many interactions.
+    k_core: int = 5
+    #: Items kept in the ``history`` column (the most recent last).
+    history_length: int = 50
+    #: Popularity groups, cut over items sorted by training count.
+    popularity_groups: int = 10
+    #: ``equal_items``: each group holds the same number of items; ``equal_interactions``:
+    #: each holds about the same number of training interactions.
+    popularity_rule: str = "equal_items"
+    #: Smallest categories fold into "other" until every fairness group holds at least
+    #: this share of the held-out items of the validation and of the test split.
+    min_group_share: float = 0.02
+    #: Items without a price or category: ``impute`` (price = category median, category
+    #: "unknown") or ``error``.
+    missing: str = "impute"
+    #: Rows per Parquet row group and per ``train/part-*.parquet`` shard.
+    row_group_size: int = 16_384
+    rows_per_shard: int = 1_048_576
+    #: Seeds the tie-break of same-time interactions and the order of training rows.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.k_core >= 3, "k_core", self.k_core, ">= 3: leave-one-out needs 3 per user")
+        _check(self.history_length >= 0, "history_length", self.history_length, ">= 0")
+        _check(self.popularity_groups >= 1, "popularity_groups", self.popularity_groups, ">= 1")
+        _check(
+            self.popularity_rule in ("equal_items", "equal_interactions"),
+            "popularity_rule",
+            self.popularity_rule,
+            "equal_items or equal_interactions",
+        )
+        _check(0 <= self.min_group_share < 0.5, "min_group_share", self.min_group_share, "[0, 0.5)")
+        _check(self.missing in ("impute", "error"), "missing", self.missing, "impute or error")
+        _check(self.row_group_size >= 1, "row_group_size", self.row_group_size, ">= 1")
+        _check(
+            self.rows_per_shard >= self.row_group_size,
+            "rows_per_shard",
+            self.rows_per_shard,
+            ">= row_group_size",
+        )
+
+
+def _check(ok: bool, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise MorecError(f"config: {field} = {value!r} is out of range (expected {expected})")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Adds one ``--flag`` per field of the dataclass ``cls``; unset flags stay absent."""
+    group = parser.add_argument_group(cls.__name__)
+    for field in dataclasses.fields(cls):
+        kind = _field_type(cls, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS)
+        else:
+            group.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS,
+                               metavar=kind.__name__.upper(),
+                               help=f"default: {field.default!r}")
+
+
+def build(cls: type[C], file_values: dict[str, Any], args: argparse.Namespace | None) -> C:
+    """An instance of ``cls`` from a config-file table, overridden by the flags set in ``args``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(file_values) - names)
+    if unknown:
+        raise MorecError(f"config: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
+    values = dict(file_values)
+    if args is not None:
+        values.update({k: v for k, v in vars(args).items() if k in names})
+    for name, value in values.items():
+        kind = _field_type(cls, name)
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise MorecError(f"config: {name} = {value!r} is not a {kind.__name__}")
+        if kind is float:
+            values[name] = float(value)
+    return cls(**values)
+
+
+def load_file(path: Path | None, sections: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Reads a TOML config file into its tables; only ``sections`` are allowed."""
+    if path is None:
+        return {s: {} for s in sections}
+    try:
+        with open(path, "rb") as f:
+            content = tomllib.load(f)
+    except FileNotFoundError:
+        raise MorecError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise MorecError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(content) - set(sections))
+    if unknown:
+        raise MorecError(f"{path}: unknown section(s) {', '.join(unknown)}")
+    return {s: content.get(s, {}) for s in sections}
+
+
+def _field_type(cls: type, name: str) -> type:
+    kind = typing.get_type_hints(cls)[name]
+    if isinstance(kind, types.UnionType):  # ``X | None``: the flag parses as X
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    return kind

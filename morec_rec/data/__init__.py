@@ -1,0 +1,1 @@
+"""The on-disk dataset format, its sources, preparation and the synthetic generator."""

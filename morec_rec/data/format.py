@@ -1,0 +1,122 @@
+"""The prepared-dataset format: file layout, Arrow schemas, and opening a dataset.
+
+A prepared dataset is a directory::
+
+    manifest.json        counts, groups, Q, price statistics, shards, parameters, source
+    items.parquet        one row per item id 0..num_items-1, in id order
+    users.parquet        one row per user id 0..num_users-1: the original id
+    train/part-NNNNN.parquet   training rows in a seeded random order
+    valid.parquet        one row per user (second-last interaction), in user order
+    test.parquet         one row per user (last interaction), in user order
+
+``manifest.json`` is written last: a directory without it is not a dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from morec_rec.errors import MorecError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ITEMS = "items.parquet"
+USERS = "users.parquet"
+TRAIN_DIR = "train"
+SPLITS = ("train", "valid", "test")
+
+#: One interaction. ``history`` holds the user's earlier items (earlier in the split order:
+#: train rows see earlier train rows, valid sees all train rows, test sees train and valid),
+#: most recent last, at most ``history_length`` of them.
+ROW_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.int32(), nullable=False),
+        pa.field("item_id", pa.int32(), nullable=False),
+        pa.field("timestamp", pa.int64(), nullable=False),  # seconds since the epoch
+        pa.field("price", pa.float64(), nullable=False),  # the item's price, >= 0
+        pa.field("fairness_group", pa.int16(), nullable=False),
+        pa.field("popularity_group", pa.int16(), nullable=False),
+        pa.field("history", pa.list_(pa.field("item", pa.int32(), nullable=False)), nullable=False),
+    ]
+)
+
+ITEM_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.int32(), nullable=False),
+        pa.field("original_id", pa.string(), nullable=False),
+        pa.field("price", pa.float64(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),  # before folding into groups
+        pa.field("fairness_group", pa.int16(), nullable=False),
+        pa.field("popularity_group", pa.int16(), nullable=False),
+        pa.field("train_count", pa.int64(), nullable=False),
+    ]
+)
+
+USER_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.int32(), nullable=False),
+        pa.field("original_id", pa.string(), nullable=False),
+    ]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDataset:
+    """An opened prepared dataset: its directory and parsed manifest."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, root: Path | str) -> "PreparedDataset":
+        """Opens ``root``; raises :class:`MorecError` unless it is a complete dataset."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise MorecError(f"{root}: not a prepared dataset (no {MANIFEST})")
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MorecError(f"{path}: not valid JSON ({e})") from None
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if version != FORMAT_VERSION:
+            raise MorecError(
+                f"{path}: format_version {version!r}, this package reads {FORMAT_VERSION}"
+            )
+        dataset = cls(root, manifest)
+        for file in dataset.files():
+            if not file.is_file():
+                raise MorecError(f"{root}: not a prepared dataset ({file.name} is missing)")
+        return dataset
+
+    @property
+    def train_files(self) -> list[Path]:
+        return [self.root / shard["path"] for shard in self.manifest["shards"]]
+
+    def files(self) -> list[Path]:
+        return [self.root / ITEMS, self.root / USERS, self.root / "valid.parquet",
+                self.root / "test.parquet", *self.train_files]
+
+    def split(self, name: str) -> pa.Table:
+        """All rows of one split (``valid``/``test``; ``train`` reads every shard)."""
+        if name not in SPLITS:
+            raise MorecError(f"unknown split {name!r} (expected one of {', '.join(SPLITS)})")
+        paths = self.train_files if name == "train" else [self.root / f"{name}.parquet"]
+        return pa.concat_tables(read_parquet(p) for p in paths)
+
+    def items(self) -> pa.Table:
+        return read_parquet(self.root / ITEMS)
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """Reads a Parquet file of a dataset; a corrupt file is a :class:`MorecError`."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise MorecError(f"{path}: corrupt Parquet file ({str(e).splitlines()[0]})") from None

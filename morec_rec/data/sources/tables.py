@@ -1,0 +1,192 @@
+"""Reading tabular source files with errors that name the file, the column and the value.
+
+Shared by every reader: CSV (optionally compressed, e.g. ``.csv.gz``) and Parquet input,
+column presence and type checks, and fingerprints of the files that were read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from morec_rec.errors import MorecError
+
+_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+
+
+def require_file(path: Path) -> Path:
+    """Returns ``path`` if it names a readable file; raises :class:`MorecError` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise MorecError(f"{path}: no such file")
+    return path
+
+
+def fingerprint(path: Path) -> dict[str, Any]:
+    """Name, size in bytes and sha256 of a file, for the manifest's record of its source."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def read_table(path: Path, columns: Iterable[str], delimiter: str = ",") -> pa.Table:
+    """Reads ``columns`` of a CSV or Parquet file, every CSV column as a string.
+
+    Strings keep identifiers intact (leading zeros); numbers are converted afterwards by
+    :func:`to_float` / :func:`to_seconds`, which report the first value that does not parse.
+    A ``.parquet`` / ``.pq`` suffix selects Parquet; anything else is read as CSV, plain,
+    compressed (``.gz``, ``.bz2``, ``.zst``) or as the only file of a ``.zip``.
+    """
+    path = require_file(path)
+    columns = list(columns)
+    if path.suffix in (".parquet", ".pq"):
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise MorecError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+        _require_columns(path, columns, schema.names)
+        try:
+            return pq.read_table(path, columns=columns)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise MorecError(f"{path}: corrupt Parquet data ({_first_line(e)})") from None
+    try:
+        with _open_text(path) as stream:
+            header = pa_csv.open_csv(
+                stream, parse_options=pa_csv.ParseOptions(delimiter=delimiter)
+            ).schema.names
+    except (pa.ArrowInvalid, OSError, zipfile.BadZipFile) as e:
+        raise MorecError(f"{path}: not a readable CSV file ({_first_line(e)})") from None
+    _require_columns(path, columns, header)
+    try:
+        with _open_text(path) as stream:
+            return pa_csv.read_csv(
+                stream,
+                parse_options=pa_csv.ParseOptions(delimiter=delimiter),
+                convert_options=pa_csv.ConvertOptions(
+                    include_columns=columns,
+                    column_types={c: pa.string() for c in columns},
+                    strings_can_be_null=True,
+                ),
+            )
+    except (pa.ArrowInvalid, OSError) as e:
+        raise MorecError(f"{path}: malformed CSV ({_first_line(e)})") from None
+
+
+@contextlib.contextmanager
+def _open_text(path: Path) -> Iterator[Any]:
+    """Opens a text file, decompressing ``.gz``/``.bz2``/``.zst`` or a one-file ``.zip``."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.namelist() if not m.endswith("/")]
+            if len(members) != 1:
+                raise MorecError(f"{path}: expected one file in the archive, found {len(members)}")
+            with archive.open(members[0]) as stream:
+                yield stream
+    else:
+        with pa.input_stream(str(path), compression="detect") as stream:
+            yield stream
+
+
+def to_string_ids(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
+    """The identifier column as strings; a null identifier is an error."""
+    values = table[column]
+    if values.null_count:
+        row = _first_index(pc.is_null(values))
+        raise MorecError(f"{path}: column '{column}' is empty in row {row}")
+    if not pa.types.is_string(values.type):
+        values = pc.cast(values, pa.string())
+    return values
+
+
+def to_float(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
+    """A numeric column as float64, nulls kept; a non-numeric value is an error."""
+    values = table[column]
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        values = pc.if_else(pc.equal(pc.utf8_trim_whitespace(values), ""), None, values)
+        bad = pc.invert(pc.match_substring_regex(values, _NUMBER))
+        if pc.any(bad).as_py():
+            row = _first_index(bad)
+            raise MorecError(
+                f"{path}: column '{column}' has a non-numeric value {values[row].as_py()!r} "
+                f"in row {row}"
+            )
+        values = pc.cast(pc.utf8_trim_whitespace(values), pa.float64())
+    elif pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+        values = pc.cast(values, pa.float64())
+    else:
+        raise MorecError(f"{path}: column '{column}' has type {values.type}, expected numbers")
+    if pc.any(pc.is_nan(values)).as_py():
+        row = _first_index(pc.is_nan(values))
+        raise MorecError(f"{path}: column '{column}' is NaN in row {row}")
+    return values
+
+
+def to_seconds(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
+    """A time column as int64 seconds since the epoch.
+
+    Accepts numbers (already seconds), Arrow timestamps or dates, and ISO-8601 strings. A
+    missing or negative time is an error.
+    """
+    values = table[column]
+    kind = values.type
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        seconds = pc.cast(pc.cast(values, pa.timestamp("s")), pa.int64())
+    elif pa.types.is_string(kind) and not pc.all(
+        pc.match_substring_regex(values, _NUMBER)
+    ).as_py():
+        try:
+            seconds = pc.cast(pc.cast(values, pa.timestamp("s")), pa.int64())
+        except pa.ArrowInvalid as e:
+            raise MorecError(f"{path}: column '{column}' is not a time ({_first_line(e)})") from None
+    else:
+        seconds = pc.cast(pc.floor(to_float(table, column, path)), pa.int64())
+    if seconds.null_count:
+        row = _first_index(pc.is_null(seconds))
+        raise MorecError(f"{path}: column '{column}' is empty in row {row}")
+    require_non_negative(seconds, column, path)
+    return seconds
+
+
+def require_non_negative(values: pa.ChunkedArray, column: str, path: Path) -> None:
+    """Raises :class:`MorecError` naming the first negative value of ``column``."""
+    negative = pc.less(values, 0)
+    if pc.any(negative).as_py():
+        row = _first_index(negative)
+        raise MorecError(
+            f"{path}: column '{column}' has a negative value {values[row].as_py()} in row {row}"
+        )
+
+
+def first_per_key(table: pa.Table, column: str) -> tuple[pa.Table, int]:
+    """Keeps the first row of each distinct value of ``column``; returns (table, rows dropped)."""
+    codes = pc.dictionary_encode(table[column].combine_chunks()).indices.to_numpy()
+    _, first = np.unique(codes, return_index=True)
+    return table.take(np.sort(first)), table.num_rows - len(first)
+
+
+def _require_columns(path: Path, wanted: list[str], present: list[str]) -> None:
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise MorecError(
+            f"{path}: missing column(s) {', '.join(map(repr, missing))} "
+            f"(found {', '.join(map(repr, present))})"
+        )
+
+
+def _first_index(mask: pa.ChunkedArray | pa.Array) -> int:
+    return pc.index(mask, True).as_py()
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

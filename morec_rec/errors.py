@@ -1,0 +1,9 @@
+"""The one exception type that the command line turns into a one-line message."""
+
+
+class MorecError(Exception):
+    """An expected failure caused by the user's input (a file, a field, a value).
+
+    The message is one line that names the file, field or value at fault; ``morec-rec``
+    prints it without a traceback and exits with status 2.
+    """

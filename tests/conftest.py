@@ -1,0 +1,50 @@
+"""Shared fixtures: small raw datasets built by hand, and paths to the shared real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from morec_rec.data.raw import RawData
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TAFENG = SHARED / "data" / "ta-feng" / "ta_feng.csv.zip"
+
+
+def raw_data(rows: list[tuple[str, str, int]], items: dict[str, tuple[float | None, str | None]],
+             ratings: list[float] | None = None) -> RawData:
+    """RawData from (user, item, timestamp) rows and {item: (price, category)}."""
+    users, item_ids, times = zip(*rows)
+    return RawData(
+        pa.table({
+            "user": list(users),
+            "item": list(item_ids),
+            "timestamp": list(times),
+            "rating": pa.array(ratings if ratings is not None else [None] * len(rows),
+                               pa.float64()),
+        }),
+        pa.table({
+            "item": list(items),
+            "price": pa.array([p for p, _ in items.values()], pa.float64()),
+            "category": pa.array([c for _, c in items.values()], pa.string()),
+        }),
+        {"name": "test"},
+    )
+
+
+@pytest.fixture
+def cascade() -> RawData:
+    """Interactions whose 3-core takes two rounds of removals (see test_prepare)."""
+    rows = [
+        ("u1", "a", 1), ("u1", "b", 2), ("u1", "c", 3),
+        ("u2", "a", 1), ("u2", "b", 2), ("u2", "c", 3),
+        ("u3", "a", 5), ("u3", "b", 5), ("u3", "c", 5), ("u3", "d", 6),
+        ("u4", "a", 1), ("u4", "d", 2),
+        ("u5", "e", 1), ("u5", "f", 2), ("u5", "a", 3),
+        ("u6", "e", 1), ("u6", "f", 2), ("u6", "b", 3),
+        ("u7", "e", 1), ("u7", "g", 2),
+    ]
+    items = {i: (10.0 * (n + 1), "cat-x" if i in "ab" else "cat-y") for n, i in enumerate("abcdefg")}
+    return raw_data(rows, items)

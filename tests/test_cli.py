@@ -1,0 +1,116 @@
+"""The command line: success summaries, and one-line errors with exit status 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from morec_rec.cli import main
+
+INTERACTIONS = "user,item,timestamp\n" + "".join(
+    f"u{u},i{i},{10 * u + i}\n" for u in range(6) for i in range(5)
+)
+ITEMS = "item,price,category\n" + "".join(f"i{i},{i}.5,c{i % 2}\n" for i in range(5))
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path / "inter.csv").write_text(INTERACTIONS)
+    (tmp_path / "items.csv").write_text(ITEMS)
+    return tmp_path / "inter.csv", tmp_path / "items.csv"
+
+
+def _prepare(inter: Path, items: Path, out: Path, *extra: str) -> int:
+    return main(["prepare", "--source", "generic", "--input", str(inter), "--meta", str(items),
+                 "--out", str(out), *extra])
+
+
+def _error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_prepare_generic(files: tuple[Path, Path], tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert _prepare(*files, tmp_path / "out", "--k-core", "3") == 0
+    assert "6 users, 5 items, 30 interactions (train 18, valid 6, test 6)" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["parameters"]["k_core"] == 3
+    assert manifest["source"]["name"] == "generic"
+
+
+def test_config_file_and_flag_override(files: tuple[Path, Path], tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[prepare]\nk_core = 4\nhistory_length = 2\n[source]\ndelimiter = ','\n")
+    assert _prepare(*files, tmp_path / "out", "--config", str(config), "--k-core", "3") == 0
+    parameters = json.loads((tmp_path / "out" / "manifest.json").read_text())["parameters"]
+    assert (parameters["k_core"], parameters["history_length"]) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda i, m: i.unlink(), "inter.csv: no such file"),
+        (lambda i, m: i.write_text("user,item\nu,i\n"), "inter.csv: missing column(s) 'timestamp'"),
+        (lambda i, m: m.write_text("item,price,category\ni1,cheap,c\n"),
+         "items.csv: column 'price' has a non-numeric value 'cheap' in row 0"),
+        (lambda i, m: m.write_text("item,price,category\ni1,2,c\ni2,-1,c\n"),
+         "items.csv: column 'price' has a negative value -1"),
+        (lambda i, m: i.write_text(INTERACTIONS + "u9,i1,-3\n"),
+         "inter.csv: column 'timestamp' has a negative value -3"),
+        (lambda i, m: i.write_text(INTERACTIONS + "u9,i1,yesterday\n"),
+         "inter.csv: column 'timestamp' is not a time"),
+        (lambda i, m: i.write_text("user,item,timestamp\nu,i,1\n"),
+         "no interactions left after filtering"),
+    ],
+)
+def test_bad_input(files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                   edit, message: str) -> None:
+    edit(*files)
+    assert _prepare(*files, tmp_path / "out", "--k-core", "3") == 2
+    assert message in _error(capsys)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_corrupt_parquet(files: tuple[Path, Path], tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    corrupt = tmp_path / "inter.parquet"
+    corrupt.write_bytes(b"PAR1" + b"\x00" * 64 + b"PAR1")
+    assert _prepare(corrupt, files[1], tmp_path / "out") == 2
+    assert "inter.parquet: not a readable Parquet file" in _error(capsys)
+
+
+def test_existing_output_is_not_touched(files: tuple[Path, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert _prepare(*files, tmp_path / "out") == 2
+    assert "out: output exists and is not an empty directory" in _error(capsys)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--k-core", "1"], "config: k_core = 1 is out of range"),
+        (["--missing", "drop"], "config: missing = 'drop' is out of range"),
+        (["--popularity-rule", "x"], "config: popularity_rule = 'x' is out of range"),
+    ],
+)
+def test_bad_config_values(files: tuple[Path, Path], tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str], args: list[str],
+                           message: str) -> None:
+    assert _prepare(*files, tmp_path / "out", *args) == 2
+    assert message in _error(capsys)
+
+
+def test_unknown_config_key(files: tuple[Path, Path], tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[prepare]\nk_cor = 3\n")
+    assert _prepare(*files, tmp_path / "out", "--config", str(config)) == 2
+    assert "unknown key(s) k_cor for PrepareConfig" in _error(capsys)

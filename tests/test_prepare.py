@@ -1,0 +1,184 @@
+"""Preparation against hand-computed small cases: filters, k-core, split, ids, history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import raw_data
+from morec_rec.config import PrepareConfig
+from morec_rec.data.format import ROW_SCHEMA, PreparedDataset
+from morec_rec.data.prepare import prepare
+from morec_rec.data.raw import RawData
+from morec_rec.errors import MorecError
+
+
+def _rows(root: Path, split: str) -> list[dict]:
+    return PreparedDataset.open(root).split(split).sort_by("user_id").to_pylist()
+
+
+def test_k_core_cascades_until_stable(cascade: RawData, tmp_path: Path) -> None:
+    # Round 1 drops u4 (2 rows), u7 (2), items d (2), f (2), g (1); then u5 and u6 keep
+    # 2 rows each and e keeps 2, so round 2 drops them. Left: u1..u3 × {a, b, c}.
+    manifest = prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3, min_group_share=0))
+    assert manifest["filtering"]["k_core"] == {
+        "k": 3, "iterations": 2, "interactions_removed": 11, "users_removed": 4,
+        "items_removed": 4,
+    }
+    assert manifest["num_users"] == 3 and manifest["num_items"] == 3
+    assert manifest["num_interactions"] == {"train": 3, "valid": 3, "test": 3}
+    items = PreparedDataset.open(tmp_path / "d").items()
+    assert items["original_id"].to_pylist() == ["a", "b", "c"]
+    # u1 and u2 train on a; u3's training item is one of its three same-time items.
+    count = items["train_count"].to_pylist()
+    assert sum(count) == 3 and count[0] >= 2
+
+
+def test_leave_one_out_by_time_and_history(cascade: RawData, tmp_path: Path) -> None:
+    prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3, history_length=1))
+    train, valid, test = (_rows(tmp_path / "d", s) for s in ("train", "valid", "test"))
+    # u1 (id 0): a@1 → train, b@2 → valid, c@3 → test; history keeps only the last item.
+    assert (train[0]["item_id"], train[0]["history"]) == (0, [])
+    assert (valid[0]["item_id"], valid[0]["history"]) == (1, [0])
+    assert (test[0]["item_id"], test[0]["history"]) == (2, [1])
+    assert [r["timestamp"] for r in (train[0], valid[0], test[0])] == [1, 2, 3]
+
+
+def test_full_history_is_every_earlier_item(cascade: RawData, tmp_path: Path) -> None:
+    prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3, history_length=50))
+    test = _rows(tmp_path / "d", "test")
+    assert test[0]["history"] == [0, 1]  # u1: a, b before c
+
+
+def test_same_time_order_is_seeded_and_ignores_row_order(cascade: RawData, tmp_path: Path) -> None:
+    # u3 bought a, b and c at the same time: which one is held out depends only on the seed.
+    shuffled = RawData(cascade.interactions.take(np.random.default_rng(7).permutation(20)),
+                       cascade.items, cascade.source)
+    prepare(cascade, tmp_path / "one", PrepareConfig(k_core=3))
+    prepare(shuffled, tmp_path / "two", PrepareConfig(k_core=3))
+    for split in ("train", "valid", "test"):
+        assert _rows(tmp_path / "one", split) == _rows(tmp_path / "two", split)
+    orders = set()
+    for seed in range(8):
+        prepare(cascade, tmp_path / f"s{seed}", PrepareConfig(k_core=3, seed=seed))
+        orders.add(tuple(r["item_id"] for s in ("valid", "test")
+                         for r in _rows(tmp_path / f"s{seed}", s) if r["user_id"] == 2))
+    assert len(orders) > 1, "the tie-break should depend on the seed"
+
+
+def test_rating_filter_and_duplicates(tmp_path: Path) -> None:
+    rows = [(u, i, t) for u in ("x", "y", "z") for t, i in enumerate("pqr")]
+    rows += [("x", "p", 9), ("y", "s", 9)]  # a repeat of (x, p) and a rating-2 row
+    ratings = [5.0] * 9 + [4.0, 2.0]
+    raw = raw_data(rows, {i: (1.0, "c") for i in "pqrs"}, ratings)
+    manifest = prepare(raw, tmp_path / "d", PrepareConfig(k_core=3))
+    assert manifest["filtering"]["rating_below_min"] == 1
+    assert manifest["filtering"]["duplicate_pairs"] == 1
+    assert manifest["num_interactions"] == {"train": 3, "valid": 3, "test": 3}
+    # The repeat of (x, p) at t=9 is dropped: p stays x's first (training) item.
+    assert _rows(tmp_path / "d", "train")[0]["item_id"] == 0
+
+
+def test_missing_price_and_category_imputed(tmp_path: Path) -> None:
+    rows = [(u, i, t) for u in ("x", "y", "z") for t, i in enumerate("pqrs")]
+    items = {"p": (2.0, "c1"), "q": (4.0, "c1"), "r": (None, "c1"), "s": (0.0, None)}
+    manifest = prepare(raw_data(rows, items), tmp_path / "d",
+                       PrepareConfig(k_core=3, min_group_share=0))
+    got = {i["original_id"]: (i["price"], i["category"])
+           for i in PreparedDataset.open(tmp_path / "d").items().to_pylist()}
+    # r: the median of c1's known prices (2, 4); s keeps its valid zero price.
+    assert got == {"p": (2.0, "c1"), "q": (4.0, "c1"), "r": (3.0, "c1"), "s": (0.0, "unknown")}
+    assert manifest["filtering"]["items_missing_price"] == 1
+    assert manifest["filtering"]["items_missing_category"] == 1
+    assert manifest["price"]["free_items"] == 1
+
+
+def test_missing_policy_error(tmp_path: Path) -> None:
+    rows = [(u, i, t) for u in ("x", "y", "z") for t, i in enumerate("pqr")]
+    raw = raw_data(rows, {"p": (1.0, "c"), "q": (None, "c"), "r": (1.0, "c")})
+    with pytest.raises(MorecError, match="1 item\\(s\\) without a price.*'q'"):
+        prepare(raw, tmp_path / "d", PrepareConfig(k_core=3, missing="error"))
+    assert not (tmp_path / "d").exists()
+
+
+def test_manifest_and_shards(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rows = [(f"u{u}", f"i{i}", int(t)) for u in range(60)
+            for t, i in enumerate(rng.choice(40, size=12, replace=False))]
+    items = {f"i{i}": (float(i), f"c{i % 4}") for i in range(40)}
+    config = PrepareConfig(k_core=3, row_group_size=100, rows_per_shard=250, popularity_groups=4)
+    manifest = prepare(raw_data(rows, items), tmp_path / "d", config)
+    dataset = PreparedDataset.open(tmp_path / "d")
+    assert dataset.manifest == json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["num_interactions"] == {"train": 600, "valid": 60, "test": 60}
+    assert [s["rows"] for s in manifest["shards"]] == [250, 250, 100]
+    for shard in manifest["shards"]:
+        metadata = pq.ParquetFile(tmp_path / "d" / shard["path"]).metadata
+        assert metadata.num_row_groups == shard["row_groups"] == -(-shard["rows"] // 100)
+    train = dataset.split("train")
+    assert train.schema == ROW_SCHEMA
+    assert sorted(zip(train["user_id"].to_pylist(), train["timestamp"].to_pylist())) == sorted(
+        (u, t) for u in range(60) for t in range(10)
+    )
+    popularity = manifest["groups"]["popularity"]
+    assert popularity["num_items"] == [10, 10, 10, 10]
+    assert sum(popularity["train_rows"]) == 600
+    assert np.isclose(sum(popularity["q"]), 1.0)
+    counts = np.bincount(train["item_id"].to_numpy(), minlength=40)
+    np.testing.assert_array_equal(dataset.items()["train_count"].to_numpy(), counts)
+    # Row attributes are the item's.
+    items_table = dataset.items()
+    for column in ("price", "fairness_group", "popularity_group"):
+        np.testing.assert_array_equal(
+            train[column].to_numpy(), items_table[column].to_numpy()[train["item_id"].to_numpy()]
+        )
+    assert manifest["source"] == {"name": "test"}
+    assert manifest["parameters"]["rows_per_shard"] == 250
+
+
+def test_train_rows_are_shuffled(tmp_path: Path) -> None:
+    rows = [(f"u{u:03d}", f"i{i}", t) for u in range(200) for t, i in enumerate(range(6))]
+    prepare(raw_data(rows, {f"i{i}": (1.0, "c") for i in range(6)}), tmp_path / "d",
+            PrepareConfig(k_core=3))
+    users = PreparedDataset.open(tmp_path / "d").split("train")["user_id"].to_numpy()
+    # Sorted order would give a correlation of 1; a random order about 0 (sd ~ 1/sqrt(800)).
+    assert abs(np.corrcoef(users, np.arange(len(users)))[0, 1]) < 0.15
+
+
+def test_open_rejects_incomplete_dataset(cascade: RawData, tmp_path: Path) -> None:
+    prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3))
+    (tmp_path / "d" / "valid.parquet").unlink()
+    with pytest.raises(MorecError, match="valid.parquet is missing"):
+        PreparedDataset.open(tmp_path / "d")
+    with pytest.raises(MorecError, match="not a prepared dataset"):
+        PreparedDataset.open(tmp_path)
+
+
+def test_interrupted_write_leaves_nothing(cascade: RawData, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("morec_rec.data.prepare._write_train", fail)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_into_existing_empty_directory(cascade: RawData, tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3))
+    assert PreparedDataset.open(tmp_path / "d").manifest["num_users"] == 3
+    with pytest.raises(MorecError, match="not an empty directory"):
+        prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3))
+
+
+def test_history_type_is_a_list_of_ints(cascade: RawData, tmp_path: Path) -> None:
+    prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3))
+    schema = pq.read_schema(tmp_path / "d" / "test.parquet")
+    assert schema.field("history").type == pa.list_(pa.field("item", pa.int32(), nullable=False))
