@@ -11,14 +11,16 @@ from typing import Callable
 
 from morec_rec.config import SourceConfig
 from morec_rec.data.raw import RawData
-from morec_rec.data.sources import generic, tafeng
+from morec_rec.data.sources import amazon, generic, morec_meta, tafeng
 from morec_rec.errors import MorecError
 
 Reader = Callable[[Path, "Path | None", SourceConfig], RawData]
 
 SOURCES: dict[str, Reader] = {
     "generic": generic.read,
+    "amazon": amazon.read,
     "tafeng": tafeng.read,
+    "morec": morec_meta.read,
 }
 
 

@@ -34,7 +34,7 @@ def read(input: Path, meta: Path | None, config: SourceConfig) -> RawData:
         pa.table({
             "item": tables.to_string_ids(table, config.item_column, meta),
             "price": price,
-            "category": pc.if_else(pc.equal(category, ""), None, category),
+            "category": category,
         }),
         "item",
     )

@@ -54,19 +54,19 @@ def read_table(path: Path, columns: Iterable[str], delimiter: str = ",") -> pa.T
         try:
             schema = pq.read_schema(path)
         except (pa.ArrowInvalid, OSError) as e:
-            raise MorecError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+            raise MorecError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
         _require_columns(path, columns, schema.names)
         try:
             return pq.read_table(path, columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
-            raise MorecError(f"{path}: corrupt Parquet data ({_first_line(e)})") from None
+            raise MorecError(f"{path}: corrupt Parquet data ({first_line(e)})") from None
     try:
         with _open_text(path) as stream:
             header = pa_csv.open_csv(
                 stream, parse_options=pa_csv.ParseOptions(delimiter=delimiter)
             ).schema.names
     except (pa.ArrowInvalid, OSError, zipfile.BadZipFile) as e:
-        raise MorecError(f"{path}: not a readable CSV file ({_first_line(e)})") from None
+        raise MorecError(f"{path}: not a readable CSV file ({first_line(e)})") from None
     _require_columns(path, columns, header)
     try:
         with _open_text(path) as stream:
@@ -80,7 +80,7 @@ def read_table(path: Path, columns: Iterable[str], delimiter: str = ",") -> pa.T
                 ),
             )
     except (pa.ArrowInvalid, OSError) as e:
-        raise MorecError(f"{path}: malformed CSV ({_first_line(e)})") from None
+        raise MorecError(f"{path}: malformed CSV ({first_line(e)})") from None
 
 
 @contextlib.contextmanager
@@ -148,7 +148,7 @@ def to_seconds(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
         try:
             seconds = pc.cast(pc.cast(values, pa.timestamp("s")), pa.int64())
         except pa.ArrowInvalid as e:
-            raise MorecError(f"{path}: column '{column}' is not a time ({_first_line(e)})") from None
+            raise MorecError(f"{path}: column '{column}' is not a time ({first_line(e)})") from None
     else:
         seconds = pc.cast(pc.floor(to_float(table, column, path)), pa.int64())
     if seconds.null_count:
@@ -188,5 +188,6 @@ def _first_index(mask: pa.ChunkedArray | pa.Array) -> int:
     return pc.index(mask, True).as_py()
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
