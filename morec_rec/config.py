@@ -92,6 +92,38 @@ class PrepareConfig:
         )
 
 
+@dataclasses.dataclass
+class SamplerConfig:
+    """The weighted streaming sampler and the objectives' sampling distributions."""
+
+    #: Objectives, one sub-batch each, in this order (segment id = position).
+    objectives: tuple[str, ...] = ("accuracy", "revenue", "fairness", "alignment")
+    #: Rows per objective per batch; a batch holds ``sub_batch_size * len(objectives)``.
+    sub_batch_size: int = 256
+    #: Batches per window: the rows that the sampler holds and draws from at a time.
+    window_batches: int = 64
+    #: Group counts of a sub-batch: ``multinomial`` draws, or ``exact`` (largest-remainder
+    #: rounding of mass × sub-batch size, as in FairBatch).
+    draw: str = "multinomial"
+    #: Mass update of the adaptive objectives: step α, floor, ``additive`` or
+    #: ``multiplicative``.
+    step: float = 0.1
+    floor: float = 1e-3
+    update_rule: str = "additive"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(len(self.objectives) >= 1, "objectives", self.objectives, "at least one")
+        _check(self.sub_batch_size >= 1, "sub_batch_size", self.sub_batch_size, ">= 1")
+        _check(self.window_batches >= 1, "window_batches", self.window_batches, ">= 1")
+        _check(self.draw in ("multinomial", "exact"), "draw", self.draw,
+               "multinomial or exact")
+        _check(self.step > 0, "step", self.step, "> 0")
+        _check(0 <= self.floor < 1, "floor", self.floor, "[0, 1)")
+        _check(self.update_rule in ("additive", "multiplicative"), "update_rule",
+               self.update_rule, "additive or multiplicative")
+
+
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
     if not ok:
         raise MorecError(f"config: {field} = {value!r} is out of range (expected {expected})")
@@ -106,6 +138,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if kind is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS)
+        elif kind is tuple:
+            group.add_argument(flag, dest=field.name, type=_comma_list,
+                               default=argparse.SUPPRESS, metavar="A,B,...",
+                               help=f"default: {','.join(field.default)}")
         else:
             group.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS,
                                metavar=kind.__name__.upper(),
@@ -123,6 +159,8 @@ def build(cls: type[C], file_values: dict[str, Any], args: argparse.Namespace | 
         values.update({k: v for k, v in vars(args).items() if k in names})
     for name, value in values.items():
         kind = _field_type(cls, name)
+        if kind is tuple and isinstance(value, list):  # TOML arrays
+            value = values[name] = tuple(value)
         if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
             raise MorecError(f"config: {name} = {value!r} is not a {kind.__name__}")
         if kind is float:
@@ -148,7 +186,12 @@ def load_file(path: Path | None, sections: tuple[str, ...]) -> dict[str, dict[st
 
 
 def _field_type(cls: type, name: str) -> type:
+    """The type a field's values must have: ``X | None`` → X, ``tuple[str, ...]`` → tuple."""
     kind = typing.get_type_hints(cls)[name]
-    if isinstance(kind, types.UnionType):  # ``X | None``: the flag parses as X
+    if isinstance(kind, types.UnionType):
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
-    return kind
+    return typing.get_origin(kind) or kind
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())

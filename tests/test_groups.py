@@ -1,4 +1,4 @@
-"""Popularity and fairness groups, and the grouped reductions, on hand-computed cases."""
+"""Popularity and fairness groups, and the array helpers, on hand-computed cases."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from morec_rec.data import grouped
+from morec_rec.data import arrays
 from morec_rec.data.groups import fairness_groups, popularity_groups
 
 
@@ -72,16 +72,21 @@ def test_fairness_category_named_other_is_always_folded() -> None:
     assert groups.group_of_item.tolist()[2] == len(groups.names) - 1
 
 
-def test_grouped_median_and_mode() -> None:
+def test_median_and_mode() -> None:
     codes = np.array([0, 0, 0, 1, 1, 3])
     values = np.array([3.0, 1.0, 2.0, 4.0, 10.0, 5.0])
-    median = grouped.median(codes, values, 4)
+    median = arrays.median(codes, values, 4)
     assert median[[0, 1, 3]].tolist() == [2.0, 7.0, 5.0] and np.isnan(median[2])
     labels = np.array([2, 1, 2, 5, 4, 0])
-    assert grouped.mode(codes, labels, 4).tolist() == [2, 4, -1, 0]  # group 1: tie → 4
+    assert arrays.mode(codes, labels, 4).tolist() == [2, 4, -1, 0]  # group 1: tie → 4
 
 
 def test_encode_sorted_round_trip() -> None:
     values = pa.chunked_array([["b", "a"], ["c", "a"]])
-    codes, distinct = grouped.encode_sorted(values)
+    codes, distinct = arrays.encode_sorted(values)
     assert codes.tolist() == [1, 0, 2, 0] and distinct.to_pylist() == ["a", "b", "c"]
+
+
+def test_ranges() -> None:
+    indices, offsets = arrays.ranges(np.array([5, 0, 9]), np.array([2, 0, 3]))
+    assert indices.tolist() == [5, 6, 9, 10, 11] and offsets.tolist() == [0, 2, 2, 5]

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import morec_rec
 from morec_rec.config import PrepareConfig
 from morec_rec.data import format as fmt
-from morec_rec.data import grouped
+from morec_rec.data import arrays
 from morec_rec.data.groups import fairness_groups, popularity_groups
 from morec_rec.data.raw import RawData
 from morec_rec.errors import MorecError
@@ -168,8 +168,8 @@ def _filter_ratings(table: pa.Table, min_rating: float, counts: dict[str, Any]) 
 
 def _encode(table: pa.Table) -> _Interactions:
     """Replaces original ids by their rank among the sorted distinct ids."""
-    user, user_ids = grouped.encode_sorted(table["user"])
-    item, item_ids = grouped.encode_sorted(table["item"])
+    user, user_ids = arrays.encode_sorted(table["user"])
+    item, item_ids = arrays.encode_sorted(table["item"])
     return _Interactions(user, item, table["timestamp"].to_numpy(), user_ids, item_ids)
 
 
@@ -246,13 +246,15 @@ def _item_attributes(
 ) -> tuple[np.ndarray, pa.Array]:
     """Price (float64) and category (string) of each item, indexed by item id.
 
-    An item absent from the catalogue, or with a null field there, is missing that field:
+    An item absent from the catalogue, or with a null (or blank category) field there, is
+    missing that field:
     with ``missing="impute"`` its category becomes "unknown" and its price the median
     price of its category's items (of all items if its category has no price).
     """
     row = pc.index_in(item_ids, value_set=catalogue["item"])  # the first row wins
     price = pc.take(catalogue["price"].combine_chunks(), row)
     category = pc.take(catalogue["category"].combine_chunks(), row)
+    category = pc.if_else(pc.equal(pc.utf8_trim_whitespace(category), ""), None, category)
     counts["items_not_in_catalogue"] = row.null_count
     counts["items_missing_price"] = price.null_count
     counts["items_missing_category"] = category.null_count
@@ -270,7 +272,7 @@ def _item_attributes(
     if not known.any():
         raise MorecError("item catalogue: no item of the interactions has a price")
     code = pc.dictionary_encode(category).indices.to_numpy()
-    median = grouped.median(code[known], values[known], int(code.max()) + 1)
+    median = arrays.median(code[known], values[known], int(code.max()) + 1)
     fill = np.where(np.isnan(median), np.median(values[known]), median)
     values[~known] = fill[code[~known]]
     return values, category
@@ -305,10 +307,8 @@ class _Rows:
         """The rows at ``index`` (in that order) as a table of :data:`fmt.ROW_SCHEMA`."""
         item = self.item_id[index]
         size = self.history_size[index]
-        offsets = np.zeros(len(index) + 1, dtype=np.int32)
-        np.cumsum(size, out=offsets[1:])
-        # Row i's history is rows index[i]-size[i] .. index[i]-1, laid end to end.
-        gather = np.repeat(index - size - offsets[:-1], size) + np.arange(offsets[-1])
+        # Row i's history is the items of rows index[i]-size[i] .. index[i]-1.
+        gather, offsets = arrays.ranges(index - size, size)
         history = pa.ListArray.from_arrays(
             pa.array(offsets), pa.array(self.item_id[gather]),
             type=fmt.ROW_SCHEMA.field("history").type,

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from morec_rec.config import SourceConfig
-from morec_rec.data import grouped
+from morec_rec.data import arrays
 from morec_rec.data.raw import RawData
 from morec_rec.data.sources import tables
 from morec_rec.errors import MorecError
@@ -36,8 +36,8 @@ def read(input: Path, meta: Path | None, config: SourceConfig) -> RawData:
         row = pc.index(pc.less_equal(amount, 0), True).as_py()
         raise MorecError(f"{input}: column '{AMOUNT}' is {amount[row].as_py()} in row {row}, "
                          "expected a positive quantity")
-    product, products = grouped.encode_sorted(tables.to_string_ids(table, PRODUCT, input))
-    subclass, subclasses = grouped.encode_sorted(tables.to_string_ids(table, SUBCLASS, input))
+    product, products = arrays.encode_sorted(tables.to_string_ids(table, PRODUCT, input))
+    subclass, subclasses = arrays.encode_sorted(tables.to_string_ids(table, SUBCLASS, input))
     first = (
         pa.table({"user": tables.to_string_ids(table, CUSTOMER, input), "item": product, "t": day})
         .group_by(["user", "item"], use_threads=False)
@@ -52,9 +52,9 @@ def read(input: Path, meta: Path | None, config: SourceConfig) -> RawData:
     unit_price = sales.to_numpy() / amount.to_numpy()
     items = pa.table({
         "item": products,
-        "price": grouped.median(product, unit_price, len(products)),
+        "price": arrays.median(product, unit_price, len(products)),
         "category": pc.utf8_slice_codeunits(
-            subclasses.take(grouped.mode(product, subclass, len(products))),
+            subclasses.take(arrays.mode(product, subclass, len(products))),
             0, config.category_prefix,
         ),
     })

@@ -1,4 +1,4 @@
-"""Vectorised grouping: sorted integer codes for values, and per-group reductions."""
+"""Vectorised array helpers: sorted codes, per-group reductions, and gathers of ranges."""
 
 from __future__ import annotations
 
@@ -63,3 +63,16 @@ def mode(codes: np.ndarray, labels: np.ndarray, num_groups: int) -> np.ndarray:
     result = np.full(num_groups, -1, dtype=np.int64)
     result[group[order][first]] = label[order][first]
     return result
+
+
+def ranges(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of the ranges ``[starts[i], starts[i] + sizes[i])`` laid end to end.
+
+    Returns:
+        (indices, offsets): int64 indices of shape (sizes.sum(),), and int32 offsets of
+        shape (len(sizes) + 1,) such that range i is ``indices[offsets[i]:offsets[i+1]]``.
+    """
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    indices = np.repeat(np.asarray(starts, dtype=np.int64) - offsets[:-1], sizes)
+    return indices + np.arange(offsets[-1]), offsets
