@@ -7,11 +7,13 @@ value, and exit with status 2; nothing half-written is left behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from morec_rec.config import PrepareConfig, SourceConfig, add_arguments, build, load_file
+from morec_rec.data.format import MANIFEST, PreparedDataset
 from morec_rec.errors import MorecError
 
 DEMO_PROFILE = "demo"
@@ -79,7 +81,16 @@ def _synth(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     data = args.out / "data"
-    manifest = synthesize(DEMO_PROFILE, data, PrepareConfig(seed=args.seed))
+    config = PrepareConfig(seed=args.seed)
+    if (data / MANIFEST).is_file():  # a rerun reuses the data it prepared before
+        manifest = PreparedDataset.open(data).manifest
+        if manifest["source"].get("profile") != DEMO_PROFILE or manifest["parameters"] != (
+            dataclasses.asdict(config)
+        ):
+            raise MorecError(f"{data}: holds other data than the demo's (seed {args.seed}); "
+                             "choose another --out")
+    else:
+        manifest = synthesize(DEMO_PROFILE, data, config)
     print(summary(data, manifest))
 
 

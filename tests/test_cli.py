@@ -114,3 +114,14 @@ def test_unknown_config_key(files: tuple[Path, Path], tmp_path: Path,
     config.write_text("[prepare]\nk_cor = 3\n")
     assert _prepare(*files, tmp_path / "out", "--config", str(config)) == 2
     assert "unknown key(s) k_cor for PrepareConfig" in _error(capsys)
+
+
+def test_demo_prepares_default_data_and_reruns(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--out", str(tmp_path / "run")]) == 0
+    first = capsys.readouterr().out
+    assert "9,086 users, 2,000 items, 221,394 interactions" in first
+    assert main(["demo", "--out", str(tmp_path / "run")]) == 0  # reuses its data
+    assert capsys.readouterr().out == first
+    assert main(["demo", "--out", str(tmp_path / "run"), "--seed", "1"]) == 2
+    assert "holds other data than the demo's" in _error(capsys)
