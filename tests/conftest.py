@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -9,8 +13,25 @@ import pytest
 
 from morec_rec.data.raw import RawData
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 TAFENG = SHARED / "data" / "ta-feng" / "ta_feng.csv.zip"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(job: str, *args: str, nproc: int = 2, timeout: float = 120) -> None:
+    """Runs ``tests/dist/<job>`` under torchrun with ``nproc`` CPU ranks; fails on error."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master-port={free_port()}", str(ROOT / "tests" / "dist" / job), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def raw_data(rows: list[tuple[str, str, int]], items: dict[str, tuple[float | None, str | None]],

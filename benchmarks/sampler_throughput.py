@@ -1,0 +1,155 @@
+"""Sampler throughput against a plain Parquet scan, and its peak memory at two sizes.
+
+    python benchmarks/sampler_throughput.py --out results/sampler.json [--data DIR]
+
+Without ``--data`` it generates the ``xbox`` synthetic profile (seed 0) into a temporary
+directory. In one run, on the same files, it measures:
+
+* ``scan_rows_per_s``: ``pyarrow.parquet`` reading every row group of ``train/`` (the
+  columns the sampler reads), the floor any Parquet-based loader pays;
+* ``sampler_rows_per_s``: one epoch of the weighted streaming sampler with the four
+  objectives (rows yielded per second, in one process, no DataLoader workers);
+* ``peak_rss_mb``: peak resident memory of a process that runs the sampler over the
+  dataset (``1x``) and over a dataset listing every training shard four times (``4x``,
+  the same files linked, so four times the rows); each in a fresh process.
+
+Scan and sampler are timed alternately ``--repeats`` times; the medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from morec_rec.config import SamplerConfig
+from morec_rec.data.format import MANIFEST, PreparedDataset
+from morec_rec.sampling.objectives import build_objectives
+from morec_rec.sampling.sampler import WeightedStreamSampler
+
+OBJECTIVES = ("accuracy", "revenue", "fairness", "alignment")
+
+
+def scan(dataset: PreparedDataset, columns: list[str]) -> int:
+    rows = 0
+    for path in dataset.train_files:
+        file = pq.ParquetFile(path)
+        for index in range(file.num_row_groups):
+            rows += file.read_row_group(index, columns=columns).num_rows
+    return rows
+
+
+def sample(dataset: PreparedDataset, epochs: int = 1) -> int:
+    objectives = build_objectives(OBJECTIVES, dataset.manifest)
+    sampler = WeightedStreamSampler(dataset, objectives, SamplerConfig(objectives=OBJECTIVES))
+    rows = 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        rows += sum(len(batch) for batch in sampler)
+    return rows
+
+
+def timed(run) -> tuple[int, float]:
+    start = time.perf_counter()
+    rows = run()
+    return rows, time.perf_counter() - start
+
+
+def replicate(dataset: PreparedDataset, factor: int, root: Path) -> PreparedDataset:
+    """A dataset whose train/ lists each shard of ``dataset`` ``factor`` times (links)."""
+    (root / "train").mkdir(parents=True)
+    for name in ("items.parquet", "users.parquet", "valid.parquet", "test.parquet"):
+        os.symlink(dataset.root.resolve() / name, root / name)
+    manifest = dict(dataset.manifest)
+    shards = []
+    for copy in range(factor):
+        for shard in dataset.manifest["shards"]:
+            path = f"train/copy{copy}-{Path(shard['path']).name}"
+            os.symlink((dataset.root / shard["path"]).resolve(), root / path)
+            shards.append({**shard, "path": path})
+    manifest["shards"] = shards
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return PreparedDataset.open(root)
+
+
+def peak_rss_mb(data: Path) -> dict[str, float]:
+    """Runs the sampler over ``data`` in a fresh process; its peak RSS and import baseline."""
+    code = (
+        "import json, resource, sys\n"
+        "from benchmarks.sampler_throughput import sample\n"
+        "from morec_rec.data.format import PreparedDataset\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "rows = sample(PreparedDataset.open(sys.argv[1]))\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps({'rows': rows, 'peak_rss_mb': peak / 1024, "
+        "'baseline_rss_mb': base / 1024}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code, str(data)], check=True, cwd=root,
+                            capture_output=True, text=True)
+    return json.loads(result.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, help="a prepared dataset (default: synth xbox)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            data = Path(tmp) / "xbox"
+            subprocess.run([sys.executable, "-m", "morec_rec.cli", "synth", "--profile", "xbox",
+                            "--seed", "0", "--out", str(data)], check=True)
+        dataset = PreparedDataset.open(data)
+        columns = WeightedStreamSampler(
+            dataset, build_objectives(OBJECTIVES, dataset.manifest), SamplerConfig()
+        ).columns
+        scan_rates, sampler_rates = [], []
+        for _ in range(args.repeats):
+            rows, seconds = timed(lambda: scan(dataset, columns))
+            scan_rates.append(rows / seconds)
+            rows, seconds = timed(lambda: sample(dataset))
+            sampler_rates.append(rows / seconds)
+        memory = {"1x": peak_rss_mb(data),
+                  "4x": peak_rss_mb(replicate(dataset, 4, Path(tmp) / "x4").root)}
+    result = {
+        "dataset": str(args.data or "synth xbox, seed 0"),
+        "train_rows": dataset.manifest["num_interactions"]["train"],
+        "objectives": list(OBJECTIVES),
+        "batch_size": SamplerConfig().sub_batch_size * len(OBJECTIVES),
+        "scan_rows_per_s": statistics.median(scan_rates),
+        "sampler_rows_per_s": statistics.median(sampler_rates),
+        "sampler_over_scan": statistics.median(sampler_rates) / statistics.median(scan_rates),
+        "runs": {"scan_rows_per_s": scan_rates, "sampler_rows_per_s": sampler_rates},
+        "peak_rss_mb": {size: m["peak_rss_mb"] for size, m in memory.items()},
+        "memory_runs": memory,
+        "environment": {
+            "python": platform.python_version(), "numpy": np.__version__,
+            "pyarrow": pa.__version__, "torch": torch.__version__, "cpus": os.cpu_count(),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"scan {result['scan_rows_per_s']:,.0f} rows/s, sampler "
+          f"{result['sampler_rows_per_s']:,.0f} rows/s "
+          f"({result['sampler_over_scan']:.2f} of the scan); peak RSS "
+          + ", ".join(f"{k} {v:,.0f} MB" for k, v in result["peak_rss_mb"].items()))
+
+
+if __name__ == "__main__":
+    main()

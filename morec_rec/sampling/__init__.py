@@ -1,0 +1,1 @@
+"""Sampling: objectives, the weight store, and the streaming sampler."""

@@ -1,0 +1,111 @@
+"""Drawing a sub-batch from a window of rows: group counts from masses, then rows in groups.
+
+All vectorised: one ``GroupIndex`` per (objective, window) orders the window's rows by
+group once; each draw is then a handful of numpy operations on the sub-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupIndex:
+    """An objective's view of a window of ``n`` rows.
+
+    Attributes:
+        order: int64 (n,), window rows sorted by group (stable).
+        start: int64 (G,), first position in ``order`` of each group.
+        count: int64 (G,), rows of each group.
+        cumulative: float64 (n,), running sum of the weights along ``order``; None when
+            rows are drawn uniformly within a group.
+        group_weight: float64 (G,), total weight of each group (row counts if uniform).
+    """
+
+    order: np.ndarray
+    start: np.ndarray
+    count: np.ndarray
+    cumulative: np.ndarray | None
+    group_weight: np.ndarray
+
+    @classmethod
+    def build(cls, groups: np.ndarray | None, weights: np.ndarray | None, num_groups: int,
+              num_rows: int) -> "GroupIndex":
+        """Indexes a window; ``groups`` None puts every row in group 0."""
+        if groups is None:
+            groups = np.zeros(num_rows, dtype=np.int64)
+        # The narrowest dtype lets numpy's stable sort use radix sort.
+        order = np.argsort(groups.astype(np.min_scalar_type(max(num_groups - 1, 0))),
+                           kind="stable")
+        count = np.bincount(groups, minlength=num_groups)
+        start = np.cumsum(count) - count
+        if weights is None:
+            return cls(order, start, count, None, count.astype(np.float64))
+        cumulative = np.cumsum(weights[order], dtype=np.float64)
+        group_weight = np.bincount(groups, weights=weights, minlength=num_groups)
+        return cls(order, start, count, cumulative, group_weight)
+
+    @property
+    def available(self) -> np.ndarray:
+        """bool (G,): groups that hold rows of positive weight in this window."""
+        return self.group_weight > 0
+
+
+def largest_remainder(quota: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts summing to ``total``, each ``floor`` or ``ceil`` of ``quota``.
+
+    ``quota`` sums to ``total``; the leftover units go to the largest fractional parts
+    (ties to the lower index).
+    """
+    base = np.floor(quota).astype(np.int64)
+    leftover = total - int(base.sum())
+    if leftover > 0:
+        base[np.argsort(-(quota - base), kind="stable")[:leftover]] += 1
+    return base
+
+
+def group_counts(masses: np.ndarray, total: int, rng: np.random.Generator,
+                 mode: str) -> np.ndarray:
+    """How many of ``total`` rows each group gets: ``multinomial`` or ``exact``."""
+    p = masses / masses.sum()
+    if mode == "exact":
+        return largest_remainder(p * total, total)
+    return rng.multinomial(total, p)
+
+
+def draw(index: GroupIndex, masses: np.ndarray, total: int, rng: np.random.Generator,
+         mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Draws ``total`` window rows: group counts by ``masses``, rows by weight within a group.
+
+    Draws that fall on a group with no row (of positive weight) in the window are
+    *starved*: they are re-drawn over the available groups in proportion to their masses
+    (or, if those are all zero, to their weights) and counted.
+
+    Returns:
+        (rows, starved): int64 window row indices of shape (total,), grouped by group;
+        int64 (G,) starved draws per group.
+    """
+    available = index.available
+    counts = group_counts(masses, total, rng, mode)
+    starved = np.where(available, 0, counts)
+    if starved.any():
+        fallback = np.where(available, masses, 0.0)
+        if fallback.sum() == 0:
+            fallback = np.where(available, index.group_weight, 0.0)
+        if fallback.sum() == 0:  # nothing in the window can be drawn: uniform over rows
+            return rng.integers(0, len(index.order), total), starved
+        counts = np.where(available, counts, 0) + group_counts(
+            fallback, int(starved.sum()), rng, mode)
+    group = np.repeat(np.arange(len(counts)), counts)
+    u = rng.random(total)
+    if index.cumulative is None:
+        position = index.start[group] + (u * index.count[group]).astype(np.int64)
+    else:
+        before = np.concatenate([[0.0], index.cumulative])[index.start[group]]
+        position = np.searchsorted(index.cumulative, before + u * index.group_weight[group],
+                                   side="right")
+    # Guard against float round-off at a group's upper end.
+    last = index.start[group] + index.count[group] - 1
+    return index.order[np.minimum(position, last)], starved

@@ -1,0 +1,310 @@
+"""The weighted streaming sampler: MoRec's middle level as an ``IterableDataset``.
+
+Each (rank, loader worker) reads its own stream of training rows (see
+:mod:`~morec_rec.sampling.partition`) one *window* at a time: ``window_batches`` batches'
+worth of rows, shuffled. Batch ``k`` of a window *visits* the next ``batch_size`` rows of
+the shuffled window, cut into one chunk per objective. A uniform objective (accuracy)
+keeps its chunk, so an epoch of uniform objectives sees every row of the stream exactly
+once; any other objective replaces its chunk by a draw from the whole window by its
+distribution (group masses, then rows within a group uniformly or by weight).
+
+Masses come from the weight store: every published version carries the loader batch
+index from which it applies, and the sampler polls the store before each batch, so every
+worker of every rank switches at the same batch, and a resumed run replays the same
+stream. Memory is bounded by two windows (the one being sampled and the next, read in a
+background thread) plus one Parquet row group, whatever the size of the log. Randomness is derived from (seed, epoch, stream, window or batch), so no RNG
+state needs saving: the position and the masses in force suffice to resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from morec_rec.config import SamplerConfig
+from morec_rec.data import arrays
+from morec_rec.data.format import PreparedDataset
+from morec_rec.errors import MorecError
+from morec_rec.sampling.batch import SampledBatch
+from morec_rec.sampling.draw import GroupIndex, draw
+from morec_rec.sampling.objectives import Objective, check_masses
+from morec_rec.sampling.partition import (
+    Segment,
+    list_row_groups,
+    min_stream_rows,
+    stream_segments,
+)
+from morec_rec.sampling.store import Masses, StoreSpec, WeightStore
+
+logger = logging.getLogger(__name__)
+
+#: Integer row columns that a batch carries (as int64), besides ``price`` and ``history``.
+_ID_COLUMNS = ("user_id", "item_id", "fairness_group", "popularity_group")
+
+
+class WeightedStreamSampler(IterableDataset):
+    """Yields :class:`SampledBatch` es of one epoch, in a plain or stateful ``DataLoader``.
+
+    Use it with ``batch_size=None``. Every worker of every rank yields the same number of
+    batches per epoch (:meth:`batches_per_epoch`), so no rank waits for another. Call
+    :meth:`set_epoch` before each epoch. ``state_dict`` / ``load_state_dict`` follow
+    torchdata's ``StatefulDataLoader`` protocol, which also restores the worker cycle; a
+    resume needs the same world size and number of workers.
+
+    Args:
+        dataset: a prepared dataset (its ``train/`` shards are read).
+        objectives: one sub-batch each, in this order (the batch's segment ids).
+        config: sizes, draw mode and seed.
+        rank, world_size: this process's place in the data-parallel job.
+        store: where published masses come from; None keeps the initial masses.
+        masses: initial masses by objective name (default: each objective's own).
+    """
+
+    def __init__(
+        self,
+        dataset: PreparedDataset,
+        objectives: Sequence[Objective],
+        config: SamplerConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        store: StoreSpec | None = None,
+        masses: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise MorecError(f"sampler: rank {rank} is outside world size {world_size}")
+        self.files: list[Path] = dataset.train_files
+        self.row_groups = list_row_groups(self.files)
+        self.objectives = list(objectives)
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.store = store
+        self.columns = sorted(
+            {*_ID_COLUMNS, "price", "history"}.union(*(o.columns for o in self.objectives))
+        )
+        masses = dict(masses or {})
+        unknown = set(masses) - {o.name for o in self.objectives}
+        if unknown:
+            raise MorecError(f"sampler: masses given for unknown objective(s) {sorted(unknown)}")
+        self._masses = {
+            o.name: check_masses(o.name, masses.get(o.name, o.initial_masses()), o.num_groups)
+            for o in self.objectives
+        }
+        self._version = 0
+        self._epoch = 0
+        self._next = 0  # this worker's next batch within the epoch
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.sub_batch_size * len(self.objectives)
+
+    def batches_per_epoch(self, num_workers: int = 0) -> int:
+        """Batches one rank's loader yields per epoch with ``num_workers`` workers."""
+        streams = max(num_workers, 1)
+        per_stream = min_stream_rows(self.row_groups, self.world_size * streams) // self.batch_size
+        return per_stream * streams
+
+    def set_epoch(self, epoch: int) -> None:
+        """Starts ``epoch`` from its first batch (the shuffle depends on it)."""
+        self._epoch, self._next = epoch, 0
+
+    @property
+    def masses(self) -> dict[str, np.ndarray]:
+        """The masses in force, by objective name (in this process)."""
+        return {k: v.copy() for k, v in self._masses.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self._epoch,
+            "next_batch": self._next,
+            "masses_version": self._version,
+            "masses": {k: v.tolist() for k, v in self._masses.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._epoch, self._next = int(state["epoch"]), int(state["next_batch"])
+        self._version = int(state["masses_version"])
+        self._masses = {
+            o.name: check_masses(o.name, np.asarray(state["masses"][o.name]), o.num_groups)
+            for o in self.objectives
+        }
+
+    def __iter__(self) -> Iterator[SampledBatch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        num_streams = self.world_size * num_workers
+        stream = self.rank * num_workers + worker
+        per_stream = min_stream_rows(self.row_groups, num_streams) // self.batch_size
+        weights = _MassesFeed(WeightStore.connect(self.store), self._version) if self.store else None
+        per_window, start = self.config.window_batches, self._next
+        windows = self._windows(stream, num_streams, per_stream, first=start // per_window)
+        for k in range(start, per_stream):
+            if k == start or k % per_window == 0:
+                window = next(windows)
+            batch_index = (self._epoch * per_stream + k) * num_workers + worker
+            if weights is not None:
+                self._apply(weights.due(batch_index))
+            rng = np.random.default_rng([self.config.seed, self._epoch, stream, k, 1])
+            rows, starved = window.sample(k % per_window, self._masses, self.config, rng)
+            self._next = k + 1
+            yield window.batch(rows, starved, batch_index, self._epoch, self._version)
+
+    def _windows(self, stream: int, num_streams: int, per_stream: int,
+                 first: int) -> Iterator[_Window]:
+        """The stream's windows from ``first`` on, each read in a background thread while
+        the one before it is sampled (Parquet decoding releases the GIL)."""
+        reader = _StreamReader(
+            self.files,
+            stream_segments(self.row_groups, self.config.seed, self._epoch, stream, num_streams),
+            self.columns,
+        )
+        window_rows = self.config.window_batches * self.batch_size
+        end = per_stream * self.batch_size
+
+        def build(number: int) -> _Window:
+            begin = number * window_rows
+            return _Window(reader.read(begin, min(begin + window_rows, end)), self.objectives,
+                           np.random.default_rng([self.config.seed, self._epoch, stream, number]))
+
+        last = -(-end // window_rows) - 1
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(build, first)
+            for number in range(first, last + 1):
+                window = pending.result()
+                if number < last:
+                    pending = pool.submit(build, number + 1)
+                yield window
+
+    def _apply(self, published: list[Masses]) -> None:
+        groups = {o.name: o.num_groups for o in self.objectives}
+        for masses in published:
+            for name, values in masses.values.items():
+                if name in groups:
+                    self._masses[name] = check_masses(name, values, groups[name])
+            self._version = masses.version
+
+
+class _MassesFeed:
+    """Published masses not yet in force, read from the store as they appear."""
+
+    def __init__(self, store: WeightStore, held_version: int) -> None:
+        self._store = store
+        self._seen = held_version
+        self._pending: list[Masses] = []
+
+    def due(self, batch_index: int) -> list[Masses]:
+        """The versions that apply from ``batch_index`` on, oldest first (polls the store)."""
+        latest = self._store.latest_version()
+        self._pending.extend(self._store.read(v) for v in range(self._seen + 1, latest + 1))
+        self._seen = max(self._seen, latest)
+        due = [m for m in self._pending if m.effective_from <= batch_index]
+        self._pending = [m for m in self._pending if m.effective_from > batch_index]
+        return due
+
+
+class _StreamReader:
+    """Reads row ranges of one stream, keeping the last row group for the next range."""
+
+    def __init__(self, files: Sequence[Path], segments: Sequence[Segment],
+                 columns: Sequence[str]) -> None:
+        self._files = [pq.ParquetFile(f) for f in files]
+        self._segments = segments
+        self._sizes = np.array([s.rows for s in segments], dtype=np.int64)
+        self._ends = np.cumsum(self._sizes)
+        self._columns = list(columns)
+        self._cached: tuple[Any, pa.Table] | None = None
+
+    def read(self, begin: int, end: int) -> pa.Table:
+        """Rows ``[begin, end)`` of the stream."""
+        parts = []
+        for i in np.flatnonzero((self._ends > begin) & (self._ends - self._sizes < end)):
+            segment = self._segments[i]
+            first = int(self._ends[i]) - segment.rows  # stream position of the segment
+            lo = segment.start + max(begin - first, 0)
+            hi = segment.start + min(end - first, segment.rows)
+            parts.append(self._row_group(segment).slice(lo, hi - lo))
+        return pa.concat_tables(parts)
+
+    def _row_group(self, segment: Segment) -> pa.Table:
+        key = (segment.group.file, segment.group.index)
+        if self._cached is None or self._cached[0] != key:
+            table = self._files[key[0]].read_row_group(key[1], columns=self._columns)
+            self._cached = (key, table)
+        return self._cached[1]
+
+
+class _Window:
+    """The rows of one window as numpy columns, shuffled, with each objective's index."""
+
+    def __init__(self, table: pa.Table, objectives: Sequence[Objective],
+                 rng: np.random.Generator) -> None:
+        self.objectives = objectives
+        self.columns = {name: table[name].to_numpy() for name in table.column_names
+                        if name != "history"}
+        # Converted to the batch's dtypes once per window; the id columns stacked so that a
+        # batch gathers them in one operation.
+        self.ids = np.stack([self.columns[name].astype(np.int64) for name in _ID_COLUMNS])
+        self.price = self.columns["price"].astype(np.float32)
+        history = table["history"].combine_chunks()
+        self.history_offsets = history.offsets.to_numpy()
+        self.history_values = history.values.to_numpy().astype(np.int64)
+        self.visit_order = rng.permutation(table.num_rows)
+        self.indexes = {
+            o.name: GroupIndex.build(o.groups(self.columns), o.weights(self.columns),
+                                     o.num_groups, table.num_rows)
+            for o in objectives if not o.is_uniform
+        }
+        self._warned: set[str] = set()  # objectives already reported starved in this window
+
+    def sample(self, k: int, masses: Mapping[str, np.ndarray], config: SamplerConfig,
+               rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+        """The window rows of batch ``k`` of this window, one array per objective."""
+        size = config.sub_batch_size
+        visited = self.visit_order[k * len(self.objectives) * size:][: len(self.objectives) * size]
+        rows, starved = [], np.zeros(len(self.objectives), dtype=np.int64)
+        for position, objective in enumerate(self.objectives):
+            if objective.is_uniform:
+                rows.append(visited[position * size : (position + 1) * size])
+                continue
+            drawn, lost = draw(self.indexes[objective.name], masses[objective.name], size, rng,
+                               config.draw)
+            rows.append(drawn)
+            starved[position] = lost.sum()
+            if lost.any() and objective.name not in self._warned:
+                self._warned.add(objective.name)
+                logger.warning("objective %s: groups %s have mass but no row in this window; "
+                               "their draws are re-drawn from the other groups and counted "
+                               "in SampledBatch.starved", objective.name,
+                               np.flatnonzero(lost).tolist())
+        return rows, starved
+
+    def batch(self, rows: list[np.ndarray], starved: np.ndarray, batch_index: int,
+              epoch: int, version: int) -> SampledBatch:
+        index = np.concatenate(rows)
+        starts = self.history_offsets[index]
+        lengths = self.history_offsets[index + 1] - starts
+        gather, _ = arrays.ranges(starts, lengths)
+        user_id, item_id, fairness_group, popularity_group = torch.from_numpy(self.ids[:, index])
+        return SampledBatch(
+            user_id=user_id,
+            item_id=item_id,
+            price=torch.from_numpy(self.price[index]),
+            fairness_group=fairness_group,
+            popularity_group=popularity_group,
+            history_values=torch.from_numpy(self.history_values[gather]),
+            history_lengths=torch.from_numpy(lengths.astype(np.int64)),
+            objective=torch.from_numpy(np.repeat(np.arange(len(rows)), [len(r) for r in rows])),
+            starved=torch.from_numpy(starved),
+            batch_index=batch_index,
+            epoch=epoch,
+            masses_version=version,
+        )

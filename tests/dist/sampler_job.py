@@ -1,0 +1,84 @@
+"""Sampler job under torchrun: streams across ranks and loader workers, and a mid-stream publish.
+
+Run by ``tests/test_sampler_distributed.py``::
+
+    python -m torch.distributed.run --nproc_per_node=2 --master-port=PORT \\
+        tests/dist/sampler_job.py --data DIR --out DIR
+
+Each rank (gloo) runs two DataLoaders with 2 workers each over the same prepared dataset:
+
+1. ``uniform``: one epoch of the accuracy objective; records every row it yields.
+2. ``weighted``: the fairness objective, starting with all mass on group 0. After
+   ``PUBLISH_AFTER`` batches, rank 0 publishes all mass on the last group, effective from
+   a batch index no worker can have reached yet; every rank syncs.
+
+Each rank writes ``rank<r>.json`` with what its loaders yielded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from morec_rec.config import SamplerConfig
+from morec_rec.data.format import PreparedDataset
+from morec_rec.sampling.objectives import build_objectives
+from morec_rec.sampling.sampler import WeightedStreamSampler
+from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
+
+NUM_WORKERS, PREFETCH = 2, 2
+PUBLISH_AFTER = 6
+
+
+def loader(dataset: PreparedDataset, names: tuple[str, ...], masses: dict | None,
+           store: StoreSpec | None) -> DataLoader:
+    sampler = WeightedStreamSampler(
+        dataset, build_objectives(names, dataset.manifest),
+        SamplerConfig(objectives=names, sub_batch_size=32, window_batches=4),
+        rank=dist.get_rank(), world_size=dist.get_world_size(), store=store, masses=masses,
+    )
+    return DataLoader(sampler, batch_size=None, num_workers=NUM_WORKERS,
+                      prefetch_factor=PREFETCH)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    dataset = PreparedDataset.open(args.data)
+    groups = len(dataset.manifest["groups"]["fairness"]["names"])
+
+    uniform = [
+        {"batch_index": b.batch_index, "rows": list(zip(b.user_id.tolist(), b.item_id.tolist()))}
+        for b in loader(dataset, ("accuracy",), None, None)
+    ]
+
+    spec = StoreSpec.from_env()
+    store = WeightStore.connect(spec)
+    first = np.eye(groups)[0]
+    weighted, effective_from = [], None
+    for count, batch in enumerate(loader(dataset, ("fairness",), {"fairness": first}, spec), 1):
+        weighted.append({"batch_index": batch.batch_index, "version": batch.masses_version,
+                         "groups": batch.fairness_group.tolist()})
+        if count == PUBLISH_AFTER:
+            # Batches already produced or in flight: at most NUM_WORKERS * PREFETCH ahead.
+            effective_from = count + NUM_WORKERS * PREFETCH
+            publish_and_sync(store, {"fairness": np.eye(groups)[-1]}, effective_from)
+    (args.out / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "groups": groups, "effective_from": effective_from,
+        "uniform": uniform, "weighted": weighted,
+    }))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The weighted streaming sampler: frequencies against masses and prices (chi-square),
+coverage, equal batch counts, resume, starvation, and bad input.
+
+Statistical tests use a fixed seed and reject at significance 0.001: a correct sampler
+fails one with probability 1/1000 for a random seed, and never for the fixed one.
+"""
+
+from __future__ import annotations
+
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from morec_rec.config import SamplerConfig
+from morec_rec.data.format import PreparedDataset
+from morec_rec.errors import MorecError
+from morec_rec.sampling.draw import GroupIndex, draw, largest_remainder
+from morec_rec.sampling.objectives import Objective, build_objectives
+from morec_rec.sampling.sampler import WeightedStreamSampler
+from morec_rec.sampling.store import StoreSpec, WeightStore
+from sampling_data import make_dataset
+
+ALPHA = 1e-3
+ALL = ("accuracy", "revenue", "fairness", "alignment")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
+    return make_dataset(tmp_path_factory.mktemp("sampler") / "data")
+
+
+def sampler(dataset: PreparedDataset, names: tuple[str, ...] = ALL, **kwargs) -> WeightedStreamSampler:
+    masses, store = kwargs.pop("masses", None), kwargs.pop("store", None)
+    config = SamplerConfig(objectives=names, **{"sub_batch_size": 64, "window_batches": 8, **kwargs})
+    return WeightedStreamSampler(dataset, build_objectives(names, dataset.manifest), config,
+                                 masses=masses, store=store)
+
+
+def epochs(s: WeightedStreamSampler, count: int) -> list:
+    batches = []
+    for epoch in range(count):
+        s.set_epoch(epoch)
+        batches.extend(s)
+    return batches
+
+
+def chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Upper tail of the chi-square statistic with len - 1 degrees of freedom."""
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    df = len(observed) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(statistic / 2)))
+
+
+@pytest.mark.parametrize("masses", [
+    [0.2, 0.2, 0.2, 0.2, 0.2],
+    [0.5, 0.0, 0.3, 0.2, 0.0],           # zero masses: never drawn
+    [0.96, 0.02, 0.01, 0.007, 0.003],    # very skewed
+])
+def test_group_frequencies_match_masses(dataset: PreparedDataset, masses: list[float]) -> None:
+    s = sampler(dataset, ("fairness",), masses={"fairness": np.array(masses)})
+    drawn = torch.cat([b.fairness_group for b in epochs(s, 5)]).numpy()
+    observed = np.bincount(drawn, minlength=5)
+    expected = np.array(masses) * len(drawn)
+    assert observed[expected == 0].sum() == 0
+    assert chi_square_p(observed[expected > 0], expected[expected > 0]) > ALPHA, observed
+
+
+class ExpensiveItems(Objective):
+    """A user-defined objective: items priced 50 or more against the rest (test only)."""
+
+    name, num_groups, columns = "expensive", 2, ("price",)
+
+    def groups(self, rows):
+        return (rows["price"] >= 50).astype(np.int64)
+
+    def initial_masses(self) -> np.ndarray:
+        return np.array([0.2, 0.8])
+
+
+def test_user_defined_objective_through_the_sampler(dataset: PreparedDataset) -> None:
+    objectives = [*build_objectives(("accuracy",), dataset.manifest), ExpensiveItems()]
+    config = SamplerConfig(objectives=("accuracy", "expensive"), sub_batch_size=64)
+    s = WeightedStreamSampler(dataset, objectives, config)
+    drawn = torch.cat([b.price[b.objective == 1] for b in epochs(s, 3)]).numpy()
+    observed = np.bincount((drawn >= 50).astype(int), minlength=2)
+    assert chi_square_p(observed, np.array([0.2, 0.8]) * len(drawn)) > ALPHA
+
+
+def test_exact_mode_gives_rounded_counts(dataset: PreparedDataset) -> None:
+    masses = np.array([0.5, 0.0, 0.3, 0.15, 0.05])
+    s = sampler(dataset, ("fairness",), masses={"fairness": masses}, draw="exact")
+    for batch in epochs(s, 1):
+        counts = np.bincount(batch.fairness_group.numpy(), minlength=5)
+        np.testing.assert_array_equal(counts, largest_remainder(masses * 64, 64))  # 32,0,19,10,3
+
+
+def test_revenue_draws_are_proportional_to_price(dataset: PreparedDataset) -> None:
+    # One window per stream: the window is the whole training set, so each training row's
+    # chance is price / total price, and each item's is price × its training count.
+    s = sampler(dataset, ("revenue",), window_batches=100)
+    drawn = torch.cat([b.item_id for b in epochs(s, 5)]).numpy()
+    items = dataset.items()
+    weight = items["price"].to_numpy() * items["train_count"].to_numpy()
+    observed = np.bincount(drawn, minlength=len(weight))
+    assert observed[weight == 0].sum() == 0  # the free item is never drawn
+    expected = weight / weight.sum() * len(drawn)
+    assert chi_square_p(observed[weight > 0], expected[weight > 0]) > ALPHA
+
+
+def _row_keys(batches: list) -> list[tuple[int, int]]:
+    return [(u, i) for b in batches for u, i in zip(b.user_id.tolist(), b.item_id.tolist())]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_uniform_epoch_visits_each_row_once(dataset: PreparedDataset, num_workers: int) -> None:
+    s = sampler(dataset, ("accuracy",))
+    batches = list(DataLoader(s, batch_size=None, num_workers=num_workers))
+    assert len(batches) == s.batches_per_epoch(num_workers)
+    keys = _row_keys(batches)
+    assert len(set(keys)) == len(keys)  # no row twice
+    # Only the tail of each stream that does not fill a batch is left out.
+    streams = max(num_workers, 1)
+    assert 4320 - streams * 64 < len(keys) <= 4320
+    assert sorted(b.batch_index for b in batches) == list(range(len(batches)))
+
+
+def test_workers_have_disjoint_rows_and_equal_batches(dataset: PreparedDataset) -> None:
+    s = sampler(dataset, ("accuracy",), sub_batch_size=50)
+    batches = list(DataLoader(s, batch_size=None, num_workers=3))
+    by_worker = {w: [b for b in batches if b.batch_index % 3 == w] for w in range(3)}
+    assert len({len(v) for v in by_worker.values()}) == 1
+    keys = [set(_row_keys(v)) for v in by_worker.values()]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+
+
+def test_epochs_shuffle_differently(dataset: PreparedDataset) -> None:
+    s = sampler(dataset, ("accuracy",))
+    first, second = (_row_keys(epochs_of) for epochs_of in ([*s], (s.set_epoch(1), [*s])[1]))
+    assert first != second and len(set(first) & set(second)) > 0.9 * len(first)
+
+
+def test_batch_layout_and_history(dataset: PreparedDataset) -> None:
+    batch = next(iter(sampler(dataset)))
+    assert len(batch) == 4 * 64
+    assert batch.objective.tolist() == [o for o in range(4) for _ in range(64)]
+    train = dataset.split("train").to_pylist()
+    history = {(r["user_id"], r["item_id"]): r["history"] for r in train}
+    lengths = batch.history_lengths.tolist()
+    values = batch.history_values.split(lengths)
+    for user, item, past in zip(batch.user_id.tolist(), batch.item_id.tolist(), values):
+        assert past.tolist() == history[(user, item)]
+    items = dataset.items()
+    np.testing.assert_allclose(batch.price.numpy(),
+                               items["price"].to_numpy()[batch.item_id.numpy()])
+
+
+def _compare(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for name in ("user_id", "item_id", "objective", "history_values", "history_lengths"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+        assert (x.batch_index, x.epoch, x.masses_version) == (y.batch_index, y.epoch,
+                                                              y.masses_version)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_replays_the_stream(dataset: PreparedDataset, num_workers: int) -> None:
+    def loader() -> StatefulDataLoader:
+        return StatefulDataLoader(sampler(dataset), batch_size=None, num_workers=num_workers)
+
+    uninterrupted = list(loader())
+    first = loader()
+    iterator = iter(first)
+    head = [next(iterator) for _ in range(13)]  # stops mid-window (8 batches a window)
+    state = first.state_dict()
+    del iterator, first
+    resumed = loader()
+    resumed.load_state_dict(state)
+    _compare(uninterrupted, head + list(resumed))
+
+
+def test_resume_with_published_masses(dataset: PreparedDataset, tmp_path: Path) -> None:
+    # Both runs publish the same versions at the same consumed counts (as a resumed trainer
+    # does); the state saved at batch 13 holds version 1, in force from batch 9.
+    publishes = {5: (np.eye(5)[4], 9), 20: (np.eye(5)[2], 24)}
+
+    def run(store: Path, stop: int | None, state: dict | None = None) -> tuple[list, dict]:
+        spec = StoreSpec(kind="file", path=str(store))
+        weights = WeightStore.connect(spec)
+        loader = StatefulDataLoader(sampler(dataset, store=spec, sub_batch_size=16), batch_size=None,
+                                    num_workers=2, prefetch_factor=2)
+        if state is not None:
+            loader.load_state_dict(state)
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            consumed = batch.batch_index + 1
+            version = list(publishes).index(consumed) + 1 if consumed in publishes else 0
+            if version > weights.latest_version():  # a resumed run's store holds version 1
+                weights.publish({"fairness": publishes[consumed][0]}, publishes[consumed][1])
+            if consumed == stop:
+                return batches, loader.state_dict()
+        return batches, {}
+
+    uninterrupted, _ = run(tmp_path / "a", None)
+    assert len(uninterrupted) == 66  # 2 streams × 2160 rows // 64
+    head, state = run(tmp_path / "b", 13)
+    tail, _ = run(tmp_path / "b", None, state)
+    _compare(uninterrupted, head + tail)
+    versions = [b.masses_version for b in uninterrupted]
+    assert versions[:9] == [0] * 9 and versions[9:24] == [1] * 15 and set(versions[24:]) == {2}
+    late = uninterrupted[30]
+    assert set(late.fairness_group[late.objective == ALL.index("fairness")].tolist()) == {2}
+
+
+def test_starved_draws_are_redrawn_and_counted() -> None:
+    groups = np.array([0, 0, 1, 1, 1, 0])  # group 2 has no row in this window
+    index = GroupIndex.build(groups, None, 3, len(groups))
+    rows, starved = draw(index, np.array([0.5, 0.0, 0.5]), 1000, np.random.default_rng(0),
+                         "multinomial")
+    assert set(groups[rows]) == {0}  # group 1 has zero mass, group 2 no rows
+    assert 400 < starved[2] < 600 and starved[[0, 1]].sum() == 0
+
+
+def test_weighted_draw_never_takes_zero_weight_rows() -> None:
+    weights = np.array([0.0, 1.0, 0.0, 3.0, 0.0])
+    index = GroupIndex.build(None, weights, 1, 5)
+    rows, _ = draw(index, np.array([1.0]), 4000, np.random.default_rng(1), "multinomial")
+    counts = np.bincount(rows, minlength=5)
+    assert counts[[0, 2, 4]].sum() == 0
+    assert chi_square_p(counts[[1, 3]], np.array([1000.0, 3000.0])) > ALPHA
+
+
+def test_largest_remainder() -> None:
+    assert largest_remainder(np.array([0.5, 0.3, 0.2]) * 64, 64).tolist() == [32, 19, 13]
+    assert largest_remainder(np.array([1 / 3] * 3) * 10, 10).tolist() == [4, 3, 3]
+
+
+@pytest.mark.parametrize(("masses", "message"), [
+    ({"fairness": [0.5, 0.5]}, "fairness"),
+    ({"fairness": [0.5, 0.5, -0.1, 0.05, 0.05]}, "must be >= 0"),
+    ({"fairness": [np.nan, 0.5, 0.2, 0.2, 0.1]}, "must be finite"),
+    ({"novelty": [1.0]}, "unknown objective"),
+])
+def test_bad_masses(dataset: PreparedDataset, masses: dict, message: str) -> None:
+    with pytest.raises(MorecError, match=message):
+        sampler(dataset, masses={k: np.array(v) for k, v in masses.items()})
+
+
+def test_unknown_objective_name(dataset: PreparedDataset) -> None:
+    with pytest.raises(MorecError, match="unknown objective 'novelty'"):
+        sampler(dataset, ("accuracy", "novelty"))
