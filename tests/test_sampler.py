@@ -7,7 +7,6 @@ fails one with probability 1/1000 for a random seed, and never for the fixed one
 
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import numpy as np
