@@ -8,27 +8,54 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from morec_rec.config import PrepareConfig, SourceConfig, add_arguments, build, load_file
+from morec_rec.config import (
+    PrepareConfig,
+    SourceConfig,
+    TrainConfig,
+    add_arguments,
+    build,
+    load_file,
+)
 from morec_rec.data.format import MANIFEST, PreparedDataset
 from morec_rec.errors import MorecError
 
 DEMO_PROFILE = "demo"
 
 
+#: Third-party deprecation notices that say nothing about the user's job (the command line
+#: silences them; the library leaves warnings alone).
+_QUIET_WARNINGS = (
+    r"`broadcast_buffers` is deprecated",  # torchrec's DMP constructing DDP
+    r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader
+    r"[\s\S]*fbgemm_gpu.split_table_batched_embeddings_ops is now DEPRECATED",
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     args = _parser().parse_args(argv)
     try:
-        args.run(args)
+        args.command(args)
     except MorecError as e:
         print(f"morec-rec: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("morec-rec: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # only commands that train or evaluate
+            from morec_rec.pipeline import distributed
+
+            distributed.shutdown()
     return 0
 
 
@@ -42,17 +69,34 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--meta", type=Path, help="item metadata file (where the source has one)")
     _add_common(prepare)
     add_arguments(prepare, SourceConfig)
-    prepare.set_defaults(run=_prepare)
+    prepare.set_defaults(command=_prepare)
 
     synth = commands.add_parser("synth", help="generate a synthetic dataset, prepared")
     synth.add_argument("--profile", required=True, help="tiny, demo or xbox")
     _add_common(synth)
-    synth.set_defaults(run=_synth)
+    synth.set_defaults(command=_synth)
+
+    train = commands.add_parser("train", help="train a backbone (also under torchrun)")
+    train.add_argument("--data", type=Path, help="prepared dataset (not with --resume)")
+    train.add_argument("--out", required=True, type=Path, help="run directory")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--config", type=Path, help="TOML file with a [train] table")
+    add_arguments(train, TrainConfig)
+    train.set_defaults(command=_train)
+
+    evaluate = commands.add_parser("evaluate", help="full-ranking metrics of a run or baseline")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="a run directory (its best checkpoint)")
+    source.add_argument("--data", type=Path, help="a prepared dataset, with --model popular")
+    evaluate.add_argument("--model", choices=["popular"], help="baseline to evaluate on --data")
+    evaluate.add_argument("--split", choices=["valid", "test"], default="test")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(command=_evaluate)
 
     demo = commands.add_parser("demo", help="the main job on the embedded default data")
     demo.add_argument("--out", required=True, type=Path, help="output directory")
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(command=_demo)
     return parser
 
 
@@ -77,6 +121,75 @@ def _prepare(args: argparse.Namespace) -> None:
 def _synth(args: argparse.Namespace) -> None:
     config = build(PrepareConfig, load_file(args.config, ("prepare",))["prepare"], args)
     print(summary(args.out, synthesize(args.profile, args.out, config)))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from morec_rec.pipeline import distributed
+    from morec_rec.pipeline.run import Run
+    from morec_rec.pipeline.train import train
+
+    if args.resume:
+        if args.data is not None:
+            raise MorecError("--resume continues the run's own data and config: drop --data")
+        run = Run.open(args.out)
+        record = run.record
+        config = build(TrainConfig, record["config"], args)  # flags may extend, e.g. epochs
+        dataset = PreparedDataset.open(record["data"])
+    else:
+        if args.data is None:
+            raise MorecError("train needs --data (or --resume)")
+        config = build(TrainConfig, load_file(args.config, ("train",))["train"], args)
+        dataset = PreparedDataset.open(args.data)
+        env = distributed.init()
+        run = Run.create(args.out, {"config": dataclasses.asdict(config),
+                                    "data": str(dataset.root.resolve()),
+                                    "world_size": env.world_size})
+    progress = train(dataset, config, run, resume=args.resume)
+    if distributed.init().is_main:
+        print(f"trained {config.model}: {progress.epoch} epoch(s), {progress.step} steps; best "
+              f"validation hit@10 {progress.best_hit:.4f} at step {progress.best_step}; "
+              f"run in {args.out}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import torch
+
+    from morec_rec.eval.ranking import ModelScorer, PopularityScorer, evaluate, load_task
+    from morec_rec.pipeline import checkpoint, distributed
+    from morec_rec.pipeline.run import Run
+    from morec_rec.pipeline.train import build_sharded, model_identity
+
+    env = distributed.init()
+    if args.run is not None:
+        if args.model is not None:
+            raise MorecError("--model names a baseline for --data; a run knows its model")
+        run = Run.open(args.run)
+        config = build(TrainConfig, run.record["config"], None)
+        dataset = PreparedDataset.open(run.record["data"])
+        model, _ = build_sharded(config, dataset, env)
+        checkpoint.load(run.best, model, None, model_identity(config, dataset))
+        model.eval()
+        scorer = ModelScorer(model.module, env.device)
+        name = config.model
+    else:
+        if args.model != "popular":
+            raise MorecError("--data needs --model popular (or evaluate a run with --run)")
+        dataset = PreparedDataset.open(args.data)
+        scorer = PopularityScorer(dataset.items()["train_count"].to_numpy())
+        name = "popular"
+    with torch.no_grad():
+        metrics = evaluate(scorer, load_task(dataset, args.split))
+    if env.is_main:
+        print(format_metrics(name, args.split, metrics.users, metrics.as_dict(), args.json))
+
+
+def format_metrics(name: str, split: str, users: int, metrics: dict[str, float],
+                   as_json: bool) -> str:
+    """The metric table of one model, or one JSON object."""
+    if as_json:
+        return json.dumps({"model": name, "split": split, "users": users, **metrics})
+    rows = "\n".join(f"  {key:<12}{value:.4f}" for key, value in metrics.items())
+    return f"{name} on {split} ({users:,} users)\n{rows}"
 
 
 def _demo(args: argparse.Namespace) -> None:

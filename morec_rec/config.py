@@ -124,6 +124,43 @@ class SamplerConfig:
                self.update_rule, "additive or multiplicative")
 
 
+@dataclasses.dataclass
+class TrainConfig:
+    """Training of a backbone (SPEC "Training protocol") and its early stopping."""
+
+    #: Backbone: ``mf`` (MF-BPR, 10 negatives) or ``sasrec`` (SASRec, 3 negatives).
+    model: str = "mf"
+    embedding_dim: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    #: Negatives are drawn ∝ training count^beta (0: uniform), never the positive.
+    negative_beta: float = 0.75
+    max_epochs: int = 50
+    #: Validate every this many steps (0: at the end of each epoch only).
+    eval_every: int = 0
+    #: Stop after this many validations without a better validation Hit@10.
+    patience: int = 3
+    #: DataLoader worker processes per rank (0: load in the training process).
+    num_workers: int = 1
+    #: Users scored at a time in full-ranking evaluation.
+    eval_chunk_users: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.model in ("mf", "sasrec"), "model", self.model, "mf or sasrec")
+        _check(self.embedding_dim >= 1, "embedding_dim", self.embedding_dim, ">= 1")
+        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _check(self.negative_beta >= 0, "negative_beta", self.negative_beta, ">= 0")
+        _check(self.max_epochs >= 1, "max_epochs", self.max_epochs, ">= 1")
+        _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
+        _check(self.patience >= 1, "patience", self.patience, ">= 1")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
+        _check(self.eval_chunk_users >= 1, "eval_chunk_users", self.eval_chunk_users, ">= 1")
+
+
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
     if not ok:
         raise MorecError(f"config: {field} = {value!r} is out of range (expected {expected})")

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
 
 from morec_rec.data.raw import RawData
+
+# One intra-op thread: tests run beside torchrun jobs and loader workers on 2 cores.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -24,14 +28,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(job: str, *args: str, nproc: int = 2, timeout: float = 120) -> None:
-    """Runs ``tests/dist/<job>`` under torchrun with ``nproc`` CPU ranks; fails on error."""
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 120) -> str:
+    """Runs ``script`` (relative to the repository) under torchrun with ``nproc`` CPU ranks.
+
+    Fails the test on a non-zero exit; returns what the ranks printed to stdout.
+    """
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master-port={free_port()}", str(ROOT / "tests" / "dist" / job), *args]
+               f"--master-port={free_port()}", str(ROOT / script), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``morec-rec ARGS`` in a fresh process (no process group leaks into the tests)."""
+    return subprocess.run([sys.executable, "-m", "morec_rec.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def raw_data(rows: list[tuple[str, str, int]], items: dict[str, tuple[float | None, str | None]],

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     root = tmp_path_factory.mktemp("sampler_job")
     make_dataset(root / "data")
-    run_torchrun("sampler_job.py", "--data", str(root / "data"), "--out", str(root))
+    run_torchrun("tests/dist/sampler_job.py", "--data", str(root / "data"), "--out", str(root))
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -288,7 +288,7 @@ def _load_store_job():
 
 @pytest.mark.slow
 def test_loader_workers_under_torchrun_see_every_version(tmp_path: Path) -> None:
-    run_torchrun("store_job.py", "--out", str(tmp_path), timeout=60)
+    run_torchrun("tests/dist/store_job.py", "--out", str(tmp_path), timeout=60)
     published = _load_store_job().PUBLISHED
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for result in ranks:

@@ -1,0 +1,97 @@
+"""Training samples/s and evaluation users/s of both backbones, at the demo and xbox profiles.
+
+    python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json \\
+        [--profiles demo xbox] [--steps 200]
+
+For each profile (generated with seed 0) and backbone, in one process (a process group of
+one, as ``morec-rec train`` without torchrun): ``--steps`` steps of the training pipeline
+(``TrainPipelineSparseDist``, batch 1024, one loader worker) after 20 warm-up steps, and
+a full-ranking evaluation of up to ``--eval-users`` validation users. These are the base
+rates that MoRec's overhead is later compared with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from morec_rec.config import TrainConfig
+from morec_rec.data.format import PreparedDataset
+from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
+from morec_rec.pipeline import distributed
+from morec_rec.pipeline.train import build_sharded, training_loader
+
+WARMUP = 20
+
+
+def train_rate(dataset: PreparedDataset, config: TrainConfig, steps: int,
+               env: distributed.Environment) -> tuple[float, torch.nn.Module]:
+    model, optimizer = build_sharded(config, dataset, env)
+    sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
+    pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
+    batches = iter(loader)
+    for _ in range(WARMUP):
+        pipeline.progress(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        pipeline.progress(batches)
+    rate = steps * config.batch_size / (time.perf_counter() - start)
+    pipeline.detach()
+    return rate, model
+
+
+def eval_rate(model: torch.nn.Module, dataset: PreparedDataset, users: int) -> float:
+    task = load_task(dataset, "valid")
+    task = task.rows(0, users)
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        evaluate(ModelScorer(model.module), task)
+    return len(task) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profiles", nargs="+", default=["demo", "xbox"])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--eval-users", type=int, default=20_000)
+    args = parser.parse_args()
+    env = distributed.init()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for profile in args.profiles:
+            data = Path(tmp) / profile
+            subprocess.run([sys.executable, "-m", "morec_rec.cli", "synth", "--profile", profile,
+                            "--seed", "0", "--out", str(data)], check=True)
+            dataset = PreparedDataset.open(data)
+            for name in ("mf", "sasrec"):
+                config = TrainConfig(model=name, num_workers=1)
+                samples, model = train_rate(dataset, config, args.steps, env)
+                users = eval_rate(model, dataset, args.eval_users)
+                results.append({"profile": profile, "model": name,
+                                "train_samples_per_s": samples, "eval_users_per_s": users})
+                print(f"{profile:5} {name:7} train {samples:9,.0f} samples/s   "
+                      f"evaluate {users:9,.0f} users/s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "results": results, "steps": args.steps, "warmup_steps": WARMUP,
+        "batch_size": TrainConfig().batch_size,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpus": os.cpu_count(), "device": str(env.device)},
+    }, indent=2) + "\n")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

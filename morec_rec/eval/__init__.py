@@ -1,0 +1,1 @@
+"""Evaluation: full-ranking top-K, the metrics, and validation signals."""

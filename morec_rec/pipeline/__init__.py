@@ -1,0 +1,1 @@
+"""The TorchRec glue: batches, the training job, checkpoints."""

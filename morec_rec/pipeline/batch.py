@@ -1,0 +1,123 @@
+"""The model's input: sparse features as one KeyedJaggedTensor, and the rows' segment ids."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from morec_rec.errors import MorecError
+from morec_rec.sampling.batch import SampledBatch
+
+if TYPE_CHECKING:
+    from morec_rec.models.negatives import NegativeSampler
+
+#: Features a Collator can build from a SampledBatch.
+FEATURES = ("user_id", "item_id", "neg_item_id", "history")
+
+
+@dataclasses.dataclass
+class TrainBatch(Pipelineable):
+    """What a model's forward takes: sparse features as one KJT, and the rows' segment ids.
+
+    Attributes:
+        features: the model's ``feature_names``, each with batch size B.
+        objective: int64 (B,), which objective's distribution drew each row.
+    """
+
+    features: KeyedJaggedTensor
+    objective: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> TrainBatch:
+        return TrainBatch(self.features.to(device, non_blocking=non_blocking),
+                          self.objective.to(device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.features.record_stream(stream)
+        self.objective.record_stream(stream)
+
+    def pin_memory(self) -> TrainBatch:
+        return TrainBatch(self.features.pin_memory(), self.objective.pin_memory())
+
+
+def features_kjt(feature_names: Sequence[str],
+                 values: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> KeyedJaggedTensor:
+    """A KJT with keys ``feature_names`` from ``{name: (values, lengths)}``.
+
+    Values are int64 ids, lengths int32 (B,), the same B for every given key. Keys not
+    given get B zero lengths: a sharded EmbeddingCollection needs every one of its
+    features in each input KJT.
+    """
+    unknown = set(values) - set(feature_names)
+    if unknown:
+        raise MorecError(f"features {sorted(unknown)} are not among {list(feature_names)}")
+    sizes = {len(lengths) for _, lengths in values.values()}
+    if len(sizes) != 1:  # none given, or several batch sizes
+        raise MorecError(f"features need one batch size, got {sorted(sizes)}")
+    (stride,) = sizes
+    given = next(iter(values.values()))[0]
+    empty = (given.new_empty(0, dtype=torch.int64), given.new_zeros(stride, dtype=torch.int32))
+    columns = [values.get(name, empty) for name in feature_names]
+    return KeyedJaggedTensor(
+        keys=list(feature_names),
+        values=torch.cat([ids.to(torch.int64) for ids, _ in columns]),
+        lengths=torch.cat([lengths.to(torch.int32) for _, lengths in columns]),
+        stride=stride,
+        length_per_key=[len(ids) for ids, _ in columns],
+    )
+
+
+class Collator:
+    """SampledBatch -> TrainBatch: picks the model's features and draws negatives.
+
+    Features: ``user_id`` and ``item_id`` (one id per row), ``neg_item_id``
+    (``num_negatives`` per row, never the row's item), ``history`` (the row's earlier
+    items, oldest first). Negatives for a batch come from an RNG seeded by
+    ``(seed, rank, batch.batch_index)``: the same batch always gets the same negatives, and
+    ranks (whose loaders number their batches alike) draw independently. Use as a
+    DataLoader's ``collate_fn`` with ``batch_size=None``; it pickles to loader workers.
+
+    Args:
+        feature_names: the model's ``feature_names``, a subset of :data:`FEATURES`.
+        negatives: draws the negatives.
+        num_negatives: negatives per row.
+        seed: the run's seed.
+        rank: this process's rank in the data-parallel job.
+    """
+
+    def __init__(self, feature_names: Sequence[str], negatives: NegativeSampler,
+                 num_negatives: int, seed: int, *, rank: int = 0) -> None:
+        unknown = set(feature_names) - set(FEATURES)
+        if unknown:
+            raise MorecError(f"collator: unknown feature(s) {sorted(unknown)}; "
+                             f"expected some of {', '.join(FEATURES)}")
+        if num_negatives < 1 and "neg_item_id" in feature_names:
+            raise MorecError(f"collator: num_negatives {num_negatives} must be >= 1")
+        self.feature_names = tuple(feature_names)
+        self.negatives = negatives
+        self.num_negatives = num_negatives
+        self.seed, self.rank = seed, rank
+
+    def __call__(self, batch: SampledBatch) -> TrainBatch:
+        features = features_kjt(self.feature_names,
+                                {name: self._column(name, batch) for name in self.feature_names})
+        return TrainBatch(features, batch.objective)
+
+    def _column(self, name: str, batch: SampledBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, lengths) of one feature."""
+        ones = torch.ones(len(batch), dtype=torch.int32)
+        match name:
+            case "user_id":
+                return batch.user_id, ones
+            case "item_id":
+                return batch.item_id, ones
+            case "neg_item_id":
+                rng = np.random.default_rng([self.seed, self.rank, batch.batch_index])
+                drawn = self.negatives.sample(batch.item_id.numpy(), self.num_negatives, rng)
+                return torch.from_numpy(drawn.reshape(-1)), ones * self.num_negatives
+            case _:  # "history"
+                return batch.history_values, batch.history_lengths

@@ -1,0 +1,82 @@
+"""A run directory: its record (config, data, versions), its log, and its checkpoints.
+
+    RUN/run.json            what was run: config, dataset, versions, world size
+    RUN/log.jsonl           one JSON object per line: "step" and "eval" records
+    RUN/checkpoints/last    the end of the latest epoch (resume continues from it)
+    RUN/checkpoints/best    the best validation Hit@10 so far
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+import morec_rec
+from morec_rec.errors import MorecError
+
+RECORD = "run.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    root: Path
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best"
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return json.loads((self.root / RECORD).read_text())
+
+    @classmethod
+    def create(cls, root: Path, record: Mapping[str, Any]) -> "Run":
+        """A new run at ``root`` (absent or empty); rank 0 writes its record."""
+        root = Path(root)
+        if (root / RECORD).exists():
+            raise MorecError(f"{root}: a run exists here; pass --resume to continue it")
+        if root.exists() and any(root.iterdir()):
+            raise MorecError(f"{root}: output exists and is not an empty directory")
+        dist.barrier()  # every rank has checked before rank 0 writes
+        if dist.get_rank() == 0:
+            (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            partial = root / (RECORD + ".partial")
+            partial.write_text(json.dumps({**record, "versions": versions()}, indent=2) + "\n")
+            partial.rename(root / RECORD)
+        dist.barrier()
+        return cls(root)
+
+    @classmethod
+    def open(cls, root: Path) -> "Run":
+        root = Path(root)
+        if not (root / RECORD).is_file():
+            raise MorecError(f"{root}: not a run directory (no {RECORD})")
+        return cls(root)
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Appends one record to ``log.jsonl`` (rank 0 only; other ranks do nothing)."""
+        if dist.get_rank() == 0:
+            with open(self.root / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def versions() -> dict[str, str]:
+    import torchrec
+
+    return {
+        "morec_rec": morec_rec.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "torchrec": torchrec.__version__,
+        "numpy": np.__version__, "pyarrow": pa.__version__,
+    }

@@ -1,0 +1,161 @@
+"""Training a backbone with TorchRec: DMP-sharded tables, TrainPipelineSparseDist, early stop.
+
+One code path for one process and for ``torchrun --nproc_per_node=N``: the tables are
+sharded by TorchRec's planner over the process group (of one, without torchrun), each
+rank reads its own stream of the training rows, and validation ranks all items for each
+validation user (users split across ranks). Training stops when validation Hit@10 has
+not improved for ``patience`` validations ("pretrain to convergence"). Checkpoints are
+taken at the end of every epoch (``last``, where the pipeline holds no batch in flight)
+and at every new best validation (``best``); a resumed run continues from ``last``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
+
+from morec_rec.config import SamplerConfig, TrainConfig
+from morec_rec.data.format import PreparedDataset
+from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
+from morec_rec.models import build_model, num_negatives
+from morec_rec.models.negatives import NegativeSampler
+from morec_rec.pipeline import checkpoint, distributed
+from morec_rec.pipeline.batch import Collator
+from morec_rec.pipeline.run import Run
+from morec_rec.pipeline.sharding import shard
+from morec_rec.sampling.objectives import Accuracy
+from morec_rec.sampling.sampler import WeightedStreamSampler
+
+#: Steps between two "step" records of the log.
+LOG_EVERY = 10
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint's metadata."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_hit: float = -1.0
+    best_step: int = -1
+    stale: int = 0  # validations since the best
+    #: Mean training loss of the epoch of the best validation, up to it: the converged
+    #: training loss, from which MoRec's controller takes its default expected loss.
+    best_train_loss: float | None = None
+
+
+def model_identity(config: TrainConfig, dataset: PreparedDataset) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded into this model."""
+    manifest = dataset.manifest
+    return {"model": config.model, "embedding_dim": config.embedding_dim,
+            "num_users": manifest["num_users"], "num_items": manifest["num_items"]}
+
+
+def build_sharded(config: TrainConfig, dataset: PreparedDataset,
+          env: distributed.Environment) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The sharded model and its optimizer (fused for the tables, Adam for the rest)."""
+    torch.manual_seed(config.seed)
+    manifest = dataset.manifest
+    model = build_model(config.model, manifest["num_users"], manifest["num_items"],
+                        manifest["history_length"], embedding_dim=config.embedding_dim)
+    return shard(model, env.device, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
+                    feature_names: Sequence[str]) -> tuple[WeightedStreamSampler, StatefulDataLoader]:
+    """The accuracy-only sampler of this rank and a loader of ``TrainBatch`` es over it."""
+    sampler = WeightedStreamSampler(
+        dataset, [Accuracy()],
+        SamplerConfig(objectives=("accuracy",), sub_batch_size=config.batch_size,
+                      seed=config.seed),
+        rank=env.rank, world_size=env.world_size,
+    )
+    collate = Collator(
+        feature_names,
+        NegativeSampler(dataset.items()["train_count"].to_numpy(), config.negative_beta),
+        num_negatives(config.model), seed=config.seed, rank=env.rank,
+    )
+    return sampler, StatefulDataLoader(sampler, batch_size=None, num_workers=config.num_workers,
+                                       collate_fn=collate)
+
+
+def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
+          resume: bool = False) -> Progress:
+    """Trains until early stop or ``max_epochs``; returns the final progress."""
+    env = distributed.init()
+    model, optimizer = build_sharded(config, dataset, env)
+    identity = model_identity(config, dataset)
+    progress = Progress()
+    if resume and run.last.exists():
+        meta = checkpoint.load(run.last, model, optimizer, identity)
+        progress = Progress(**meta["progress"])
+    sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
+    pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
+    task = load_task(dataset, "valid")
+
+    def validate(epoch_loss: float | None) -> None:
+        pipeline.detach()
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate(ModelScorer(model.module), task, chunk_users=config.eval_chunk_users)
+        model.train()
+        better = metrics.hit > progress.best_hit
+        if better:
+            progress.best_hit, progress.best_step, progress.stale = metrics.hit, progress.step, 0
+            progress.best_train_loss = epoch_loss
+            checkpoint.save(run.best, model, optimizer,
+                            {**identity, "progress": dataclasses.asdict(progress)})
+        else:
+            progress.stale += 1
+        run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
+                 "step": progress.step, **metrics.as_dict(), "best": better})
+
+    batches = sampler.batches_per_epoch(config.num_workers)
+    while progress.epoch < config.max_epochs and progress.stale < config.patience:
+        sampler.set_epoch(progress.epoch)
+        losses = _train_epoch(pipeline, iter(loader), progress, run, config, batches,
+                              validate, env)
+        epoch_loss = float(np.mean(losses)) if losses else None
+        if not config.eval_every or progress.step % config.eval_every:
+            validate(epoch_loss)
+        progress.epoch += 1
+        run.log({"kind": "epoch", "epoch": progress.epoch, "step": progress.step,
+                 "train_loss": epoch_loss})
+        checkpoint.save(run.last, model, optimizer,
+                        {**identity, "progress": dataclasses.asdict(progress)})
+    return progress
+
+
+def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter, progress: Progress,
+                 run: Run, config: TrainConfig, total: int, validate,
+                 env: distributed.Environment) -> list[float]:
+    """One epoch of pipeline steps; returns this rank's per-step losses."""
+    losses: list[float] = []
+    started = time.perf_counter()
+    # Rank 0 shows a bar when writing to a terminal (tqdm's disable=None); others never.
+    bar = tqdm(total=total, desc=f"epoch {progress.epoch}", unit="batch", leave=False,
+               disable=None if env.is_main else True)
+    while True:
+        try:
+            output = pipeline.progress(batches_iter)  # the model's ModelOutput
+        except StopIteration:
+            break
+        progress.step += 1
+        losses.append(float(output.per_row_loss.detach().mean()))
+        rate = len(losses) * config.batch_size * env.world_size / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_per_s=f"{rate:,.0f}")
+        bar.update()
+        if progress.step % LOG_EVERY == 0:
+            run.log({"kind": "step", "epoch": progress.epoch, "step": progress.step,
+                     "loss": float(np.mean(losses[-LOG_EVERY:])), "samples_per_s": rate})
+        if config.eval_every and progress.step % config.eval_every == 0:
+            validate(float(np.mean(losses)))
+    bar.close()
+    return losses

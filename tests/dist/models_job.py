@@ -1,0 +1,113 @@
+"""Both backbones under DMP and TrainPipelineSparseDist, under torchrun (gloo, CPU).
+
+Run by ``tests/test_models.py``::
+
+    python -m torch.distributed.run --nproc_per_node=N --master-port=PORT \\
+        tests/dist/models_job.py --data DIR --out DIR
+
+For each backbone and each table setup of :func:`morec_rec.pipeline.sharding.shard`
+(Adam: tables replicated; fused row-wise Adagrad: tables sharded), each rank trains
+``STEPS`` pipeline steps on its own stream of the dataset (sampler + Collator), then
+scores fixed users against all items through ``model.module``. Each rank writes
+``rank<r>.json``: per setup, the losses, whether the tables were sharded and their
+input distribution pipelined, and the scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch.utils.data import DataLoader
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ShardedModule
+
+from morec_rec.config import SamplerConfig
+from morec_rec.data.format import PreparedDataset
+from morec_rec.models import build_model, num_negatives
+from morec_rec.models.negatives import NegativeSampler
+from morec_rec.pipeline.batch import Collator, TrainBatch, features_kjt
+from morec_rec.pipeline.sharding import shard
+from morec_rec.sampling.objectives import Accuracy
+from morec_rec.sampling.sampler import WeightedStreamSampler
+
+STEPS = 30
+BATCH = 128  # rows per step over all ranks
+#: Table optimizers, and learning rates by backbone, high to show progress within STEPS.
+SETUPS = {
+    "adam": (EmbOptimType.ADAM, {"mf": 5e-2, "sasrec": 1e-2}),
+    "rowwise_adagrad": (EmbOptimType.EXACT_ROWWISE_ADAGRAD, {"mf": 1e-1, "sasrec": 2e-2}),
+}
+USERS = 8
+
+
+def run(name: str, table_optimizer: EmbOptimType, lr: dict[str, float],
+        dataset: PreparedDataset) -> dict:
+    manifest = dataset.manifest
+    torch.manual_seed(0)  # the same initial model on every rank
+    model = build_model(name, manifest["num_users"], manifest["num_items"],
+                        manifest["history_length"], embedding_dim=16)
+    dmp, optimizer = shard(model, torch.device("cpu"), lr=lr[name],
+                           table_optimizer=table_optimizer)
+    config = SamplerConfig(objectives=("accuracy",),
+                           sub_batch_size=BATCH // dist.get_world_size())
+    sampler = WeightedStreamSampler(dataset, [Accuracy()], config, rank=dist.get_rank(),
+                                    world_size=dist.get_world_size())
+    collate = Collator(dmp.module.feature_names,
+                       NegativeSampler(dataset.items()["train_count"].to_numpy()),
+                       num_negatives(name), seed=0, rank=dist.get_rank())
+    loader = DataLoader(sampler, batch_size=None, num_workers=0, collate_fn=collate)
+    batches = endless(sampler, loader)
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, torch.device("cpu"))
+    losses = [pipeline.progress(batches).per_row_loss.mean().item() for _ in range(STEPS)]
+
+    pipeline.detach()
+    dmp.eval()
+    items = torch.arange(manifest["num_items"])
+    given = {"user_id": (torch.arange(USERS), torch.ones(USERS, dtype=torch.int32)),
+             "history": (torch.arange(3 * USERS) % manifest["num_items"],
+                         torch.full((USERS,), 3, dtype=torch.int32))}
+    names = dmp.module.feature_names
+    with torch.no_grad():
+        item_vectors = dmp.module.item_vectors(
+            features_kjt(names, {"item_id": (items, torch.ones_like(items, dtype=torch.int32))}))
+        user_vectors = dmp.module.user_vectors(
+            features_kjt(names, {k: v for k, v in given.items() if k in names}))
+    return {
+        "losses": losses,
+        "sharded": isinstance(dmp.module.embeddings, ShardedModule),
+        "pipelined": getattr(dmp.module.embeddings, "is_pipelined", False),
+        "scores": (user_vectors @ item_vectors.T).tolist(),
+    }
+
+
+def endless(sampler: WeightedStreamSampler, loader: DataLoader) -> Iterator[TrainBatch]:
+    """The loader's batches, epoch after epoch."""
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        yield from loader
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as torchrun sets for several ranks; tiny tensors need no more
+    dist.init_process_group("gloo")
+    dataset = PreparedDataset.open(args.data)
+    results = {f"{name}/{setup}": run(name, *SETUPS[setup], dataset)
+               for name in ("mf", "sasrec") for setup in SETUPS}
+    (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

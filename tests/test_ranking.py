@@ -1,0 +1,79 @@
+"""Full-ranking evaluation: exclusions, ties, chunking, and the task read from a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from morec_rec.data.format import PreparedDataset
+from morec_rec.eval.ranking import PopularityScorer, RankingTask, evaluate, load_task, top_k
+from sampling_data import make_dataset
+
+
+def _task(exclude: list[list[int]], held_out: list[int], num_items: int = 6) -> RankingTask:
+    lengths = [len(e) for e in exclude]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return RankingTask(
+        user_id=np.arange(len(held_out), dtype=np.int64),
+        held_out=np.array(held_out, dtype=np.int64),
+        history_offsets=np.zeros(len(held_out) + 1, dtype=np.int64),
+        history_values=np.zeros(0, dtype=np.int64),
+        exclude_offsets=offsets,
+        exclude_items=np.array([i for e in exclude for i in e], dtype=np.int64),
+        price=np.arange(num_items, dtype=np.float64) + 1,
+        fairness_group=np.arange(num_items) % 2,
+        num_fairness_groups=2,
+        popularity_group=np.arange(num_items) % 3,
+        num_popularity_groups=3,
+        q=np.array([0.2, 0.3, 0.5]),
+    )
+
+
+def test_top_k_breaks_ties_by_item_id() -> None:
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    assert top_k(scores, 2).tolist() == [[1, 2], [0, 1]]
+    assert top_k(scores, 4).tolist() == [[1, 2, 4, 3], [0, 1, 2, 3]]
+
+
+def test_popular_excludes_seen_items() -> None:
+    # Popularity order of items: 5, 4, 3, 2, 1, 0. User 0 saw 5 and 3: top 2 = [4, 2].
+    # User 1 saw nothing: [5, 4]. Held out: 2 (hit), 3 (miss).
+    task = _task(exclude=[[5, 3], []], held_out=[2, 3])
+    metrics = evaluate(PopularityScorer(np.arange(6)), task, k=2)
+    assert metrics.hit == pytest.approx(0.5)
+    assert metrics.rhit == pytest.approx(3.0 / 2)  # price of item 2 is 3, one of two users
+
+
+@pytest.mark.parametrize("chunk_users", [1, 2, 5])
+def test_chunking_does_not_change_metrics(tmp_path: Path, chunk_users: int) -> None:
+    dataset = make_dataset(tmp_path / "d")
+    task = load_task(dataset, "test")
+    scorer = PopularityScorer(dataset.items()["train_count"].to_numpy())
+    whole = evaluate(scorer, task, chunk_users=len(task))
+    part = evaluate(scorer, task, chunk_users=chunk_users)
+    assert whole.as_dict() == part.as_dict()
+
+
+def test_test_task_excludes_train_and_valid_items(tmp_path: Path) -> None:
+    dataset = make_dataset(tmp_path / "d")
+    valid, test = load_task(dataset, "valid"), load_task(dataset, "test")
+    train = dataset.split("train")
+    user = 7
+    trained = set(train.filter(train["user_id"].to_numpy() == user)["item_id"].to_pylist())
+    valid_excluded = set(valid.exclude_items[valid.exclude_offsets[user]:valid.exclude_offsets[user + 1]])
+    test_excluded = set(test.exclude_items[test.exclude_offsets[user]:test.exclude_offsets[user + 1]])
+    assert valid_excluded == trained
+    assert test_excluded == trained | {int(valid.held_out[user])}
+    assert len(test) == dataset.manifest["num_users"]
+    np.testing.assert_array_equal(np.diff(test.history_offsets)[:3],
+                                  [len(h) for h in dataset.split("test")["history"].to_pylist()[:3]])
+
+
+def test_split_must_be_held_out(tmp_path: Path) -> None:
+    from morec_rec.errors import MorecError
+
+    with pytest.raises(MorecError, match="'valid' or 'test'"):
+        load_task(PreparedDataset.open(make_dataset(tmp_path / "d").root), "train")

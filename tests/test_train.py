@@ -1,0 +1,115 @@
+"""The training job end to end on the tiny synthetic profile: one process and torchrun.
+
+The 2-rank job trains, checkpoints, resumes and evaluates; its evaluation of the best
+checkpoint must equal a 1-process evaluation of the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, run_torchrun
+from morec_rec.cli import main
+
+TRAIN = ["--model", "mf", "--batch-size", "128", "--num-workers", "0", "--embedding-dim", "16"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    assert main(["synth", "--profile", "tiny", "--seed", "0", "--out", str(out)]) == 0
+    return out
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _evaluate_json(*args: str) -> dict:
+    done = run_cli("evaluate", *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return _last_json(done.stdout)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_resume_and_evaluate(tiny: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_torchrun("integration/train.py", "--data", str(tiny), "--out", str(run),
+                 *TRAIN, "--max-epochs", "2", "--patience", "10")
+    assert [r["epoch"] for r in _log(run) if r["kind"] == "epoch"] == [1, 2]
+    steps = [r["step"] for r in _log(run) if r["kind"] == "epoch"]
+
+    run_torchrun("integration/train.py", "--out", str(run), "--resume", "--max-epochs", "3")
+    epochs = [r for r in _log(run) if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]  # continued, not restarted
+    assert epochs[2]["step"] - steps[1] == steps[1] - steps[0]
+
+    two_ranks = _last_json(run_torchrun("integration/evaluate.py", str(run), "--split", "test",
+                                        "--json"))
+    one_process = _evaluate_json("--run", str(run), "--split", "test")
+    # Counts add exactly; the price-weighted sum of rHit only up to float summation order.
+    numbers = {k: v for k, v in one_process.items() if isinstance(v, float)}
+    assert {k: two_ranks[k] for k in numbers} == pytest.approx(numbers, rel=1e-12, abs=0)
+    assert {k: v for k, v in two_ranks.items() if k not in numbers} == {
+        k: v for k, v in one_process.items() if k not in numbers}
+    assert set(one_process) >= {"hit@10", "rhit@10", "pop_kl@10", "min_hit@10"}
+
+
+def test_popular_baseline(tiny: Path) -> None:
+    result = _evaluate_json("--data", str(tiny), "--model", "popular", "--split", "test")
+    assert result["model"] == "popular" and 0 < result["hit@10"] < 1
+    assert result["users"] == 259
+
+
+def _error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_not_a_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "d").mkdir()
+    assert main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r")]) == 2
+    assert "not a prepared dataset" in _error(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--lr", "-1"], "config: lr = -1.0 is out of range"),
+    (["--model", "gru"], "config: model = 'gru' is out of range"),
+])
+def test_bad_train_config(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                          args: list[str], message: str) -> None:
+    assert main(["train", "--data", str(tiny), "--out", str(tmp_path / "r"), *args]) == 2
+    assert message in _error(capsys)
+
+
+def test_unknown_config_key(tiny: Path, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "c.toml").write_text("[train]\nlearning_rate = 0.1\n")
+    assert main(["train", "--data", str(tiny), "--out", str(tmp_path / "r"),
+                 "--config", str(tmp_path / "c.toml")]) == 2
+    assert "unknown key(s) learning_rate for TrainConfig" in _error(capsys)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_refused(tiny: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    done = run_cli("train", "--data", str(tiny), "--out", str(run), *TRAIN, "--max-epochs", "1")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["model"] = "sasrec"
+    (run / "run.json").write_text(json.dumps(record))
+    before = sorted(p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*"))
+    done = run_cli("evaluate", "--run", str(run), "--split", "test")
+    assert done.returncode == 2
+    assert "checkpoint of another model: model 'mf' (expected 'sasrec')" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert sorted(p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")) == before
