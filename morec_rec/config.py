@@ -20,6 +20,9 @@ from morec_rec.errors import MorecError
 
 C = TypeVar("C")
 
+#: FBGEMM optimizer names (``EmbOptimType`` values) that ``TrainConfig.table_optimizer`` takes.
+_TABLE_OPTIMIZERS = ("adam", "exact_sgd", "exact_adagrad", "exact_row_wise_adagrad")
+
 
 @dataclasses.dataclass
 class SourceConfig:
@@ -133,6 +136,10 @@ class TrainConfig:
     embedding_dim: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
+    #: The tables' optimizer, as FBGEMM names it (``adam``, ``exact_adagrad``,
+    #: ``exact_row_wise_adagrad``, ``exact_sgd``, ...). FBGEMM's CPU kernels have no Adam:
+    #: on CPU, ``adam`` keeps the tables unsharded (see ``pipeline/sharding.py``).
+    table_optimizer: str = "adam"
     batch_size: int = 1024
     #: Negatives are drawn ∝ training count^beta (0: uniform), never the positive.
     negative_beta: float = 0.75
@@ -152,6 +159,8 @@ class TrainConfig:
         _check(self.embedding_dim >= 1, "embedding_dim", self.embedding_dim, ">= 1")
         _check(self.lr > 0, "lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(self.table_optimizer in _TABLE_OPTIMIZERS, "table_optimizer",
+               self.table_optimizer, " or ".join(_TABLE_OPTIMIZERS))
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _check(self.negative_beta >= 0, "negative_beta", self.negative_beta, ">= 0")
         _check(self.max_epochs >= 1, "max_epochs", self.max_epochs, ">= 1")

@@ -39,10 +39,15 @@ def _evaluate_json(*args: str) -> dict:
 
 
 @pytest.mark.slow
-def test_two_ranks_train_resume_and_evaluate(tiny: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("table_optimizer", ["adam", "exact_row_wise_adagrad"])
+def test_two_ranks_train_resume_and_evaluate(tiny: Path, tmp_path: Path,
+                                             table_optimizer: str) -> None:
+    # adam: tables replicated on CPU (FBGEMM has no CPU Adam); row-wise Adagrad: tables
+    # sharded row-wise over the 2 ranks, so the 1-process evaluation reshards them.
     run = tmp_path / "run"
     run_torchrun("integration/train.py", "--data", str(tiny), "--out", str(run),
-                 *TRAIN, "--max-epochs", "2", "--patience", "10")
+                 *TRAIN, "--max-epochs", "2", "--patience", "10",
+                 "--table-optimizer", table_optimizer)
     assert [r["epoch"] for r in _log(run) if r["kind"] == "epoch"] == [1, 2]
     steps = [r["step"] for r in _log(run) if r["kind"] == "epoch"]
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
@@ -55,6 +56,7 @@ def model_identity(config: TrainConfig, dataset: PreparedDataset) -> dict[str, A
     """What a checkpoint must match to be loaded into this model."""
     manifest = dataset.manifest
     return {"model": config.model, "embedding_dim": config.embedding_dim,
+            "table_optimizer": config.table_optimizer,
             "num_users": manifest["num_users"], "num_items": manifest["num_items"]}
 
 
@@ -65,7 +67,8 @@ def build_sharded(config: TrainConfig, dataset: PreparedDataset,
     manifest = dataset.manifest
     model = build_model(config.model, manifest["num_users"], manifest["num_items"],
                         manifest["history_length"], embedding_dim=config.embedding_dim)
-    return shard(model, env.device, lr=config.lr, weight_decay=config.weight_decay)
+    return shard(model, env.device, lr=config.lr, weight_decay=config.weight_decay,
+                 table_optimizer=EmbOptimType(config.table_optimizer))
 
 
 def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
