@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
 from morec_rec.models import build_model, num_negatives
 from morec_rec.models.negatives import NegativeSampler
 from morec_rec.pipeline import checkpoint, distributed
-from morec_rec.pipeline.batch import Collator
+from morec_rec.pipeline.batch import Collator, TrainBatch
 from morec_rec.pipeline.run import Run
 from morec_rec.pipeline.sharding import shard
 from morec_rec.sampling.objectives import Accuracy
@@ -60,8 +60,8 @@ def model_identity(config: TrainConfig, dataset: PreparedDataset) -> dict[str, A
             "num_users": manifest["num_users"], "num_items": manifest["num_items"]}
 
 
-def build_sharded(config: TrainConfig, dataset: PreparedDataset,
-          env: distributed.Environment) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build_sharded(config: TrainConfig, dataset: PreparedDataset, env: distributed.Environment,
+                  ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The sharded model and its optimizer (fused for the tables, Adam for the rest)."""
     torch.manual_seed(config.seed)
     manifest = dataset.manifest
@@ -136,8 +136,9 @@ def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
     return progress
 
 
-def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter, progress: Progress,
-                 run: Run, config: TrainConfig, total: int, validate,
+def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Iterator[TrainBatch],
+                 progress: Progress, run: Run, config: TrainConfig, total: int,
+                 validate: Callable[[float | None], None],
                  env: distributed.Environment) -> list[float]:
     """One epoch of pipeline steps; returns this rank's per-step losses."""
     losses: list[float] = []
