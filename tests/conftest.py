@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -40,6 +41,13 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 120) 
                           timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
+
+
+def chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Upper tail of the chi-square statistic with len - 1 degrees of freedom."""
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    df = len(observed) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(statistic / 2)))
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

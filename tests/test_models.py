@@ -15,7 +15,7 @@ import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-from conftest import run_torchrun
+from conftest import chi_square_p, run_torchrun
 from morec_rec.cli import synthesize
 from morec_rec.config import PrepareConfig, SamplerConfig
 from morec_rec.data.format import PreparedDataset
@@ -34,13 +34,6 @@ ALPHA = 1e-3
 COUNTS = np.array([0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 0, 89])
 MF_FEATURES = ("user_id", "item_id", "neg_item_id")
 SASREC_FEATURES = ("history", "item_id", "neg_item_id")
-
-
-def chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
-    """Upper tail of the chi-square statistic with len - 1 degrees of freedom."""
-    statistic = float(((observed - expected) ** 2 / expected).sum())
-    df = len(observed) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(statistic / 2)))
 
 
 def ids(values: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

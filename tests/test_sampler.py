@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from conftest import chi_square_p
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
@@ -46,13 +47,6 @@ def epochs(s: WeightedStreamSampler, count: int) -> list:
         s.set_epoch(epoch)
         batches.extend(s)
     return batches
-
-
-def chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
-    """Upper tail of the chi-square statistic with len - 1 degrees of freedom."""
-    statistic = float(((observed - expected) ** 2 / expected).sum())
-    df = len(observed) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(statistic / 2)))
 
 
 @pytest.mark.parametrize("masses", [
