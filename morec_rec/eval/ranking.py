@@ -93,7 +93,7 @@ def load_task(dataset: PreparedDataset, split: str) -> RankingTask:
     seen_user = np.concatenate([t["user_id"].to_numpy() for t in train]).astype(np.int64)
     seen_item = np.concatenate([t["item_id"].to_numpy() for t in train]).astype(np.int64)
     if split == "test":
-        valid = dataset.split("valid")
+        valid = read_parquet(dataset.root / "valid.parquet", ["user_id", "item_id"])
         seen_user = np.concatenate([seen_user, valid["user_id"].to_numpy()])
         seen_item = np.concatenate([seen_item, valid["item_id"].to_numpy()])
     order = np.argsort(seen_user, kind="stable")

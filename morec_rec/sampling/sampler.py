@@ -85,6 +85,7 @@ class WeightedStreamSampler(IterableDataset):
         self.files: list[Path] = dataset.train_files
         self.row_groups = list_row_groups(self.files)
         self.objectives = list(objectives)
+        self._num_groups = {o.name: o.num_groups for o in self.objectives}
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.store = store
@@ -185,11 +186,10 @@ class WeightedStreamSampler(IterableDataset):
                 yield window
 
     def _apply(self, published: list[Masses]) -> None:
-        groups = {o.name: o.num_groups for o in self.objectives}
         for masses in published:
             for name, values in masses.values.items():
-                if name in groups:
-                    self._masses[name] = check_masses(name, values, groups[name])
+                if name in self._num_groups:
+                    self._masses[name] = check_masses(name, values, self._num_groups[name])
             self._version = masses.version
 
 
