@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 
 import torch
@@ -42,6 +43,12 @@ def init() -> Environment:
 
 
 def shutdown() -> None:
-    """Destroys the process group, if any (a gloo group left alive aborts at exit)."""
+    """Destroys the process group, if any (a gloo group left alive aborts at exit).
+
+    Garbage is collected first: a sharded model is a reference cycle that holds objects of
+    the group, and freeing it only at interpreter exit aborted about one 2-rank evaluation
+    in five ("terminate called without an active exception"; 0 in 30 with the collection).
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
