@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from morec_rec.config import (
+    MoRecConfig,
     PrepareConfig,
+    SamplerConfig,
     SourceConfig,
     TrainConfig,
     add_arguments,
@@ -93,11 +95,39 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(command=_evaluate)
 
+    run = commands.add_parser("run", help="pretrain, continue with MoRec, evaluate on test")
+    run.add_argument("--data", required=True, type=Path, help="prepared dataset")
+    run.add_argument("--out", required=True, type=Path, help="output directory")
+    run.add_argument("--base", type=Path, help="an existing base run (default: pretrain one)")
+    run.add_argument("--continued", action="store_true",
+                     help="also run accuracy-only continued training from the same base")
+    _add_job_arguments(run)
+    run.set_defaults(command=_run)
+
     demo = commands.add_parser("demo", help="the main job on the embedded default data")
     demo.add_argument("--out", required=True, type=Path, help="output directory")
-    demo.add_argument("--seed", type=int, default=0)
+    _add_job_arguments(demo)
     demo.set_defaults(command=_demo)
     return parser
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path,
+                        help="TOML file with [train], [sampler] and [morec] tables")
+    add_arguments(parser, TrainConfig)
+    add_arguments(parser, SamplerConfig, exclude=("seed",))  # one seed: the train config's
+    add_arguments(parser, MoRecConfig)
+
+
+def _job_configs(args: argparse.Namespace,
+                 defaults: dict[str, dict[str, Any]] | None = None,
+                 ) -> tuple[TrainConfig, SamplerConfig, MoRecConfig]:
+    """The job's configs: ``defaults`` < the config file < flags."""
+    file = load_file(args.config, ("train", "sampler", "morec"))
+    tables = {k: {**(defaults or {}).get(k, {}), **v} for k, v in file.items()}
+    train = build(TrainConfig, tables["train"], args)
+    sampler = build(SamplerConfig, {**tables["sampler"], "seed": train.seed}, args)
+    return train, sampler, build(MoRecConfig, tables["morec"], args)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -192,19 +222,56 @@ def format_metrics(name: str, split: str, users: int, metrics: dict[str, float],
     return f"{name} on {split} ({users:,} users)\n{rows}"
 
 
+def _run(args: argparse.Namespace) -> None:
+    from morec_rec.pipeline.job import run_job
+
+    train, sampler, morec = _job_configs(args)
+    dataset = PreparedDataset.open(args.data)
+    _print_results(run_job(dataset, args.out, train, sampler, morec, base=args.base,
+                           with_continued=args.continued), args.out)
+
+
+def _print_results(results: dict[str, Any], out: Path) -> None:
+    from morec_rec.pipeline import distributed
+
+    if not distributed.init().is_main:
+        return
+    rows = [name for name in ("base", "continued", "morec") if name in results]
+    keys = list(results["base"])
+    print(f"{'':<12}" + "".join(f"{key:>12}" for key in keys))
+    for name in rows:
+        print(f"{name:<12}" + "".join(f"{results[name][key]:>12.4f}" for key in keys))
+    print(f"MoRec against the base on test: {results['imp_text']}, "
+          f"{'valid' if results['valid'] else 'INVALID'} (hit@10 >= 97% of the base's)")
+    for name, held in results["control"].items():
+        print(f"controller of {name}, last fifth of training: mean loss "
+              f"{held['mean_loss']:.4f} against target {held['target']:.4f} "
+              f"({100 * held['relative_error']:+.1f}%), β at a bound in "
+              f"{100 * held['share_at_bound']:.0f}% of the steps")
+    print(f"results and plots in {out}")
+
+
+#: The demo's settings beside the defaults: small enough for a few minutes on 2 CPU cores.
+DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2}, "morec": {"epochs": 2}}
+
+
 def _demo(args: argparse.Namespace) -> None:
+    from morec_rec.pipeline.job import run_job
+
+    train, sampler, morec = _job_configs(args, DEMO_SETTINGS)
     data = args.out / "data"
-    config = PrepareConfig(seed=args.seed)
+    config = PrepareConfig(seed=train.seed)
     if (data / MANIFEST).is_file():  # a rerun reuses the data it prepared before
         manifest = PreparedDataset.open(data).manifest
         if manifest["source"].get("profile") != DEMO_PROFILE or manifest["parameters"] != (
             dataclasses.asdict(config)
         ):
-            raise MorecError(f"{data}: holds other data than the demo's (seed {args.seed}); "
+            raise MorecError(f"{data}: holds other data than the demo's (seed {train.seed}); "
                              "choose another --out")
     else:
         manifest = synthesize(DEMO_PROFILE, data, config)
     print(summary(data, manifest))
+    _print_results(run_job(PreparedDataset.open(data), args.out, train, sampler, morec), args.out)
 
 
 def synthesize(profile: str, out: Path, config: PrepareConfig) -> dict[str, Any]:

@@ -170,15 +170,88 @@ class TrainConfig:
         _check(self.eval_chunk_users >= 1, "eval_chunk_users", self.eval_chunk_users, ">= 1")
 
 
+@dataclasses.dataclass
+class MoRecConfig:
+    """MoRec's continued training: the objective coordinator (SPEC "Objective coordinator").
+
+    The loss of a step is ``Σ_o c_o · w_o · ℓ_o`` over the sampler's objectives, with
+    ``w = 1`` for accuracy and ``scale · p_o`` for the others; ``c_o`` is the output β of
+    the PI controller holding objective o, or 1 where none does.
+    """
+
+    #: p: preference over the objectives other than accuracy, in the sampler's order; sums
+    #: to 1 (empty when accuracy is the only objective).
+    preference: tuple[float, ...] = (0.4, 0.3, 0.3)
+    #: λ: scale of the non-accuracy terms.
+    scale: float = 0.2
+    #: Objectives held by a PI controller, each ``name=target``. The target is a loss value,
+    #: ``auto`` (the base model's mean loss on that objective's sub-batches, measured before
+    #: continued training) or ``auto*F`` (F times it).
+    hold: tuple[str, ...] = ("accuracy=auto",)
+    #: PI gains and the range of its output β (the same for every held objective).
+    kp: float = 0.01
+    ki: float = 0.001
+    beta_min: float = 0.6
+    beta_max: float = 1.3
+    #: Batches whose mean losses give the ``auto`` targets.
+    calibration_batches: int = 20
+    #: Validation passes (signals, then a mass update) per epoch of continued training.
+    updates_per_epoch: int = 4
+    #: Length of continued training.
+    epochs: int = 2
+
+    def __post_init__(self) -> None:
+        _check(all(p >= 0 for p in self.preference)
+               and (not self.preference or abs(sum(self.preference) - 1) < 1e-6),
+               "preference", self.preference, "entries >= 0 that sum to 1")
+        _check(self.scale > 0, "scale", self.scale, "> 0")
+        for item in self.hold:
+            _check(parse_hold(item) is not None, "hold", item,
+                   "name=auto, name=auto*F or name=VALUE with F, VALUE > 0")
+        _check(self.kp >= 0, "kp", self.kp, ">= 0")
+        _check(self.ki >= 0, "ki", self.ki, ">= 0")
+        _check(0 <= self.beta_min <= self.beta_max, "beta_min", self.beta_min,
+               f"0 <= beta_min <= beta_max ({self.beta_max})")
+        _check(self.calibration_batches >= 1, "calibration_batches", self.calibration_batches,
+               ">= 1")
+        _check(self.updates_per_epoch >= 1, "updates_per_epoch", self.updates_per_epoch, ">= 1")
+        _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+
+
+def parse_hold(item: str) -> tuple[str, float | None, float] | None:
+    """``name=target`` -> (name, value, factor): value None means ``auto`` times factor.
+
+    None when malformed (no ``=``, a target that is not ``auto``, ``auto*F`` or a number,
+    a non-positive number).
+    """
+    name, sep, target = (part.strip() for part in item.partition("="))
+    if not (name and sep):
+        return None
+    try:
+        if target == "auto":
+            return name, None, 1.0
+        if target.startswith("auto*"):
+            factor = float(target[len("auto*"):])
+            return (name, None, factor) if factor > 0 else None
+        value = float(target)
+        return (name, value, 1.0) if value > 0 else None
+    except ValueError:
+        return None
+
+
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
     if not ok:
         raise MorecError(f"config: {field} = {value!r} is out of range (expected {expected})")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Adds one ``--flag`` per field of the dataclass ``cls``; unset flags stay absent."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type,
+                  exclude: tuple[str, ...] = ()) -> None:
+    """Adds one ``--flag`` per field of the dataclass ``cls`` (but ``exclude``); unset
+    flags stay absent."""
     group = parser.add_argument_group(cls.__name__)
     for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
         kind = _field_type(cls, field.name)
         flag = "--" + field.name.replace("_", "-")
         if kind is bool:
@@ -187,7 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif kind is tuple:
             group.add_argument(flag, dest=field.name, type=_comma_list,
                                default=argparse.SUPPRESS, metavar="A,B,...",
-                               help=f"default: {','.join(field.default)}")
+                               help=f"default: {','.join(map(str, field.default))}")
         else:
             group.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS,
                                metavar=kind.__name__.upper(),
@@ -205,8 +278,8 @@ def build(cls: type[C], file_values: dict[str, Any], args: argparse.Namespace | 
         values.update({k: v for k, v in vars(args).items() if k in names})
     for name, value in values.items():
         kind = _field_type(cls, name)
-        if kind is tuple and isinstance(value, list):  # TOML arrays
-            value = values[name] = tuple(value)
+        if kind is tuple and isinstance(value, (list, tuple)):  # TOML arrays, comma lists
+            value = values[name] = _tuple_of(cls, name, value)
         if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
             raise MorecError(f"config: {name} = {value!r} is not a {kind.__name__}")
         if kind is float:
@@ -237,6 +310,15 @@ def _field_type(cls: type, name: str) -> type:
     if isinstance(kind, types.UnionType):
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
     return typing.get_origin(kind) or kind
+
+
+def _tuple_of(cls: type, name: str, value: list | tuple) -> tuple:
+    """``value`` as a tuple of the field's element type (``tuple[float, ...]`` -> floats)."""
+    (element, _) = typing.get_args(typing.get_type_hints(cls)[name])
+    try:
+        return tuple(element(v) for v in value)
+    except (TypeError, ValueError):
+        raise MorecError(f"config: {name} = {value!r} is not a list of {element.__name__}") from None
 
 
 def _comma_list(text: str) -> tuple[str, ...]:

@@ -1,0 +1,100 @@
+"""Validation signals for the adaptive objectives (SPEC "The four foundation objectives").
+
+Two measurements of one validation pass feed the sampler's mass updates:
+
+* per-group mean validation loss: the model's own training loss on each validation row
+  (eval mode, no gradient, negatives drawn from a fixed seed so that two passes over the
+  same model agree), summed per group and divided by the group's own row count;
+* top-K exposure over popularity groups: the ``exposure`` of the ranking metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from morec_rec.data import arrays
+from morec_rec.eval.metrics import RankingMetrics
+from morec_rec.pipeline.batch import Collator
+from morec_rec.sampling.batch import SampledBatch
+from morec_rec.sampling.objectives import ValidationSignal
+
+#: The row column that top-K exposure is counted over.
+EXPOSURE_GROUPS = "popularity_group"
+
+
+def loss_groups(manifest: Mapping[str, Any]) -> dict[str, int]:
+    """The row columns whose groups get a mean validation loss, with their group counts."""
+    groups = manifest["groups"]
+    return {"fairness_group": len(groups["fairness"]["names"]),
+            "popularity_group": len(groups["popularity"]["q"])}
+
+
+def rows_batch(rows: pa.Table, batch_index: int) -> SampledBatch:
+    """Rows of a prepared split as one SampledBatch of a single objective (segment 0)."""
+    history = rows["history"].combine_chunks()
+    offsets = history.offsets.to_numpy()
+    gather, _ = arrays.ranges(offsets[:-1], np.diff(offsets))
+
+    def column(name: str, dtype: type = np.int64) -> torch.Tensor:
+        return torch.from_numpy(rows[name].to_numpy().astype(dtype))
+
+    n = rows.num_rows
+    return SampledBatch(
+        user_id=column("user_id"), item_id=column("item_id"),
+        price=column("price", np.float32),
+        fairness_group=column("fairness_group"), popularity_group=column("popularity_group"),
+        history_values=torch.from_numpy(history.values.to_numpy().astype(np.int64)[gather]),
+        history_lengths=torch.from_numpy(np.diff(offsets).astype(np.int64)),
+        objective=torch.zeros(n, dtype=torch.int64), starved=torch.zeros(1, dtype=torch.int64),
+        batch_index=batch_index, epoch=0, masses_version=0,
+    )
+
+
+def group_losses(model: nn.Module, rows: pa.Table, collate: Collator,
+                 num_groups: dict[str, int], *, chunk_rows: int = 4096,
+                 device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
+    """Mean per-row loss of ``model`` per group of each column in ``num_groups``.
+
+    ``rows`` are validation rows, every rank passing all of them: they are cut into chunks
+    of ``chunk_rows``, chunk c scored by rank c mod world size with negatives seeded by c
+    (give ``collate`` rank 0), so the result does not depend on the number of ranks.
+    ``model(batch) -> (loss, ModelOutput)`` is called in whatever mode the caller set (eval,
+    under ``torch.no_grad``). A collective under ``torch.distributed``: every rank makes
+    the same number of model calls. Returns float64 (num_groups[column],) per column, NaN
+    for a group without rows.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    chunks = -(-rows.num_rows // chunk_rows)
+    sums = {c: np.zeros(g) for c, g in num_groups.items()}
+    counts = {c: np.zeros(g) for c, g in num_groups.items()}
+    for c in range(rank, -(-chunks // world) * world, world):
+        padding = c >= chunks  # no chunk left for this rank: still join the collective
+        chunk = rows.slice(0 if padding else c * chunk_rows, 1 if padding else chunk_rows)
+        _, output = model(collate(rows_batch(chunk, batch_index=c)).to(device))
+        if padding:
+            continue
+        loss = output.per_row_loss.detach().double().cpu().numpy()
+        for column, groups in num_groups.items():
+            group = chunk[column].to_numpy().astype(np.int64)
+            sums[column] += np.bincount(group, weights=loss, minlength=groups)
+            counts[column] += np.bincount(group, minlength=groups)
+    flat = torch.from_numpy(np.concatenate([*sums.values(), *counts.values()]))
+    if world > 1:
+        dist.all_reduce(flat)
+    total, count = np.split(flat.numpy(), 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(count > 0, total / count, np.nan)
+    split_at = np.cumsum(list(num_groups.values()))[:-1]
+    return dict(zip(num_groups, np.split(means, split_at)))
+
+
+def validation_signal(group_loss: dict[str, np.ndarray],
+                      metrics: RankingMetrics) -> ValidationSignal:
+    """The signal the objectives' ``update`` reads, from one validation pass."""
+    return ValidationSignal(group_loss=group_loss, exposure={EXPOSURE_GROUPS: metrics.exposure})

@@ -1,0 +1,102 @@
+"""MoRec's loss hook: the unchanged model's per-row losses, regrouped by objective.
+
+    pipeline = TrainPipelineSparseDist(model, optimizer, device,
+                                       custom_model_fwd=MoRecLoss(model, coordinator))
+
+The pipeline calls the hook instead of the model; the hook calls the model, so the
+pipelined (sharded, prefetched) embedding lookups and the fused table optimizers are
+untouched. In a plain training loop the hook is called like the model:
+``loss, output = hook(batch); loss.backward(); optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from morec_rec.control.coordinator import Coordinator
+from morec_rec.models import ModelOutput
+
+
+class MoRecOutput(NamedTuple):
+    """What the hook returns beside the loss.
+
+    Attributes:
+        model: the model's own output (per-row losses and segment ids of this rank).
+        objective_loss: float64 (num_objectives,), each objective's mean per-row loss over
+            the step's rows of every rank: what the controllers saw.
+        coefficients: float64 (num_objectives,), q: the step's loss is Σ_o q_o · ℓ_o.
+    """
+
+    model: ModelOutput
+    objective_loss: torch.Tensor
+    coefficients: torch.Tensor
+
+
+class MoRecLoss:
+    """``custom_model_fwd`` for TrainPipelineSparseDist, and a plain-loop loss.
+
+    For a batch whose rows carry segment ids ``0..n-1`` (the sampler's objectives), it
+    runs ``model(batch) -> (loss, ModelOutput)``, takes each objective's mean per-row loss
+    ℓ_o on this rank, all-reduces the sums and counts so that every rank hands the
+    coordinator the same global means (and gets the same coefficients q), and returns
+    ``Σ_o q_o · ℓ_o`` over this rank's means. With equal sub-batch sizes on every rank,
+    the data-parallel average of these losses' gradients is the gradient of the weighted
+    sum of the global means.
+
+    Args:
+        model: the (sharded) model; called as is.
+        coordinator: turns the global means into coefficients; stepped once per call.
+        group: the process group to reduce over (default: the world, when initialised).
+    """
+
+    def __init__(self, model: nn.Module, coordinator: Coordinator,
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.model = model
+        self.coordinator = coordinator
+        self.group = group
+
+    @property
+    def num_objectives(self) -> int:
+        return len(self.coordinator.objectives)
+
+    def __call__(self, batch: Any) -> tuple[torch.Tensor, MoRecOutput]:
+        _, output = self.model(batch)
+        sums, counts = segment_sums(output.per_row_loss, output.objective, self.num_objectives)
+        local_means = sums / counts.clamp(min=1)
+        global_means = reduced_means(sums.detach(), counts, self.group)
+        if not torch.isfinite(global_means).all() or (global_means < 0).any():
+            raise ValueError(f"per-objective losses must be finite and >= 0, "
+                             f"got {global_means.tolist()} (an objective with no row?)")
+        q = torch.from_numpy(self.coordinator.step(global_means.numpy()))
+        loss = (q.to(local_means) * local_means).sum()
+        return loss, MoRecOutput(output, global_means, q)
+
+
+def segment_sums(per_row: torch.Tensor, segment: torch.Tensor,
+                 num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-segment sums of ``per_row`` (differentiable) and row counts (float), both (n,)."""
+    sums = per_row.new_zeros(num_segments).index_add(0, segment, per_row)
+    counts = torch.bincount(segment, minlength=num_segments).to(per_row.dtype)
+    return sums, counts
+
+
+def reduced_means(sums: torch.Tensor, counts: torch.Tensor,
+                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """float64 (n,) CPU: per-segment means over every rank (NaN for a segment with no row)."""
+    flat = torch.cat([sums, counts]).to(torch.float64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    flat = flat.cpu()
+    total, count = flat.chunk(2)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.nan)
+
+
+def objective_means(output: ModelOutput, num_objectives: int) -> np.ndarray:
+    """float64 (n,): the per-objective mean losses of one model output, over every rank."""
+    sums, counts = segment_sums(output.per_row_loss.detach(), output.objective, num_objectives)
+    return reduced_means(sums, counts).numpy()

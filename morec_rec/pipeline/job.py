@@ -1,0 +1,144 @@
+"""The main job: pretrain a base, continue it with MoRec (and without), judge on test.
+
+    OUT/base/          the base run (unless an existing one is given)
+    OUT/morec/         MoRec continued from the base's best checkpoint
+    OUT/continued/     accuracy-only continued training, same base and steps (optional)
+    OUT/results.json   test metrics of each, Imp and validity against the base, the
+                       controller's record over the last fifth of training, the settings
+    OUT/*.png          the controller, the masses, the metrics side by side
+
+Every rank runs the whole job (each stage is a collective); rank 0 writes the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig, build
+from morec_rec.data.format import PreparedDataset
+from morec_rec.eval.metrics import RankingMetrics, improvement, is_valid
+from morec_rec.eval.plots import plot_run, read_log
+from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
+from morec_rec.pipeline import checkpoint, distributed
+from morec_rec.pipeline.morec import continue_training
+from morec_rec.pipeline.run import Run
+from morec_rec.pipeline.train import build_sharded, model_identity, train
+
+RESULTS = "results.json"
+#: The share of training, at its end, over which the controller is judged.
+JUDGED_SHARE = 0.2
+
+
+def evaluate_run(run: Run, split: str, env: distributed.Environment) -> RankingMetrics:
+    """Full-ranking metrics of ``run``'s best checkpoint on ``split`` (a collective)."""
+    import torch
+
+    config = build(TrainConfig, run.record["config"], None)
+    dataset = PreparedDataset.open(run.record["data"])
+    model, _ = build_sharded(config, dataset, env)
+    checkpoint.load(run.best, model, None, model_identity(config, dataset))
+    model.eval()
+    with torch.no_grad():
+        return evaluate(ModelScorer(model.module, env.device), load_task(dataset, split),
+                        chunk_users=config.eval_chunk_users)
+
+
+def pretrain(dataset: PreparedDataset, root: Path, config: TrainConfig) -> Run:
+    """Trains the base to early stop into ``root``."""
+    env = distributed.init()
+    run = Run.create(root, {"config": dataclasses.asdict(config),
+                            "data": str(dataset.root.resolve()), "world_size": env.world_size})
+    train(dataset, config, run)
+    return run
+
+
+def continued(base: Run, dataset: PreparedDataset, root: Path, train_config: TrainConfig,
+              sampler_config: SamplerConfig, config: MoRecConfig) -> Run:
+    """Continues ``base`` with ``config`` into ``root``."""
+    env = distributed.init()
+    run = Run.create(root, {"config": dataclasses.asdict(train_config),
+                            "sampler": dataclasses.asdict(sampler_config),
+                            "morec": dataclasses.asdict(config),
+                            "base": str(base.root.resolve()),
+                            "data": str(dataset.root.resolve()), "world_size": env.world_size})
+    continue_training(base, dataset, train_config, sampler_config, config, run)
+    return run
+
+
+def accuracy_only(sampler_config: SamplerConfig,
+                  config: MoRecConfig) -> tuple[SamplerConfig, MoRecConfig]:
+    """The settings of plain continued training matching a MoRec run: the same batch
+    size, steps and validation passes, the accuracy objective alone, no controller."""
+    batch = sampler_config.sub_batch_size * len(sampler_config.objectives)
+    return (dataclasses.replace(sampler_config, objectives=("accuracy",), sub_batch_size=batch),
+            dataclasses.replace(config, preference=(), hold=()))
+
+
+def control_record(log: list[dict[str, Any]], share: float = JUDGED_SHARE) -> dict[str, Any]:
+    """How well each held objective was held over the last ``share`` of the steps.
+
+    Per held objective: its target, the mean of its loss over those steps, their relative
+    difference, and the share of those steps with β at a bound of its range.
+    """
+    steps = [r for r in log if r.get("kind") == "step" and r.get("coefficient")]
+    if not steps:
+        return {}
+    last = steps[-1]["step"]
+    judged = [r for r in steps if r["step"] > (1 - share) * last]
+    record = {}
+    for name, target in judged[-1]["target"].items():
+        loss = float(np.mean([r["objective_loss"][name] for r in judged]))
+        record[name] = {"target": target, "mean_loss": loss, "relative_error": loss / target - 1,
+                        "share_at_bound": float(np.mean([r["at_bound"][name] for r in judged])),
+                        "steps": [judged[0]["step"] - 9, last]}
+    return record
+
+
+def versus(base: Mapping[str, float], run: Mapping[str, float]) -> dict[str, Any]:
+    """Imp (over the defined terms where a base metric is 0, named) and validity."""
+    gain = improvement(base, run)
+    return {"imp": gain.imp if gain.imp is not None else gain.imp_defined,
+            "imp_undefined": list(gain.undefined), "imp_text": gain.describe(),
+            "valid": is_valid(base["hit@10"], run["hit@10"])}
+
+
+def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
+            sampler_config: SamplerConfig, config: MoRecConfig, *, base: Path | None = None,
+            with_continued: bool = False) -> dict[str, Any]:
+    """The whole job into ``out`` (see the module docstring); returns the results."""
+    env = distributed.init()
+    base_run = Run.open(base) if base is not None else pretrain(dataset, out / "base",
+                                                                train_config)
+    runs = {"base": base_run,
+            "morec": continued(base_run, dataset, out / "morec", train_config, sampler_config,
+                               config)}
+    if with_continued:
+        runs["continued"] = continued(base_run, dataset, out / "continued", train_config,
+                                      *accuracy_only(sampler_config, config))
+    test = {name: evaluate_run(run, "test", env).as_dict() for name, run in runs.items()}
+    results: dict[str, Any] = {
+        "data": str(dataset.root.resolve()), "world_size": env.world_size,
+        "base": test["base"], "morec": test["morec"], **versus(test["base"], test["morec"]),
+    }
+    if with_continued:
+        results["continued"] = test["continued"]
+        results["continued_versus_base"] = versus(test["base"], test["continued"])
+        results["morec_versus_continued"] = versus(test["continued"], test["morec"])
+    morec_log = read_log(runs["morec"].root / "log.jsonl") if env.is_main else []
+    results["selected"] = {name: checkpoint.read_meta(run.best)["progress"]["best"]
+                           for name, run in runs.items() if name != "base"}
+    results["control"] = control_record(morec_log)
+    results["settings"] = {"train": dataclasses.asdict(train_config),
+                           "sampler": dataclasses.asdict(sampler_config),
+                           "morec": dataclasses.asdict(config), "base": str(base_run.root)}
+    if env.is_main:
+        partial = out / (RESULTS + ".partial")
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        partial.rename(out / RESULTS)
+        plot_run(runs["morec"].root / "log.jsonl", out, test)
+    return results

@@ -1,0 +1,272 @@
+"""MoRec continued training: from a converged base, several objectives at once.
+
+    base run's best checkpoint ─► DMP model + optimizer (state continued)
+    weighted sampler (one sub-batch per objective) ─► TrainPipelineSparseDist
+        custom_model_fwd = MoRecLoss: per-objective means, all-reduced, PI coordinator
+    every epoch / updates_per_epoch: validation pass (ranking metrics, per-group losses)
+        ─► rank 0 steps the group masses ─► weight store ─► every loader worker
+
+The first validation pass measures the base itself: its metrics are the reference of
+validity (Hit@10 ≥ 97% of the base's) and Imp on validation, and its signal makes the
+first mass update. The selected checkpoint (``best``) is, among the passes, the valid one
+with the highest validation Imp (the base itself, Imp 0, included), or the highest Hit if
+none is valid. A run with the single objective ``accuracy`` and no controller is plain
+continued training from the same base: the row every MoRec result must beat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
+
+from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
+from morec_rec.control.coordinator import Coordinator, needs_base_losses
+from morec_rec.data.format import PreparedDataset
+from morec_rec.errors import MorecError
+from morec_rec.eval.metrics import RankingMetrics, improvement, is_valid
+from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
+from morec_rec.eval.signals import group_losses, loss_groups, validation_signal
+from morec_rec.models import num_negatives
+from morec_rec.models.negatives import NegativeSampler
+from morec_rec.pipeline import checkpoint, distributed
+from morec_rec.pipeline.batch import Collator
+from morec_rec.pipeline.hook import MoRecLoss, objective_means
+from morec_rec.pipeline.run import Run
+from morec_rec.pipeline.train import LOG_EVERY, build_sharded, model_identity
+from morec_rec.sampling.objectives import Objective, build_objectives
+from morec_rec.sampling.sampler import WeightedStreamSampler
+from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
+
+#: Batches each loader worker prepares ahead (StatefulDataLoader's prefetch_factor).
+PREFETCH = 2
+#: Batches TrainPipelineSparseDist has taken from the loader beyond the one it trains on.
+PIPELINE_DEPTH = 2
+
+
+@dataclasses.dataclass
+class MoRecProgress:
+    """Where continued training stands; saved in every checkpoint's metadata."""
+
+    epoch: int = 0
+    step: int = 0
+    #: Validation metrics of the base (the reference of validity and Imp).
+    base: dict[str, float] | None = None
+    #: The selected pass: its step, [valid (0/1), Imp or Hit] and validation metrics.
+    best_step: int = -1
+    best_key: list[float] | None = None
+    best: dict[str, Any] | None = None
+
+
+def required_columns(objectives: list[Objective], dataset: PreparedDataset) -> None:
+    """MorecError naming the column an objective needs and the data lack."""
+    columns = set(pq.read_schema(dataset.train_files[0]).names)
+    for objective in objectives:
+        missing = sorted(set(objective.columns) - columns)
+        if missing:
+            raise MorecError(f"{dataset.root}: objective {objective.name!r} needs column(s) "
+                             f"{', '.join(missing)}, which the data lack")
+
+
+def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainConfig,
+                      sampler_config: SamplerConfig, config: MoRecConfig, run: Run, *,
+                      resume: bool = False) -> MoRecProgress:
+    """Continues ``base``'s best checkpoint with MoRec into ``run``; returns the progress."""
+    env = distributed.init()
+    objectives = build_objectives(sampler_config.objectives, dataset.manifest,
+                                  step=sampler_config.step, floor=sampler_config.floor,
+                                  rule=sampler_config.update_rule)
+    required_columns(objectives, dataset)
+    names = [o.name for o in objectives]
+    model, optimizer = build_sharded(train_config, dataset, env)
+    identity = model_identity(train_config, dataset)
+    progress = MoRecProgress()
+    masses = {o.name: o.initial_masses() for o in objectives}
+    coordinator_state = None
+    if resume and run.last.exists():
+        meta = checkpoint.load(run.last, model, optimizer, identity)
+        progress = MoRecProgress(**meta["progress"])
+        masses = {k: np.asarray(v) for k, v in meta["masses"].items()}
+        coordinator_state = meta["coordinator"]
+    else:
+        checkpoint.load(base.best, model, optimizer, identity)
+
+    spec = StoreSpec.from_env()
+    store = WeightStore.connect(spec)
+    sampler = WeightedStreamSampler(dataset, objectives, sampler_config, rank=env.rank,
+                                    world_size=env.world_size, store=spec, masses=masses)
+    negatives = NegativeSampler(dataset.items()["train_count"].to_numpy(),
+                                train_config.negative_beta)
+    feature_names = model.module.feature_names
+    n = num_negatives(train_config.model)
+    collate = Collator(feature_names, negatives, n, seed=train_config.seed, rank=env.rank)
+    loader = StatefulDataLoader(sampler, batch_size=None, num_workers=train_config.num_workers,
+                                collate_fn=collate,
+                                prefetch_factor=PREFETCH if train_config.num_workers else None)
+
+    base_losses = None
+    if coordinator_state is None and needs_base_losses(config):
+        base_losses = dict(zip(names, calibrate(model, dataset, objectives, sampler_config,
+                                                collate, config.calibration_batches, env)))
+    coordinator = Coordinator.from_config(config, names, base_losses)
+    if coordinator_state is not None:
+        coordinator.load_state_dict(coordinator_state)
+    pipeline = TrainPipelineSparseDist(model, optimizer, env.device,
+                                       custom_model_fwd=MoRecLoss(model, coordinator))
+
+    task = load_task(dataset, "valid")
+    valid_rows = dataset.split("valid")
+    num_groups = loss_groups(dataset.manifest)
+    valid_collate = Collator(feature_names, negatives, n, seed=train_config.seed, rank=0)
+    batches = sampler.batches_per_epoch(train_config.num_workers)
+    update_every = max(1, batches // config.updates_per_epoch)
+    lookahead = PIPELINE_DEPTH + PREFETCH * train_config.num_workers + 1
+
+    def checkpoint_meta() -> dict[str, Any]:
+        return {**identity, "progress": dataclasses.asdict(progress),
+                "coordinator": coordinator.state_dict(),
+                "masses": {k: v.tolist() for k, v in masses.items()}}
+
+    def validate_and_update(batch_index: int) -> None:
+        """One validation pass, the selection, then a mass update applying from
+        ``batch_index`` + lookahead (the loader's batches before it may be drawn already)."""
+        pipeline.detach()
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate(ModelScorer(model.module, env.device), task,
+                               chunk_users=train_config.eval_chunk_users)
+            losses = group_losses(model, valid_rows, valid_collate, num_groups,
+                                  device=env.device)
+        model.train()
+        record = select(progress, metrics)
+        if record["selected"]:
+            checkpoint.save(run.best, model, optimizer, checkpoint_meta())
+        run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
+                 "step": progress.step, **record,
+                 "group_loss": {k: v.tolist() for k, v in losses.items()}})
+        signal = validation_signal(losses, metrics)
+        updated = {o.name: o.update(masses[o.name], signal) for o in objectives
+                   if o.num_groups > 1}
+        if not updated:
+            return
+        effective_from = batch_index + lookahead
+        version = publish_and_sync(store, updated, effective_from)
+        masses.update(store.read(version).values)
+        run.log({"kind": "update", "epoch": progress.epoch, "step": progress.step,
+                 "version": version, "effective_from": effective_from,
+                 "masses": {k: v.tolist() for k, v in updated.items()}})
+
+    if progress.base is None:
+        run.log({"kind": "update", "epoch": 0, "step": 0, "version": 0, "effective_from": 0,
+                 "masses": {o.name: masses[o.name].tolist() for o in objectives
+                            if o.num_groups > 1}})
+        run.log({"kind": "targets", "target": coordinator.targets, "base_loss": base_losses})
+        validate_and_update(batch_index=0)
+
+    while progress.epoch < config.epochs:
+        sampler.set_epoch(progress.epoch)
+        first = progress.epoch * batches
+        _train_epoch(pipeline, iter(loader), progress, run, coordinator, config, batches,
+                     update_every, lambda done: validate_and_update(first + done),
+                     sampler.batch_size * env.world_size, env)
+        progress.epoch += 1
+        checkpoint.save(run.last, model, optimizer, checkpoint_meta())
+    return progress
+
+
+def select(progress: MoRecProgress, metrics: RankingMetrics) -> dict[str, Any]:
+    """Scores a validation pass against the base; updates the selection in ``progress``.
+
+    Returns the pass's record: its metrics, Imp (over the defined terms where a base
+    metric is 0, with ``imp_undefined`` naming them), validity and whether it is selected.
+    """
+    current = metrics.as_dict()
+    if progress.base is None:
+        progress.base = current
+    gain = improvement(progress.base, current)
+    imp = gain.imp if gain.imp is not None else gain.imp_defined
+    valid = is_valid(progress.base[f"hit@{metrics.k}"], metrics.hit)
+    key = [1.0, imp if imp is not None else 0.0] if valid else [0.0, metrics.hit]
+    selected = progress.best_key is None or key > progress.best_key
+    record = {**current, "imp": imp, "imp_undefined": list(gain.undefined), "valid": valid,
+              "selected": selected}
+    if selected:
+        progress.best_key, progress.best_step, progress.best = key, progress.step, record
+    return record
+
+
+def calibrate(model: torch.nn.Module, dataset: PreparedDataset, objectives: list[Objective],
+              config: SamplerConfig, collate: Collator, num_batches: int,
+              env: distributed.Environment) -> np.ndarray:
+    """float64 (num_objectives,): the model's mean loss per objective before training on.
+
+    Measured without gradient in training mode (as the controllers will see it) over
+    ``num_batches`` batches of a stream with another seed than training's, from the
+    initial masses; averaged over every rank.
+    """
+    sampler = WeightedStreamSampler(dataset, objectives,
+                                    dataclasses.replace(config, seed=config.seed + 1),
+                                    rank=env.rank, world_size=env.world_size)
+    num_batches = min(num_batches, sampler.batches_per_epoch())
+    if num_batches < 1:
+        raise MorecError(f"{dataset.root}: too few training rows for one batch of "
+                         f"{sampler.batch_size} per rank")
+    means = []
+    with torch.no_grad():
+        for _, batch in zip(range(num_batches), sampler):
+            _, output = model(collate(batch).to(env.device))
+            means.append(objective_means(output, len(objectives)))
+    return np.mean(means, axis=0)
+
+
+def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Any, progress: MoRecProgress,
+                 run: Run, coordinator: Coordinator, config: MoRecConfig, total: int,
+                 update_every: int, validate: Any, samples_per_step: int,
+                 env: distributed.Environment) -> None:
+    """One epoch of MoRec steps, validating every ``update_every`` steps and at the end.
+
+    Every ``LOG_EVERY`` steps a "step" record holds the mean per-objective losses of those
+    steps, each held objective's β and target, and the share of those steps at which β sat
+    at a bound of its range.
+    """
+    losses: list[np.ndarray] = []
+    at_bound: list[dict[str, bool]] = []
+    started = time.perf_counter()
+    bar = tqdm(total=total, desc=f"morec epoch {progress.epoch}", unit="batch", leave=False,
+               disable=None if env.is_main else True)
+    done = 0
+    while True:
+        try:
+            output = pipeline.progress(batches_iter)
+        except StopIteration:
+            break
+        progress.step += 1
+        done += 1
+        losses.append(output.objective_loss.numpy())
+        coefficients = coordinator.coefficients
+        at_bound.append({k: not config.beta_min < v < config.beta_max
+                         for k, v in coefficients.items()})
+        rate = done * samples_per_step / (time.perf_counter() - started)
+        loss = float(output.coefficients.numpy() @ losses[-1])
+        bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}",
+                        **{f"beta_{k}": f"{v:.3f}" for k, v in coefficients.items()})
+        bar.update()
+        if progress.step % LOG_EVERY == 0:
+            mean = np.mean(losses[-LOG_EVERY:], axis=0)
+            run.log({"kind": "step", "epoch": progress.epoch, "step": progress.step,
+                     "loss": loss, "samples_per_s": rate,
+                     "objective_loss": dict(zip(coordinator.objectives, mean.tolist())),
+                     "coefficient": coefficients, "target": coordinator.targets,
+                     "at_bound": {k: float(np.mean([b[k] for b in at_bound[-LOG_EVERY:]]))
+                                  for k in coefficients}})
+        if done % update_every == 0 and total - done >= update_every // 2:
+            validate(done)
+    bar.close()
+    validate(done)
