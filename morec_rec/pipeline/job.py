@@ -21,11 +21,12 @@ import numpy as np
 
 from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig, build
 from morec_rec.data.format import PreparedDataset
+from morec_rec.errors import MorecError
 from morec_rec.eval.metrics import RankingMetrics, improvement, is_valid
 from morec_rec.eval.plots import plot_run, read_log
 from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
 from morec_rec.pipeline import checkpoint, distributed
-from morec_rec.pipeline.morec import continue_training
+from morec_rec.pipeline.morec import check_settings, continue_training
 from morec_rec.pipeline.run import Run
 from morec_rec.pipeline.train import build_sharded, model_identity, train
 
@@ -112,6 +113,12 @@ def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
             with_continued: bool = False) -> dict[str, Any]:
     """The whole job into ``out`` (see the module docstring); returns the results."""
     env = distributed.init()
+    taken = [name for name in ("base", "morec", "continued", RESULTS) if (out / name).exists()]
+    if taken:
+        raise MorecError(f"{out}: holds {', '.join(taken)} of an earlier job; choose another --out")
+    check_settings(dataset, sampler_config, config)  # before hours of pretraining
+    if with_continued:
+        check_settings(dataset, *accuracy_only(sampler_config, config))
     base_run = Run.open(base) if base is not None else pretrain(dataset, out / "base",
                                                                 train_config)
     runs = {"base": base_run,

@@ -41,7 +41,7 @@ from morec_rec.pipeline.batch import Collator
 from morec_rec.pipeline.hook import MoRecLoss, objective_means
 from morec_rec.pipeline.run import Run
 from morec_rec.pipeline.train import LOG_EVERY, build_sharded, model_identity
-from morec_rec.sampling.objectives import Objective, build_objectives
+from morec_rec.sampling.objectives import Objective, ValidationSignal, build_objectives
 from morec_rec.sampling.sampler import WeightedStreamSampler
 from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
 
@@ -65,7 +65,7 @@ class MoRecProgress:
     best: dict[str, Any] | None = None
 
 
-def required_columns(objectives: list[Objective], dataset: PreparedDataset) -> None:
+def check_objectives(objectives: list[Objective], dataset: PreparedDataset) -> None:
     """MorecError naming the column an objective needs and the data lack."""
     columns = set(pq.read_schema(dataset.train_files[0]).names)
     for objective in objectives:
@@ -75,15 +75,25 @@ def required_columns(objectives: list[Objective], dataset: PreparedDataset) -> N
                              f"{', '.join(missing)}, which the data lack")
 
 
+def check_settings(dataset: PreparedDataset, sampler_config: SamplerConfig,
+                   config: MoRecConfig) -> list[Objective]:
+    """The objectives, after checking every setting that can be checked before training
+    (objective names and columns, p against them, held objectives and targets)."""
+    objectives = build_objectives(sampler_config.objectives, dataset.manifest,
+                                  step=sampler_config.step, floor=sampler_config.floor,
+                                  rule=sampler_config.update_rule)
+    check_objectives(objectives, dataset)
+    names = [o.name for o in objectives]
+    Coordinator.from_config(config, names, dict.fromkeys(names, 1.0))  # raises if inconsistent
+    return objectives
+
+
 def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainConfig,
                       sampler_config: SamplerConfig, config: MoRecConfig, run: Run, *,
                       resume: bool = False) -> MoRecProgress:
     """Continues ``base``'s best checkpoint with MoRec into ``run``; returns the progress."""
     env = distributed.init()
-    objectives = build_objectives(sampler_config.objectives, dataset.manifest,
-                                  step=sampler_config.step, floor=sampler_config.floor,
-                                  rule=sampler_config.update_rule)
-    required_columns(objectives, dataset)
+    objectives = check_settings(dataset, sampler_config, config)
     names = [o.name for o in objectives]
     model, optimizer = build_sharded(train_config, dataset, env)
     identity = model_identity(train_config, dataset)
@@ -98,7 +108,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
     else:
         checkpoint.load(base.best, model, optimizer, identity)
 
-    spec = StoreSpec.from_env()
+    spec, _server = StoreSpec.for_loader(train_config.num_workers)
     store = WeightStore.connect(spec)
     sampler = WeightedStreamSampler(dataset, objectives, sampler_config, rank=env.rank,
                                     world_size=env.world_size, store=spec, masses=masses)
@@ -121,10 +131,8 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device,
                                        custom_model_fwd=MoRecLoss(model, coordinator))
 
-    task = load_task(dataset, "valid")
-    valid_rows = dataset.split("valid")
-    num_groups = loss_groups(dataset.manifest)
-    valid_collate = Collator(feature_names, negatives, n, seed=train_config.seed, rank=0)
+    validator = Validator(dataset, Collator(feature_names, negatives, n, seed=train_config.seed),
+                          train_config.eval_chunk_users, env)
     batches = sampler.batches_per_epoch(train_config.num_workers)
     update_every = max(1, batches // config.updates_per_epoch)
     lookahead = PIPELINE_DEPTH + PREFETCH * train_config.num_workers + 1
@@ -138,22 +146,14 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
         """One validation pass, the selection, then a mass update applying from
         ``batch_index`` + lookahead (the loader's batches before it may be drawn already)."""
         pipeline.detach()
-        model.eval()
-        with torch.no_grad():
-            metrics = evaluate(ModelScorer(model.module, env.device), task,
-                               chunk_users=train_config.eval_chunk_users)
-            losses = group_losses(model, valid_rows, valid_collate, num_groups,
-                                  device=env.device)
-        model.train()
+        metrics, losses = validator.measure(model)
         record = select(progress, metrics)
         if record["selected"]:
             checkpoint.save(run.best, model, optimizer, checkpoint_meta())
         run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
                  "step": progress.step, **record,
                  "group_loss": {k: v.tolist() for k, v in losses.items()}})
-        signal = validation_signal(losses, metrics)
-        updated = {o.name: o.update(masses[o.name], signal) for o in objectives
-                   if o.num_groups > 1}
+        updated = updated_masses(objectives, masses, validation_signal(losses, metrics))
         if not updated:
             return
         effective_from = batch_index + lookahead
@@ -179,6 +179,46 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
         progress.epoch += 1
         checkpoint.save(run.last, model, optimizer, checkpoint_meta())
     return progress
+
+
+class Validator:
+    """One validation pass of a (sharded) model: ranking metrics and per-group losses.
+
+    Args:
+        dataset: whose ``valid`` split is measured.
+        collate: builds the model's batches; give it rank 0 on every rank (negatives are
+            then seeded by the chunk of rows alone, and every world size measures the same
+            losses).
+        chunk_users: users ranked at a time.
+    """
+
+    def __init__(self, dataset: PreparedDataset, collate: Collator, chunk_users: int,
+                 env: distributed.Environment) -> None:
+        self.task = load_task(dataset, "valid")
+        self.rows = dataset.split("valid")
+        self.num_groups = loss_groups(dataset.manifest)
+        self.collate = collate
+        self.chunk_users = chunk_users
+        self.env = env
+
+    def measure(self, model: torch.nn.Module) -> tuple[RankingMetrics, dict[str, np.ndarray]]:
+        """Metrics and per-group mean losses, in eval mode without gradient; a collective.
+        The model is left in training mode."""
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate(ModelScorer(model.module, self.env.device), self.task,
+                               chunk_users=self.chunk_users)
+            losses = group_losses(model, self.rows, self.collate, self.num_groups,
+                                  device=self.env.device)
+        model.train()
+        return metrics, losses
+
+
+def updated_masses(objectives: list[Objective], masses: dict[str, np.ndarray],
+                   signal: ValidationSignal) -> dict[str, np.ndarray]:
+    """Each adaptive objective's masses after ``signal`` (objectives of one group have
+    nothing to update and are left out)."""
+    return {o.name: o.update(masses[o.name], signal) for o in objectives if o.num_groups > 1}
 
 
 def select(progress: MoRecProgress, metrics: RankingMetrics) -> dict[str, Any]:

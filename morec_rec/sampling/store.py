@@ -84,6 +84,19 @@ class StoreSpec:
         return cls(kind="tcp", host=host, port=int(port), prefix=f"morec/attempt_{attempt}",
                    timeout_s=timeout_s)
 
+    @classmethod
+    def for_loader(cls, num_workers: int, timeout_s: float = 30.0,
+                   ) -> tuple[StoreSpec, dist.TCPStore | None]:
+        """:meth:`from_env`, except that a process outside torchrun whose loader has worker
+        processes (which a ``hash`` store cannot reach) hosts a TCPStore on a free local
+        port. Returns the spec and that server: keep it referenced while loaders run."""
+        spec = cls.from_env(timeout_s)
+        if spec.kind != "hash" or num_workers == 0:
+            return spec, None
+        server = dist.TCPStore("127.0.0.1", 0, is_master=True,
+                               timeout=timedelta(seconds=timeout_s))
+        return cls(kind="tcp", host="127.0.0.1", port=server.port, timeout_s=timeout_s), server
+
     def connect(self) -> dist.Store:
         """A :class:`~torch.distributed.PrefixStore` over the store this spec names.
 

@@ -1,0 +1,155 @@
+"""MoRec's overhead: training samples/s of the base pipeline against the MoRec pipeline.
+
+    python benchmarks/morec_overhead.py --out benchmarks/results/morec_overhead.json \\
+        [--profile demo] [--model mf] [--steps 200] [--repeats 3]
+
+One process (a process group of one, as ``morec-rec run`` without torchrun), the same
+model, data and batch size (1,024 rows, one loader worker):
+
+* base: the accuracy-only sampler and the model's own loss (``TrainPipelineSparseDist``);
+* MoRec: the four objectives' sampler (4 × 256 rows) reading masses from the weight store
+  before every batch, and the loss hook (per-objective means, all-reduce, PI controller).
+
+Each pipeline trains ``--steps`` steps after 20 warm-up steps, ``--repeats`` times,
+alternating, from the same initial model; the medians are compared. Then the time of one
+validation-and-update round (ranking metrics and per-group losses on the validation
+users, the mass update, the publish) is measured ``--repeats`` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
+from morec_rec.control.coordinator import Coordinator
+from morec_rec.data.format import PreparedDataset
+from morec_rec.eval.signals import validation_signal
+from morec_rec.models import num_negatives
+from morec_rec.models.negatives import NegativeSampler
+from morec_rec.pipeline import distributed
+from morec_rec.pipeline.batch import Collator
+from morec_rec.pipeline.hook import MoRecLoss
+from morec_rec.pipeline.morec import Validator, check_settings, updated_masses
+from morec_rec.pipeline.train import build_sharded, training_loader
+from morec_rec.sampling.sampler import WeightedStreamSampler
+from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
+
+WARMUP = 20
+
+
+def timed_steps(pipeline: TrainPipelineSparseDist, loader: StatefulDataLoader,
+                steps: int, batch_size: int) -> float:
+    """Samples/s over ``steps`` pipeline steps after the warm-up."""
+    batches = iter(loader)
+    for _ in range(WARMUP):
+        pipeline.progress(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        pipeline.progress(batches)
+    rate = steps * batch_size / (time.perf_counter() - start)
+    pipeline.detach()
+    return rate
+
+
+def base_rate(dataset: PreparedDataset, config: TrainConfig, steps: int,
+              env: distributed.Environment) -> float:
+    model, optimizer = build_sharded(config, dataset, env)
+    _, loader = training_loader(dataset, config, env, model.module.feature_names)
+    return timed_steps(TrainPipelineSparseDist(model, optimizer, env.device), loader, steps,
+                       config.batch_size)
+
+
+def morec_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
+                spec: StoreSpec) -> tuple[torch.nn.Module, TrainPipelineSparseDist,
+                                          StatefulDataLoader, Collator, list]:
+    """The MoRec pipeline with the default objectives and coordinator (accuracy held at a
+    fixed target: measuring the base's losses is not part of a step)."""
+    sampler_config = SamplerConfig(sub_batch_size=config.batch_size // 4, seed=config.seed)
+    morec = MoRecConfig(hold=("accuracy=0.5",))
+    objectives = check_settings(dataset, sampler_config, morec)
+    model, optimizer = build_sharded(config, dataset, env)
+    sampler = WeightedStreamSampler(dataset, objectives, sampler_config, store=spec)
+    collate = Collator(model.module.feature_names,
+                       NegativeSampler(dataset.items()["train_count"].to_numpy(),
+                                       config.negative_beta),
+                       num_negatives(config.model), seed=config.seed)
+    loader = StatefulDataLoader(sampler, batch_size=None, num_workers=config.num_workers,
+                                collate_fn=collate)
+    coordinator = Coordinator.from_config(morec, [o.name for o in objectives], None)
+    pipeline = TrainPipelineSparseDist(model, optimizer, env.device,
+                                       custom_model_fwd=MoRecLoss(model, coordinator))
+    return model, pipeline, loader, collate, objectives
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", default="demo")
+    parser.add_argument("--model", default="mf", choices=["mf", "sasrec"])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    env = distributed.init()
+    config = TrainConfig(model=args.model, num_workers=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / args.profile
+        subprocess.run([sys.executable, "-m", "morec_rec.cli", "synth", "--profile",
+                        args.profile, "--seed", "0", "--out", str(data)], check=True)
+        dataset = PreparedDataset.open(data)
+        spec, _server = StoreSpec.for_loader(config.num_workers)
+        store = WeightStore.connect(spec)
+        base, morec = [], []
+        for repeat in range(args.repeats):
+            base.append(base_rate(dataset, config, args.steps, env))
+            model, pipeline, loader, collate, objectives = morec_parts(dataset, config, env, spec)
+            morec.append(timed_steps(pipeline, loader, args.steps, config.batch_size))
+            print(f"repeat {repeat}: base {base[-1]:,.0f}  morec {morec[-1]:,.0f} samples/s")
+
+        validator = Validator(dataset, collate, config.eval_chunk_users, env)
+        masses = {o.name: o.initial_masses() for o in objectives}
+        rounds = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            metrics, losses = validator.measure(model)
+            updated = updated_masses(objectives, masses, validation_signal(losses, metrics))
+            version = publish_and_sync(store, updated, effective_from=10**9)
+            masses.update(store.read(version).values)
+            rounds.append(time.perf_counter() - start)
+        print(f"validation and update round: {statistics.median(rounds):.2f} s "
+              f"({len(validator.rows):,} validation users)")
+
+    base_median, morec_median = statistics.median(base), statistics.median(morec)
+    results = {
+        "profile": args.profile, "model": args.model, "batch_size": config.batch_size,
+        "steps": args.steps, "warmup_steps": WARMUP, "repeats": args.repeats,
+        "base_samples_per_s": base_median, "morec_samples_per_s": morec_median,
+        "morec_over_base": morec_median / base_median,
+        "overhead_per_step": base_median / morec_median - 1,
+        "runs": {"base": base, "morec": morec},
+        "validation_round_s": statistics.median(rounds), "validation_rounds_s": rounds,
+        "validation_users": len(validator.rows),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpus": os.cpu_count(), "device": str(env.device)},
+    }
+    print(f"MoRec / base = {results['morec_over_base']:.3f} "
+          f"(per-step overhead {100 * results['overhead_per_step']:+.1f}%)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
