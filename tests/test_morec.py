@@ -1,0 +1,136 @@
+"""The MoRec job end to end on the tiny synthetic profile: one process and torchrun.
+
+A base is pretrained once per module; each test continues it (``--base``), so the tests
+differ only in what they check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, run_torchrun
+from morec_rec.cli import main
+from morec_rec.data.format import PreparedDataset
+from morec_rec.errors import MorecError
+from morec_rec.pipeline.checkpoint import read_meta
+from morec_rec.pipeline.morec import check_objectives
+from morec_rec.sampling.objectives import OneGroup
+
+TRAIN = ["--model", "mf", "--num-workers", "0", "--embedding-dim", "16"]
+MOREC = [*TRAIN, "--sub-batch-size", "32", "--epochs", "2", "--updates-per-epoch", "3",
+         "--ki", "0.1"]
+METRICS = {"hit@10", "rhit@10", "pop_kl@10", "min_hit@10"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    assert main(["synth", "--profile", "tiny", "--seed", "0", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("base") / "run"
+    done = run_cli("train", "--data", str(tiny), "--out", str(run), *TRAIN,
+                   "--batch-size", "128", "--max-epochs", "4")
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_run_writes_results_logs_and_plots(tiny: Path, base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    done = run_cli("run", "--data", str(tiny), "--base", str(base), "--out", str(out),
+                   "--continued", *MOREC)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    for row in ("base", "morec", "continued"):
+        assert set(results[row]) == METRICS
+    assert isinstance(results["valid"], bool) and isinstance(results["imp"], float)
+    assert results["valid"] == (results["morec"]["hit@10"] >= 0.97 * results["base"]["hit@10"])
+    assert {p.name for p in out.glob("*.png")} == {"controller.png", "masses.png", "metrics.png"}
+
+    # The base row is the base run's own test evaluation.
+    evaluated = run_cli("evaluate", "--run", str(base), "--split", "test", "--json")
+    assert {k: json.loads(evaluated.stdout)[k] for k in METRICS} == results["base"]
+
+    log = _log(out / "morec")
+    steps = [r for r in log if r["kind"] == "step"]
+    updates = [r for r in log if r["kind"] == "update"]
+    evals = [r for r in log if r["kind"] == "eval"]
+    # One pass on the base, then updates_per_epoch passes an epoch, each followed by a
+    # mass update that applies after the batches already in flight.
+    assert len(evals) == 1 + 2 * 3 and evals[0]["step"] == 0 and evals[0]["imp"] == 0
+    assert [u["version"] for u in updates] == list(range(len(evals) + 1))
+    assert all(u["effective_from"] > 0 for u in updates[1:])
+    for update in updates:
+        for masses in update["masses"].values():
+            assert sum(masses) == pytest.approx(1) and min(masses) >= 1e-3 - 1e-12
+    assert all(set(s["objective_loss"]) == {"accuracy", "revenue", "fairness", "alignment"}
+               and set(s["coefficient"]) == {"accuracy"} for s in steps)
+
+    # The controller state travels with the checkpoint: one controller step per training step.
+    meta = read_meta(out / "morec" / "checkpoints" / "last")
+    assert meta["coordinator"]["controllers"]["accuracy"]["steps"] == meta["progress"]["step"]
+    selected = read_meta(out / "morec" / "checkpoints" / "best")["progress"]
+    assert selected["best"] == results["selected"]["morec"]
+    # Plain continued training has the accuracy objective alone and no controller.
+    continued = _log(out / "continued")
+    assert all(set(s["objective_loss"]) == {"accuracy"} and s["coefficient"] == {}
+               for s in continued if s["kind"] == "step")
+
+
+@pytest.mark.slow
+def test_two_ranks(tiny: Path, base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    run_torchrun("integration/run.py", "--data", str(tiny), "--base", str(base), "--out",
+                 str(out), *MOREC, timeout=300)
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and set(results["morec"]) == METRICS
+    record = json.loads((out / "morec" / "run.json").read_text())
+    assert record["world_size"] == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--preference", "0.5,0.5"], "preference (0.5, 0.5) has 2 entries for 3 objectives"),
+    (["--preference", "1.2,-0.1,-0.1"], "config: preference = (1.2, -0.1, -0.1) is out of range"),
+    (["--hold", "accuracy=0"], "config: hold = 'accuracy=0' is out of range"),
+    (["--hold", "accuracy=-0.3"], "config: hold = 'accuracy=-0.3' is out of range"),
+    (["--hold", "novelty=auto"], "hold: 'novelty' is not among the objectives"),
+    (["--objectives", "accuracy,novelty", "--preference", "1"], "unknown objective 'novelty'"),
+])
+def test_bad_settings_fail_before_training(tiny: Path, tmp_path: Path, args: list[str],
+                                           message: str) -> None:
+    out = tmp_path / "job"
+    done = run_cli("run", "--data", str(tiny), "--out", str(out), *TRAIN, *args)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (out / "base").exists()  # refused before pretraining
+
+
+def test_objective_needing_a_missing_column(tiny: Path) -> None:
+    class ByAge(OneGroup):
+        name = "by_age"
+        columns = ("user_age",)
+
+        def weights(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+            return rows["user_age"]
+
+    with pytest.raises(MorecError, match="objective 'by_age' needs column.s. user_age"):
+        check_objectives([ByAge()], PreparedDataset.open(tiny))
+
+
+def test_finished_job_is_not_overwritten(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    (out / "morec").mkdir(parents=True)
+    done = run_cli("run", "--data", str(tiny), "--out", str(out), *TRAIN)
+    assert done.returncode == 2 and "holds morec of an earlier job" in done.stderr
