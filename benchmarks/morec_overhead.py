@@ -1,7 +1,7 @@
 """MoRec's overhead: training samples/s of the base pipeline against the MoRec pipeline.
 
     python benchmarks/morec_overhead.py --out benchmarks/results/morec_overhead.json \\
-        [--profile demo] [--model mf] [--steps 200] [--repeats 3]
+        [--profile demo] [--model mf] [--steps 100] [--repeats 3]
 
 One process (a process group of one, as ``morec-rec run`` without torchrun), the same
 model, data and batch size (1,024 rows, one loader worker):
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--model", default="mf", choices=["mf", "sasrec"])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     env = distributed.init()

@@ -53,7 +53,8 @@ def signal() -> ValidationSignal:
 
 def expected_masses(rule: str, fairness_rows: np.ndarray,
                     popularity_rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The update worked out by hand, from the initial masses (training-row shares)."""
+    """The update worked out by hand, from the initial masses (training-row shares);
+    step α = 0.1 (the default) for the additive rule, 0.5 for the multiplicative one."""
     m_f = fairness_rows / fairness_rows.sum()
     m_a = popularity_rows / popularity_rows.sum()
     if rule == "additive":
@@ -66,10 +67,11 @@ def expected_masses(rule: str, fairness_rows: np.ndarray,
         alignment = stepped * (1 - 1e-3) / np.delete(stepped, 4).sum()
         alignment[4] = 1e-3
     else:
-        # Multiplicative: m·e^(0.1·s), renormalised; every entry stays far above the floor.
-        fairness = m_f * np.exp(0.1 * np.eye(5)[1])
+        # Multiplicative: m·e^(0.5·s), renormalised; every entry stays far above the floor
+        # (the smallest, 0.0977·e^−0.5 / 1.16 = 0.051).
+        fairness = m_f * np.exp(0.5 * np.eye(5)[1])
         fairness /= fairness.sum()
-        alignment = m_a * np.exp(0.1 * ALIGNMENT_SIGN)
+        alignment = m_a * np.exp(0.5 * ALIGNMENT_SIGN)
         alignment /= alignment.sum()
     return {"fairness": fairness, "alignment": alignment}
 
@@ -80,11 +82,13 @@ def frequencies(batches: list, position: int, column: str, groups: int) -> np.nd
     return np.bincount(drawn.numpy(), minlength=groups)
 
 
-@pytest.mark.parametrize(("rule", "kind"), [("additive", "hash"), ("multiplicative", "file")])
+@pytest.mark.parametrize(("rule", "step", "kind"), [("additive", 0.1, "hash"),
+                                                    ("multiplicative", 0.5, "file")])
 def test_update_round_reaches_the_sampler_from_batch_k(dataset: PreparedDataset, tmp_path: Path,
-                                                       rule: str, kind: str) -> None:
+                                                       rule: str, step: float,
+                                                       kind: str) -> None:
     groups = dataset.manifest["groups"]
-    objectives = build_objectives(NAMES, dataset.manifest, rule=rule)
+    objectives = build_objectives(NAMES, dataset.manifest, step=step, rule=rule)
     fairness, alignment = objectives
     assert isinstance(fairness, Fairness) and isinstance(alignment, Alignment)
     np.testing.assert_array_equal(alignment.direction(signal()), ALIGNMENT_SIGN)
@@ -101,7 +105,7 @@ def test_update_round_reaches_the_sampler_from_batch_k(dataset: PreparedDataset,
     spec = (StoreSpec(kind="hash", prefix=f"test/{tmp_path.name}", timeout_s=5) if kind == "hash"
             else StoreSpec(kind="file", path=str(tmp_path / "store"), timeout_s=5))
     store = WeightStore.connect(spec)
-    config = SamplerConfig(objectives=NAMES, sub_batch_size=SUB_BATCH, window_batches=8, seed=3)
+    config = SamplerConfig(objectives=NAMES, sub_batch_size=SUB_BATCH, window_batches=8)
     sampler = WeightedStreamSampler(dataset, objectives, config, store=spec)
     per_epoch = sampler.batches_per_epoch()
     assert per_epoch == 33  # 4,320 training rows // 128
@@ -116,8 +120,12 @@ def test_update_round_reaches_the_sampler_from_batch_k(dataset: PreparedDataset,
     assert [b.batch_index for b in batches] == list(range(3 * per_epoch))
     assert [b.masses_version for b in batches] == [0] * K + [1] * (3 * per_epoch - K)
     assert all(b.starved.sum() == 0 for b in batches)  # every group has rows in each window
+    published = store.read(1)
+    assert (published.version, published.effective_from) == (1, K)
     for name in NAMES:
-        np.testing.assert_array_equal(sampler.masses[name], new[name])  # exact through JSON
+        np.testing.assert_array_equal(published.values[name], new[name])  # exact through JSON
+        # The sampler renormalises what it reads (a change in the last bit at most).
+        np.testing.assert_array_equal(sampler.masses[name], new[name] / new[name].sum())
 
     before, after = batches[:K], batches[K:]
     for position, (name, column, count) in enumerate(

@@ -79,7 +79,9 @@ class MoRecLoss:
 
 def segment_sums(per_row: torch.Tensor, segment: torch.Tensor,
                  num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-segment sums of ``per_row`` (differentiable) and row counts (float), both (n,)."""
+    """Per-segment sums of ``per_row`` (differentiable) and row counts, both (n,), in at
+    least float32 (a bfloat16 sum or count stops growing after a few hundred rows)."""
+    per_row = per_row.to(torch.promote_types(per_row.dtype, torch.float32))
     sums = per_row.new_zeros(num_segments).index_add(0, segment, per_row)
     counts = torch.bincount(segment, minlength=num_segments).to(per_row.dtype)
     return sums, counts
