@@ -199,6 +199,8 @@ class MoRecConfig:
     updates_per_epoch: int = 4
     #: Length of continued training.
     epochs: int = 2
+    #: Learning rate of continued training (0: the base's, restored with its optimizer).
+    continued_lr: float = 0.0
 
     def __post_init__(self) -> None:
         _check(all(p >= 0 for p in self.preference)
@@ -216,6 +218,7 @@ class MoRecConfig:
                ">= 1")
         _check(self.updates_per_epoch >= 1, "updates_per_epoch", self.updates_per_epoch, ">= 1")
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _check(self.continued_lr >= 0, "continued_lr", self.continued_lr, ">= 0")
 
 
 def parse_hold(item: str) -> tuple[str, float | None, float] | None:

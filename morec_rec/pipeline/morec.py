@@ -107,6 +107,9 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
         coordinator_state = meta["coordinator"]
     else:
         checkpoint.load(base.best, model, optimizer, identity)
+    if config.continued_lr:
+        for group in optimizer.param_groups:
+            group["lr"] = config.continued_lr
 
     spec, _server = StoreSpec.for_loader(train_config.num_workers)
     store = WeightStore.connect(spec)
