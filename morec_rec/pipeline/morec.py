@@ -269,6 +269,13 @@ def calibrate(model: torch.nn.Module, dataset: PreparedDataset, objectives: list
     return np.mean(means, axis=0)
 
 
+def saturated(beta: float, config: MoRecConfig) -> bool:
+    """Whether β is at a bound of its range, to 1% of the range: the anti-windup freezes
+    the integral up to one integral step short of a bound, where β is as good as clamped."""
+    tolerance = 0.01 * (config.beta_max - config.beta_min)
+    return not config.beta_min + tolerance < beta < config.beta_max - tolerance
+
+
 def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Any, progress: MoRecProgress,
                  run: Run, coordinator: Coordinator, config: MoRecConfig, total: int,
                  update_every: int, validate: Any, samples_per_step: int,
@@ -277,7 +284,7 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Any, progress:
 
     Every ``LOG_EVERY`` steps a "step" record holds the mean per-objective losses of those
     steps, each held objective's β and target, and the share of those steps at which β sat
-    at a bound of its range.
+    at a bound of its range (see :func:`saturated`).
     """
     losses: list[np.ndarray] = []
     at_bound: list[dict[str, bool]] = []
@@ -294,8 +301,7 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Any, progress:
         done += 1
         losses.append(output.objective_loss.numpy())
         coefficients = coordinator.coefficients
-        at_bound.append({k: not config.beta_min < v < config.beta_max
-                         for k, v in coefficients.items()})
+        at_bound.append({k: saturated(v, config) for k, v in coefficients.items()})
         rate = done * samples_per_step / (time.perf_counter() - started)
         loss = float(output.coefficients.numpy() @ losses[-1])
         bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}",
