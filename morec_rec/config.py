@@ -182,17 +182,18 @@ class MoRecConfig:
     #: p: preference over the objectives other than accuracy, in the sampler's order; sums
     #: to 1 (empty when accuracy is the only objective).
     preference: tuple[float, ...] = (0.4, 0.3, 0.3)
-    #: λ: scale of the non-accuracy terms.
-    scale: float = 0.2
+    #: λ: scale of the non-accuracy terms. The paper's 0.2 (with β >= 0.6) leaves the
+    #: controller no authority: see README, "MoRec on Ta-Feng".
+    scale: float = 1.0
     #: Objectives held by a PI controller, each ``name=target``. The target is a loss value,
     #: ``auto`` (the base model's mean loss on that objective's sub-batches, measured before
     #: continued training) or ``auto*F`` (F times it).
     hold: tuple[str, ...] = ("accuracy=auto",)
     #: PI gains and the range of its output β (the same for every held objective).
     kp: float = 0.01
-    ki: float = 0.001
-    beta_min: float = 0.6
-    beta_max: float = 1.3
+    ki: float = 0.1
+    beta_min: float = 0.0
+    beta_max: float = 2.0
     #: Batches whose mean losses give the ``auto`` targets.
     calibration_batches: int = 20
     #: Validation passes (signals, then a mass update) per epoch of continued training.
@@ -200,7 +201,7 @@ class MoRecConfig:
     #: Length of continued training.
     epochs: int = 2
     #: Learning rate of continued training (0: the base's, restored with its optimizer).
-    continued_lr: float = 0.0
+    continued_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         _check(all(p >= 0 for p in self.preference)
