@@ -256,7 +256,7 @@ DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2}, "morec": {"epochs":
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from morec_rec.pipeline.job import run_job
+    from morec_rec.pipeline.job import RESULTS, run_job
 
     train, sampler, morec = _job_configs(args, DEMO_SETTINGS)
     data = args.out / "data"
@@ -271,6 +271,9 @@ def _demo(args: argparse.Namespace) -> None:
     else:
         manifest = synthesize(DEMO_PROFILE, data, config)
     print(summary(data, manifest))
+    if (args.out / RESULTS).is_file():  # a finished demo: show its results again
+        _print_results(json.loads((args.out / RESULTS).read_text()), args.out)
+        return
     _print_results(run_job(PreparedDataset.open(data), args.out, train, sampler, morec), args.out)
 
 

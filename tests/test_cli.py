@@ -116,12 +116,17 @@ def test_unknown_config_key(files: tuple[Path, Path], tmp_path: Path,
     assert "unknown key(s) k_cor for PrepareConfig" in _error(capsys)
 
 
-def test_demo_prepares_default_data_and_reruns(tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_runs_the_job_and_reruns(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path / "run")]) == 0
     first = capsys.readouterr().out
     assert "9,086 users, 2,000 items, 221,394 interactions" in first
-    assert main(["demo", "--out", str(tmp_path / "run")]) == 0  # reuses its data
+    assert "MoRec against the base on test" in first
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["base"]) == set(results["morec"]) == {
+        "hit@10", "rhit@10", "pop_kl@10", "min_hit@10"}
+    assert {"imp", "valid"} <= set(results)
+    assert main(["demo", "--out", str(tmp_path / "run")]) == 0  # shows the finished job
     assert capsys.readouterr().out == first
     assert main(["demo", "--out", str(tmp_path / "run"), "--seed", "1"]) == 2
     assert "holds other data than the demo's" in _error(capsys)
