@@ -46,22 +46,7 @@ from morec_rec.pipeline.morec import Validator, check_settings, updated_masses
 from morec_rec.pipeline.train import build_sharded, training_loader
 from morec_rec.sampling.sampler import WeightedStreamSampler
 from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
-
-WARMUP = 20
-
-
-def timed_steps(pipeline: TrainPipelineSparseDist, loader: StatefulDataLoader,
-                steps: int, batch_size: int) -> float:
-    """Samples/s over ``steps`` pipeline steps after the warm-up."""
-    batches = iter(loader)
-    for _ in range(WARMUP):
-        pipeline.progress(batches)
-    start = time.perf_counter()
-    for _ in range(steps):
-        pipeline.progress(batches)
-    rate = steps * batch_size / (time.perf_counter() - start)
-    pipeline.detach()
-    return rate
+from train_throughput import WARMUP, timed_steps  # the script beside this one
 
 
 def base_rate(dataset: PreparedDataset, config: TrainConfig, steps: int,

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -39,15 +40,21 @@ def train_rate(dataset: PreparedDataset, config: TrainConfig, steps: int,
     model, optimizer = build_sharded(config, dataset, env)
     sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
+    return timed_steps(pipeline, loader, steps, config.batch_size), model
+
+
+def timed_steps(pipeline: TrainPipelineSparseDist, loader: Iterable, steps: int,
+                batch_size: int) -> float:
+    """Samples/s over ``steps`` pipeline steps after ``WARMUP`` steps; detaches after."""
     batches = iter(loader)
     for _ in range(WARMUP):
         pipeline.progress(batches)
     start = time.perf_counter()
     for _ in range(steps):
         pipeline.progress(batches)
-    rate = steps * config.batch_size / (time.perf_counter() - start)
+    rate = steps * batch_size / (time.perf_counter() - start)
     pipeline.detach()
-    return rate, model
+    return rate
 
 
 def eval_rate(model: torch.nn.Module, dataset: PreparedDataset, users: int) -> float:
