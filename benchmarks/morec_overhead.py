@@ -34,18 +34,15 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
-from morec_rec.control.coordinator import Coordinator
 from morec_rec.data.format import PreparedDataset
-from morec_rec.eval.signals import validation_signal
+from morec_rec.eval.ranking import load_task
 from morec_rec.models import num_negatives
 from morec_rec.models.negatives import NegativeSampler
 from morec_rec.pipeline import distributed
 from morec_rec.pipeline.batch import Collator
-from morec_rec.pipeline.hook import MoRecLoss
-from morec_rec.pipeline.morec import Validator, check_settings, updated_masses
+from morec_rec.pipeline.morec import validation_pass
+from morec_rec.pipeline.plugin import MoRec
 from morec_rec.pipeline.train import build_sharded, training_loader
-from morec_rec.sampling.sampler import WeightedStreamSampler
-from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
 from train_throughput import WARMUP, timed_steps  # the script beside this one
 
 
@@ -58,25 +55,21 @@ def base_rate(dataset: PreparedDataset, config: TrainConfig, steps: int,
 
 
 def morec_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
-                spec: StoreSpec) -> tuple[torch.nn.Module, TrainPipelineSparseDist,
-                                          StatefulDataLoader, Collator, list]:
+                ) -> tuple[MoRec, torch.nn.Module, TrainPipelineSparseDist,
+                           StatefulDataLoader, Collator]:
     """The MoRec pipeline with the default objectives and coordinator (accuracy held at a
     fixed target: measuring the base's losses is not part of a step)."""
     sampler_config = SamplerConfig(sub_batch_size=config.batch_size // 4, seed=config.seed)
-    morec = MoRecConfig(hold=("accuracy=0.5",))
-    objectives = check_settings(dataset, sampler_config, morec)
+    morec = MoRec(dataset, sampler_config, MoRecConfig(hold=("accuracy=0.5",)),
+                  num_workers=config.num_workers)
     model, optimizer = build_sharded(config, dataset, env)
-    sampler = WeightedStreamSampler(dataset, objectives, sampler_config, store=spec)
     collate = Collator(model.module.feature_names,
                        NegativeSampler(dataset.items()["train_count"].to_numpy(),
                                        config.negative_beta),
                        num_negatives(config.model), seed=config.seed)
-    loader = StatefulDataLoader(sampler, batch_size=None, num_workers=config.num_workers,
-                                collate_fn=collate)
-    coordinator = Coordinator.from_config(morec, [o.name for o in objectives], None)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device,
-                                       custom_model_fwd=MoRecLoss(model, coordinator))
-    return model, pipeline, loader, collate, objectives
+                                       custom_model_fwd=morec.loss(model))
+    return morec, model, pipeline, morec.loader(collate), collate
 
 
 def main() -> None:
@@ -94,38 +87,36 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "morec_rec.cli", "synth", "--profile",
                         args.profile, "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
-        spec, _server = StoreSpec.for_loader(config.num_workers)
-        store = WeightStore.connect(spec)
-        base, morec = [], []
+        base, morec_rates = [], []
         for repeat in range(args.repeats):
             base.append(base_rate(dataset, config, args.steps, env))
-            model, pipeline, loader, collate, objectives = morec_parts(dataset, config, env, spec)
-            morec.append(timed_steps(pipeline, loader, args.steps, config.batch_size))
-            print(f"repeat {repeat}: base {base[-1]:,.0f}  morec {morec[-1]:,.0f} samples/s")
+            morec, model, pipeline, loader, collate = morec_parts(dataset, config, env)
+            morec_rates.append(timed_steps(pipeline, loader, args.steps, config.batch_size))
+            print(f"repeat {repeat}: base {base[-1]:,.0f}  morec {morec_rates[-1]:,.0f} "
+                  "samples/s")
 
-        validator = Validator(dataset, collate, config.eval_chunk_users, env)
-        masses = {o.name: o.initial_masses() for o in objectives}
+        pipeline.detach()
+        task = load_task(dataset, "valid")
         rounds = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            metrics, losses = validator.measure(model)
-            updated = updated_masses(objectives, masses, validation_signal(losses, metrics))
-            version = publish_and_sync(store, updated, effective_from=10**9)
-            masses.update(store.read(version).values)
+            _, signal = validation_pass(morec, model, task, collate, config.eval_chunk_users,
+                                        env.device)
+            morec.update(signal, batch_index=10**9)
             rounds.append(time.perf_counter() - start)
         print(f"validation and update round: {statistics.median(rounds):.2f} s "
-              f"({len(validator.rows):,} validation users)")
+              f"({len(task):,} validation users)")
 
-    base_median, morec_median = statistics.median(base), statistics.median(morec)
+    base_median, morec_median = statistics.median(base), statistics.median(morec_rates)
     results = {
         "profile": args.profile, "model": args.model, "batch_size": config.batch_size,
         "steps": args.steps, "warmup_steps": WARMUP, "repeats": args.repeats,
         "base_samples_per_s": base_median, "morec_samples_per_s": morec_median,
         "morec_over_base": morec_median / base_median,
         "overhead_per_step": base_median / morec_median - 1,
-        "runs": {"base": base, "morec": morec},
+        "runs": {"base": base, "morec": morec_rates},
         "validation_round_s": statistics.median(rounds), "validation_rounds_s": rounds,
-        "validation_users": len(validator.rows),
+        "validation_users": len(task),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpus": os.cpu_count(), "device": str(env.device)},
     }

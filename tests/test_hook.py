@@ -93,7 +93,7 @@ def test_segment_sums_and_objective_means() -> None:
     assert counts.tolist() == [2.0, 3.0, 1.0, 0.0]
     sums.sum().backward()  # differentiable: every row counts once
     assert per_row.grad.tolist() == [1.0] * 6
-    means = objective_means(ModelOutput(per_row, torch.tensor(SEGMENTS)), 4)
+    means = objective_means(per_row, torch.tensor(SEGMENTS), 4)
     assert means.dtype == np.float64
     np.testing.assert_array_equal(means[:3], MEANS)
     assert np.isnan(means[3])

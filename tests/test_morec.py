@@ -17,7 +17,7 @@ from morec_rec.cli import main
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.pipeline.checkpoint import read_meta
-from morec_rec.pipeline.morec import check_objectives
+from morec_rec.pipeline.plugin import check_objectives
 from morec_rec.sampling.objectives import OneGroup
 
 TRAIN = ["--model", "mf", "--num-workers", "0", "--embedding-dim", "16"]

@@ -11,7 +11,7 @@ untouched. In a plain training loop the hook is called like the model:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -22,17 +22,26 @@ from morec_rec.control.coordinator import Coordinator
 from morec_rec.models import ModelOutput
 
 
+#: ``(batch, model output) -> (per-row losses (B,), segment ids (B,))``.
+RowsOf = Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+def backbone_rows(batch: Any, output: ModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-row losses and segment ids of a reference backbone's output."""
+    return output.per_row_loss, output.objective
+
+
 class MoRecOutput(NamedTuple):
     """What the hook returns beside the loss.
 
     Attributes:
-        model: the model's own output (per-row losses and segment ids of this rank).
+        model: the model's own output.
         objective_loss: float64 (num_objectives,), each objective's mean per-row loss over
             the step's rows of every rank: what the controllers saw.
         coefficients: float64 (num_objectives,), q: the step's loss is Σ_o q_o · ℓ_o.
     """
 
-    model: ModelOutput
+    model: Any
     objective_loss: torch.Tensor
     coefficients: torch.Tensor
 
@@ -41,7 +50,7 @@ class MoRecLoss:
     """``custom_model_fwd`` for TrainPipelineSparseDist, and a plain-loop loss.
 
     For a batch whose rows carry segment ids ``0..n-1`` (the sampler's objectives), it
-    runs ``model(batch) -> (loss, ModelOutput)``, takes each objective's mean per-row loss
+    runs ``model(batch) -> (loss, output)``, takes each objective's mean per-row loss
     ℓ_o on this rank, all-reduces the sums and counts so that every rank hands the
     coordinator the same global means (and gets the same coefficients q), and returns
     ``Σ_o q_o · ℓ_o`` over this rank's means. With equal sub-batch sizes on every rank,
@@ -52,13 +61,17 @@ class MoRecLoss:
         model: the (sharded) model; called as is.
         coordinator: turns the global means into coefficients; stepped once per call.
         group: the process group to reduce over (default: the world, when initialised).
+        rows: finds the per-row losses (differentiable) and the segment ids in the batch
+            and the model's output (default: a reference backbone's ``ModelOutput``).
     """
 
     def __init__(self, model: nn.Module, coordinator: Coordinator,
-                 group: dist.ProcessGroup | None = None) -> None:
+                 group: dist.ProcessGroup | None = None, *,
+                 rows: RowsOf = backbone_rows) -> None:
         self.model = model
         self.coordinator = coordinator
         self.group = group
+        self.rows = rows
 
     @property
     def num_objectives(self) -> int:
@@ -66,7 +79,7 @@ class MoRecLoss:
 
     def __call__(self, batch: Any) -> tuple[torch.Tensor, MoRecOutput]:
         _, output = self.model(batch)
-        sums, counts = segment_sums(output.per_row_loss, output.objective, self.num_objectives)
+        sums, counts = segment_sums(*self.rows(batch, output), self.num_objectives)
         local_means = sums / counts.clamp(min=1)
         global_means = reduced_means(sums.detach(), counts, self.group)
         if not torch.isfinite(global_means).all() or (global_means < 0).any():
@@ -98,7 +111,8 @@ def reduced_means(sums: torch.Tensor, counts: torch.Tensor,
     return torch.where(count > 0, total / count.clamp(min=1), torch.nan)
 
 
-def objective_means(output: ModelOutput, num_objectives: int) -> np.ndarray:
-    """float64 (n,): the per-objective mean losses of one model output, over every rank."""
-    sums, counts = segment_sums(output.per_row_loss.detach(), output.objective, num_objectives)
+def objective_means(per_row: torch.Tensor, segment: torch.Tensor,
+                    num_objectives: int) -> np.ndarray:
+    """float64 (n,): the per-objective mean losses of one batch's rows, over every rank."""
+    sums, counts = segment_sums(per_row.detach(), segment, num_objectives)
     return reduced_means(sums, counts).numpy()

@@ -26,7 +26,8 @@ from morec_rec.eval.metrics import RankingMetrics, improvement, is_valid
 from morec_rec.eval.plots import plot_run, read_log
 from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
 from morec_rec.pipeline import checkpoint, distributed
-from morec_rec.pipeline.morec import check_settings, continue_training
+from morec_rec.pipeline.morec import continue_training
+from morec_rec.pipeline.plugin import check_settings
 from morec_rec.pipeline.run import Run
 from morec_rec.pipeline.train import build_sharded, model_identity, train
 

@@ -21,34 +21,23 @@ import time
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
-from torchdata.stateful_dataloader import StatefulDataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.control.coordinator import Coordinator, needs_base_losses
 from morec_rec.data.format import PreparedDataset
-from morec_rec.errors import MorecError
 from morec_rec.eval.metrics import RankingMetrics, improvement, is_valid
-from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
-from morec_rec.eval.signals import group_losses, loss_groups, validation_signal
+from morec_rec.eval.ranking import ModelScorer, RankingTask, evaluate, load_task
 from morec_rec.models import num_negatives
 from morec_rec.models.negatives import NegativeSampler
 from morec_rec.pipeline import checkpoint, distributed
 from morec_rec.pipeline.batch import Collator
-from morec_rec.pipeline.hook import MoRecLoss, objective_means
+from morec_rec.pipeline.plugin import MoRec
 from morec_rec.pipeline.run import Run
 from morec_rec.pipeline.train import LOG_EVERY, build_sharded, model_identity
-from morec_rec.sampling.objectives import Objective, ValidationSignal, build_objectives
-from morec_rec.sampling.sampler import WeightedStreamSampler
-from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
-
-#: Batches each loader worker prepares ahead (StatefulDataLoader's prefetch_factor).
-PREFETCH = 2
-#: Batches TrainPipelineSparseDist has taken from the loader beyond the one it trains on.
-PIPELINE_DEPTH = 2
+from morec_rec.sampling.objectives import ValidationSignal
 
 
 @dataclasses.dataclass
@@ -65,41 +54,14 @@ class MoRecProgress:
     best: dict[str, Any] | None = None
 
 
-def check_objectives(objectives: list[Objective], dataset: PreparedDataset) -> None:
-    """MorecError naming the column an objective needs and the data lack."""
-    columns = set(pq.read_schema(dataset.train_files[0]).names)
-    for objective in objectives:
-        missing = sorted(set(objective.columns) - columns)
-        if missing:
-            raise MorecError(f"{dataset.root}: objective {objective.name!r} needs column(s) "
-                             f"{', '.join(missing)}, which the data lack")
-
-
-def check_settings(dataset: PreparedDataset, sampler_config: SamplerConfig,
-                   config: MoRecConfig) -> list[Objective]:
-    """The objectives, after checking every setting that can be checked before training
-    (objective names and columns, p against them, held objectives and targets)."""
-    objectives = build_objectives(sampler_config.objectives, dataset.manifest,
-                                  step=sampler_config.step, floor=sampler_config.floor,
-                                  rule=sampler_config.update_rule)
-    check_objectives(objectives, dataset)
-    names = [o.name for o in objectives]
-    Coordinator.from_config(config, names, dict.fromkeys(names, 1.0))  # raises if inconsistent
-    return objectives
-
-
 def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainConfig,
                       sampler_config: SamplerConfig, config: MoRecConfig, run: Run, *,
                       resume: bool = False) -> MoRecProgress:
     """Continues ``base``'s best checkpoint with MoRec into ``run``; returns the progress."""
     env = distributed.init()
-    objectives = check_settings(dataset, sampler_config, config)
-    names = [o.name for o in objectives]
     model, optimizer = build_sharded(train_config, dataset, env)
     identity = model_identity(train_config, dataset)
-    progress = MoRecProgress()
-    masses = {o.name: o.initial_masses() for o in objectives}
-    coordinator_state = None
+    progress, masses, coordinator_state = MoRecProgress(), None, None
     if resume and run.last.exists():
         meta = checkpoint.load(run.last, model, optimizer, identity)
         progress = MoRecProgress(**meta["progress"])
@@ -111,117 +73,77 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
         for group in optimizer.param_groups:
             group["lr"] = config.continued_lr
 
-    spec, _server = StoreSpec.for_loader(train_config.num_workers)
-    store = WeightStore.connect(spec)
-    sampler = WeightedStreamSampler(dataset, objectives, sampler_config, rank=env.rank,
-                                    world_size=env.world_size, store=spec, masses=masses)
+    morec = MoRec(dataset, sampler_config, config, rank=env.rank, world_size=env.world_size,
+                  num_workers=train_config.num_workers, masses=masses)
     negatives = NegativeSampler(dataset.items()["train_count"].to_numpy(),
                                 train_config.negative_beta)
     feature_names = model.module.feature_names
     n = num_negatives(train_config.model)
     collate = Collator(feature_names, negatives, n, seed=train_config.seed, rank=env.rank)
-    loader = StatefulDataLoader(sampler, batch_size=None, num_workers=train_config.num_workers,
-                                collate_fn=collate,
-                                prefetch_factor=PREFETCH if train_config.num_workers else None)
-
     base_losses = None
     if coordinator_state is None and needs_base_losses(config):
-        base_losses = dict(zip(names, calibrate(model, dataset, objectives, sampler_config,
-                                                collate, config.calibration_batches, env)))
-    coordinator = Coordinator.from_config(config, names, base_losses)
-    if coordinator_state is not None:
-        coordinator.load_state_dict(coordinator_state)
-    pipeline = TrainPipelineSparseDist(model, optimizer, env.device,
-                                       custom_model_fwd=MoRecLoss(model, coordinator))
+        base_losses = morec.calibrate(model, collate, env.device)
+    hook = morec.loss(model, base_losses, state=coordinator_state)
+    coordinator = hook.coordinator
+    pipeline = TrainPipelineSparseDist(model, optimizer, env.device, custom_model_fwd=hook)
+    loader = morec.loader(collate)
 
-    validator = Validator(dataset, Collator(feature_names, negatives, n, seed=train_config.seed),
-                          train_config.eval_chunk_users, env)
-    batches = sampler.batches_per_epoch(train_config.num_workers)
+    # Rank 0's negatives on every rank: any world size measures the same validation losses.
+    validation_collate = Collator(feature_names, negatives, n, seed=train_config.seed)
+    task = load_task(dataset, "valid")
+    batches = morec.batches_per_epoch
     update_every = max(1, batches // config.updates_per_epoch)
-    lookahead = PIPELINE_DEPTH + PREFETCH * train_config.num_workers + 1
 
     def checkpoint_meta() -> dict[str, Any]:
         return {**identity, "progress": dataclasses.asdict(progress),
                 "coordinator": coordinator.state_dict(),
-                "masses": {k: v.tolist() for k, v in masses.items()}}
+                "masses": {k: v.tolist() for k, v in morec.masses.items()}}
 
     def validate_and_update(batch_index: int) -> None:
-        """One validation pass, the selection, then a mass update applying from
-        ``batch_index`` + lookahead (the loader's batches before it may be drawn already)."""
+        """One validation pass, the selection, then a mass update applying from past the
+        loader's batches that may be drawn already."""
         pipeline.detach()
-        metrics, losses = validator.measure(model)
+        metrics, signal = validation_pass(morec, model, task, validation_collate,
+                                          train_config.eval_chunk_users, env.device)
         record = select(progress, metrics)
         if record["selected"]:
             checkpoint.save(run.best, model, optimizer, checkpoint_meta())
         run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
                  "step": progress.step, **record,
-                 "group_loss": {k: v.tolist() for k, v in losses.items()}})
-        updated = updated_masses(objectives, masses, validation_signal(losses, metrics))
-        if not updated:
-            return
-        effective_from = batch_index + lookahead
-        version = publish_and_sync(store, updated, effective_from)
-        masses.update(store.read(version).values)
-        run.log({"kind": "update", "epoch": progress.epoch, "step": progress.step,
-                 "version": version, "effective_from": effective_from,
-                 "masses": {k: v.tolist() for k, v in updated.items()}})
+                 "group_loss": {k: v.tolist() for k, v in signal.group_loss.items()}})
+        update = morec.update(signal, batch_index)
+        if update is not None:
+            run.log({"kind": "update", "epoch": progress.epoch, "step": progress.step,
+                     **update})
 
     if progress.base is None:
         run.log({"kind": "update", "epoch": 0, "step": 0, "version": 0, "effective_from": 0,
-                 "masses": {o.name: masses[o.name].tolist() for o in objectives
+                 "masses": {o.name: morec.masses[o.name].tolist() for o in morec.objectives
                             if o.num_groups > 1}})
         run.log({"kind": "targets", "target": coordinator.targets, "base_loss": base_losses})
         validate_and_update(batch_index=0)
 
     while progress.epoch < config.epochs:
-        sampler.set_epoch(progress.epoch)
+        morec.set_epoch(progress.epoch)
         first = progress.epoch * batches
         _train_epoch(pipeline, iter(loader), progress, run, coordinator, config, batches,
                      update_every, lambda done: validate_and_update(first + done),
-                     sampler.batch_size * env.world_size, env)
+                     morec.sampler.batch_size * env.world_size, env)
         progress.epoch += 1
         checkpoint.save(run.last, model, optimizer, checkpoint_meta())
     return progress
 
 
-class Validator:
-    """One validation pass of a (sharded) model: ranking metrics and per-group losses.
-
-    Args:
-        dataset: whose ``valid`` split is measured.
-        collate: builds the model's batches; give it rank 0 on every rank (negatives are
-            then seeded by the chunk of rows alone, and every world size measures the same
-            losses).
-        chunk_users: users ranked at a time.
-    """
-
-    def __init__(self, dataset: PreparedDataset, collate: Collator, chunk_users: int,
-                 env: distributed.Environment) -> None:
-        self.task = load_task(dataset, "valid")
-        self.rows = dataset.split("valid")
-        self.num_groups = loss_groups(dataset.manifest)
-        self.collate = collate
-        self.chunk_users = chunk_users
-        self.env = env
-
-    def measure(self, model: torch.nn.Module) -> tuple[RankingMetrics, dict[str, np.ndarray]]:
-        """Metrics and per-group mean losses, in eval mode without gradient; a collective.
-        The model is left in training mode."""
-        model.eval()
-        with torch.no_grad():
-            metrics = evaluate(ModelScorer(model.module, self.env.device), self.task,
-                               chunk_users=self.chunk_users)
-            losses = group_losses(model, self.rows, self.collate, self.num_groups,
-                                  device=self.env.device)
-        model.train()
-        return metrics, losses
-
-
-def updated_masses(objectives: list[Objective], masses: dict[str, np.ndarray],
-                   signal: ValidationSignal) -> dict[str, np.ndarray]:
-    """Each adaptive objective's masses after ``signal`` (objectives of one group have
-    nothing to update and are left out)."""
-    return {o.name: o.update(masses[o.name], signal) for o in objectives if o.num_groups > 1}
+def validation_pass(morec: MoRec, model: torch.nn.Module, task: RankingTask, collate: Collator,
+                    chunk_users: int, device: torch.device,
+                    ) -> tuple[RankingMetrics, ValidationSignal]:
+    """A backbone's validation metrics and the sampler's signal, in eval mode without
+    gradient (the model is left in training mode); a collective."""
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate(ModelScorer(model.module, device), task, chunk_users=chunk_users)
+    model.train()
+    return metrics, morec.validation_signal(model, collate, device, metrics)
 
 
 def select(progress: MoRecProgress, metrics: RankingMetrics) -> dict[str, Any]:
@@ -243,30 +165,6 @@ def select(progress: MoRecProgress, metrics: RankingMetrics) -> dict[str, Any]:
     if selected:
         progress.best_key, progress.best_step, progress.best = key, progress.step, record
     return record
-
-
-def calibrate(model: torch.nn.Module, dataset: PreparedDataset, objectives: list[Objective],
-              config: SamplerConfig, collate: Collator, num_batches: int,
-              env: distributed.Environment) -> np.ndarray:
-    """float64 (num_objectives,): the model's mean loss per objective before training on.
-
-    Measured without gradient in training mode (as the controllers will see it) over
-    ``num_batches`` batches of a stream with another seed than training's, from the
-    initial masses; averaged over every rank.
-    """
-    sampler = WeightedStreamSampler(dataset, objectives,
-                                    dataclasses.replace(config, seed=config.seed + 1),
-                                    rank=env.rank, world_size=env.world_size)
-    num_batches = min(num_batches, sampler.batches_per_epoch())
-    if num_batches < 1:
-        raise MorecError(f"{dataset.root}: too few training rows for one batch of "
-                         f"{sampler.batch_size} per rank")
-    means = []
-    with torch.no_grad():
-        for _, batch in zip(range(num_batches), sampler):
-            _, output = model(collate(batch).to(env.device))
-            means.append(objective_means(output, len(objectives)))
-    return np.mean(means, axis=0)
 
 
 def saturated(beta: float, config: MoRecConfig) -> bool:
