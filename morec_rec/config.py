@@ -143,6 +143,8 @@ class TrainConfig:
     batch_size: int = 1024
     #: Negatives are drawn ∝ training count^beta (0: uniform), never the positive.
     negative_beta: float = 0.75
+    #: SASRec's dropout rate (the original SASRec used 0.2 on dense data, 0.5 on sparse).
+    dropout: float = 0.2
     max_epochs: int = 50
     #: Validate every this many steps (0: at the end of each epoch only).
     eval_every: int = 0
@@ -163,6 +165,7 @@ class TrainConfig:
                self.table_optimizer, " or ".join(_TABLE_OPTIMIZERS))
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _check(self.negative_beta >= 0, "negative_beta", self.negative_beta, ">= 0")
+        _check(0 <= self.dropout < 1, "dropout", self.dropout, "0 <= dropout < 1")
         _check(self.max_epochs >= 1, "max_epochs", self.max_epochs, ">= 1")
         _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
         _check(self.patience >= 1, "patience", self.patience, ">= 1")

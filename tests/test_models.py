@@ -6,6 +6,7 @@ Statistical tests use a fixed seed and reject at significance 0.001.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import Iterator
@@ -246,6 +247,22 @@ def test_sasrec_representation_ignores_padding_and_other_rows(sasrec: SASRec) ->
     alone = sasrec_vectors(unpadded, [[3, 4, 5]])
     batched = sasrec_vectors(sasrec, [[1, 2, 6, 7, 8, 9], [3, 4, 5], [], [11]])
     torch.testing.assert_close(batched[1], alone[0])
+
+
+def test_sasrec_last_block_computing_the_last_query_alone_is_exact(sasrec: SASRec) -> None:
+    histories = [[1, 2, 6, 7, 8, 9], [3, 4, 5], [11], [2, 3, 4, 5, 6, 7, 8, 9]]
+    features = features_kjt(SASREC_FEATURES, {"history": jagged(histories)})
+    history = sasrec.embeddings(features)["history"]
+    encoder = sasrec.encoder
+    # Every block over every position, as the original SASRec, then the last position.
+    items, valid = right_aligned(history.values(), history.lengths().long(), encoder.max_len)
+    x = items * math.sqrt(items.size(-1)) + encoder.positions
+    keep = valid.unsqueeze(-1).to(x.dtype)
+    allowed = (valid.unsqueeze(1) | torch.eye(encoder.max_len, dtype=torch.bool)).tril()
+    x = x * keep
+    for block in encoder.blocks:
+        x = block(x, ~allowed) * keep
+    torch.testing.assert_close(encoder(history), encoder.norm(x[:, -1]))
 
 
 def test_sasrec_reads_the_whole_history_up_to_max_len(sasrec: SASRec) -> None:

@@ -39,10 +39,12 @@ class ModelOutput(NamedTuple):
 
 
 def build_model(name: str, num_users: int, num_items: int, history_length: int, *,
-                embedding_dim: int = 64, device: torch.device | None = None) -> nn.Module:
+                embedding_dim: int = 64, dropout: float = 0.2,
+                device: torch.device | None = None) -> nn.Module:
     """A backbone by name (``mf`` or ``sasrec``) with default hyper-parameters.
 
-    ``history_length`` is the prepared dataset's (SASRec's maximum sequence length).
+    ``history_length`` is the prepared dataset's (SASRec's maximum sequence length);
+    ``dropout`` is SASRec's (MF has none).
     ``device`` is where the tables are created (CPU by default; create the model alike on
     every rank, with the same seed): ``meta`` leaves their allocation to row-wise
     sharding (see :func:`morec_rec.pipeline.sharding.shard`).
@@ -56,7 +58,7 @@ def build_model(name: str, num_users: int, num_items: int, history_length: int, 
     if name == "sasrec":
         if history_length < 1:
             raise MorecError("sasrec needs histories: the dataset has history_length 0")
-        return SASRec(num_items, history_length, embedding_dim, device=device)
+        return SASRec(num_items, history_length, embedding_dim, dropout=dropout, device=device)
     raise MorecError(f"unknown model {name!r} (expected one of {', '.join(NEGATIVES)})")
 
 

@@ -91,7 +91,9 @@ class SequenceEncoder(nn.Module):
     Padding never reaches a real position: histories are right-aligned, and attention
     keys are the row's real positions up to the query (a padded query sees only itself,
     so no softmax row is empty). The output is that of the last position; rows with an
-    empty history get the learned vector ``empty`` instead.
+    empty history get the learned vector ``empty`` instead. Only the last position is
+    read, so the last block computes its query alone (exact: a block mixes positions only
+    through the keys and values it attends to).
     """
 
     def __init__(self, max_len: int, dim: int, num_blocks: int, num_heads: int,
@@ -119,9 +121,10 @@ class SequenceEncoder(nn.Module):
         diagonal = torch.eye(self.max_len, dtype=torch.bool, device=x.device)
         allowed = (valid.unsqueeze(1) | diagonal).tril()  # (B, L queries, L keys)
         mask = ~allowed.repeat_interleave(self.num_heads, 0)
-        for block in self.blocks:
+        *blocks, final = self.blocks
+        for block in blocks:
             x = block(x, mask) * keep
-        last = self.norm(x[:, -1])
+        last = self.norm(final(x, mask[:, -1:], last_only=True)[:, -1])
         return torch.where((lengths > 0).unsqueeze(-1), last, self.empty)
 
 
@@ -139,9 +142,13 @@ class _Block(nn.Module):
             nn.Linear(dim, dim), nn.Dropout(dropout),
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: float (B, L, D); mask: bool (B·heads, L, L), True where a key is hidden."""
-        queries = self.attention_norm(x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                last_only: bool = False) -> torch.Tensor:
+        """x: float (B, L, D); mask: bool (B·heads, Q, L), True where a key is hidden.
+
+        Returns (B, Q, D): every position (Q = L), or with ``last_only`` the last (Q = 1).
+        """
+        queries = self.attention_norm(x[:, -1:] if last_only else x)
         attended, _ = self.attention(queries, x, x, attn_mask=mask, need_weights=False)
         x = self.feed_forward_norm(queries + attended)
         return x + self.feed_forward(x)

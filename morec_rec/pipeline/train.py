@@ -66,7 +66,8 @@ def build_sharded(config: TrainConfig, dataset: PreparedDataset, env: distribute
     torch.manual_seed(config.seed)
     manifest = dataset.manifest
     model = build_model(config.model, manifest["num_users"], manifest["num_items"],
-                        manifest["history_length"], embedding_dim=config.embedding_dim)
+                        manifest["history_length"], embedding_dim=config.embedding_dim,
+                        dropout=config.dropout)
     return shard(model, env.device, lr=config.lr, weight_decay=config.weight_decay,
                  table_optimizer=EmbOptimType(config.table_optimizer))
 
