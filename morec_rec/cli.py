@@ -96,11 +96,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(command=_evaluate)
 
     run = commands.add_parser("run", help="pretrain, continue with MoRec, evaluate on test")
-    run.add_argument("--data", required=True, type=Path, help="prepared dataset")
+    run.add_argument("--data", type=Path, help="prepared dataset (not with --resume)")
     run.add_argument("--out", required=True, type=Path, help="output directory")
     run.add_argument("--base", type=Path, help="an existing base run (default: pretrain one)")
     run.add_argument("--continued", action="store_true",
                      help="also run accuracy-only continued training from the same base")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the job in --out with its settings (flags may extend "
+                          "them, e.g. --epochs)")
     _add_job_arguments(run)
     run.set_defaults(command=_run)
 
@@ -223,12 +226,25 @@ def format_metrics(name: str, split: str, users: int, metrics: dict[str, float],
 
 
 def _run(args: argparse.Namespace) -> None:
-    from morec_rec.pipeline.job import run_job
+    from morec_rec.pipeline.job import read_job, run_job
 
-    train, sampler, morec = _job_configs(args)
-    dataset = PreparedDataset.open(args.data)
-    _print_results(run_job(dataset, args.out, train, sampler, morec, base=args.base,
-                           with_continued=args.continued), args.out)
+    if not args.resume:
+        if args.data is None:
+            raise MorecError("run needs --data (or --resume)")
+        train, sampler, morec = _job_configs(args)
+        _print_results(run_job(PreparedDataset.open(args.data), args.out, train, sampler, morec,
+                               base=args.base, with_continued=args.continued), args.out)
+        return
+    if args.data is not None or args.base is not None or args.config is not None:
+        raise MorecError("--resume continues the job's own data, base and settings: "
+                         "drop --data, --base and --config")
+    job = read_job(args.out)
+    train = build(TrainConfig, job["train"], args)
+    sampler = build(SamplerConfig, {**job["sampler"], "seed": train.seed}, args)
+    morec = build(MoRecConfig, job["morec"], args)
+    _print_results(run_job(PreparedDataset.open(job["data"]), args.out, train, sampler, morec,
+                           base=job["base"], with_continued=job["continued"] or args.continued,
+                           resume=True), args.out)
 
 
 def _print_results(results: dict[str, Any], out: Path) -> None:
@@ -256,7 +272,7 @@ DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2}, "morec": {"epochs":
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from morec_rec.pipeline.job import RESULTS, run_job
+    from morec_rec.pipeline.job import JOB, RESULTS, run_job
 
     train, sampler, morec = _job_configs(args, DEMO_SETTINGS)
     data = args.out / "data"
@@ -274,7 +290,9 @@ def _demo(args: argparse.Namespace) -> None:
     if (args.out / RESULTS).is_file():  # a finished demo: show its results again
         _print_results(json.loads((args.out / RESULTS).read_text()), args.out)
         return
-    _print_results(run_job(PreparedDataset.open(data), args.out, train, sampler, morec), args.out)
+    # An interrupted demo continues where it stopped.
+    _print_results(run_job(PreparedDataset.open(data), args.out, train, sampler, morec,
+                           resume=(args.out / JOB).is_file()), args.out)
 
 
 def synthesize(profile: str, out: Path, config: PrepareConfig) -> dict[str, Any]:

@@ -67,6 +67,27 @@ def test_two_ranks_train_resume_and_evaluate(tiny: Path, tmp_path: Path,
     assert set(one_process) >= {"hit@10", "rhit@10", "pop_kl@10", "min_hit@10"}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("table_optimizer", ["adam", "exact_row_wise_adagrad"])
+def test_resumed_training_equals_uninterrupted_training(tiny: Path, tmp_path: Path,
+                                                        table_optimizer: str) -> None:
+    # The model and the optimizer's state (Adam's moments and step, or the fused Adagrad's
+    # sums) come back from the checkpoint: losses and the model after it are those of a
+    # run that never stopped.
+    args = [*TRAIN, "--patience", "10", "--table-optimizer", table_optimizer]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for command in (["--data", str(tiny), "--out", str(whole), "--max-epochs", "2"],
+                    ["--data", str(tiny), "--out", str(parts), "--max-epochs", "1"],
+                    ["--out", str(parts), "--resume", "--max-epochs", "2"]):
+        done = run_cli("train", *args, *command)
+        assert done.returncode == 0, done.stderr
+    losses = [[(r["step"], r["loss"]) for r in _log(run) if r["kind"] == "step"]
+              for run in (whole, parts)]
+    assert losses[0] == losses[1]
+    assert (_evaluate_json("--run", str(parts), "--split", "test")
+            == _evaluate_json("--run", str(whole), "--split", "test"))
+
+
 def test_popular_baseline(tiny: Path) -> None:
     result = _evaluate_json("--data", str(tiny), "--model", "popular", "--split", "test")
     assert result["model"] == "popular" and 0 < result["hit@10"] < 1

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from morec_rec.errors import MorecError
 
@@ -65,9 +66,22 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
         raise MorecError(f"{path}: checkpoint of another model: {found}")
     state: dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
+        _materialise_state(optimizer)
         state["optimizer"] = optimizer.state_dict()
     dcp.load(state, checkpoint_id=path)
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     return meta
+
+
+def _materialise_state(optimizer: torch.optim.Optimizer) -> None:
+    """Creates the state a fresh optimizer keeps lazily (torch's Adam makes its moments at
+    its first step), so that DCP has tensors to load into: without them a checkpoint's
+    optimizer state is silently skipped. ``init_state`` is a step with zero gradients, on
+    each part whose state is still empty (the fused table optimizers keep theirs from
+    the start); the model is loaded after it."""
+    parts = optimizer.optimizers if isinstance(optimizer, CombinedOptimizer) else [("", optimizer)]
+    for _, part in parts:
+        if isinstance(part, KeyedOptimizer) and part.params and not part.state:
+            part.init_state()

@@ -1,5 +1,6 @@
 """The main job: pretrain a base, continue it with MoRec (and without), judge on test.
 
+    OUT/job.json       the job's settings (what ``--resume`` continues)
     OUT/base/          the base run (unless an existing one is given)
     OUT/morec/         MoRec continued from the base's best checkpoint
     OUT/continued/     accuracy-only continued training, same base and steps (optional)
@@ -7,7 +8,9 @@
                        controller's record over the last fifth of training, the settings
     OUT/*.png          the controller, the masses, the metrics side by side
 
-Every rank runs the whole job (each stage is a collective); rank 0 writes the results.
+Every rank runs the whole job (each stage is a collective); rank 0 writes the results. A
+resumed job continues each stage from its last checkpoint (a finished stage has nothing
+left to do) and evaluates again.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import torch.distributed as dist
 
 from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig, build
 from morec_rec.data.format import PreparedDataset
@@ -28,9 +32,10 @@ from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
 from morec_rec.pipeline import checkpoint, distributed
 from morec_rec.pipeline.morec import continue_training
 from morec_rec.pipeline.plugin import check_settings
-from morec_rec.pipeline.run import Run
+from morec_rec.pipeline.run import RECORD, Run
 from morec_rec.pipeline.train import build_sharded, model_identity, train
 
+JOB = "job.json"
 RESULTS = "results.json"
 #: The share of training, at its end, over which the controller is judged.
 JUDGED_SHARE = 0.2
@@ -50,25 +55,36 @@ def evaluate_run(run: Run, split: str, env: distributed.Environment) -> RankingM
                         chunk_users=config.eval_chunk_users)
 
 
-def pretrain(dataset: PreparedDataset, root: Path, config: TrainConfig) -> Run:
+def stage(root: Path, record: dict[str, Any], resume: bool) -> tuple[Run, bool]:
+    """The run of one stage: the existing one when resuming (True), else a new one."""
+    if resume and (root / RECORD).is_file():
+        return Run.open(root), True
+    return Run.create(root, record), False
+
+
+def pretrain(dataset: PreparedDataset, root: Path, config: TrainConfig,
+             resume: bool = False) -> Run:
     """Trains the base to early stop into ``root``."""
     env = distributed.init()
-    run = Run.create(root, {"config": dataclasses.asdict(config),
-                            "data": str(dataset.root.resolve()), "world_size": env.world_size})
-    train(dataset, config, run)
+    run, existing = stage(root, {"config": dataclasses.asdict(config),
+                                 "data": str(dataset.root.resolve()),
+                                 "world_size": env.world_size}, resume)
+    train(dataset, config, run, resume=existing)
     return run
 
 
 def continued(base: Run, dataset: PreparedDataset, root: Path, train_config: TrainConfig,
-              sampler_config: SamplerConfig, config: MoRecConfig) -> Run:
+              sampler_config: SamplerConfig, config: MoRecConfig, resume: bool = False) -> Run:
     """Continues ``base`` with ``config`` into ``root``."""
     env = distributed.init()
-    run = Run.create(root, {"config": dataclasses.asdict(train_config),
-                            "sampler": dataclasses.asdict(sampler_config),
-                            "morec": dataclasses.asdict(config),
-                            "base": str(base.root.resolve()),
-                            "data": str(dataset.root.resolve()), "world_size": env.world_size})
-    continue_training(base, dataset, train_config, sampler_config, config, run)
+    run, existing = stage(root, {"config": dataclasses.asdict(train_config),
+                                 "sampler": dataclasses.asdict(sampler_config),
+                                 "morec": dataclasses.asdict(config),
+                                 "base": str(base.root.resolve()),
+                                 "data": str(dataset.root.resolve()),
+                                 "world_size": env.world_size}, resume)
+    continue_training(base, dataset, train_config, sampler_config, config, run,
+                      resume=existing)
     return run
 
 
@@ -109,25 +125,48 @@ def versus(base: Mapping[str, float], run: Mapping[str, float]) -> dict[str, Any
             "valid": is_valid(base["hit@10"], run["hit@10"])}
 
 
+def read_job(out: Path) -> dict[str, Any]:
+    """The settings a job in ``out`` was started with (see :func:`run_job`)."""
+    if not (out / JOB).is_file():
+        raise MorecError(f"{out}: no {JOB}: not the output of a job to resume")
+    return json.loads((out / JOB).read_text())
+
+
 def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
             sampler_config: SamplerConfig, config: MoRecConfig, *, base: Path | None = None,
-            with_continued: bool = False) -> dict[str, Any]:
-    """The whole job into ``out`` (see the module docstring); returns the results."""
+            with_continued: bool = False, resume: bool = False) -> dict[str, Any]:
+    """The whole job into ``out`` (see the module docstring); returns the results.
+
+    With ``resume``, continues the job in ``out`` (the settings may extend its own, e.g.
+    more epochs); otherwise ``out`` must hold no earlier job.
+    """
     env = distributed.init()
-    taken = [name for name in ("base", "morec", "continued", RESULTS) if (out / name).exists()]
-    if taken:
-        raise MorecError(f"{out}: holds {', '.join(taken)} of an earlier job; choose another --out")
+    taken = [name for name in (JOB, "base", "morec", "continued", RESULTS)
+             if (out / name).exists()]
+    if taken and not resume:
+        raise MorecError(f"{out}: holds {', '.join(taken)} of an earlier job; pass --resume "
+                         "to continue it, or choose another --out")
     check_settings(dataset, sampler_config, config)  # before hours of pretraining
     if with_continued:
         check_settings(dataset, *accuracy_only(sampler_config, config))
+    settings = {"train": dataclasses.asdict(train_config),
+                "sampler": dataclasses.asdict(sampler_config),
+                "morec": dataclasses.asdict(config), "data": str(dataset.root.resolve()),
+                "base": None if base is None else str(Path(base).resolve()),
+                "continued": with_continued}
+    dist.barrier()  # every rank has checked ``out`` before rank 0 writes to it
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / (JOB + ".partial")).write_text(json.dumps(settings, indent=2) + "\n")
+        (out / (JOB + ".partial")).rename(out / JOB)
     base_run = Run.open(base) if base is not None else pretrain(dataset, out / "base",
-                                                                train_config)
+                                                                train_config, resume)
     runs = {"base": base_run,
             "morec": continued(base_run, dataset, out / "morec", train_config, sampler_config,
-                               config)}
+                               config, resume)}
     if with_continued:
         runs["continued"] = continued(base_run, dataset, out / "continued", train_config,
-                                      *accuracy_only(sampler_config, config))
+                                      *accuracy_only(sampler_config, config), resume)
     test = {name: evaluate_run(run, "test", env).as_dict() for name, run in runs.items()}
     results: dict[str, Any] = {
         "data": str(dataset.root.resolve()), "world_size": env.world_size,
@@ -141,9 +180,7 @@ def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
     results["selected"] = {name: checkpoint.read_meta(run.best)["progress"]["best"]
                            for name, run in runs.items() if name != "base"}
     results["control"] = control_record(morec_log)
-    results["settings"] = {"train": dataclasses.asdict(train_config),
-                           "sampler": dataclasses.asdict(sampler_config),
-                           "morec": dataclasses.asdict(config), "base": str(base_run.root)}
+    results["settings"] = {**settings, "base": str(base_run.root)}
     if env.is_main:
         partial = out / (RESULTS + ".partial")
         partial.write_text(json.dumps(results, indent=2) + "\n")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -57,18 +57,26 @@ class MoRecProgress:
 def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainConfig,
                       sampler_config: SamplerConfig, config: MoRecConfig, run: Run, *,
                       resume: bool = False) -> MoRecProgress:
-    """Continues ``base``'s best checkpoint with MoRec into ``run``; returns the progress."""
+    """Continues ``base``'s best checkpoint with MoRec into ``run``; returns the progress.
+
+    With ``resume``, continues ``run`` from its last checkpoint (the end of an epoch):
+    model, optimizer, group masses, controllers and progress, so that the rest of the run
+    is the one an uninterrupted run would have had; its log keeps the records up to that
+    checkpoint. Without a last checkpoint it starts over.
+    """
     env = distributed.init()
     model, optimizer = build_sharded(train_config, dataset, env)
     identity = model_identity(train_config, dataset)
-    progress, masses, coordinator_state = MoRecProgress(), None, None
+    progress, masses, base_losses, coordinator_state = MoRecProgress(), None, None, None
     if resume and run.last.exists():
         meta = checkpoint.load(run.last, model, optimizer, identity)
         progress = MoRecProgress(**meta["progress"])
         masses = {k: np.asarray(v) for k, v in meta["masses"].items()}
-        coordinator_state = meta["coordinator"]
+        base_losses, coordinator_state = meta["base_losses"], meta["coordinator"]
+        run.truncate_log(progress.step)
     else:
         checkpoint.load(base.best, model, optimizer, identity)
+        run.truncate_log(None)
     if config.continued_lr:
         for group in optimizer.param_groups:
             group["lr"] = config.continued_lr
@@ -80,7 +88,6 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
     feature_names = model.module.feature_names
     n = num_negatives(train_config.model)
     collate = Collator(feature_names, negatives, n, seed=train_config.seed, rank=env.rank)
-    base_losses = None
     if coordinator_state is None and needs_base_losses(config):
         base_losses = morec.calibrate(model, collate, env.device)
     hook = morec.loss(model, base_losses, state=coordinator_state)
@@ -96,12 +103,12 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
 
     def checkpoint_meta() -> dict[str, Any]:
         return {**identity, "progress": dataclasses.asdict(progress),
-                "coordinator": coordinator.state_dict(),
+                "base_losses": base_losses, "coordinator": coordinator.state_dict(),
                 "masses": {k: v.tolist() for k, v in morec.masses.items()}}
 
-    def validate_and_update(batch_index: int) -> None:
+    def validate_and_update(batch_index: int, drawn_ahead: bool = True) -> None:
         """One validation pass, the selection, then a mass update applying from past the
-        loader's batches that may be drawn already."""
+        loader's batches that may be drawn already (none between epochs)."""
         pipeline.detach()
         metrics, signal = validation_pass(morec, model, task, validation_collate,
                                           train_config.eval_chunk_users, env.device)
@@ -111,7 +118,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
         run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
                  "step": progress.step, **record,
                  "group_loss": {k: v.tolist() for k, v in signal.group_loss.items()}})
-        update = morec.update(signal, batch_index)
+        update = morec.update(signal, batch_index, drawn_ahead=drawn_ahead)
         if update is not None:
             run.log({"kind": "update", "epoch": progress.epoch, "step": progress.step,
                      **update})
@@ -127,7 +134,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
         morec.set_epoch(progress.epoch)
         first = progress.epoch * batches
         _train_epoch(pipeline, iter(loader), progress, run, coordinator, config, batches,
-                     update_every, lambda done: validate_and_update(first + done),
+                     update_every, lambda done, end: validate_and_update(first + done, not end),
                      morec.sampler.batch_size * env.world_size, env)
         progress.epoch += 1
         checkpoint.save(run.last, model, optimizer, checkpoint_meta())
@@ -176,7 +183,8 @@ def saturated(beta: float, config: MoRecConfig) -> bool:
 
 def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Any, progress: MoRecProgress,
                  run: Run, coordinator: Coordinator, config: MoRecConfig, total: int,
-                 update_every: int, validate: Any, samples_per_step: int,
+                 update_every: int, validate: Callable[[int, bool], None],
+                 samples_per_step: int,
                  env: distributed.Environment) -> None:
     """One epoch of MoRec steps, validating every ``update_every`` steps and at the end.
 
@@ -214,6 +222,6 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Any, progress:
                      "at_bound": {k: float(np.mean([b[k] for b in at_bound[-LOG_EVERY:]]))
                                   for k in coefficients}})
         if done % update_every == 0 and total - done >= update_every // 2:
-            validate(done)
+            validate(done, False)
     bar.close()
-    validate(done)
+    validate(done, True)

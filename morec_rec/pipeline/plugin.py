@@ -185,17 +185,19 @@ class MoRec:
             return ValidationSignal(group_loss=losses, exposure={})
         return validation_signal(losses, metrics)
 
-    def update(self, signal: ValidationSignal, batch_index: int) -> dict[str, Any] | None:
+    def update(self, signal: ValidationSignal, batch_index: int, *,
+               drawn_ahead: bool = True) -> dict[str, Any] | None:
         """Steps each adaptive objective's masses by ``signal`` and publishes them to apply
         from loader batch ``batch_index + lookahead`` (``batch_index``: batches the loader
-        has yielded so far, over all epochs). A collective: every rank calls it, rank 0's
-        masses are published. Returns the update's record, or None when no objective
-        adapts."""
+        has yielded so far, over all epochs), or from ``batch_index`` itself when nothing
+        is ``drawn_ahead`` (the loader's iterator is exhausted: between epochs). A
+        collective: every rank calls it, rank 0's masses are published. Returns the
+        update's record, or None when no objective adapts."""
         updated = {o.name: o.update(self.masses[o.name], signal)
                    for o in self.objectives if o.num_groups > 1}
         if not updated:
             return None
-        effective_from = batch_index + self.lookahead
+        effective_from = batch_index + (self.lookahead if drawn_ahead else 0)
         version = publish_and_sync(self.store, updated, effective_from)
         self.masses.update(self.store.read(version).values)
         return {"version": version, "effective_from": effective_from,

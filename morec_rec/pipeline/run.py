@@ -65,6 +65,18 @@ class Run:
             raise MorecError(f"{root}: not a run directory (no {RECORD})")
         return cls(root)
 
+    def truncate_log(self, step: int | None) -> None:
+        """Drops the log's records of steps after ``step`` (all of them for None), so that
+        a resumed run logs those steps once (rank 0 rewrites the log; others wait)."""
+        if dist.get_rank() == 0 and (self.root / "log.jsonl").exists():
+            records = (self.root / "log.jsonl").read_text().splitlines(keepends=True)
+            kept = [] if step is None else [
+                line for line in records if json.loads(line).get("step", 0) <= step]
+            partial = self.root / "log.jsonl.partial"
+            partial.write_text("".join(kept))
+            partial.rename(self.root / "log.jsonl")
+        dist.barrier()
+
     def log(self, record: Mapping[str, Any]) -> None:
         """Appends one record to ``log.jsonl`` (rank 0 only; other ranks do nothing)."""
         if dist.get_rank() == 0:
