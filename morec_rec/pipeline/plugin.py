@@ -71,7 +71,7 @@ def check_settings(dataset: PreparedDataset, sampler_config: SamplerConfig,
 
 
 class MoRec:
-    """The sampler, weight store and coordinator of one MoRec job, on one rank.
+    """The sampler and weight store of one MoRec job on one rank, and its loss hook.
 
     Args:
         dataset: the prepared data (``train/`` is sampled, ``valid`` measured).
@@ -96,14 +96,14 @@ class MoRec:
         self.names = [o.name for o in self.objectives]
         self.dataset, self.sampler_config, self.config = dataset, sampler_config, config
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.masses = {o.name: np.asarray(masses[o.name]) if masses else o.initial_masses()
-                       for o in self.objectives}
+        given = masses or {}
+        self.masses = {o.name: np.asarray(given[o.name]) if o.name in given
+                       else o.initial_masses() for o in self.objectives}
         spec, self._store_server = StoreSpec.for_loader(num_workers)
         self.store = WeightStore.connect(spec)
         self.sampler = WeightedStreamSampler(dataset, self.objectives, sampler_config,
                                              rank=rank, world_size=world_size, store=spec,
                                              masses=self.masses)
-        self.coordinator: Coordinator | None = None
         self._valid_rows = dataset.split("valid")
 
     @property
@@ -159,10 +159,10 @@ class MoRec:
         checkpointed coordinator state to resume from; ``rows(batch, output)`` finds the
         per-row losses and segment ids (default: the reference backbones' output).
         """
-        self.coordinator = Coordinator.from_config(self.config, self.names, base_losses)
+        coordinator = Coordinator.from_config(self.config, self.names, base_losses)
         if state is not None:
-            self.coordinator.load_state_dict(state)
-        return MoRecLoss(model, self.coordinator, rows=rows)
+            coordinator.load_state_dict(state)
+        return MoRecLoss(model, coordinator, rows=rows)
 
     def validation_signal(self, model: nn.Module, collate: Collate, device: torch.device,
                           metrics: RankingMetrics | None = None) -> ValidationSignal:
