@@ -325,7 +325,8 @@ def _tuple_of(cls: type, name: str, value: list | tuple) -> tuple:
     try:
         return tuple(element(v) for v in value)
     except (TypeError, ValueError):
-        raise MorecError(f"config: {name} = {value!r} is not a list of {element.__name__}") from None
+        raise MorecError(f"config: {name} = {value!r} is not a list of "
+                         f"{element.__name__}") from None
 
 
 def _comma_list(text: str) -> tuple[str, ...]:

@@ -73,7 +73,8 @@ def build_sharded(config: TrainConfig, dataset: PreparedDataset, env: distribute
 
 
 def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
-                    feature_names: Sequence[str]) -> tuple[WeightedStreamSampler, StatefulDataLoader]:
+                    feature_names: Sequence[str],
+                    ) -> tuple[WeightedStreamSampler, StatefulDataLoader]:
     """The accuracy-only sampler of this rank and a loader of ``TrainBatch`` es over it."""
     sampler = WeightedStreamSampler(
         dataset, [Accuracy()],
