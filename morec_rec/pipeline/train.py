@@ -101,6 +101,9 @@ def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
     if resume and run.last.exists():
         meta = checkpoint.load(run.last, model, optimizer, identity)
         progress = Progress(**meta["progress"])
+        run.truncate_log(progress.step)  # the interrupted epoch's records go
+    else:
+        run.truncate_log(None)  # a new run, or one stopped before its first epoch ended
     sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
     task = load_task(dataset, "valid")
