@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from morec_rec.cli import main
 from morec_rec.data.raw import RawData
 
 # One intra-op thread: tests run beside torchrun jobs and loader workers on 2 cores.
@@ -21,6 +22,14 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TAFENG = SHARED / "data" / "ta-feng" / "ta_feng.csv.zip"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic ``tiny`` profile, prepared (seed 0), once per test module."""
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    assert main(["synth", "--profile", "tiny", "--seed", "0", "--out", str(out)]) == 0
+    return out
 
 
 def free_port() -> int:

@@ -12,17 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_torchrun
-from morec_rec.cli import main
 from morec_rec.pipeline.plugin import PIPELINE_DEPTH, PREFETCH
 
 EXAMPLE = ROOT / "integration" / "example"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "data"
-    assert main(["synth", "--profile", "tiny", "--seed", "0", "--out", str(out)]) == 0
-    return out
 
 
 def records(stdout: str) -> list[dict]:

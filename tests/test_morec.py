@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, run_torchrun
-from morec_rec.cli import main
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.pipeline.checkpoint import read_meta
@@ -24,13 +23,6 @@ TRAIN = ["--model", "mf", "--num-workers", "0", "--embedding-dim", "16"]
 MOREC = [*TRAIN, "--sub-batch-size", "32", "--epochs", "2", "--updates-per-epoch", "3",
          "--ki", "0.1"]
 METRICS = {"hit@10", "rhit@10", "pop_kl@10", "min_hit@10"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "data"
-    assert main(["synth", "--profile", "tiny", "--seed", "0", "--out", str(out)]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,6 @@ from morec_rec.cli import main
 TRAIN = ["--model", "mf", "--batch-size", "128", "--num-workers", "0", "--embedding-dim", "16"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "data"
-    assert main(["synth", "--profile", "tiny", "--seed", "0", "--out", str(out)]) == 0
-    return out
-
-
 def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
