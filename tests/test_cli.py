@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from morec_rec.cli import main
@@ -36,7 +38,8 @@ def _error(capsys: pytest.CaptureFixture[str]) -> str:
 def test_prepare_generic(files: tuple[Path, Path], tmp_path: Path,
                          capsys: pytest.CaptureFixture[str]) -> None:
     assert _prepare(*files, tmp_path / "out", "--k-core", "3") == 0
-    assert "6 users, 5 items, 30 interactions (train 18, valid 6, test 6)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "6 users, 5 items, 30 interactions (train 18, valid 6, test 6)" in out
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["parameters"]["k_core"] == 3
     assert manifest["source"]["name"] == "generic"
@@ -54,6 +57,7 @@ def test_config_file_and_flag_override(files: tuple[Path, Path], tmp_path: Path)
     ("edit", "message"),
     [
         (lambda i, m: i.unlink(), "inter.csv: no such file"),
+        (lambda i, m: m.unlink(), "items.csv: no such file"),
         (lambda i, m: i.write_text("user,item\nu,i\n"), "inter.csv: missing column(s) 'timestamp'"),
         (lambda i, m: m.write_text("item,price,category\ni1,cheap,c\n"),
          "items.csv: column 'price' has a non-numeric value 'cheap' in row 0"),
@@ -64,7 +68,7 @@ def test_config_file_and_flag_override(files: tuple[Path, Path], tmp_path: Path)
         (lambda i, m: i.write_text(INTERACTIONS + "u9,i1,yesterday\n"),
          "inter.csv: column 'timestamp' is not a time"),
         (lambda i, m: i.write_text("user,item,timestamp\nu,i,1\n"),
-         "no interactions left after filtering"),
+         "inter.csv: no interactions left after filtering"),
     ],
 )
 def test_bad_input(files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -82,6 +86,23 @@ def test_corrupt_parquet(files: tuple[Path, Path], tmp_path: Path,
     corrupt.write_bytes(b"PAR1" + b"\x00" * 64 + b"PAR1")
     assert _prepare(corrupt, files[1], tmp_path / "out") == 2
     assert "inter.parquet: not a readable Parquet file" in _error(capsys)
+
+
+def test_mistyped_parquet_column(files: tuple[Path, Path], tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    inter = tmp_path / "inter.parquet"
+    pq.write_table(pa.table({"user": ["u"], "item": ["i1"], "timestamp": [True]}), inter)
+    assert _prepare(inter, files[1], tmp_path / "out") == 2
+    assert "inter.parquet: column 'timestamp' has type bool, expected numbers" in _error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_policy_error_names_the_catalogue(files: tuple[Path, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    files[1].write_text(ITEMS.replace("i1,1.5,", "i1,,"))
+    assert _prepare(*files, tmp_path / "out", "--k-core", "3", "--missing", "error") == 2
+    assert "items.csv: item catalogue: 1 item(s) without a price" in _error(capsys)
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_not_touched(files: tuple[Path, Path], tmp_path: Path,

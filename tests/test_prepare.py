@@ -12,7 +12,7 @@ import pytest
 
 from conftest import raw_data
 from morec_rec.config import PrepareConfig
-from morec_rec.data.format import ROW_SCHEMA, PreparedDataset
+from morec_rec.data.format import FORMAT_VERSION, ROW_SCHEMA, PreparedDataset
 from morec_rec.data.prepare import prepare
 from morec_rec.data.raw import RawData
 from morec_rec.errors import MorecError
@@ -139,6 +139,18 @@ def test_manifest_and_shards(tmp_path: Path) -> None:
         )
     assert manifest["source"] == {"name": "test"}
     assert manifest["parameters"]["rows_per_shard"] == 250
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert (manifest["num_users"], manifest["num_items"]) == (60, 40)
+    # Fairness groups: the four categories of 10 items each (none folded at 2%).
+    fairness = manifest["groups"]["fairness"]
+    assert sorted(fairness["names"]) == ["c0", "c1", "c2", "c3"]
+    assert fairness["num_items"] == [10, 10, 10, 10] and fairness["folded_categories"] == []
+    assert [sum(fairness[f"{s}_rows"]) for s in ("train", "valid", "test")] == [600, 60, 60]
+    # Prices 0..39: statistics over items, and the mean over training rows.
+    price = manifest["price"]
+    assert (price["item_min"], price["item_max"], price["item_mean"]) == (0.0, 39.0, 19.5)
+    assert price["free_items"] == 1 and price["imputed_items"] == 0
+    assert np.isclose(price["train_row_mean"], train["price"].to_numpy().mean())
 
 
 def test_train_rows_are_shuffled(tmp_path: Path) -> None:

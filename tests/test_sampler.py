@@ -34,9 +34,11 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
     return make_dataset(tmp_path_factory.mktemp("sampler") / "data")
 
 
-def sampler(dataset: PreparedDataset, names: tuple[str, ...] = ALL, **kwargs) -> WeightedStreamSampler:
+def sampler(dataset: PreparedDataset, names: tuple[str, ...] = ALL,
+            **kwargs) -> WeightedStreamSampler:
     masses, store = kwargs.pop("masses", None), kwargs.pop("store", None)
-    config = SamplerConfig(objectives=names, **{"sub_batch_size": 64, "window_batches": 8, **kwargs})
+    config = SamplerConfig(objectives=names,
+                           **{"sub_batch_size": 64, "window_batches": 8, **kwargs})
     return WeightedStreamSampler(dataset, build_objectives(names, dataset.manifest), config,
                                  masses=masses, store=store)
 
@@ -185,8 +187,8 @@ def test_resume_with_published_masses(dataset: PreparedDataset, tmp_path: Path) 
     def run(store: Path, stop: int | None, state: dict | None = None) -> tuple[list, dict]:
         spec = StoreSpec(kind="file", path=str(store))
         weights = WeightStore.connect(spec)
-        loader = StatefulDataLoader(sampler(dataset, store=spec, sub_batch_size=16), batch_size=None,
-                                    num_workers=2, prefetch_factor=2)
+        loader = StatefulDataLoader(sampler(dataset, store=spec, sub_batch_size=16),
+                                    batch_size=None, num_workers=2, prefetch_factor=2)
         if state is not None:
             loader.load_state_dict(state)
         batches = []
@@ -209,6 +211,66 @@ def test_resume_with_published_masses(dataset: PreparedDataset, tmp_path: Path) 
     assert versions[:9] == [0] * 9 and versions[9:24] == [1] * 15 and set(versions[24:]) == {2}
     late = uninterrupted[30]
     assert set(late.fairness_group[late.objective == ALL.index("fairness")].tolist()) == {2}
+
+
+def test_published_masses_show_in_every_workers_frequencies(dataset: PreparedDataset,
+                                                            tmp_path: Path) -> None:
+    # Published after 10 consumed batches, in force from batch 14 (2 workers × prefetch 2
+    # past the consumed ones): each worker's group frequencies match the old masses before
+    # and the new ones after, and the new frequencies reject the old masses.
+    before = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    after = before[::-1].copy()
+    spec = StoreSpec(kind="file", path=str(tmp_path / "store"))
+    weights = WeightStore.connect(spec)
+    s = sampler(dataset, ("fairness",), masses={"fairness": before}, store=spec)
+    batches = []
+    for batch in DataLoader(s, batch_size=None, num_workers=2, prefetch_factor=2):
+        batches.append(batch)
+        if batch.batch_index + 1 == 10:
+            weights.publish({"fairness": after}, effective_from=14)
+    assert len(batches) == s.batches_per_epoch(2) == 66
+    for worker in (0, 1):
+        mine = [b for b in batches if b.batch_index % 2 == worker]
+        for masses, version, phase in ((before, 0, [b for b in mine if b.batch_index < 14]),
+                                       (after, 1, [b for b in mine if b.batch_index >= 14])):
+            assert {b.masses_version for b in phase} == {version}
+            drawn = torch.cat([b.fairness_group for b in phase]).numpy()
+            observed = np.bincount(drawn, minlength=5)
+            assert chi_square_p(observed, masses * len(drawn)) > ALPHA, (worker, observed)
+        assert chi_square_p(observed, before * len(drawn)) < ALPHA  # the change shows
+
+
+class RareGroup(Objective):
+    """Three groups by price, the last (price over 1000) with no row in the dataset."""
+
+    name, num_groups, columns = "rare", 3, ("price",)
+
+    def groups(self, rows):
+        return np.digitize(rows["price"], [50, 1000]).astype(np.int64)
+
+    def initial_masses(self) -> np.ndarray:
+        return np.array([0.25, 0.25, 0.5])
+
+
+def test_sampler_counts_and_logs_starved_draws(dataset: PreparedDataset,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    objectives = [*build_objectives(("accuracy",), dataset.manifest), RareGroup()]
+    config = SamplerConfig(objectives=("accuracy", "rare"), sub_batch_size=64,
+                           window_batches=8)
+    s = WeightedStreamSampler(dataset, objectives, config)
+    with caplog.at_level("WARNING", logger="morec_rec.sampling.sampler"):
+        batches = epochs(s, 1)
+    starved = torch.stack([b.starved for b in batches]).numpy()
+    assert starved[:, 0].sum() == 0  # accuracy never starves
+    # Half of the rare objective's draws fall on the empty group; the stream keeps going.
+    assert len(batches) == s.batches_per_epoch() == 33
+    assert 0.4 < starved[:, 1].sum() / (64 * len(batches)) < 0.6
+    prices = torch.cat([b.price[b.objective == 1] for b in batches]).numpy()
+    observed = np.bincount((prices >= 50).astype(int), minlength=2)
+    assert chi_square_p(observed, np.array([0.5, 0.5]) * len(prices)) > ALPHA  # re-drawn 1:1
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings and all("objective rare: groups [2] have mass but no row" in w
+                            for w in warnings)
 
 
 def test_starved_draws_are_redrawn_and_counted() -> None:

@@ -26,6 +26,11 @@ def test_prepare_tafeng(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert (m["num_users"], m["num_items"]) == (26_039, 15_483)
     assert m["num_interactions"] == {"train": 657_278, "valid": 26_039, "test": 26_039}
     assert m["source"]["rows_read"] == 817_741
+    assert m["source"]["distinct_pairs"] == m["filtering"]["raw_interactions"] == 743_228
+    assert m["filtering"]["k_core"] == {  # the README's figures
+        "k": 5, "iterations": 3, "interactions_removed": 33_872, "users_removed": 6_227,
+        "items_removed": 8_329,
+    }
     assert m["source"]["files"][0]["sha256"] == (
         "8a1c1dd5bb62e029e4148e326c86ab8c2c7d6d1bb51048db845d3f6157aeb5a9"
     )
@@ -33,9 +38,12 @@ def test_prepare_tafeng(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     for split in ("valid", "test"):  # every group measurable: >= 2% of held-out items
         assert min(fairness[f"{split}_rows"]) >= 0.02 * 26_039
     assert sum(fairness["num_items"]) == 15_483
+    assert len(fairness["names"]) == 11 and fairness["names"][-1] == "other"
+    assert len(fairness["folded_categories"]) == 15
     assert m["groups"]["popularity"]["num_items"] == [1549, 1548, 1548, 1549, 1548,
                                                       1548, 1549, 1548, 1548, 1548]
     assert np.isclose(sum(m["groups"]["popularity"]["q"]), 1.0)
-    assert m["filtering"]["items_missing_price"] == 0  # every Ta-Feng row has a price
+    # Every Ta-Feng row has a price and a subclass: nothing imputed.
+    assert m["filtering"]["items_missing_price"] == m["filtering"]["items_missing_category"] == 0
     test = dataset.split("test")
     assert len(set(test["user_id"].to_pylist())) == 26_039

@@ -64,14 +64,16 @@ def prepare(raw: RawData, out: Path, config: PrepareConfig) -> dict[str, Any]:
     check_output(out)
     counts: dict[str, Any] = {"raw_interactions": raw.interactions.num_rows}
     table = _filter_ratings(raw.interactions, config.min_rating, counts)
-    data = _k_core(_first_per_pair(_encode(table), counts), config.k_core, counts)
+    where = _source_file(raw.source)
+    data = _k_core(_first_per_pair(_encode(table), counts), config.k_core, counts, where)
 
     order = np.lexsort((_pair_hash(data, config.seed), data.timestamp, data.user))
     user_id, user_codes = _compact(data.user[order])
     item_id, item_codes = _compact(data.item[order])
     user_ids, item_ids = data.user_ids.take(user_codes), data.item_ids.take(item_codes)
     split = _leave_one_out(user_id, len(user_ids))
-    price, category = _item_attributes(item_ids, raw.items, config.missing, counts)
+    price, category = _item_attributes(item_ids, raw.items, config.missing, counts,
+                                       _source_file(raw.source, catalogue=True))
 
     train_count = np.bincount(item_id[split == 0], minlength=len(item_ids))
     popularity = popularity_groups(train_count, config.popularity_groups, config.popularity_rule)
@@ -111,7 +113,9 @@ def prepare(raw: RawData, out: Path, config: PrepareConfig) -> dict[str, Any]:
         "format_version": fmt.FORMAT_VERSION,
         "num_users": len(user_ids),
         "num_items": len(item_ids),
-        "num_interactions": {s: int(np.count_nonzero(split == i)) for i, s in enumerate(fmt.SPLITS)},
+        "num_interactions": {
+            s: int(np.count_nonzero(split == i)) for i, s in enumerate(fmt.SPLITS)
+        },
         "history_length": config.history_length,
         "groups": {"fairness": fairness.describe(), "popularity": popularity.describe()},
         "price": _price_statistics(price, item_id[split == 0], counts),
@@ -193,8 +197,23 @@ def _first_per_pair(data: _Interactions, counts: dict[str, Any]) -> _Interaction
     return _select(data, order[first])
 
 
-def _k_core(data: _Interactions, k: int, counts: dict[str, Any]) -> _Interactions:
-    """Iteratively drops users and items with fewer than ``k`` interactions."""
+def _source_file(source: dict[str, Any], catalogue: bool = False) -> str:
+    """The source file to name in an error (the source's name if it lists no files).
+
+    The interactions file (the first), or with ``catalogue`` the item catalogue's (the
+    last: ``--meta``, or the single input of a source such as Ta-Feng).
+    """
+    files = [str(f["path"]) for f in source.get("files", [])]
+    if files:
+        return files[-1] if catalogue else files[0]
+    return f"source {source.get('name', 'unnamed')!r}"
+
+
+def _k_core(data: _Interactions, k: int, counts: dict[str, Any], where: str) -> _Interactions:
+    """Iteratively drops users and items with fewer than ``k`` interactions.
+
+    An empty result is a :class:`MorecError` naming ``where`` (the input file).
+    """
     user, item = data.user, data.item
     index = np.arange(len(user))
     iterations = 0
@@ -208,7 +227,7 @@ def _k_core(data: _Interactions, k: int, counts: dict[str, Any]) -> _Interaction
         user, item, index = user[keep], item[keep], index[keep]
     if len(index) == 0:
         raise MorecError(
-            f"no interactions left after filtering (rating >= min_rating, {k}-core): "
+            f"{where}: no interactions left after filtering (rating >= min_rating, {k}-core): "
             f"{counts['raw_interactions']} rows read"
         )
     counts["k_core"] = {
@@ -242,14 +261,15 @@ def _compact(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _item_attributes(
-    item_ids: pa.Array, catalogue: pa.Table, missing: str, counts: dict[str, Any]
+    item_ids: pa.Array, catalogue: pa.Table, missing: str, counts: dict[str, Any], where: str
 ) -> tuple[np.ndarray, pa.Array]:
     """Price (float64) and category (string) of each item, indexed by item id.
 
     An item absent from the catalogue, or with a null (or blank category) field there, is
     missing that field:
     with ``missing="impute"`` its category becomes "unknown" and its price the median
-    price of its category's items (of all items if its category has no price).
+    price of its category's items (of all items if its category has no price). Errors
+    name ``where`` (the catalogue's file).
     """
     row = pc.index_in(item_ids, value_set=catalogue["item"])  # the first row wins
     price = pc.take(catalogue["price"].combine_chunks(), row)
@@ -262,7 +282,7 @@ def _item_attributes(
         field = "price" if price.null_count else "category"
         first = item_ids[pc.index(pc.is_null(price if price.null_count else category), True)]
         raise MorecError(
-            f"item catalogue: {price.null_count} item(s) without a price and "
+            f"{where}: item catalogue: {price.null_count} item(s) without a price and "
             f"{category.null_count} without a category (first: {field} of item "
             f"{first.as_py()!r}); set missing = 'impute' to impute them"
         )
@@ -270,7 +290,7 @@ def _item_attributes(
     values = price.to_numpy(zero_copy_only=False).astype(np.float64)  # null → NaN
     known = ~np.isnan(values)
     if not known.any():
-        raise MorecError("item catalogue: no item of the interactions has a price")
+        raise MorecError(f"{where}: item catalogue: no item of the interactions has a price")
     code = pc.dictionary_encode(category).indices.to_numpy()
     median = arrays.median(code[known], values[known], int(code.max()) + 1)
     fill = np.where(np.isnan(median), np.median(values[known]), median)
