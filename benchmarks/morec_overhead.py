@@ -67,10 +67,12 @@ def rates(pipeline: TrainPipelineSparseDist, loader: StatefulDataLoader, steps: 
 def morec_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
                 ) -> tuple[MoRec, torch.nn.Module, TrainPipelineSparseDist,
                            StatefulDataLoader, Collator]:
-    """The MoRec pipeline with the default objectives and coordinator (accuracy held at a
-    fixed target: measuring the base's losses is not part of a step)."""
+    """The MoRec pipeline with the default objectives, and accuracy held under ``training``
+    control (the controller stepped every batch, the costlier of the two; at a fixed target:
+    measuring the base's losses is not part of a step)."""
     sampler_config = SamplerConfig(sub_batch_size=config.batch_size // 4, seed=config.seed)
-    morec = MoRec(dataset, sampler_config, MoRecConfig(hold=("accuracy=0.5",)),
+    morec = MoRec(dataset, sampler_config,
+                  MoRecConfig(control="training", hold=("accuracy=0.5",)),
                   num_workers=config.num_workers)
     model, optimizer = build_sharded(config, dataset, env)
     collate = Collator(model.module.feature_names,

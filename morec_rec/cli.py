@@ -260,8 +260,8 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
     print(f"MoRec against the base on test: {results['imp_text']}, "
           f"{'valid' if results['valid'] else 'INVALID'} (hit@10 >= 97% of the base's)")
     for name, held in results["control"].items():
-        print(f"controller of {name}, last fifth of training: mean loss "
-              f"{held['mean_loss']:.4f} against target {held['target']:.4f} "
+        print(f"controller of {name}, last fifth of training: mean "
+              f"{held['mean']:.4f} against target {held['target']:.4f} "
               f"({100 * held['relative_error']:+.1f}%), β at a bound in "
               f"{100 * held['share_at_bound']:.0f}% of the steps")
     print(f"results and plots in {out}")

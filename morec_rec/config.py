@@ -109,8 +109,9 @@ class SamplerConfig:
     #: rounding of mass × sub-batch size, as in FairBatch).
     draw: str = "multinomial"
     #: Mass update of the adaptive objectives: step α, floor, ``additive`` or
-    #: ``multiplicative``.
-    step: float = 0.1
+    #: ``multiplicative``. α is per validation pass: SPEC's 0.1 at about 4 passes an epoch
+    #: is 0.025 at MoRec's default 16.
+    step: float = 0.025
     floor: float = 1e-3
     update_rule: str = "additive"
     seed: int = 0
@@ -173,6 +174,10 @@ class TrainConfig:
         _check(self.eval_chunk_users >= 1, "eval_chunk_users", self.eval_chunk_users, ">= 1")
 
 
+#: What MoRec's controllers may hold (``MoRecConfig.control``).
+CONTROLS = ("training", "validation")
+
+
 @dataclasses.dataclass
 class MoRecConfig:
     """MoRec's continued training: the objective coordinator (SPEC "Objective coordinator").
@@ -188,19 +193,32 @@ class MoRecConfig:
     #: λ: scale of the non-accuracy terms. The paper's 0.2 (with β >= 0.6) leaves the
     #: controller no authority: see README, "MoRec on Ta-Feng".
     scale: float = 1.0
-    #: Objectives held by a PI controller, each ``name=target``. The target is a loss value,
-    #: ``auto`` (the base model's mean loss on that objective's sub-batches, measured before
-    #: continued training) or ``auto*F`` (F times it).
+    #: What the controllers hold: ``validation``, each held objective's validation metric
+    #: relative to the base's (see :mod:`morec_rec.control.measures`), stepped at each
+    #: validation pass; or ``training``, its mean training loss, stepped every batch (the
+    #: paper's). On Ta-Feng only the first controlled, on MF and SASRec, with validity
+    #: following (README, "Which quantity to control").
+    control: str = "validation"
+    #: Objectives held by a PI controller, each ``name=target``. The target is a value of
+    #: the controlled quantity, ``auto`` (its value at the base model: under ``training``
+    #: control, the base's mean loss on that objective's sub-batches, measured before
+    #: continued training; under ``validation`` control, 1) or ``auto*F`` (F times it).
     hold: tuple[str, ...] = ("accuracy=auto",)
-    #: PI gains and the range of its output β (the same for every held objective).
+    #: PI gains and the range of its output β (the same for every held objective); ki is
+    #: per controller step (a batch or a validation pass, by ``control``). The defaults are
+    #: for ``validation`` control: β starts at β_min = 1 (accuracy weighed as the other
+    #: objectives together) and may reach 10, where accuracy has 10/11 of the loss; a 1%
+    #: shortfall held for one pass moves β by 0.2. (``training`` control on Ta-Feng used
+    #: ki 0.1, β in [0, 2].)
     kp: float = 0.01
-    ki: float = 0.1
-    beta_min: float = 0.0
-    beta_max: float = 2.0
+    ki: float = 20.0
+    beta_min: float = 1.0
+    beta_max: float = 10.0
     #: Batches whose mean losses give the ``auto`` targets.
     calibration_batches: int = 20
-    #: Validation passes (signals, then a mass update) per epoch of continued training.
-    updates_per_epoch: int = 4
+    #: Validation passes (signals, a controller step under ``validation`` control, then a
+    #: mass update) per epoch of continued training.
+    updates_per_epoch: int = 16
     #: Length of continued training.
     epochs: int = 2
     #: Learning rate of continued training (0: the base's, restored with its optimizer).
@@ -211,6 +229,7 @@ class MoRecConfig:
                and (not self.preference or abs(sum(self.preference) - 1) < 1e-6),
                "preference", self.preference, "entries >= 0 that sum to 1")
         _check(self.scale > 0, "scale", self.scale, "> 0")
+        _check(self.control in CONTROLS, "control", self.control, " or ".join(CONTROLS))
         for item in self.hold:
             _check(parse_hold(item) is not None, "hold", item,
                    "name=auto, name=auto*F or name=VALUE with F, VALUE > 0")

@@ -5,6 +5,7 @@ Expected numbers are worked out by hand in the comments beside them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -13,6 +14,7 @@ import pytest
 
 from morec_rec.config import MoRecConfig
 from morec_rec.control.coordinator import Coordinator, needs_base_losses
+from morec_rec.control.measures import METRICS, relative_measures
 from morec_rec.control.pi import PIController, PIGains
 from morec_rec.errors import MorecError
 
@@ -234,7 +236,8 @@ def test_step_rejects_bad_losses() -> None:
 
 
 def test_from_config() -> None:
-    config = MoRecConfig(preference=(0.5, 0.25, 0.25), scale=0.3, kp=0.02, ki=0.003,
+    config = MoRecConfig(control="training", preference=(0.5, 0.25, 0.25), scale=0.3, kp=0.02,
+                         ki=0.003,
                          beta_min=0.5, beta_max=1.5,
                          hold=("accuracy=auto", "revenue=auto*1.1", "fairness=0.7"))
     base = {"accuracy": 0.2, "revenue": 0.5, "fairness": 0.9, "alignment": 0.4}
@@ -251,10 +254,12 @@ def test_from_config() -> None:
 
 
 def test_needs_base_losses() -> None:
-    assert needs_base_losses(MoRecConfig())  # default: accuracy=auto
-    assert not needs_base_losses(MoRecConfig(hold=("accuracy=0.2",)))
-    assert needs_base_losses(MoRecConfig(hold=("accuracy=0.2", "revenue=auto*2")))
-    assert not needs_base_losses(MoRecConfig(hold=()))
+    training = functools.partial(MoRecConfig, control="training")
+    assert needs_base_losses(training())  # accuracy=auto
+    assert not needs_base_losses(MoRecConfig(control="validation"))  # auto is 1 there
+    assert not needs_base_losses(training(hold=("accuracy=0.2",)))
+    assert needs_base_losses(training(hold=("accuracy=0.2", "revenue=auto*2")))
+    assert not needs_base_losses(training(hold=()))
 
 
 @pytest.mark.parametrize("preference, scale, targets, message", [
@@ -288,7 +293,7 @@ def test_repeated_objective() -> None:
 ])
 def test_bad_hold(hold: tuple[str, ...], base: dict[str, float] | None, message: str) -> None:
     with pytest.raises(MorecError, match=message):
-        Coordinator.from_config(MoRecConfig(hold=hold), OBJECTIVES, base)
+        Coordinator.from_config(MoRecConfig(control="training", hold=hold), OBJECTIVES, base)
 
 
 def test_coordinator_state_round_trip_and_mismatch() -> None:
@@ -302,6 +307,8 @@ def test_coordinator_state_round_trip_and_mismatch() -> None:
     restored = Coordinator(OBJECTIVES, PREFERENCE, 0.2, targets, PAPER)
     restored.load_state_dict(state)
     assert restored.coefficients == original.coefficients
+    assert restored.measured == original.measured == {"accuracy": losses[49][0],
+                                                      "revenue": losses[49][1]}
     for row in losses[50:]:
         assert restored.step(row).tolist() == original.step(row).tolist()
 
@@ -312,3 +319,47 @@ def test_coordinator_state_round_trip_and_mismatch() -> None:
     with pytest.raises(MorecError, match="coordinator state holds targets"):
         fewer_held.load_state_dict(state)
     assert fewer_held.coefficients == {"accuracy": 0.605}  # nothing loaded
+
+
+# Validation control -----------------------------------------------------------------------
+
+BASE_METRICS = {"hit@10": 0.05, "rhit@10": 4.0, "pop_kl@10": 0.5, "min_hit@10": 0.02}
+
+
+def test_relative_measures_by_hand() -> None:
+    current = {"hit@10": 0.049, "rhit@10": 4.4, "pop_kl@10": 0.4, "min_hit@10": 0.0}
+    measures = relative_measures(METRICS, BASE_METRICS, current, 10)
+    # Higher is better: 2 − m/m_base; Pop-KL, lower is better: m/m_base.
+    assert measures == pytest.approx({"accuracy": 2 - 0.98, "revenue": 2 - 1.1,
+                                      "alignment": 0.8, "fairness": 2.0}, abs=1e-12)
+    assert relative_measures(["accuracy"], BASE_METRICS, BASE_METRICS, 10) == {"accuracy": 1.0}
+
+
+def test_relative_measures_refuse_what_they_cannot_measure() -> None:
+    with pytest.raises(MorecError, match="base's validation min_hit@10 is 0"):
+        relative_measures(["fairness"], {**BASE_METRICS, "min_hit@10": 0.0}, BASE_METRICS, 10)
+    with pytest.raises(MorecError, match="'novelty' has no validation metric"):
+        relative_measures(["novelty"], BASE_METRICS, BASE_METRICS, 10)
+
+
+def test_validation_control_targets_observe_and_q() -> None:
+    config = MoRecConfig(control="validation", scale=0.2, kp=0.01, ki=0.001, beta_min=0.6,
+                         beta_max=1.3, hold=("accuracy=auto*1.02", "revenue=auto"))
+    coordinator = Coordinator.from_config(config, OBJECTIVES, None)  # no base losses needed
+    assert coordinator.targets == pytest.approx({"accuracy": 1.02, "revenue": 1.0})
+    q = coordinator.q  # before any observation: β = kp/2 + β_min = 0.605 for both
+    np.testing.assert_allclose(q, [0.605, 0.08 * 0.605, 0.06, 0.06], rtol=1e-15)
+    coordinator.observe({"accuracy": 1.12, "revenue": 0.9})
+    # Accuracy: err = 1.02 − 1.12 = −0.1 (P_ERR_MINUS, I = 0.0001); revenue: err = +0.1.
+    np.testing.assert_allclose(coordinator.q, [P_ERR_MINUS + 0.6001,
+                                               0.08 * (P_ERR_PLUS + 0.5999), 0.06, 0.06],
+                               rtol=1e-12)
+    assert coordinator.measured == {"accuracy": 1.12, "revenue": 0.9}
+    with pytest.raises(ValueError, match="expected the held objectives"):
+        coordinator.observe({"accuracy": 1.0})
+
+
+def test_validation_control_needs_a_metric() -> None:
+    config = MoRecConfig(control="validation", preference=(1.0,), hold=("novelty=auto",))
+    with pytest.raises(MorecError, match="'novelty' has no validation metric to control on"):
+        Coordinator.from_config(config, ("accuracy", "novelty"), None)

@@ -86,6 +86,18 @@ def test_objective_losses_coefficients_and_loss_by_hand() -> None:
     assert controller_steps(c) == 2
 
 
+def test_without_control_per_step_the_hook_uses_the_coefficients_in_force() -> None:
+    c = coordinator()
+    c.observe({"accuracy": 1.0})  # err = −0.5: P = 0.5/(1 + e^−0.5), I = 0.05
+    beta = 0.5 / (1 + math.exp(-0.5)) + 0.05 + 0.6
+    hook = MoRecLoss(FixedModel(LOSSES, SEGMENTS), c, control_per_step=False)
+    for _ in range(3):
+        loss, output = hook(None)
+        np.testing.assert_allclose(output.coefficients.numpy(), [beta, 0.08, 0.12], rtol=1e-12)
+        assert loss.item() == pytest.approx(beta * 0.75 + 0.08 * 1.0 + 0.12 * 3.0, rel=1e-12)
+    assert controller_steps(c) == 1  # only the observation stepped it
+
+
 def test_segment_sums_and_objective_means() -> None:
     per_row = torch.tensor(LOSSES, requires_grad=True)
     sums, counts = segment_sums(per_row, torch.tensor(SEGMENTS), 4)  # segment 3 has no row

@@ -21,7 +21,7 @@ from morec_rec.sampling.objectives import OneGroup
 
 TRAIN = ["--model", "mf", "--num-workers", "0", "--embedding-dim", "16"]
 MOREC = [*TRAIN, "--sub-batch-size", "32", "--epochs", "2", "--updates-per-epoch", "3",
-         "--ki", "0.1"]
+         "--ki", "5"]
 METRICS = {"hit@10", "rhit@10", "pop_kl@10", "min_hit@10"}
 
 
@@ -70,15 +70,48 @@ def test_run_writes_results_logs_and_plots(tiny: Path, base: Path, tmp_path: Pat
     assert all(set(s["objective_loss"]) == {"accuracy", "revenue", "fairness", "alignment"}
                and set(s["coefficient"]) == {"accuracy"} for s in steps)
 
-    # The controller state travels with the checkpoint: one controller step per training step.
+    # Validation control (the default): each pass measures Hit@10 against the base's (the
+    # first pass) as 2 − hit / base hit, and steps the controller once; the controller's
+    # state travels with the checkpoint.
+    base_hit = evals[0]["hit@10"]
+    for record in evals:
+        assert record["controlled"]["accuracy"] == pytest.approx(2 - record["hit@10"] / base_hit,
+                                                                 rel=1e-12)
     meta = read_meta(out / "morec" / "checkpoints" / "last")
-    assert meta["coordinator"]["controllers"]["accuracy"]["steps"] == meta["progress"]["step"]
+    assert meta["coordinator"]["controllers"]["accuracy"]["steps"] == len(evals)
+    assert meta["coordinator"]["targets"] == {"accuracy": 1.0}  # auto: the base's measure
+    # β moves only at passes: a step record's controlled value is a mean of passes' measures.
+    for record in steps:
+        seen = [e["controlled"]["accuracy"] for e in evals if e["step"] < record["step"]]
+        assert min(seen) - 1e-12 <= record["controlled"]["accuracy"] <= max(seen) + 1e-12
+    assert set(results["control"]) == {"accuracy"}
     selected = read_meta(out / "morec" / "checkpoints" / "best")["progress"]
     assert selected["best"] == results["selected"]["morec"]
     # Plain continued training has the accuracy objective alone and no controller.
     continued = _log(out / "continued")
     assert all(set(s["objective_loss"]) == {"accuracy"} and s["coefficient"] == {}
                for s in continued if s["kind"] == "step")
+
+
+@pytest.mark.slow
+def test_training_control(tiny: Path, base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    done = run_cli("run", "--data", str(tiny), "--base", str(base), "--out", str(out), *MOREC,
+                   "--control", "training", "--hold", "accuracy=auto*1.1", "--ki", "0.1")
+    assert done.returncode == 0, done.stderr
+    log = _log(out / "morec")
+    # The target is 1.1 times the base's calibrated accuracy loss.
+    calibrated = next(r for r in log if r["kind"] == "targets")
+    assert calibrated["target"]["accuracy"] == pytest.approx(
+        1.1 * calibrated["base_loss"]["accuracy"], rel=1e-12)
+    # The controller steps with every batch, on its accuracy loss: a step record's
+    # controlled value is the mean accuracy loss of its steps.
+    meta = read_meta(out / "morec" / "checkpoints" / "last")
+    assert meta["coordinator"]["controllers"]["accuracy"]["steps"] == meta["progress"]["step"]
+    for record in (r for r in log if r["kind"] == "step"):
+        assert record["controlled"]["accuracy"] == pytest.approx(
+            record["objective_loss"]["accuracy"], rel=1e-9)
+    assert all(r["controlled"] == {} for r in log if r["kind"] == "eval")
 
 
 @pytest.mark.slow
@@ -127,6 +160,7 @@ def test_resume_needs_a_job(tmp_path: Path) -> None:
     (["--hold", "accuracy=0"], "config: hold = 'accuracy=0' is out of range"),
     (["--hold", "accuracy=-0.3"], "config: hold = 'accuracy=-0.3' is out of range"),
     (["--hold", "novelty=auto"], "hold: 'novelty' is not among the objectives"),
+    (["--control", "sometimes"], "config: control = 'sometimes' is out of range"),
     (["--objectives", "accuracy,novelty", "--preference", "1"], "unknown objective 'novelty'"),
 ])
 def test_bad_settings_fail_before_training(tiny: Path, tmp_path: Path, args: list[str],

@@ -39,6 +39,7 @@ def morec_log() -> list[dict]:
             "samples_per_s": 5000.0,
             "objective_loss": {"accuracy": loss, "fairness": 0.9, "alignment": 0.7},
             "coefficient": {"accuracy": 1.0 + step / 100}, "target": {"accuracy": 0.5},
+            "controlled": {"accuracy": loss},
         })
         if step % 50 == 0:
             records.append({"kind": "update", "step": step, "version": step // 50,

@@ -5,7 +5,7 @@
 What changed (``diff plain_job.py morec_job.py``): the batch carries the rows' segment ids,
 MoRec's loader replaces the job's own, MoRec's loss hook goes into the pipeline, and every
 ``--update-every`` steps a validation pass updates the sampling weights. Accuracy is held
-at the model's starting loss; revenue and fairness share the rest (README, "MoRec in your
+at the model's starting training loss; revenue and fairness share the rest (README, "MoRec in your
 own TorchRec job").
 """
 
@@ -107,8 +107,11 @@ def main() -> None:
     morec = MoRec(PreparedDataset.open(args.data),
                   SamplerConfig(objectives=("accuracy", "revenue", "fairness"),
                                 sub_batch_size=args.batch_size // 3),
-                  MoRecConfig(preference=(0.5, 0.5)), rank=rank, world_size=world_size,
-                  num_workers=1)
+                  # No base to compare with and no ranking pass: the controller holds the
+                  # training loss, stepped every batch (gains for that: README, "MoRec").
+                  MoRecConfig(preference=(0.5, 0.5), control="training", ki=0.1,
+                              beta_min=0.0, beta_max=2.0),
+                  rank=rank, world_size=world_size, num_workers=1)
 
     def collate(sampled):  # MoRec's SampledBatch -> this job's Batch
         return make_batch(sampled.user_id, sampled.item_id, manifest["num_items"],

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from morec_rec.config import MoRecConfig, parse_hold
+from morec_rec.control.measures import check_measurable
 from morec_rec.control.pi import PIController, PIGains
 from morec_rec.errors import MorecError
 
@@ -26,8 +27,10 @@ class Coordinator:
     for every other objective; ``c_o`` is the output β of the controller holding o, or 1
     where none does. Holding accuracy alone is the paper's MoRec.
 
-    :meth:`step` is deterministic, so ranks that feed it the same (already all-reduced)
-    losses keep identical controllers and return identical coefficients.
+    Under ``training`` control the hook calls :meth:`step` with every batch's losses;
+    under ``validation`` control the job calls :meth:`observe` at each validation pass
+    and the hook reads :attr:`q`. Both are deterministic, so ranks that feed them the same
+    (already all-reduced) values keep identical controllers and coefficients.
 
     Args:
         objectives: the sampler's objective names in segment-id order; distinct.
@@ -70,6 +73,7 @@ class Coordinator:
         # In objective order, so every rank steps (and saves) them in the same order.
         self._controllers = {name: PIController(targets[name], gains)
                              for name in objectives if name in targets}
+        self._measured: dict[str, float] = {}
 
     @classmethod
     def from_config(cls, config: MoRecConfig, objectives: Sequence[str],
@@ -77,13 +81,16 @@ class Coordinator:
         """The coordinator that ``config`` describes over the sampler's ``objectives``.
 
         Args:
-            config: preference, scale, gains and ``hold`` (each ``name=VALUE``,
+            config: preference, scale, gains, ``control`` and ``hold`` (each ``name=VALUE``,
                 ``name=auto`` or ``name=auto*F``).
             objectives: as for the constructor.
             base_losses: objective name -> the base model's mean loss on its sub-batches;
-                an ``auto*F`` target is F times it. Needed only where
-                :func:`needs_base_losses` says so; None otherwise.
+                under ``training`` control an ``auto*F`` target is F times it. Needed only
+                where :func:`needs_base_losses` says so; None otherwise. (Under
+                ``validation`` control every measure is 1 at the base.)
         """
+        if config.control == "validation":
+            base_losses = dict.fromkeys(objectives, 1.0)
         targets: dict[str, float] = {}
         for item, name, value, factor in _holds(config):
             _check_held(name, objectives, "hold")
@@ -95,6 +102,8 @@ class Coordinator:
                                      f"which was not measured")
                 value = factor * base_losses[name]
             targets[name] = value
+        if config.control == "validation":
+            check_measurable(targets)
         gains = PIGains(config.kp, config.ki, config.beta_min, config.beta_max)
         return cls(objectives, config.preference, config.scale, targets, gains)
 
@@ -117,15 +126,41 @@ class Coordinator:
         """Held objective name -> its controller's current β."""
         return {name: c.beta for name, c in self._controllers.items()}
 
+    @property
+    def measured(self) -> dict[str, float]:
+        """Held objective name -> the value its controller last saw (absent before any)."""
+        return dict(self._measured)
+
+    @property
+    def q(self) -> np.ndarray:
+        """float64 (num_objectives,): the coefficients in force, ``w`` times each held
+        objective's current β; the loss to backpropagate is ``Σ_o q_o · ℓ_o``."""
+        q = self._weights.copy()
+        for i, name in enumerate(self._objectives):
+            if name in self._controllers:
+                q[i] *= self._controllers[name].beta
+        return q
+
+    def observe(self, values: Mapping[str, float]) -> None:
+        """Steps the controller of each held objective with its measured value.
+
+        Args:
+            values: held objective name -> the controlled quantity, finite; every held
+                objective, and the same on every rank.
+        """
+        if set(values) != set(self._controllers):
+            raise ValueError(f"values for {sorted(values)}, expected the held objectives "
+                             f"{sorted(self._controllers)}")
+        for name, controller in self._controllers.items():
+            controller.step(values[name])
+            self._measured[name] = float(values[name])
+
     def step(self, losses: np.ndarray) -> np.ndarray:
-        """Steps every controller with its objective's loss; returns q.
+        """Steps every controller with its objective's loss (:meth:`observe`); returns q.
 
         Args:
             losses: float64 (num_objectives,), this step's mean loss per objective, finite
                 and identical on every rank.
-
-        Returns:
-            float64 (num_objectives,): q, with the loss to backpropagate ``Σ_o q_o · ℓ_o``.
         """
         values = np.asarray(losses, dtype=np.float64)
         if values.shape != (len(self._objectives),):
@@ -133,15 +168,14 @@ class Coordinator:
                              f"({len(self._objectives)},) for objectives {self._objectives}")
         if not np.isfinite(values).all():
             raise ValueError(f"losses {values.tolist()} has a non-finite entry")
-        q = self._weights.copy()
-        for i, name in enumerate(self._objectives):
-            if name in self._controllers:
-                q[i] *= self._controllers[name].step(values[i])
-        return q
+        self.observe({name: values[i] for i, name in enumerate(self._objectives)
+                      if name in self._controllers})
+        return self.q
 
     def state_dict(self) -> dict[str, Any]:
-        """The controllers' states and their targets; JSON-serialisable."""
-        return {"targets": self.targets,
+        """The controllers' states, their targets and last measured values;
+        JSON-serialisable."""
+        return {"targets": self.targets, "measured": self.measured,
                 "controllers": {name: c.state_dict() for name, c in self._controllers.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -152,6 +186,7 @@ class Coordinator:
                              f"{sorted(controllers)}, this coordinator holds {self.targets}")
         for name, controller in self._controllers.items():
             controller.load_state_dict(controllers[name])
+        self._measured = {name: float(v) for name, v in state.get("measured", {}).items()}
 
     def __repr__(self) -> str:
         return (f"Coordinator(objectives={self._objectives}, weights={self._weights.tolist()}, "
@@ -159,8 +194,10 @@ class Coordinator:
 
 
 def needs_base_losses(config: MoRecConfig) -> bool:
-    """Whether a ``hold`` target is ``auto``, so the base model's losses must be measured."""
-    return any(value is None for _, _, value, _ in _holds(config))
+    """Whether a ``hold`` target is ``auto`` under ``training`` control, so the base
+    model's training losses must be measured."""
+    return config.control == "training" and any(value is None
+                                                for _, _, value, _ in _holds(config))
 
 
 def _holds(config: MoRecConfig) -> Iterator[tuple[str, str, float | None, float]]:

@@ -1,6 +1,7 @@
 """Figures of a run's ``log.jsonl``: the controller, the sampling masses, a metric comparison.
 
-    controller.png  per held objective: its loss ℓ_o against the target ℓ̂ (±5%), and β
+    controller.png  per held objective: its controlled value against the target ℓ̂ (±5%),
+                    and β
     masses.png      per objective with groups: each group's sampling mass over steps
     metrics.png     Hit@10, rHit@10, Pop-KL@10 and MinHit@10 of several runs side by side
 
@@ -62,7 +63,8 @@ def read_log(path: Path) -> list[Record]:
 
 
 def plot_controller(records: Sequence[Record], path: Path) -> Path | None:
-    """Writes, per objective held by a controller, its ℓ_o with the target ℓ̂ and its β.
+    """Writes, per objective held by a controller, its controlled value with the target ℓ̂
+    and its β.
 
     Returns ``path``, or None (writing nothing) when no step record has a "coefficient".
     """
@@ -83,13 +85,14 @@ def plot_controller(records: Sequence[Record], path: Path) -> Path | None:
 def _plot_held(loss_ax: Axes, beta_ax: Axes, name: str, rows: Sequence[Record]) -> None:
     x = [r["step"] for r in rows]
     target = np.array([r["target"][name] for r in rows])
-    loss_ax.plot(x, [r["objective_loss"][name] for r in rows], label="ℓ (objective loss)")
+    loss_ax.plot(x, [r["controlled"][name] for r in rows],
+                 label="ℓ (controlled: loss or validation measure)")
     # A step line: the target is constant in a run, but drawn as logged should it move.
     loss_ax.plot(x, target, "--", color="black", drawstyle="steps-post", label="target ℓ̂")
     loss_ax.fill_between(x, target * (1 - TARGET_TOLERANCE), target * (1 + TARGET_TOLERANCE),
                          step="post", color="black", alpha=0.1,
                          label=f"ℓ̂ ± {TARGET_TOLERANCE:.0%}")
-    loss_ax.set(title=f"{name}: loss against its target", ylabel="loss")
+    loss_ax.set(title=f"{name}: controlled value against its target", ylabel="ℓ")
     loss_ax.legend(fontsize="small")
     beta_ax.plot(x, [r["coefficient"][name] for r in rows], color="C2")
     beta_ax.set(title=f"{name}: controller output", ylabel="β")

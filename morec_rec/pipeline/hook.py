@@ -59,19 +59,23 @@ class MoRecLoss:
 
     Args:
         model: the (sharded) model; called as is.
-        coordinator: turns the global means into coefficients; stepped once per call.
+        coordinator: turns the global means into coefficients.
         group: the process group to reduce over (default: the world, when initialised).
         rows: finds the per-row losses (differentiable) and the segment ids in the batch
             and the model's output (default: a reference backbone's ``ModelOutput``).
+        control_per_step: step the coordinator with every call's means (``training``
+            control); otherwise use the coefficients it holds (``validation`` control,
+            stepped by the job between calls).
     """
 
     def __init__(self, model: nn.Module, coordinator: Coordinator,
                  group: dist.ProcessGroup | None = None, *,
-                 rows: RowsOf = backbone_rows) -> None:
+                 rows: RowsOf = backbone_rows, control_per_step: bool = True) -> None:
         self.model = model
         self.coordinator = coordinator
         self.group = group
         self.rows = rows
+        self.control_per_step = control_per_step
 
     @property
     def num_objectives(self) -> int:
@@ -85,7 +89,8 @@ class MoRecLoss:
         if not torch.isfinite(global_means).all() or (global_means < 0).any():
             raise ValueError(f"per-objective losses must be finite and >= 0, "
                              f"got {global_means.tolist()} (an objective with no row?)")
-        q = torch.from_numpy(self.coordinator.step(global_means.numpy()))
+        q = torch.from_numpy(self.coordinator.step(global_means.numpy())
+                             if self.control_per_step else self.coordinator.q)
         loss = (q.to(local_means) * local_means).sum()
         return loss, MoRecOutput(output, global_means, q)
 

@@ -100,8 +100,9 @@ def accuracy_only(sampler_config: SamplerConfig,
 def control_record(log: list[dict[str, Any]], share: float = JUDGED_SHARE) -> dict[str, Any]:
     """How well each held objective was held over the last ``share`` of the steps.
 
-    Per held objective: its target, the mean of its loss over those steps, their relative
-    difference, and the share of those steps with β at a bound of its range.
+    Per held objective: its target, the mean of its controlled value (its loss, or its
+    validation measure) over those steps, their relative difference, and the share of
+    those steps with β at a bound of its range.
     """
     steps = [r for r in log if r.get("kind") == "step" and r.get("coefficient")]
     if not steps:
@@ -110,8 +111,8 @@ def control_record(log: list[dict[str, Any]], share: float = JUDGED_SHARE) -> di
     judged = [r for r in steps if r["step"] > (1 - share) * last]
     record = {}
     for name, target in judged[-1]["target"].items():
-        loss = float(np.mean([r["objective_loss"][name] for r in judged]))
-        record[name] = {"target": target, "mean_loss": loss, "relative_error": loss / target - 1,
+        value = float(np.mean([r["controlled"][name] for r in judged]))
+        record[name] = {"target": target, "mean": value, "relative_error": value / target - 1,
                         "share_at_bound": float(np.mean([r["at_bound"][name] for r in judged])),
                         "steps": [judged[0]["step"] - 9, last]}
     return record

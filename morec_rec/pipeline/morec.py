@@ -115,8 +115,9 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
         record = select(progress, metrics)
         if record["selected"]:
             checkpoint.save(run.best, model, optimizer, checkpoint_meta())
+        controlled = morec.control(hook, progress.base, metrics.as_dict(), metrics.k)
         run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
-                 "step": progress.step, **record,
+                 "step": progress.step, **record, "controlled": controlled,
                  "group_loss": {k: v.tolist() for k, v in signal.group_loss.items()}})
         update = morec.update(signal, batch_index, drawn_ahead=drawn_ahead)
         if update is not None:
@@ -189,11 +190,13 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Any, progress:
     """One epoch of MoRec steps, validating every ``update_every`` steps and at the end.
 
     Every ``LOG_EVERY`` steps a "step" record holds the mean per-objective losses of those
-    steps, each held objective's β and target, and the share of those steps at which β sat
-    at a bound of its range (see :func:`saturated`).
+    steps, each held objective's β, target and mean controlled value (its loss, or its
+    last validation measure, by ``config.control``) over those steps, and the share of
+    those steps at which β sat at a bound of its range (see :func:`saturated`).
     """
     losses: list[np.ndarray] = []
     at_bound: list[dict[str, bool]] = []
+    controlled: list[dict[str, float]] = []
     started = time.perf_counter()
     bar = tqdm(total=total, desc=f"morec epoch {progress.epoch}", unit="batch", leave=False,
                disable=None if env.is_main else True)
@@ -208,6 +211,7 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Any, progress:
         losses.append(output.objective_loss.numpy())
         coefficients = coordinator.coefficients
         at_bound.append({k: saturated(v, config) for k, v in coefficients.items()})
+        controlled.append(coordinator.measured)
         rate = done * samples_per_step / (time.perf_counter() - started)
         loss = float(output.coefficients.numpy() @ losses[-1])
         bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}",
@@ -219,6 +223,8 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Any, progress:
                      "loss": loss, "samples_per_s": rate,
                      "objective_loss": dict(zip(coordinator.objectives, mean.tolist())),
                      "coefficient": coefficients, "target": coordinator.targets,
+                     "controlled": {k: float(np.mean([c[k] for c in controlled[-LOG_EVERY:]]))
+                                    for k in coefficients},
                      "at_bound": {k: float(np.mean([b[k] for b in at_bound[-LOG_EVERY:]]))
                                   for k in coefficients}})
         if done % update_every == 0 and total - done >= update_every // 2:

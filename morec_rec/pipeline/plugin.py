@@ -8,7 +8,9 @@
     ...
     every N steps:
         pipeline.detach()
-        morec.update(morec.validation_signal(model, collate, device), batch_index)
+        metrics = the job's validation metrics (needed for alignment and validation control)
+        morec.control(hook, base_metrics, metrics)     # validation control only
+        morec.update(morec.validation_signal(model, collate, device, metrics), batch_index)
 
 The job keeps its model, its batch type (which gains the rows' segment ids) and its
 pipeline. :func:`morec_rec.pipeline.morec.continue_training` is this loop with the
@@ -28,6 +30,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from morec_rec.config import MoRecConfig, SamplerConfig
 from morec_rec.control.coordinator import Coordinator
+from morec_rec.control.measures import relative_measures
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.eval.metrics import RankingMetrics
@@ -162,7 +165,23 @@ class MoRec:
         coordinator = Coordinator.from_config(self.config, self.names, base_losses)
         if state is not None:
             coordinator.load_state_dict(state)
-        return MoRecLoss(model, coordinator, rows=rows)
+        return MoRecLoss(model, coordinator, rows=rows,
+                         control_per_step=self.config.control == "training")
+
+    def control(self, hook: MoRecLoss, base: Mapping[str, float],
+                metrics: Mapping[str, float], k: int = 10) -> dict[str, float]:
+        """Under ``validation`` control, steps ``hook``'s controllers with each held
+        objective's validation measure (:mod:`morec_rec.control.measures`): ``metrics`` of
+        this pass against ``base``, the base model's, both keyed like
+        ``RankingMetrics.as_dict()`` (``hit@10``, ...) at cut-off ``k``. Returns the
+        measures. Under ``training`` control (the hook steps the controllers) it does
+        nothing and returns {}. Every rank passes the same metrics."""
+        if self.config.control == "training":
+            return {}
+        coordinator = hook.coordinator
+        measures = relative_measures(coordinator.targets, base, metrics, k)
+        coordinator.observe(measures)
+        return measures
 
     def validation_signal(self, model: nn.Module, collate: Collate, device: torch.device,
                           metrics: RankingMetrics | None = None) -> ValidationSignal:
