@@ -15,7 +15,9 @@ import pytest
 from conftest import run_cli, run_torchrun
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
+from morec_rec.eval.metrics import RankingMetrics
 from morec_rec.pipeline.checkpoint import read_meta
+from morec_rec.pipeline.morec import MoRecProgress, select
 from morec_rec.pipeline.plugin import check_objectives
 from morec_rec.sampling.objectives import OneGroup
 
@@ -79,7 +81,7 @@ def test_run_writes_results_logs_and_plots(tiny: Path, base: Path, tmp_path: Pat
                                                                  rel=1e-12)
     meta = read_meta(out / "morec" / "checkpoints" / "last")
     assert meta["coordinator"]["controllers"]["accuracy"]["steps"] == len(evals)
-    assert meta["coordinator"]["targets"] == {"accuracy": 1.0}  # auto: the base's measure
+    assert meta["coordinator"]["targets"] == {"accuracy": pytest.approx(1.02)}  # auto*1.02
     # β moves only at passes: a step record's controlled value is a mean of passes' measures.
     for record in steps:
         seen = [e["controlled"]["accuracy"] for e in evals if e["step"] < record["step"]]
@@ -147,6 +149,31 @@ def test_an_interrupted_job_resumes_as_if_uninterrupted(tiny: Path, base: Path,
     for key in ("base", "morec", "imp", "valid", "selected", "control"):
         assert (json.loads((parts / "results.json").read_text())[key]
                 == json.loads((whole / "results.json").read_text())[key]), key
+
+
+def metrics(hit: float, rhit: float, pop_kl: float) -> RankingMetrics:
+    empty = np.zeros(0)
+    return RankingMetrics(hit=hit, rhit=rhit, pop_kl=pop_kl, min_hit=0.1, group_hit=empty,
+                          group_users=empty, exposure=empty, k=10, users=1000)
+
+
+@pytest.mark.parametrize(("select_hit", "selected"), [(0.97, [0, 2]), (0.99, [0, 3])])
+def test_selection_takes_the_best_imp_among_passes_with_enough_hit(
+        select_hit: float, selected: list[int]) -> None:
+    passes = [metrics(0.100, 4.0, 0.50),   # the base: Imp 0
+              metrics(0.097, 4.0, 0.50),   # 97% of its Hit, nothing gained: Imp −0.75%
+              metrics(0.098, 4.4, 0.40),   # 98%: Imp (−2% + 10% + 20% + 0) / 4 = 7%
+              metrics(0.099, 4.2, 0.45)]   # 99%: Imp (−1% + 5% + 10% + 0) / 4 = 3.5%
+    progress = MoRecProgress()
+    chosen = []
+    for step, m in enumerate(passes):
+        progress.step = step
+        record = select(progress, m, select_hit)
+        assert record["valid"]  # SPEC's validity (97%) whatever the selection asks
+        if record["selected"]:
+            chosen.append(step)
+    assert chosen == selected
+    assert progress.best["imp"] == pytest.approx({2: 0.07, 3: 0.035}[selected[-1]])
 
 
 def test_resume_needs_a_job(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@
 The first validation pass measures the base itself: its metrics are the reference of
 validity (Hit@10 ≥ 97% of the base's) and Imp on validation, and its signal makes the
 first mass update. The selected checkpoint (``best``) is, among the passes, the valid one
-with the highest validation Imp (the base itself, Imp 0, included), or the highest Hit if
-none is valid. A run with the single objective ``accuracy`` and no controller is plain
+(Hit at least ``select_hit`` of the base's, SPEC's 0.97 by default) with the highest
+validation Imp (the base itself, Imp 0, included), or the highest Hit if none is. A run with the single objective ``accuracy`` and no controller is plain
 continued training from the same base: the row every MoRec result must beat.
 """
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.control.coordinator import Coordinator, needs_base_losses
 from morec_rec.data.format import PreparedDataset
-from morec_rec.eval.metrics import RankingMetrics, improvement, is_valid
+from morec_rec.eval.metrics import VALIDITY_THRESHOLD, RankingMetrics, improvement, is_valid
 from morec_rec.eval.ranking import ModelScorer, RankingTask, evaluate, load_task
 from morec_rec.models import num_negatives
 from morec_rec.models.negatives import NegativeSampler
@@ -112,7 +112,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
         pipeline.detach()
         metrics, signal = validation_pass(morec, model, task, validation_collate,
                                           train_config.eval_chunk_users, env.device)
-        record = select(progress, metrics)
+        record = select(progress, metrics, config.select_hit)
         if record["selected"]:
             checkpoint.save(run.best, model, optimizer, checkpoint_meta())
         controlled = morec.control(hook, progress.base, metrics.as_dict(), metrics.k)
@@ -154,22 +154,27 @@ def validation_pass(morec: MoRec, model: torch.nn.Module, task: RankingTask, col
     return metrics, morec.validation_signal(model, collate, device, metrics)
 
 
-def select(progress: MoRecProgress, metrics: RankingMetrics) -> dict[str, Any]:
+def select(progress: MoRecProgress, metrics: RankingMetrics,
+           select_hit: float = VALIDITY_THRESHOLD) -> dict[str, Any]:
     """Scores a validation pass against the base; updates the selection in ``progress``.
 
-    Returns the pass's record: its metrics, Imp (over the defined terms where a base
-    metric is 0, with ``imp_undefined`` naming them), validity and whether it is selected.
+    A pass is selectable when its Hit is at least ``select_hit`` times the base's (SPEC's
+    validity, 0.97, unless a margin is asked for); the selection is the selectable pass
+    with the highest Imp, else the pass with the highest Hit. Returns the pass's record:
+    its metrics, Imp (over the defined terms where a base metric is 0, with
+    ``imp_undefined`` naming them), validity (SPEC's 97%) and whether it is selected.
     """
     current = metrics.as_dict()
     if progress.base is None:
         progress.base = current
     gain = improvement(progress.base, current)
     imp = gain.imp if gain.imp is not None else gain.imp_defined
-    valid = is_valid(progress.base[f"hit@{metrics.k}"], metrics.hit)
-    key = [1.0, imp if imp is not None else 0.0] if valid else [0.0, metrics.hit]
+    base_hit = progress.base[f"hit@{metrics.k}"]
+    selectable = is_valid(base_hit, metrics.hit, select_hit)
+    key = [1.0, imp if imp is not None else 0.0] if selectable else [0.0, metrics.hit]
     selected = progress.best_key is None or key > progress.best_key
-    record = {**current, "imp": imp, "imp_undefined": list(gain.undefined), "valid": valid,
-              "selected": selected}
+    record = {**current, "imp": imp, "imp_undefined": list(gain.undefined),
+              "valid": is_valid(base_hit, metrics.hit), "selected": selected}
     if selected:
         progress.best_key, progress.best_step, progress.best = key, progress.step, record
     return record
