@@ -11,7 +11,7 @@ respond to β at all, while validation Hit@10 did (README, "Which quantity to co
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from morec_rec.errors import MorecError
 
@@ -33,7 +33,7 @@ def check_measurable(names: Iterable[str]) -> None:
                              "use control = training")
 
 
-def relative_measures(names: Iterable[str], base: Mapping[str, float],
+def relative_measures(names: Collection[str], base: Mapping[str, float],
                       current: Mapping[str, float], k: int) -> dict[str, float]:
     """Each named objective's measure (module docstring) at ``current`` against ``base``.
 

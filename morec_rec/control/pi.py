@@ -47,7 +47,8 @@ class PIGains:
 class PIController:
     """Holds a loss at ``target`` through the coefficient β of its term in the combined loss.
 
-    Each :meth:`step` takes the loss ℓ(t) of one training step and returns β(t)::
+    Each :meth:`step` takes the controlled value ℓ(t) (a training step's loss, or a
+    validation pass's measure) and returns β(t)::
 
         err(t) = target − ℓ(t)
         u(I)   = kp / (1 + exp(err(t))) + I + beta_min      (the unclamped output)
@@ -104,7 +105,8 @@ class PIController:
         return self._beta
 
     def step(self, loss: float) -> float:
-        """Feeds this training step's loss ℓ(t), finite; returns β(t) in [beta_min, beta_max]."""
+        """Feeds the controlled value ℓ(t) (a batch's loss, or a validation pass's measure),
+        finite; returns β(t) in [beta_min, beta_max]."""
         loss = float(loss)
         if not math.isfinite(loss):
             raise ValueError(f"PI controller: loss must be finite, got {loss}")
