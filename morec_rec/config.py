@@ -196,8 +196,8 @@ class MoRecConfig:
     #: What the controllers hold: ``validation``, each held objective's validation metric
     #: relative to the base's (see :mod:`morec_rec.control.measures`), stepped at each
     #: validation pass; or ``training``, its mean training loss, stepped every batch (the
-    #: paper's). On Ta-Feng only the first controlled, on MF and SASRec, with validity
-    #: following (README, "Which quantity to control").
+    #: paper's). On Ta-Feng only validation control had authority over what decides
+    #: validity, on MF and SASRec (README, "Which quantity to control").
     control: str = "validation"
     #: Objectives held by a PI controller, each ``name=target``. The target is a value of
     #: the controlled quantity, ``auto`` (its value at the base model: under ``training``
