@@ -10,8 +10,9 @@ The first validation pass measures the base itself: its metrics are the referenc
 validity (Hit@10 ≥ 97% of the base's) and Imp on validation, and its signal makes the
 first mass update. The selected checkpoint (``best``) is, among the passes, the valid one
 (Hit at least ``select_hit`` of the base's, SPEC's 0.97 by default) with the highest
-validation Imp (the base itself, Imp 0, included), or the highest Hit if none is. A run with the single objective ``accuracy`` and no controller is plain
-continued training from the same base: the row every MoRec result must beat.
+validation Imp (the base itself, Imp 0, included), or the highest Hit if none is. A run
+with the single objective ``accuracy`` and no controller is plain continued training from
+the same base: the row every MoRec result must beat.
 """
 
 from __future__ import annotations
