@@ -72,7 +72,8 @@ def morec_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.
     measuring the base's losses is not part of a step)."""
     sampler_config = SamplerConfig(sub_batch_size=config.batch_size // 4, seed=config.seed)
     morec = MoRec(dataset, sampler_config,
-                  MoRecConfig(control="training", hold=("accuracy=0.5",)),
+                  MoRecConfig(control="training", coefficients="loss",
+                              hold=("accuracy=0.5",)),
                   num_workers=config.num_workers)
     model, optimizer = build_sharded(config, dataset, env)
     collate = Collator(model.module.feature_names,

@@ -268,7 +268,7 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
 
 
 #: The demo's settings beside the defaults: small enough for a few minutes on 2 CPU cores.
-DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2}, "morec": {"epochs": 4}}
+DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2}}
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -101,7 +101,9 @@ class SamplerConfig:
 
     #: Objectives, one sub-batch each, in this order (segment id = position).
     objectives: tuple[str, ...] = ("accuracy", "revenue", "fairness", "alignment")
-    #: Rows per objective per batch; a batch holds ``sub_batch_size * len(objectives)``.
+    #: A batch holds ``sub_batch_size * len(objectives)`` rows, split between the
+    #: objectives by their shares (equal unless published: MoRec's ``sampling``
+    #: coefficients).
     sub_batch_size: int = 256
     #: Batches per window: the rows that the sampler holds and draws from at a time.
     window_batches: int = 64
@@ -176,15 +178,18 @@ class TrainConfig:
 
 #: What MoRec's controllers may hold (``MoRecConfig.control``).
 CONTROLS = ("training", "validation")
+#: Where the coefficients q act (``MoRecConfig.coefficients``).
+COEFFICIENTS = ("sampling", "loss")
 
 
 @dataclasses.dataclass
 class MoRecConfig:
     """MoRec's continued training: the objective coordinator (SPEC "Objective coordinator").
 
-    The loss of a step is ``Σ_o c_o · w_o · ℓ_o`` over the sampler's objectives, with
-    ``w = 1`` for accuracy and ``scale · p_o`` for the others; ``c_o`` is the output β of
-    the PI controller holding objective o, or 1 where none does.
+    The coefficients of the sampler's objectives are ``q_o = c_o · w_o``, with ``w = 1``
+    for accuracy and ``scale · p_o`` for the others; ``c_o`` is the output β of the PI
+    controller holding objective o, or 1 where none does. They weigh the objectives'
+    losses or their shares of each batch (``coefficients``).
     """
 
     #: p: preference over the objectives other than accuracy, in the sampler's order; sums
@@ -199,20 +204,28 @@ class MoRecConfig:
     #: paper's). On Ta-Feng only validation control had authority over what decides
     #: validity, on MF and SASRec (README, "Which quantity to control").
     control: str = "validation"
+    #: Where the coefficients q act: ``loss``, as the weights of ``Σ_o q_o · ℓ_o`` over
+    #: equal sub-batches (the paper's); or ``sampling``, as each objective's share of the
+    #: batch's rows (``q / Σ q``), the loss being the batch's plain mean. Both have the same
+    #: expected gradient up to scale; under Adam only the shares have authority over rows
+    #: that the other objectives alone touch (README, "Where the coefficients act").
+    #: ``sampling`` needs ``validation`` control: the loaders draw batches ahead, so the
+    #: shares follow the controllers at validation passes, not at every step.
+    coefficients: str = "sampling"
     #: Objectives held by a PI controller, each ``name=target``. The target is a value of
     #: the controlled quantity, ``auto`` (its value at the base model: under ``training``
     #: control, the base's mean loss on that objective's sub-batches, measured before
     #: continued training; under ``validation`` control, 1) or ``auto*F`` (F times it).
-    hold: tuple[str, ...] = ("accuracy=auto*1.02",)
+    hold: tuple[str, ...] = ("accuracy=auto*1.01",)
     #: PI gains and the range of its output β (the same for every held objective); ki is
     #: per controller step (a batch or a validation pass, by ``control``). The defaults are
-    #: for ``validation`` control: β starts at β_min = 1 (accuracy weighed as the other
-    #: objectives together) and may reach 10, where accuracy has 10/11 of the loss; a 1%
-    #: shortfall held for one pass moves β by 0.2. (``training`` control on Ta-Feng used
+    #: for ``validation`` control with ``sampling`` coefficients: with λ = 1, accuracy's
+    #: share of a batch is β / (β + 1), from 9% at β_min = 0.1 to 91% at β_max = 10; a 1%
+    #: shortfall held for one pass moves β by 0.6. (``training`` control on Ta-Feng used
     #: ki 0.1, β in [0, 2].)
     kp: float = 0.01
-    ki: float = 20.0
-    beta_min: float = 1.0
+    ki: float = 60.0
+    beta_min: float = 0.1
     beta_max: float = 10.0
     #: Batches whose mean losses give the ``auto`` targets.
     calibration_batches: int = 20
@@ -233,6 +246,10 @@ class MoRecConfig:
                "preference", self.preference, "entries >= 0 that sum to 1")
         _check(self.scale > 0, "scale", self.scale, "> 0")
         _check(self.control in CONTROLS, "control", self.control, " or ".join(CONTROLS))
+        _check(self.coefficients in COEFFICIENTS, "coefficients", self.coefficients,
+               " or ".join(COEFFICIENTS))
+        _check(self.coefficients == "loss" or self.control == "validation", "coefficients",
+               self.coefficients, "loss under control = training")
         for item in self.hold:
             _check(parse_hold(item) is not None, "hold", item,
                    "name=auto, name=auto*F or name=VALUE with F, VALUE > 0")

@@ -236,8 +236,8 @@ def test_step_rejects_bad_losses() -> None:
 
 
 def test_from_config() -> None:
-    config = MoRecConfig(control="training", preference=(0.5, 0.25, 0.25), scale=0.3, kp=0.02,
-                         ki=0.003,
+    config = MoRecConfig(control="training", coefficients="loss",
+                         preference=(0.5, 0.25, 0.25), scale=0.3, kp=0.02, ki=0.003,
                          beta_min=0.5, beta_max=1.5,
                          hold=("accuracy=auto", "revenue=auto*1.1", "fairness=0.7"))
     base = {"accuracy": 0.2, "revenue": 0.5, "fairness": 0.9, "alignment": 0.4}
@@ -254,7 +254,7 @@ def test_from_config() -> None:
 
 
 def test_needs_base_losses() -> None:
-    training = functools.partial(MoRecConfig, control="training")
+    training = functools.partial(MoRecConfig, control="training", coefficients="loss")
     assert needs_base_losses(training())  # accuracy=auto
     assert not needs_base_losses(MoRecConfig(control="validation"))  # auto is 1 there
     assert not needs_base_losses(training(hold=("accuracy=0.2",)))
@@ -293,7 +293,8 @@ def test_repeated_objective() -> None:
 ])
 def test_bad_hold(hold: tuple[str, ...], base: dict[str, float] | None, message: str) -> None:
     with pytest.raises(MorecError, match=message):
-        Coordinator.from_config(MoRecConfig(control="training", hold=hold), OBJECTIVES, base)
+        Coordinator.from_config(MoRecConfig(control="training", coefficients="loss", hold=hold),
+                                OBJECTIVES, base)
 
 
 def test_coordinator_state_round_trip_and_mismatch() -> None:

@@ -98,6 +98,34 @@ def test_without_control_per_step_the_hook_uses_the_coefficients_in_force() -> N
     assert controller_steps(c) == 1  # only the observation stepped it
 
 
+def test_under_sampling_coefficients_the_loss_is_the_plain_mean_over_the_rows() -> None:
+    c = coordinator()
+    c.observe({"accuracy": 1.0})
+    hook = MoRecLoss(FixedModel(LOSSES, SEGMENTS), c, control_per_step=False,
+                     coefficients="sampling")
+    loss, output = hook(None)
+    # The rows were drawn in proportion to q: the loss weighs each objective by its rows.
+    assert output.coefficients.tolist() == pytest.approx([2 / 6, 3 / 6, 1 / 6], rel=1e-12)
+    assert output.objective_loss.tolist() == MEANS
+    assert loss.item() == pytest.approx(sum(LOSSES) / 6, rel=1e-12)
+    assert controller_steps(c) == 1
+
+    # An objective that drew no row this step: no loss term, its mean NaN, no error.
+    hook.model = FixedModel([1.0, 3.0, 2.0], [0, 0, 2])
+    loss, output = hook(None)
+    assert loss.item() == 2.0
+    assert output.coefficients.tolist() == pytest.approx([2 / 3, 0, 1 / 3], rel=1e-12)
+    assert math.isnan(output.objective_loss[1].item())
+
+
+def test_sampling_coefficients_need_a_controller_stepped_between_calls() -> None:
+    with pytest.raises(ValueError, match="draws batches ahead"):
+        MoRecLoss(FixedModel(LOSSES, SEGMENTS), coordinator(), coefficients="sampling")
+    with pytest.raises(ValueError, match="'weights' is not one of"):
+        MoRecLoss(FixedModel(LOSSES, SEGMENTS), coordinator(), control_per_step=False,
+                  coefficients="weights")
+
+
 def test_segment_sums_and_objective_means() -> None:
     per_row = torch.tensor(LOSSES, requires_grad=True)
     sums, counts = segment_sums(per_row, torch.tensor(SEGMENTS), 4)  # segment 3 has no row

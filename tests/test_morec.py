@@ -17,7 +17,7 @@ from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.eval.metrics import RankingMetrics
 from morec_rec.pipeline.checkpoint import read_meta
-from morec_rec.pipeline.morec import MoRecProgress, select
+from morec_rec.pipeline.morec import MoRecProgress, _mean_of_defined, select
 from morec_rec.pipeline.plugin import check_objectives
 from morec_rec.sampling.objectives import OneGroup
 
@@ -62,10 +62,11 @@ def test_run_writes_results_logs_and_plots(tiny: Path, base: Path, tmp_path: Pat
     updates = [r for r in log if r["kind"] == "update"]
     evals = [r for r in log if r["kind"] == "eval"]
     # One pass on the base, then updates_per_epoch passes an epoch, each followed by a
-    # mass update that applies after the batches already in flight.
+    # mass update that applies after the batches already in flight (none before training).
     assert len(evals) == 1 + 2 * 3 and evals[0]["step"] == 0 and evals[0]["imp"] == 0
     assert [u["version"] for u in updates] == list(range(len(evals) + 1))
-    assert all(u["effective_from"] > 0 for u in updates[1:])
+    assert updates[1]["effective_from"] == 0
+    assert all(u["effective_from"] > 0 for u in updates[2:])
     for update in updates:
         for masses in update["masses"].values():
             assert sum(masses) == pytest.approx(1) and min(masses) >= 1e-3 - 1e-12
@@ -81,7 +82,12 @@ def test_run_writes_results_logs_and_plots(tiny: Path, base: Path, tmp_path: Pat
                                                                  rel=1e-12)
     meta = read_meta(out / "morec" / "checkpoints" / "last")
     assert meta["coordinator"]["controllers"]["accuracy"]["steps"] == len(evals)
-    assert meta["coordinator"]["targets"] == {"accuracy": pytest.approx(1.02)}  # auto*1.02
+    assert meta["coordinator"]["targets"] == {"accuracy": pytest.approx(1.01)}  # auto*1.01
+    # Sampling coefficients (the default): the last published shares of a batch are q / Σq
+    # with q = (β, λ·p) = (β, 0.4, 0.3, 0.3), λ = 1.
+    beta = meta["coordinator"]["controllers"]["accuracy"]["beta"]
+    shares = [u["masses"]["batch"] for u in updates if "batch" in u["masses"]]
+    assert shares[-1] == pytest.approx(np.array([beta, 0.4, 0.3, 0.3]) / (beta + 1.0))
     # β moves only at passes: a step record's controlled value is a mean of passes' measures.
     for record in steps:
         seen = [e["controlled"]["accuracy"] for e in evals if e["step"] < record["step"]]
@@ -99,7 +105,8 @@ def test_run_writes_results_logs_and_plots(tiny: Path, base: Path, tmp_path: Pat
 def test_training_control(tiny: Path, base: Path, tmp_path: Path) -> None:
     out = tmp_path / "job"
     done = run_cli("run", "--data", str(tiny), "--base", str(base), "--out", str(out), *MOREC,
-                   "--control", "training", "--hold", "accuracy=auto*1.1", "--ki", "0.1")
+                   "--control", "training", "--coefficients", "loss",
+                   "--hold", "accuracy=auto*1.1", "--ki", "0.1")
     assert done.returncode == 0, done.stderr
     log = _log(out / "morec")
     # The target is 1.1 times the base's calibrated accuracy loss.
@@ -188,6 +195,9 @@ def test_resume_needs_a_job(tmp_path: Path) -> None:
     (["--hold", "accuracy=-0.3"], "config: hold = 'accuracy=-0.3' is out of range"),
     (["--hold", "novelty=auto"], "hold: 'novelty' is not among the objectives"),
     (["--control", "sometimes"], "config: control = 'sometimes' is out of range"),
+    (["--coefficients", "weights"], "config: coefficients = 'weights' is out of range"),
+    (["--control", "training"],
+     "config: coefficients = 'sampling' is out of range (expected loss under control = training)"),
     (["--objectives", "accuracy,novelty", "--preference", "1"], "unknown objective 'novelty'"),
 ])
 def test_bad_settings_fail_before_training(tiny: Path, tmp_path: Path, args: list[str],
@@ -216,3 +226,9 @@ def test_finished_job_is_not_overwritten(tiny: Path, tmp_path: Path) -> None:
     (out / "morec").mkdir(parents=True)
     done = run_cli("run", "--data", str(tiny), "--out", str(out), *TRAIN)
     assert done.returncode == 2 and "holds morec of an earlier job; pass --resume" in done.stderr
+
+
+def test_step_records_average_the_steps_where_an_objective_drew_rows() -> None:
+    # Under sampling coefficients an objective with a small share may draw no row (NaN).
+    means = _mean_of_defined([np.array([1.0, np.nan, 2.0]), np.array([3.0, np.nan, np.nan])])
+    assert means == [2.0, None, 2.0]

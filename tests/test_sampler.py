@@ -21,7 +21,7 @@ from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.sampling.draw import GroupIndex, draw, largest_remainder
 from morec_rec.sampling.objectives import Objective, build_objectives
-from morec_rec.sampling.sampler import WeightedStreamSampler
+from morec_rec.sampling.sampler import BATCH, WeightedStreamSampler
 from morec_rec.sampling.store import StoreSpec, WeightStore
 from sampling_data import make_dataset
 
@@ -238,6 +238,27 @@ def test_published_masses_show_in_every_workers_frequencies(dataset: PreparedDat
             observed = np.bincount(drawn, minlength=5)
             assert chi_square_p(observed, masses * len(drawn)) > ALPHA, (worker, observed)
         assert chi_square_p(observed, before * len(drawn)) < ALPHA  # the change shows
+
+
+def test_shares_of_the_batch_set_each_objectives_rows(dataset: PreparedDataset,
+                                                       tmp_path: Path) -> None:
+    # Batches of 4 × 64 = 256 rows. Initial shares (4, 2, 1, 1)/8: 128, 64, 32, 32 rows.
+    # Published for batch 5 on: (0.7, 0.1, 0.1, 0.1) × 256 = 179.2, 25.6, 25.6, 25.6,
+    # rounded by largest remainder (ties to the lower index): 179, 26, 26, 25.
+    spec = StoreSpec(kind="file", path=str(tmp_path / "store"))
+    WeightStore.connect(spec).publish({BATCH: np.array([0.7, 0.1, 0.1, 0.1])},
+                                      effective_from=5)
+    s = sampler(dataset, masses={BATCH: np.array([4.0, 2, 1, 1])}, store=spec)
+    batches = list(s)
+    sizes = [np.bincount(b.objective.numpy(), minlength=4).tolist() for b in batches]
+    assert sizes[:5] == [[128, 64, 32, 32]] * 5
+    assert sizes[5:] == [[179, 26, 26, 25]] * (len(batches) - 5)
+    assert [b.masses_version for b in batches[4:6]] == [0, 1]
+    # The uniform objective still takes rows it has not taken before in the epoch.
+    accuracy = [(u, i) for b in batches for o, u, i in
+                zip(b.objective.tolist(), b.user_id.tolist(), b.item_id.tolist()) if o == 0]
+    assert len(set(accuracy)) == len(accuracy)
+    np.testing.assert_allclose(s.state_dict()["masses"][BATCH], [0.7, 0.1, 0.1, 0.1])
 
 
 class RareGroup(Objective):

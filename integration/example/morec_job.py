@@ -109,8 +109,8 @@ def main() -> None:
                                 sub_batch_size=args.batch_size // 3),
                   # No base to compare with and no ranking pass: the controller holds the
                   # training loss, stepped every batch (gains for that: README, "MoRec").
-                  MoRecConfig(preference=(0.5, 0.5), control="training", ki=0.1,
-                              beta_min=0.0, beta_max=2.0),
+                  MoRecConfig(preference=(0.5, 0.5), control="training", coefficients="loss",
+                              ki=0.1, beta_min=0.0, beta_max=2.0),
                   rank=rank, world_size=world_size, num_workers=1)
 
     def collate(sampled):  # MoRec's SampledBatch -> this job's Batch

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from morec_rec.config import COEFFICIENTS
 from morec_rec.control.coordinator import Coordinator
 from morec_rec.models import ModelOutput
 
@@ -37,8 +38,11 @@ class MoRecOutput(NamedTuple):
     Attributes:
         model: the model's own output.
         objective_loss: float64 (num_objectives,), each objective's mean per-row loss over
-            the step's rows of every rank: what the controllers saw.
-        coefficients: float64 (num_objectives,), q: the step's loss is Σ_o q_o · ℓ_o.
+            the step's rows of every rank (NaN for an objective with no row): what the
+            controllers saw.
+        coefficients: float64 (num_objectives,): the step's loss is Σ_o c_o · ℓ_o over
+            this rank's means; q under ``loss`` coefficients, each objective's share of
+            this rank's rows under ``sampling``.
     """
 
     model: Any
@@ -55,7 +59,9 @@ class MoRecLoss:
     coordinator the same global means (and gets the same coefficients q), and returns
     ``Σ_o q_o · ℓ_o`` over this rank's means. With equal sub-batch sizes on every rank,
     the data-parallel average of these losses' gradients is the gradient of the weighted
-    sum of the global means.
+    sum of the global means. Where q sets the objectives' shares of the batch instead
+    (``sampling``: the loader drew them so), it returns the plain mean over this rank's
+    rows, which is ``Σ_o (n_o / n) · ℓ_o``.
 
     Args:
         model: the (sharded) model; called as is.
@@ -66,16 +72,25 @@ class MoRecLoss:
         control_per_step: step the coordinator with every call's means (``training``
             control); otherwise use the coefficients it holds (``validation`` control,
             stepped by the job between calls).
+        coefficients: ``loss``, q weighs the objectives' means; ``sampling``, q sets the
+            objectives' shares of the batch, which the loss takes as they were drawn.
     """
 
     def __init__(self, model: nn.Module, coordinator: Coordinator,
                  group: dist.ProcessGroup | None = None, *,
-                 rows: RowsOf = backbone_rows, control_per_step: bool = True) -> None:
+                 rows: RowsOf = backbone_rows, control_per_step: bool = True,
+                 coefficients: str = "loss") -> None:
+        if coefficients not in COEFFICIENTS:
+            raise ValueError(f"coefficients {coefficients!r} is not one of {COEFFICIENTS}")
+        if coefficients == "sampling" and control_per_step:
+            raise ValueError("sampling coefficients cannot follow a controller stepped at "
+                             "every batch: the loader draws batches ahead")
         self.model = model
         self.coordinator = coordinator
         self.group = group
         self.rows = rows
         self.control_per_step = control_per_step
+        self.coefficients = coefficients
 
     @property
     def num_objectives(self) -> int:
@@ -86,6 +101,10 @@ class MoRecLoss:
         sums, counts = segment_sums(*self.rows(batch, output), self.num_objectives)
         local_means = sums / counts.clamp(min=1)
         global_means = reduced_means(sums.detach(), counts, self.group)
+        if self.coefficients == "sampling":
+            shares = counts / counts.sum()
+            loss = (shares * local_means).sum()
+            return loss, MoRecOutput(output, global_means, shares.detach().to(torch.float64))
         if not torch.isfinite(global_means).all() or (global_means < 0).any():
             raise ValueError(f"per-objective losses must be finite and >= 0, "
                              f"got {global_means.tolist()} (an objective with no row?)")

@@ -83,7 +83,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
             group["lr"] = config.continued_lr
 
     morec = MoRec(dataset, sampler_config, config, rank=env.rank, world_size=env.world_size,
-                  num_workers=train_config.num_workers, masses=masses)
+                  num_workers=train_config.num_workers, masses=masses, namespace=run.root.name)
     negatives = NegativeSampler(dataset.items()["train_count"].to_numpy(),
                                 train_config.negative_beta)
     feature_names = model.module.feature_names
@@ -127,10 +127,9 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
 
     if progress.base is None:
         run.log({"kind": "update", "epoch": 0, "step": 0, "version": 0, "effective_from": 0,
-                 "masses": {o.name: morec.masses[o.name].tolist() for o in morec.objectives
-                            if o.num_groups > 1}})
+                 "masses": {name: morec.masses[name].tolist() for name in morec.adaptive}})
         run.log({"kind": "targets", "target": coordinator.targets, "base_loss": base_losses})
-        validate_and_update(batch_index=0)
+        validate_and_update(batch_index=0, drawn_ahead=False)
 
     while progress.epoch < config.epochs:
         morec.set_epoch(progress.epoch)
@@ -219,15 +218,16 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Any, progress:
         at_bound.append({k: saturated(v, config) for k, v in coefficients.items()})
         controlled.append(coordinator.measured)
         rate = done * samples_per_step / (time.perf_counter() - started)
-        loss = float(output.coefficients.numpy() @ losses[-1])
+        # nansum: under sampling coefficients an objective may draw no row in a step.
+        loss = float(np.nansum(output.coefficients.numpy() * losses[-1]))
         bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}",
                         **{f"beta_{k}": f"{v:.3f}" for k, v in coefficients.items()})
         bar.update()
         if progress.step % LOG_EVERY == 0:
-            mean = np.mean(losses[-LOG_EVERY:], axis=0)
             run.log({"kind": "step", "epoch": progress.epoch, "step": progress.step,
                      "loss": loss, "samples_per_s": rate,
-                     "objective_loss": dict(zip(coordinator.objectives, mean.tolist())),
+                     "objective_loss": dict(zip(coordinator.objectives,
+                                                _mean_of_defined(losses[-LOG_EVERY:]))),
                      "coefficient": coefficients, "target": coordinator.targets,
                      "controlled": {k: float(np.mean([c[k] for c in controlled[-LOG_EVERY:]]))
                                     for k in coefficients},
@@ -237,3 +237,12 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Any, progress:
             validate(done, False)
     bar.close()
     validate(done, True)
+
+
+def _mean_of_defined(values: list[np.ndarray]) -> list[float | None]:
+    """Per column, the mean of the non-NaN entries of equal-length vectors; None where
+    every entry is NaN (an objective that drew no row in those steps)."""
+    stacked = np.stack(values)
+    defined = ~np.isnan(stacked)
+    total, count = np.where(defined, stacked, 0.0).sum(axis=0), defined.sum(axis=0)
+    return [float(t / c) if c else None for t, c in zip(total, count)]

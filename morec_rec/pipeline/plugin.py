@@ -38,7 +38,7 @@ from morec_rec.eval.signals import group_losses, loss_groups, validation_signal
 from morec_rec.pipeline.hook import MoRecLoss, RowsOf, backbone_rows, objective_means
 from morec_rec.sampling.batch import SampledBatch
 from morec_rec.sampling.objectives import Objective, ValidationSignal, build_objectives
-from morec_rec.sampling.sampler import WeightedStreamSampler
+from morec_rec.sampling.sampler import BATCH, WeightedStreamSampler
 from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
 
 #: Batches each loader worker prepares ahead (StatefulDataLoader's prefetch_factor).
@@ -83,8 +83,12 @@ class MoRec:
         rank, world_size: this process's place in the data-parallel job.
         num_workers: loader worker processes per rank (a process outside torchrun
             hosts a local store for them).
-        masses: the masses in force, by objective (default: each objective's initial
-            masses); pass the checkpointed ones to resume.
+        masses: the masses in force, by objective, and the objectives' shares of a batch
+            under :data:`~morec_rec.sampling.sampler.BATCH` (default: each objective's
+            initial masses, and shares ∝ the initial coefficients under ``sampling``
+            coefficients, equal otherwise); pass the checkpointed ones to resume.
+        namespace: where this job's versions live in the weight store; each MoRec of one
+            process group (a MoRec run, then its continued-training row) needs its own.
 
     Raises:
         MorecError: an unknown objective, a column it needs that the data lack, or
@@ -93,26 +97,39 @@ class MoRec:
 
     def __init__(self, dataset: PreparedDataset, sampler_config: SamplerConfig,
                  config: MoRecConfig, *, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0,
-                 masses: Mapping[str, np.ndarray] | None = None) -> None:
+                 num_workers: int = 0, masses: Mapping[str, np.ndarray] | None = None,
+                 namespace: str = "morec") -> None:
         self.objectives = check_settings(dataset, sampler_config, config)
         self.names = [o.name for o in self.objectives]
         self.dataset, self.sampler_config, self.config = dataset, sampler_config, config
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        given = masses or {}
-        self.masses = {o.name: np.asarray(given[o.name]) if o.name in given
-                       else o.initial_masses() for o in self.objectives}
+        initial = {o.name: o.initial_masses() for o in self.objectives}
+        initial[BATCH] = (self._shares(Coordinator.from_config(config, self.names, None))
+                          if config.coefficients == "sampling"
+                          else np.full(len(self.names), 1 / len(self.names)))
+        self.masses = {name: np.asarray((masses or {}).get(name, value))
+                       for name, value in initial.items()}
         spec, self._store_server = StoreSpec.for_loader(num_workers)
+        spec = dataclasses.replace(spec, prefix=f"{spec.prefix}/{namespace}")
         self.store = WeightStore.connect(spec)
         self.sampler = WeightedStreamSampler(dataset, self.objectives, sampler_config,
                                              rank=rank, world_size=world_size, store=spec,
                                              masses=self.masses)
         self._valid_rows = dataset.split("valid")
+        self._pending_shares: np.ndarray | None = None
 
     @property
     def batches_per_epoch(self) -> int:
         """Batches the loader yields per epoch on this rank."""
         return self.sampler.batches_per_epoch(self.num_workers)
+
+    @property
+    def adaptive(self) -> list[str]:
+        """The masses that validation passes update: the adaptive objectives', and the
+        shares of a batch (:data:`~morec_rec.sampling.sampler.BATCH`) under ``sampling``
+        coefficients."""
+        names = [o.name for o in self.objectives if o.num_groups > 1]
+        return names + [BATCH] if self.config.coefficients == "sampling" else names
 
     @property
     def lookahead(self) -> int:
@@ -121,8 +138,9 @@ class MoRec:
         return PIPELINE_DEPTH + PREFETCH * self.num_workers + 1
 
     def loader(self, collate: Collate) -> StatefulDataLoader:
-        """The training loader: each batch one sub-batch per objective, in order, through
-        ``collate``. Call ``loader.dataset.set_epoch(e)`` (or :meth:`set_epoch`) per epoch."""
+        """The training loader: each batch one sub-batch per objective, in order (each as
+        long as the objective's share), through ``collate``. Call
+        ``loader.dataset.set_epoch(e)`` (or :meth:`set_epoch`) per epoch."""
         return StatefulDataLoader(self.sampler, batch_size=None, num_workers=self.num_workers,
                                   collate_fn=collate,
                                   prefetch_factor=PREFETCH if self.num_workers else None)
@@ -166,22 +184,34 @@ class MoRec:
         if state is not None:
             coordinator.load_state_dict(state)
         return MoRecLoss(model, coordinator, rows=rows,
-                         control_per_step=self.config.control == "training")
+                         control_per_step=self.config.control == "training",
+                         coefficients=self.config.coefficients)
 
     def control(self, hook: MoRecLoss, base: Mapping[str, float],
                 metrics: Mapping[str, float], k: int = 10) -> dict[str, float]:
         """Under ``validation`` control, steps ``hook``'s controllers with each held
         objective's validation measure (:mod:`morec_rec.control.measures`): ``metrics`` of
         this pass against ``base``, the base model's, both keyed like
-        ``RankingMetrics.as_dict()`` (``hit@10``, ...) at cut-off ``k``. Returns the
-        measures. Under ``training`` control (the hook steps the controllers) it does
-        nothing and returns {}. Every rank passes the same metrics."""
+        ``RankingMetrics.as_dict()`` (``hit@10``, ...) at cut-off ``k``. Under ``sampling``
+        coefficients, the new shares of a batch go out with the next :meth:`update`.
+        Returns the measures. Under ``training`` control (the hook steps the controllers)
+        it does nothing and returns {}. Every rank passes the same metrics."""
         if self.config.control == "training":
             return {}
         coordinator = hook.coordinator
         measures = relative_measures(coordinator.targets, base, metrics, k)
         coordinator.observe(measures)
+        shares = self._shares(coordinator)
+        if self.config.coefficients == "sampling" and not np.array_equal(shares,
+                                                                         self.masses[BATCH]):
+            self._pending_shares = shares
         return measures
+
+    @staticmethod
+    def _shares(coordinator: Coordinator) -> np.ndarray:
+        """The objectives' shares of a batch: the coefficients q, normalised."""
+        q = coordinator.q
+        return q / q.sum()
 
     def validation_signal(self, model: nn.Module, collate: Collate, device: torch.device,
                           metrics: RankingMetrics | None = None) -> ValidationSignal:
@@ -210,10 +240,13 @@ class MoRec:
         from loader batch ``batch_index + lookahead`` (``batch_index``: batches the loader
         has yielded so far, over all epochs), or from ``batch_index`` itself when nothing
         is ``drawn_ahead`` (the loader's iterator is exhausted: between epochs). A
-        collective: every rank calls it, rank 0's masses are published. Returns the
-        update's record, or None when no objective adapts."""
+        collective: every rank calls it, rank 0's masses are published, with the shares
+        of a batch that :meth:`control` set. Returns the update's record, or None when
+        there is nothing to publish."""
         updated = {o.name: o.update(self.masses[o.name], signal)
                    for o in self.objectives if o.num_groups > 1}
+        if self._pending_shares is not None:
+            updated[BATCH], self._pending_shares = self._pending_shares, None
         if not updated:
             return None
         effective_from = batch_index + (self.lookahead if drawn_ahead else 0)

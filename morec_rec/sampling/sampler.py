@@ -3,17 +3,20 @@
 Each (rank, loader worker) reads its own stream of training rows (see
 :mod:`~morec_rec.sampling.partition`) one *window* at a time: ``window_batches`` batches'
 worth of rows, shuffled. Batch ``k`` of a window *visits* the next ``batch_size`` rows of
-the shuffled window, cut into one chunk per objective. A uniform objective (accuracy)
-keeps its chunk, so an epoch of uniform objectives sees every row of the stream exactly
-once; any other objective replaces its chunk by a draw from the whole window by its
-distribution (group masses, then rows within a group uniformly or by weight).
+the shuffled window, cut into one chunk per objective, each as long as the objective's
+share of the batch (the masses of :data:`BATCH`, equal unless published otherwise). A
+uniform objective (accuracy) keeps its chunk, so an epoch of uniform objectives sees
+every row of the stream exactly once; any other objective replaces its chunk by a draw
+from the whole window by its distribution (group masses, then rows within a group
+uniformly or by weight).
 
 Masses come from the weight store: every published version carries the loader batch
 index from which it applies, and the sampler polls the store before each batch, so every
 worker of every rank switches at the same batch, and a resumed run replays the same
 stream. Memory is bounded by two windows (the one being sampled and the next, read in a
-background thread) plus one Parquet row group, whatever the size of the log. Randomness is derived from (seed, epoch, stream, window or batch), so no RNG
-state needs saving: the position and the masses in force suffice to resume.
+background thread) plus one Parquet row group, whatever the size of the log. Randomness
+is derived from (seed, epoch, stream, window or batch), so no RNG state needs saving: the
+position and the masses in force suffice to resume.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from morec_rec.data import arrays
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.sampling.batch import SampledBatch
-from morec_rec.sampling.draw import GroupIndex, draw
+from morec_rec.sampling.draw import GroupIndex, draw, largest_remainder
 from morec_rec.sampling.objectives import Objective, check_masses
 from morec_rec.sampling.partition import (
     Segment,
@@ -48,6 +51,10 @@ logger = logging.getLogger(__name__)
 
 #: Integer row columns that a batch carries (as int64), besides ``price`` and ``history``.
 _ID_COLUMNS = ("user_id", "item_id", "fairness_group", "popularity_group")
+
+#: The name under which masses give the objectives' shares of a batch, one per objective
+#: in order: a draw at the level above the groups, published and checkpointed as theirs.
+BATCH = "batch"
 
 
 class WeightedStreamSampler(IterableDataset):
@@ -65,7 +72,8 @@ class WeightedStreamSampler(IterableDataset):
         config: sizes, draw mode and seed.
         rank, world_size: this process's place in the data-parallel job.
         store: where published masses come from; None keeps the initial masses.
-        masses: initial masses by objective name (default: each objective's own).
+        masses: initial masses by objective name (default: each objective's own), and
+            the objectives' shares of a batch under :data:`BATCH` (default: equal).
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class WeightedStreamSampler(IterableDataset):
         self.row_groups = list_row_groups(self.files)
         self.objectives = list(objectives)
         self._num_groups = {o.name: o.num_groups for o in self.objectives}
+        self._num_groups[BATCH] = len(self.objectives)
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.store = store
@@ -93,13 +102,13 @@ class WeightedStreamSampler(IterableDataset):
             {*_ID_COLUMNS, "price", "history"}.union(*(o.columns for o in self.objectives))
         )
         masses = dict(masses or {})
-        unknown = set(masses) - {o.name for o in self.objectives}
+        unknown = set(masses) - set(self._num_groups)
         if unknown:
             raise MorecError(f"sampler: masses given for unknown objective(s) {sorted(unknown)}")
-        self._masses = {
-            o.name: check_masses(o.name, masses.get(o.name, o.initial_masses()), o.num_groups)
-            for o in self.objectives
-        }
+        initial = {o.name: o.initial_masses() for o in self.objectives}
+        initial[BATCH] = np.ones(len(self.objectives))
+        self._masses = {name: check_masses(name, masses.get(name, initial[name]), size)
+                        for name, size in self._num_groups.items()}
         self._version = 0
         self._epoch = 0
         self._next = 0  # this worker's next batch within the epoch
@@ -134,10 +143,8 @@ class WeightedStreamSampler(IterableDataset):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._epoch, self._next = int(state["epoch"]), int(state["next_batch"])
         self._version = int(state["masses_version"])
-        self._masses = {
-            o.name: check_masses(o.name, np.asarray(state["masses"][o.name]), o.num_groups)
-            for o in self.objectives
-        }
+        self._masses = {name: check_masses(name, np.asarray(state["masses"][name]), size)
+                        for name, size in self._num_groups.items()}
 
     def __iter__(self) -> Iterator[SampledBatch]:
         info = get_worker_info()
@@ -145,7 +152,8 @@ class WeightedStreamSampler(IterableDataset):
         num_streams = self.world_size * num_workers
         stream = self.rank * num_workers + worker
         per_stream = min_stream_rows(self.row_groups, num_streams) // self.batch_size
-        weights = _MassesFeed(WeightStore.connect(self.store), self._version) if self.store else None
+        weights = (_MassesFeed(WeightStore.connect(self.store), self._version)
+                   if self.store else None)
         per_window, start = self.config.window_batches, self._next
         windows = self._windows(stream, num_streams, per_stream, first=start // per_window)
         for k in range(start, per_stream):
@@ -267,13 +275,16 @@ class _Window:
 
     def sample(self, k: int, masses: Mapping[str, np.ndarray], config: SamplerConfig,
                rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
-        """The window rows of batch ``k`` of this window, one array per objective."""
-        size = config.sub_batch_size
-        visited = self.visit_order[k * len(self.objectives) * size:][: len(self.objectives) * size]
+        """The window rows of batch ``k`` of this window, one array per objective, each as
+        long as the objective's share of the batch (largest-remainder rounding)."""
+        batch_size = config.sub_batch_size * len(self.objectives)
+        visited = self.visit_order[k * batch_size:][:batch_size]
+        sizes = largest_remainder(masses[BATCH] * batch_size, batch_size)
+        starts = np.cumsum(sizes) - sizes
         rows, starved = [], np.zeros(len(self.objectives), dtype=np.int64)
-        for position, objective in enumerate(self.objectives):
+        for position, (objective, start, size) in enumerate(zip(self.objectives, starts, sizes)):
             if objective.is_uniform:
-                rows.append(visited[position * size : (position + 1) * size])
+                rows.append(visited[start : start + size])
                 continue
             drawn, lost = draw(self.indexes[objective.name], masses[objective.name], size, rng,
                                config.draw)
