@@ -116,6 +116,9 @@ class SamplerConfig:
     step: float = 0.025
     floor: float = 1e-3
     update_rule: str = "additive"
+    #: Fairness's most miserable group: the largest validation ``loss`` (SPEC) or the
+    #: lowest validation ``hit`` (Hit@K, the group that min-Hit@K measures).
+    fairness_signal: str = "loss"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -128,6 +131,8 @@ class SamplerConfig:
         _check(0 <= self.floor < 1, "floor", self.floor, "[0, 1)")
         _check(self.update_rule in ("additive", "multiplicative"), "update_rule",
                self.update_rule, "additive or multiplicative")
+        _check(self.fairness_signal in ("loss", "hit"), "fairness_signal",
+               self.fairness_signal, "loss or hit")
 
 
 @dataclasses.dataclass

@@ -196,6 +196,7 @@ def test_resume_needs_a_job(tmp_path: Path) -> None:
     (["--hold", "novelty=auto"], "hold: 'novelty' is not among the objectives"),
     (["--control", "sometimes"], "config: control = 'sometimes' is out of range"),
     (["--coefficients", "weights"], "config: coefficients = 'weights' is out of range"),
+    (["--fairness-signal", "ndcg"], "config: fairness_signal = 'ndcg' is out of range"),
     (["--control", "training"],
      "config: coefficients = 'sampling' is out of range (expected loss under control = training)"),
     (["--objectives", "accuracy,novelty", "--preference", "1"], "unknown objective 'novelty'"),

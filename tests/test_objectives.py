@@ -118,6 +118,18 @@ def test_fairness_ignores_nan_groups_and_breaks_ties_low():
     np.testing.assert_allclose(fairness.update(masses, fairness_signal([np.nan] * 3)), masses)
 
 
+def test_fairness_by_hit_lifts_the_group_with_the_lowest_validation_hit():
+    fairness = Fairness([6, 3, 1], signal="hit")
+    masses = np.array([0.5, 0.3, 0.2])
+    # The loss would pick group 1; the Hit picks group 0 (0.01), ignoring group 2 (no user).
+    signal = ValidationSignal(group_loss={"fairness_group": np.array([0.1, 0.4, 0.2])},
+                              exposure={},
+                              group_hit={"fairness_group": np.array([0.01, 0.05, np.nan])})
+    np.testing.assert_allclose(fairness.update(masses, signal), [0.6 / 1.1, 0.3 / 1.1, 0.2 / 1.1])
+    with pytest.raises(MorecError, match="unknown signal 'ndcg'"):
+        Fairness([6, 3, 1], signal="ndcg")
+
+
 def test_fairness_multiplicative():
     fairness = Fairness([6, 3, 1], rule="multiplicative")
     updated = fairness.update(np.array([0.5, 0.3, 0.2]), fairness_signal([0.1, 0.4, 0.2]))

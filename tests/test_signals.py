@@ -134,6 +134,8 @@ def test_validation_signal_keys() -> None:
     assert signal.group_loss is group_loss
     assert list(signal.exposure) == ["popularity_group"]
     np.testing.assert_array_equal(signal.exposure["popularity_group"], exposure)
+    assert list(signal.group_hit) == ["fairness_group"]
+    np.testing.assert_array_equal(signal.group_hit["fairness_group"], [0.1, np.nan])
 
 
 def scaled_mf(dataset: PreparedDataset) -> nn.Module:

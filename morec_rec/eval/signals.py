@@ -26,6 +26,8 @@ from morec_rec.sampling.objectives import ValidationSignal
 
 #: The row column that top-K exposure is counted over.
 EXPOSURE_GROUPS = "popularity_group"
+#: The row column whose groups the ranking metrics' per-group Hit is over.
+HIT_GROUPS = "fairness_group"
 
 
 def loss_groups(manifest: Mapping[str, Any]) -> dict[str, int]:
@@ -97,4 +99,5 @@ def group_losses(model: nn.Module, rows: pa.Table, collate: Collator,
 def validation_signal(group_loss: dict[str, np.ndarray],
                       metrics: RankingMetrics) -> ValidationSignal:
     """The signal the objectives' ``update`` reads, from one validation pass."""
-    return ValidationSignal(group_loss=group_loss, exposure={EXPOSURE_GROUPS: metrics.exposure})
+    return ValidationSignal(group_loss=group_loss, exposure={EXPOSURE_GROUPS: metrics.exposure},
+                            group_hit={HIT_GROUPS: metrics.group_hit})

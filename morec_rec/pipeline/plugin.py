@@ -66,7 +66,8 @@ def check_settings(dataset: PreparedDataset, sampler_config: SamplerConfig,
     (objective names and columns, p against them, held objectives and targets)."""
     objectives = build_objectives(sampler_config.objectives, dataset.manifest,
                                   step=sampler_config.step, floor=sampler_config.floor,
-                                  rule=sampler_config.update_rule)
+                                  rule=sampler_config.update_rule,
+                                  fairness_signal=sampler_config.fairness_signal)
     check_objectives(objectives, dataset)
     names = [o.name for o in objectives]
     Coordinator.from_config(config, names, dict.fromkeys(names, 1.0))  # raises if inconsistent
@@ -221,9 +222,11 @@ class MoRec:
         collective. ``collate`` must draw the same negatives on every rank for the same
         ``batch_index`` (the reference Collator does with rank 0). Detach a
         TrainPipelineSparseDist first (``pipeline.detach()``)."""
-        if metrics is None and any(o.name == "alignment" for o in self.objectives):
-            raise MorecError("objective 'alignment' needs the top-K exposure: pass the "
-                             "validation pass's ranking metrics")
+        if metrics is None and ("alignment" in self.names
+                                or self.sampler_config.fairness_signal == "hit"):
+            raise MorecError("objective 'alignment' needs the top-K exposure, and fairness "
+                             "by hit the per-group Hit: pass the validation pass's ranking "
+                             "metrics")
         training = model.training
         model.eval()
         with torch.no_grad():

@@ -34,10 +34,14 @@ class ValidationSignal:
             per group, shape (num_groups,); NaN where a group had no validation rows.
         exposure: row column name (e.g. ``"popularity_group"``) -> share of the top-K
             recommended items per group, shape (num_groups,), sums to 1.
+        group_hit: row column name (e.g. ``"fairness_group"``) -> Hit@K of the validation
+            users grouped by their held-out item, shape (num_groups,); NaN where a group
+            had no validation user.
     """
 
     group_loss: dict[str, np.ndarray]
     exposure: dict[str, np.ndarray]
+    group_hit: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 class Objective(abc.ABC):
@@ -166,22 +170,40 @@ class GroupObjective(Objective):
                 f"floor={self.floor}, rule={self.rule!r})")
 
 
+#: What marks fairness's most miserable group: the largest validation loss (SPEC), or
+#: the lowest validation Hit@K (the group min-Hit@K measures).
+FAIRNESS_SIGNALS = ("loss", "hit")
+
+
 class Fairness(GroupObjective):
     """Least misery over item-category groups (SPEC Eq. 6–8).
 
-    After a validation pass the group with the largest mean validation loss gains ``step``;
-    groups without validation rows (NaN loss) are ignored, ties go to the lowest index, and
-    if every group is NaN no group gains (the masses only pass through the floor).
+    After a validation pass the most miserable group gains ``step``: by default the one
+    with the largest mean validation loss (SPEC), with ``signal="hit"`` the one with the
+    lowest validation Hit@K. Groups without validation rows (NaN) are ignored, ties go to
+    the lowest index, and if every group is NaN no group gains (the masses only pass
+    through the floor).
     """
 
     name = "fairness"
     column = "fairness_group"
 
+    def __init__(self, train_rows: npt.ArrayLike, *, signal: str = "loss",
+                 **update: Any) -> None:
+        super().__init__(train_rows, **update)
+        if signal not in FAIRNESS_SIGNALS:
+            raise MorecError(f"objective {self.name!r}: unknown signal {signal!r} "
+                             f"(expected one of {', '.join(FAIRNESS_SIGNALS)})")
+        self.signal = signal
+
     def direction(self, signal: ValidationSignal) -> np.ndarray:
-        loss = self.per_group(signal.group_loss)
+        if self.signal == "loss":
+            misery = self.per_group(signal.group_loss)
+        else:
+            misery = -self.per_group(signal.group_hit)
         direction = np.zeros(self.num_groups)
-        if not np.isnan(loss).all():
-            direction[np.nanargmax(loss)] = 1.0  # the first maximum: ties go to the lowest index
+        if not np.isnan(misery).all():
+            direction[np.nanargmax(misery)] = 1.0  # the first maximum: ties to the lowest index
         return direction
 
 
@@ -283,12 +305,14 @@ BUILTINS: dict[str, type[Objective]] = {
 
 def build_objectives(names: Sequence[str], manifest: Mapping[str, Any], *, step: float = STEP,
                      floor: float = FLOOR, rule: str = "additive",
-                     alignment_target: npt.ArrayLike | None = None) -> list[Objective]:
+                     alignment_target: npt.ArrayLike | None = None,
+                     fairness_signal: str = "loss") -> list[Objective]:
     """The built-in objectives ``names``, in that order, for a prepared dataset's manifest.
 
     ``step``, ``floor`` and ``rule`` configure the updating objectives (fairness and
-    alignment); ``alignment_target`` replaces alignment's default target Q. Raises
-    :class:`MorecError` for an unknown or repeated name and for a bad target.
+    alignment); ``alignment_target`` replaces alignment's default target Q;
+    ``fairness_signal`` picks fairness's most miserable group. Raises :class:`MorecError`
+    for an unknown or repeated name, a bad target or an unknown signal.
     """
     for i, name in enumerate(names):
         if name not in BUILTINS:
@@ -301,7 +325,8 @@ def build_objectives(names: Sequence[str], manifest: Mapping[str, Any], *, step:
 
     def build(name: str) -> Objective:
         if name == Fairness.name:
-            return Fairness(groups["fairness"]["train_rows"], **update)
+            return Fairness(groups["fairness"]["train_rows"], signal=fairness_signal,
+                            **update)
         if name == Alignment.name:
             return Alignment(groups["popularity"]["train_rows"], alignment_target, **update)
         return BUILTINS[name]()
