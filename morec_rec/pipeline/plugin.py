@@ -202,10 +202,10 @@ class MoRec:
         coordinator = hook.coordinator
         measures = relative_measures(coordinator.targets, base, metrics, k)
         coordinator.observe(measures)
-        shares = self._shares(coordinator)
-        if self.config.coefficients == "sampling" and not np.array_equal(shares,
-                                                                         self.masses[BATCH]):
-            self._pending_shares = shares
+        if self.config.coefficients == "sampling":
+            shares = self._shares(coordinator)
+            if not np.array_equal(shares, self.masses[BATCH]):
+                self._pending_shares = shares
         return measures
 
     @staticmethod
