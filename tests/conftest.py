@@ -98,5 +98,6 @@ def cascade() -> RawData:
         ("u6", "e", 1), ("u6", "f", 2), ("u6", "b", 3),
         ("u7", "e", 1), ("u7", "g", 2),
     ]
-    items = {i: (10.0 * (n + 1), "cat-x" if i in "ab" else "cat-y") for n, i in enumerate("abcdefg")}
+    items = {i: (10.0 * (n + 1), "cat-x" if i in "ab" else "cat-y")
+             for n, i in enumerate("abcdefg")}
     return raw_data(rows, items)

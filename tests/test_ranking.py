@@ -63,13 +63,15 @@ def test_test_task_excludes_train_and_valid_items(tmp_path: Path) -> None:
     train = dataset.split("train")
     user = 7
     trained = set(train.filter(train["user_id"].to_numpy() == user)["item_id"].to_pylist())
-    valid_excluded = set(valid.exclude_items[valid.exclude_offsets[user]:valid.exclude_offsets[user + 1]])
-    test_excluded = set(test.exclude_items[test.exclude_offsets[user]:test.exclude_offsets[user + 1]])
+    valid_excluded = set(
+        valid.exclude_items[valid.exclude_offsets[user]:valid.exclude_offsets[user + 1]])
+    test_excluded = set(
+        test.exclude_items[test.exclude_offsets[user]:test.exclude_offsets[user + 1]])
     assert valid_excluded == trained
     assert test_excluded == trained | {int(valid.held_out[user])}
     assert len(test) == dataset.manifest["num_users"]
-    np.testing.assert_array_equal(np.diff(test.history_offsets)[:3],
-                                  [len(h) for h in dataset.split("test")["history"].to_pylist()[:3]])
+    histories = dataset.split("test")["history"].to_pylist()[:3]
+    np.testing.assert_array_equal(np.diff(test.history_offsets)[:3], [len(h) for h in histories])
 
 
 def test_split_must_be_held_out(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ from morec_rec.errors import MorecError
 from morec_rec.eval.metrics import LOWER_IS_BETTER, METRICS
 
 DPI = 120
-TARGET_TOLERANCE = 0.05  # the band |ℓ_o − ℓ̂| ≤ 5%·ℓ̂ within which the controller holds a loss
+#: The band |ℓ_o − ℓ̂| ≤ 5%·ℓ̂ within which the controller holds its quantity.
+TARGET_TOLERANCE = 0.05
 COMPARED = tuple(f"{name}@10" for name in METRICS)  # the bars of metrics.png, in this order
 
 Record = dict[str, Any]

@@ -153,7 +153,8 @@ class ModelScorer:
     def scores(self, users: RankingTask) -> torch.Tensor:
         if self._items is None:
             ids = torch.arange(users.num_items)
-            self._items = self._model.item_vectors(self._features({"item_id": (ids, torch.ones_like(ids))}))
+            features = self._features({"item_id": (ids, torch.ones_like(ids))})
+            self._items = self._model.item_vectors(features)
         user_ids = torch.from_numpy(users.user_id)
         given = {
             "user_id": (user_ids, torch.ones_like(user_ids)),
@@ -199,7 +200,8 @@ def evaluate(scorer: Scorer, task: RankingTask, *, k: int = K,
         scores = scorer.scores(task.rows(0, 1) if padding else users)
         if padding:
             continue
-        excluded = torch.from_numpy(np.repeat(np.arange(len(users)), np.diff(users.exclude_offsets)))
+        excluded = torch.from_numpy(np.repeat(np.arange(len(users)),
+                                              np.diff(users.exclude_offsets)))
         scores[excluded, torch.from_numpy(users.exclude_items)] = -torch.inf
         sums = sums + metric_sums(top_k(scores, k).numpy(), users.held_out)
     if world > 1:
