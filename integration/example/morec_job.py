@@ -11,6 +11,7 @@ own TorchRec job").
 
 import argparse
 import dataclasses
+import gc
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -142,6 +143,7 @@ def main() -> None:
                 update = morec.update(morec.validation_signal(model, collate, device), step)
                 if rank == 0:
                     print(json.dumps({"step": step, **update}), flush=True)
+    gc.collect()  # the sharded model's reference cycle holds the group: free it first
     dist.destroy_process_group()
 
 

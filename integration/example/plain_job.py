@@ -9,6 +9,7 @@ the same job turned into a MoRec job (README, "MoRec in your own TorchRec job").
 
 import argparse
 import dataclasses
+import gc
 import json
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -133,6 +134,7 @@ def main() -> None:
             if rank == 0 and step % 50 == 0:
                 loss = output.per_row_loss.mean().item()
                 print(json.dumps({"epoch": epoch, "step": step, "loss": loss}), flush=True)
+    gc.collect()  # the sharded model's reference cycle holds the group: free it first
     dist.destroy_process_group()
 
 

@@ -43,6 +43,7 @@ from morec_rec.eval.signals import group_losses, loss_groups
 from morec_rec.models import ModelOutput, build_model
 from morec_rec.models.mf import MatrixFactorization
 from morec_rec.models.negatives import NegativeSampler
+from morec_rec.pipeline import distributed
 from morec_rec.pipeline.batch import Collator, TrainBatch, features_kjt
 from morec_rec.pipeline.hook import MoRecLoss
 from morec_rec.pipeline.sharding import shard
@@ -194,7 +195,7 @@ def main() -> None:
         result = {"fixed": run_fixed(rank), "pipeline": run_pipeline(rank)}
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
-    dist.destroy_process_group()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.models import build_model, num_negatives
 from morec_rec.models.negatives import NegativeSampler
+from morec_rec.pipeline import distributed
 from morec_rec.pipeline.batch import Collator, TrainBatch, features_kjt
 from morec_rec.pipeline.sharding import shard
 from morec_rec.sampling.objectives import Accuracy
@@ -106,7 +107,7 @@ def main() -> None:
                for name in ("mf", "sasrec") for setup in SETUPS}
     (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
     dist.barrier()
-    dist.destroy_process_group()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
+from morec_rec.pipeline import distributed
 from morec_rec.sampling.objectives import build_objectives
 from morec_rec.sampling.sampler import WeightedStreamSampler
 from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
@@ -77,7 +78,7 @@ def main() -> None:
         "uniform": uniform, "weighted": weighted,
     }))
     dist.barrier()
-    dist.destroy_process_group()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

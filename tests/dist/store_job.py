@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from morec_rec.errors import MorecError
+from morec_rec.pipeline import distributed
 from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
 
 #: (values, effective_from) that rank 0 publishes as versions 1 and 2.
@@ -112,7 +113,7 @@ def main() -> None:
               "synced": synced, "records": records, "refused": refused_publish(weights)}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
-    dist.destroy_process_group()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

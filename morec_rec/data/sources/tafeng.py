@@ -20,7 +20,8 @@ from morec_rec.data.raw import RawData
 from morec_rec.data.sources import tables
 from morec_rec.errors import MorecError
 
-DATE, CUSTOMER, SUBCLASS, PRODUCT = "TRANSACTION_DT", "CUSTOMER_ID", "PRODUCT_SUBCLASS", "PRODUCT_ID"
+DATE, CUSTOMER = "TRANSACTION_DT", "CUSTOMER_ID"
+SUBCLASS, PRODUCT = "PRODUCT_SUBCLASS", "PRODUCT_ID"
 AMOUNT, SALES = "AMOUNT", "SALES_PRICE"
 
 
@@ -76,5 +77,6 @@ def _days(table: pa.Table, path: Path) -> pa.ChunkedArray:
     try:
         parsed = pc.strptime(table[DATE], format="%m/%d/%Y", unit="s")
     except pa.ArrowInvalid as e:
-        raise MorecError(f"{path}: column '{DATE}' has a value that is not m/d/yyyy ({e})") from None
+        raise MorecError(
+            f"{path}: column '{DATE}' has a value that is not m/d/yyyy ({e})") from None
     return tables.to_seconds(pa.table({DATE: parsed}), DATE, path)
