@@ -22,6 +22,8 @@ class GroupIndex:
         cumulative: float64 (n,), running sum of the weights along ``order``; None when
             rows are drawn uniformly within a group.
         group_weight: float64 (G,), total weight of each group (row counts if uniform).
+        weight_before: float64 (G,), ``cumulative`` just before each group's first row;
+            None when uniform.
     """
 
     order: np.ndarray
@@ -29,6 +31,7 @@ class GroupIndex:
     count: np.ndarray
     cumulative: np.ndarray | None
     group_weight: np.ndarray
+    weight_before: np.ndarray | None
 
     @classmethod
     def build(cls, groups: np.ndarray | None, weights: np.ndarray | None, num_groups: int,
@@ -42,10 +45,11 @@ class GroupIndex:
         count = np.bincount(groups, minlength=num_groups)
         start = np.cumsum(count) - count
         if weights is None:
-            return cls(order, start, count, None, count.astype(np.float64))
+            return cls(order, start, count, None, count.astype(np.float64), None)
         cumulative = np.cumsum(weights[order], dtype=np.float64)
         group_weight = np.bincount(groups, weights=weights, minlength=num_groups)
-        return cls(order, start, count, cumulative, group_weight)
+        weight_before = np.concatenate([[0.0], cumulative])[start]
+        return cls(order, start, count, cumulative, group_weight, weight_before)
 
     @property
     def available(self) -> np.ndarray:
@@ -103,9 +107,9 @@ def draw(index: GroupIndex, masses: np.ndarray, total: int, rng: np.random.Gener
     if index.cumulative is None:
         position = index.start[group] + (u * index.count[group]).astype(np.int64)
     else:
-        before = np.concatenate([[0.0], index.cumulative])[index.start[group]]
-        position = np.searchsorted(index.cumulative, before + u * index.group_weight[group],
-                                   side="right")
+        position = np.searchsorted(
+            index.cumulative, index.weight_before[group] + u * index.group_weight[group],
+            side="right")
     # Guard against float round-off at a group's upper end.
     last = index.start[group] + index.count[group] - 1
     return index.order[np.minimum(position, last)], starved
