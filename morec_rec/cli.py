@@ -93,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", choices=["popular"], help="baseline to evaluate on --data")
     evaluate.add_argument("--split", choices=["valid", "test"], default="test")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--against", type=Path,
+                          help="a second run: compare --run with it on the same users, by a "
+                               "paired bootstrap over the users (one process)")
+    evaluate.add_argument("--resamples", type=int, default=1000,
+                          help="paired resamples for --against")
+    evaluate.add_argument("--seed", type=int, default=0, help="resampling seed for --against")
     evaluate.set_defaults(command=_evaluate)
 
     run = commands.add_parser("run", help="pretrain, continue with MoRec, evaluate on test")
@@ -187,22 +193,19 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     import torch
 
-    from morec_rec.eval.ranking import ModelScorer, PopularityScorer, evaluate, load_task
-    from morec_rec.pipeline import checkpoint, distributed
+    from morec_rec.eval.ranking import PopularityScorer, evaluate, load_task
+    from morec_rec.pipeline import distributed
+    from morec_rec.pipeline.job import run_scorer
     from morec_rec.pipeline.run import Run
-    from morec_rec.pipeline.train import build_sharded, model_identity
 
+    if args.against is not None:
+        _compare(args)
+        return
     env = distributed.init()
     if args.run is not None:
         if args.model is not None:
             raise MorecError("--model names a baseline for --data; a run knows its model")
-        run = Run.open(args.run)
-        config = build(TrainConfig, run.record["config"], None)
-        dataset = PreparedDataset.open(run.record["data"])
-        model, _ = build_sharded(config, dataset, env)
-        checkpoint.load(run.best, model, None, model_identity(config, dataset))
-        model.eval()
-        scorer = ModelScorer(model.module, env.device)
+        scorer, dataset, config = run_scorer(Run.open(args.run), env)
         name = config.model
     else:
         if args.model != "popular":
@@ -214,6 +217,56 @@ def _evaluate(args: argparse.Namespace) -> None:
         metrics = evaluate(scorer, load_task(dataset, args.split))
     if env.is_main:
         print(format_metrics(name, args.split, metrics.users, metrics.as_dict(), args.json))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    import torch
+
+    from morec_rec.eval.bootstrap import paired_bootstrap
+    from morec_rec.eval.ranking import K, evaluate_users, load_task
+    from morec_rec.pipeline import distributed
+    from morec_rec.pipeline.job import run_scorer
+    from morec_rec.pipeline.run import Run
+
+    if args.run is None:
+        raise MorecError("--against compares two runs: name the first with --run")
+    runs = [Run.open(args.run), Run.open(args.against)]
+    data = [Path(run.record["data"]).resolve() for run in runs]
+    if data[0] != data[1]:
+        raise MorecError(f"{args.run} and {args.against} were trained on different data "
+                         f"({data[0]} and {data[1]}): nothing to pair")
+    env = distributed.init()
+    rows = []
+    for run in runs:
+        scorer, dataset, config = run_scorer(run, env)
+        task = load_task(dataset, args.split)
+        with torch.no_grad():
+            rows.append(evaluate_users(scorer, task, chunk_users=config.eval_chunk_users))
+    result = paired_bootstrap(*rows, task.q, k=K, num_fairness_groups=task.num_fairness_groups,
+                              resamples=args.resamples, seed=args.seed)
+    print(format_comparison(str(args.run), str(args.against), args.split, len(task), result,
+                            args.json))
+
+
+def format_comparison(a: str, b: str, split: str, users: int, result: Any,
+                      as_json: bool) -> str:
+    """The paired comparison of run ``a`` with run ``b`` (a ``PairedBootstrap``)."""
+    if as_json:
+        return json.dumps({"run": a, "against": b, "split": split, "users": users,
+                           **dataclasses.asdict(result)})
+    percent = round(100 * result.level)
+    lines = [f"{a} against {b} on {split} ({users:,} users; {result.resamples:,} paired "
+             f"resamples of the users, {percent}% intervals)",
+             f"  {'metric':<12}{'A':>10}{'B':>10}{'A - B':>10}   interval"]
+    for key, difference in result.difference.items():
+        low, high = result.interval[key]
+        lines.append(f"  {key:<12}{result.a[key]:>10.4f}{result.b[key]:>10.4f}"
+                     f"{difference:>+10.4f}   [{low:+.4f}, {high:+.4f}]")
+    imp = "undefined" if result.imp is None else f"{100 * result.imp:+.2f}%"
+    low, high = result.imp_interval
+    lines.append(f"  Imp of A over B {imp} [{100 * low:+.2f}%, {100 * high:+.2f}%]; "
+                 f"> 0 in {100 * result.imp_positive:.1f}% of the resamples")
+    return "\n".join(lines)
 
 
 def format_metrics(name: str, split: str, users: int, metrics: dict[str, float],

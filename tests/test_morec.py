@@ -56,6 +56,17 @@ def test_run_writes_results_logs_and_plots(tiny: Path, base: Path, tmp_path: Pat
     # The base row is the base run's own test evaluation.
     evaluated = run_cli("evaluate", "--run", str(base), "--split", "test", "--json")
     assert {k: json.loads(evaluated.stdout)[k] for k in METRICS} == results["base"]
+    # The paired comparison's per-user evaluation gives the same metrics as evaluate.
+    morec = json.loads(run_cli("evaluate", "--run", str(out / "morec"), "--json").stdout)
+    done = run_cli("evaluate", "--run", str(out / "morec"), "--against", str(base),
+                   "--resamples", "50", "--json")
+    assert done.returncode == 0, done.stderr
+    compared = json.loads(done.stdout)
+    assert compared["b"] == results["base"] and compared["a"] == {k: morec[k] for k in METRICS}
+    for key, (low, high) in compared["interval"].items():
+        assert low <= high
+    missing = run_cli("evaluate", "--data", str(tiny), "--against", str(base))
+    assert missing.returncode != 0 and "name the first with --run" in missing.stderr
 
     log = _log(out / "morec")
     steps = [r for r in log if r["kind"] == "step"]

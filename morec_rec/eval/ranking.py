@@ -11,7 +11,7 @@ additive sums are all-reduced, so any number of ranks gives the same numbers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from morec_rec.data import arrays
 from morec_rec.data.format import PreparedDataset, read_parquet
 from morec_rec.errors import MorecError
-from morec_rec.eval.metrics import RankingMetrics, RankingMetricSums
+from morec_rec.eval.metrics import RankingMetrics, RankingMetricSums, user_rows
 from morec_rec.pipeline.batch import features_kjt
 
 K = 10
@@ -184,15 +184,34 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 def evaluate(scorer: Scorer, task: RankingTask, *, k: int = K,
              chunk_users: int = 1024) -> RankingMetrics:
     """Metrics of ``scorer`` on ``task``; under ``torch.distributed`` every rank must call it."""
+    total = np.zeros(3 + 2 * task.num_fairness_groups + task.num_popularity_groups)
+    for rows in _chunk_user_rows(scorer, task, k, chunk_users):
+        total += rows.sum(axis=0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flat = torch.from_numpy(total)
+        dist.all_reduce(flat)
+        total = flat.numpy()
+    sums = RankingMetricSums.from_array(total, k=k, num_fairness_groups=task.num_fairness_groups)
+    return sums.finalize(task.q)
+
+
+def evaluate_users(scorer: Scorer, task: RankingTask, *, k: int = K,
+                   chunk_users: int = 1024) -> np.ndarray:
+    """float64 (U, D): every user's :func:`~morec_rec.eval.metrics.user_rows`, in task order,
+    for paired comparisons (:mod:`morec_rec.eval.bootstrap`). One process: U·D floats."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise MorecError("per-user evaluation runs in one process, not under torchrun")
+    empty = np.zeros((0, 3 + 2 * task.num_fairness_groups + task.num_popularity_groups))
+    return np.concatenate([empty, *_chunk_user_rows(scorer, task, k, chunk_users)])
+
+
+def _chunk_user_rows(scorer: Scorer, task: RankingTask, k: int,
+                     chunk_users: int) -> Iterator[np.ndarray]:
+    """:func:`user_rows` of this rank's users, a chunk at a time (a collective: every rank
+    makes the same number of scorer calls)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     per_rank = -(-len(task) // world)
     local = task.rows(rank * per_rank, (rank + 1) * per_rank)
-    def metric_sums(top: np.ndarray, held_out: np.ndarray) -> RankingMetricSums:
-        return RankingMetricSums.from_topk(top, held_out, task.price, task.fairness_group,
-                                           task.num_fairness_groups, task.popularity_group,
-                                           task.num_popularity_groups)
-
-    sums = metric_sums(np.zeros((0, k), dtype=np.int64), np.zeros(0, dtype=np.int64))
     for begin in range(0, per_rank, chunk_users):
         users = local.rows(begin, begin + chunk_users)
         # A rank whose slice has run out still takes part in the scorer's collective.
@@ -203,10 +222,6 @@ def evaluate(scorer: Scorer, task: RankingTask, *, k: int = K,
         excluded = torch.from_numpy(np.repeat(np.arange(len(users)),
                                               np.diff(users.exclude_offsets)))
         scores[excluded, torch.from_numpy(users.exclude_items)] = -torch.inf
-        sums = sums + metric_sums(top_k(scores, k).numpy(), users.held_out)
-    if world > 1:
-        flat = torch.from_numpy(sums.to_array())
-        dist.all_reduce(flat)
-        sums = RankingMetricSums.from_array(flat.numpy(), k=k,
-                                            num_fairness_groups=task.num_fairness_groups)
-    return sums.finalize(task.q)
+        yield user_rows(top_k(scores, k).numpy(), users.held_out, task.price,
+                        task.fairness_group, task.num_fairness_groups, task.popularity_group,
+                        task.num_popularity_groups)

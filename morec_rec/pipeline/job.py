@@ -41,18 +41,25 @@ RESULTS = "results.json"
 JUDGED_SHARE = 0.2
 
 
-def evaluate_run(run: Run, split: str, env: distributed.Environment) -> RankingMetrics:
-    """Full-ranking metrics of ``run``'s best checkpoint on ``split`` (a collective)."""
-    import torch
-
+def run_scorer(run: Run, env: distributed.Environment,
+               ) -> tuple[ModelScorer, PreparedDataset, TrainConfig]:
+    """A scorer of ``run``'s best checkpoint (sharded, in eval mode), with the run's dataset
+    and training settings."""
     config = build(TrainConfig, run.record["config"], None)
     dataset = PreparedDataset.open(run.record["data"])
     model, _ = build_sharded(config, dataset, env)
     checkpoint.load(run.best, model, None, model_identity(config, dataset))
     model.eval()
+    return ModelScorer(model.module, env.device), dataset, config
+
+
+def evaluate_run(run: Run, split: str, env: distributed.Environment) -> RankingMetrics:
+    """Full-ranking metrics of ``run``'s best checkpoint on ``split`` (a collective)."""
+    import torch
+
+    scorer, dataset, config = run_scorer(run, env)
     with torch.no_grad():
-        return evaluate(ModelScorer(model.module, env.device), load_task(dataset, split),
-                        chunk_users=config.eval_chunk_users)
+        return evaluate(scorer, load_task(dataset, split), chunk_users=config.eval_chunk_users)
 
 
 def stage(root: Path, record: dict[str, Any], resume: bool) -> tuple[Run, bool]:
