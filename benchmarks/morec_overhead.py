@@ -1,7 +1,7 @@
 """MoRec's overhead: training samples/s of the base pipeline against the MoRec pipeline.
 
     python benchmarks/morec_overhead.py --out benchmarks/results/morec_overhead.json \\
-        [--profile demo] [--model mf] [--steps 100] [--repeats 3]
+        [--profile demo] [--model mf] [--steps 100] [--repeats 3] [--threads N]
 
 One process (a process group of one, as ``morec-rec run`` without torchrun), the same
 model, data and batch size (1,024 rows, one loader worker):
@@ -17,7 +17,10 @@ model, data and batch size (1,024 rows, one loader worker):
 Each pipeline trains ``--steps`` steps after 20 warm-up steps, ``--repeats`` times,
 alternating, from the same initial model; the medians are compared. Each is timed twice:
 end to end (its loader's worker process running beside it on the shared cores), and over
-batches drawn beforehand (the step alone: model, hook and optimizer). Then the time of one
+batches drawn beforehand (the step alone: model, hook and optimizer); end to end, the CPU
+time per step of the trainer process and of its loader worker is recorded too, to show
+where the time goes. ``--threads`` sets the trainer's intra-op threads (torch's default
+is one a core, which the loader worker then shares). Then the time of one
 validation-and-update round (ranking metrics and per-group losses on the validation
 users, the mass update, the publish) is measured ``--repeats`` times.
 """
@@ -49,7 +52,7 @@ from morec_rec.pipeline.batch import Collator
 from morec_rec.pipeline.morec import validation_pass
 from morec_rec.pipeline.plugin import MoRec
 from morec_rec.pipeline.train import build_sharded, training_loader
-from train_throughput import WARMUP, timed_steps  # the script beside this one
+from train_throughput import WARMUP, StepTiming, timed_steps  # the script beside this one
 
 
 def base_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
@@ -60,8 +63,8 @@ def base_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.E
 
 
 def rates(pipeline: TrainPipelineSparseDist, loader: StatefulDataLoader, steps: int,
-          batch_size: int) -> tuple[float, float]:
-    """Samples/s end to end, then over batches drawn from ``loader`` beforehand."""
+          batch_size: int) -> tuple[StepTiming, StepTiming]:
+    """Timed end to end, then over batches drawn from ``loader`` beforehand."""
     end_to_end = timed_steps(pipeline, loader, steps, batch_size)
     batches = iter(loader)
     drawn = [next(batches) for _ in range(WARMUP + steps)]
@@ -101,7 +104,11 @@ def main() -> None:
     parser.add_argument("--model", default="mf", choices=["mf", "sasrec"])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int,
+                        help="the trainer's intra-op threads (default: torch's, one a core)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     env = distributed.init()
     config = TrainConfig(model=args.model, num_workers=1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +116,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "morec_rec.cli", "synth", "--profile",
                         args.profile, "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
-        runs: dict[str, list[tuple[float, float]]] = {"base": [], **{k: [] for k in VARIANTS}}
+        runs: dict[str, list[tuple[StepTiming, StepTiming]]] = {
+            "base": [], **{k: [] for k in VARIANTS}}
         for repeat in range(args.repeats):
             runs["base"].append(rates(*base_parts(dataset, config, env), args.steps,
                                       config.batch_size))
@@ -118,7 +126,8 @@ def main() -> None:
                                                                       name)
                 runs[name].append(rates(pipeline, loader, args.steps, config.batch_size))
             print(f"repeat {repeat}: samples/s end to end, step alone: " + "; ".join(
-                f"{k} {v[-1][0]:,.0f}, {v[-1][1]:,.0f}" for k, v in runs.items()))
+                f"{k} {v[-1][0].samples_per_s:,.0f}, {v[-1][1].samples_per_s:,.0f}"
+                for k, v in runs.items()))
 
         pipeline.detach()
         task = load_task(dataset, "valid")
@@ -132,8 +141,11 @@ def main() -> None:
         print(f"validation and update round: {statistics.median(rounds):.2f} s "
               f"({len(task):,} validation users)")
 
-    median = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
-    step = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
+    median = {k: statistics.median(r[0].samples_per_s for r in v) for k, v in runs.items()}
+    step = {k: statistics.median(r[1].samples_per_s for r in v) for k, v in runs.items()}
+    cpu = {k: {"trainer": statistics.median(r[0].trainer_cpu_ms for r in v),
+               "loader_workers": statistics.median(r[0].loader_cpu_ms for r in v)}
+           for k, v in runs.items()}
     results = {
         "profile": args.profile, "model": args.model, "batch_size": config.batch_size,
         "steps": args.steps, "warmup_steps": WARMUP, "repeats": args.repeats,
@@ -148,12 +160,14 @@ def main() -> None:
             "over_base": median["morec_training_control"] / median["base"],
             "step_alone_samples_per_s": step["morec_training_control"],
             "step_alone_over_base": step["morec_training_control"] / step["base"]},
-        "runs": {k: {"end_to_end": [r[0] for r in v], "step_alone": [r[1] for r in v]}
-                 for k, v in runs.items()},
+        "cpu_ms_per_step_end_to_end": cpu,
+        "runs": {k: {"end_to_end": [r[0]._asdict() for r in v],
+                     "step_alone": [r[1]._asdict() for r in v]} for k, v in runs.items()},
         "validation_round_s": statistics.median(rounds), "validation_rounds_s": rounds,
         "validation_users": len(task),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpus": os.cpu_count(), "device": str(env.device)},
+                        "cpus": os.cpu_count(), "trainer_threads": torch.get_num_threads(),
+                        "device": str(env.device)},
     }
     print(f"MoRec / base = {results['morec_over_base']:.3f} end to end "
           f"(per-step overhead {100 * results['overhead_per_step']:+.1f}%), "

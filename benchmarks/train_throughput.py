@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -40,21 +40,54 @@ def train_rate(dataset: PreparedDataset, config: TrainConfig, steps: int,
     model, optimizer = build_sharded(config, dataset, env)
     sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
-    return timed_steps(pipeline, loader, steps, config.batch_size), model
+    return timed_steps(pipeline, loader, steps, config.batch_size).samples_per_s, model
+
+
+class StepTiming(NamedTuple):
+    """``steps`` pipeline steps: samples/s, and CPU ms per step of this process (the
+    trainer: every thread, the weight store's server included) and of its child processes
+    (the loader workers)."""
+
+    samples_per_s: float
+    trainer_cpu_ms: float
+    loader_cpu_ms: float
 
 
 def timed_steps(pipeline: TrainPipelineSparseDist, loader: Iterable, steps: int,
-                batch_size: int) -> float:
-    """Samples/s over ``steps`` pipeline steps after ``WARMUP`` steps; detaches after."""
+                batch_size: int) -> StepTiming:
+    """Times ``steps`` pipeline steps after ``WARMUP`` steps; detaches after."""
     batches = iter(loader)
     for _ in range(WARMUP):
         pipeline.progress(batches)
-    start = time.perf_counter()
+    start, trainer, workers = time.perf_counter(), time.process_time(), children_cpu_s()
     for _ in range(steps):
         pipeline.progress(batches)
-    rate = steps * batch_size / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    timing = StepTiming(steps * batch_size / seconds,
+                        1e3 * (time.process_time() - trainer) / steps,
+                        1e3 * cpu_since(workers) / steps)
     pipeline.detach()
-    return rate
+    return timing
+
+
+def children_cpu_s() -> dict[int, float]:
+    """User + system CPU seconds of each live child process of this one (from /proc)."""
+    seconds = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == os.getpid():  # ppid
+            seconds[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf(
+                "SC_CLK_TCK")  # utime + stime
+    return seconds
+
+
+def cpu_since(before: dict[int, float]) -> float:
+    """CPU seconds the child processes used since ``before`` (a child that has ended since
+    is left out; one started since counts whole)."""
+    return sum(now - before.get(pid, 0.0) for pid, now in children_cpu_s().items())
 
 
 def eval_rate(model: torch.nn.Module, dataset: PreparedDataset, users: int) -> float:
