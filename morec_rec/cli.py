@@ -27,6 +27,7 @@ from morec_rec.config import (
 )
 from morec_rec.data.format import MANIFEST, PreparedDataset
 from morec_rec.errors import MorecError
+from morec_rec.eval.bootstrap import PairedBootstrap
 
 DEMO_PROFILE = "demo"
 
@@ -248,9 +249,9 @@ def _compare(args: argparse.Namespace) -> None:
                             args.json))
 
 
-def format_comparison(a: str, b: str, split: str, users: int, result: Any,
+def format_comparison(a: str, b: str, split: str, users: int, result: PairedBootstrap,
                       as_json: bool) -> str:
-    """The paired comparison of run ``a`` with run ``b`` (a ``PairedBootstrap``)."""
+    """The paired comparison of run ``a`` with run ``b``: a table, or one JSON object."""
     if as_json:
         return json.dumps({"run": a, "against": b, "split": split, "users": users,
                            **dataclasses.asdict(result)})

@@ -92,4 +92,3 @@ def paired_bootstrap(rows_a: np.ndarray, rows_b: np.ndarray, q: np.ndarray, *, k
         imp_positive=float(np.nanmean(np.array(imps) > 0)),
         resamples=resamples, level=level, seed=seed,
     )
-
