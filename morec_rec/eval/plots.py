@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from morec_rec.errors import MorecError
 from morec_rec.eval.metrics import LOWER_IS_BETTER, METRICS
+from morec_rec.sampling.sampler import BATCH
 
 DPI = 120
 #: The band |ℓ_o − ℓ̂| ≤ 5%·ℓ̂ within which the controller holds its quantity.
@@ -111,25 +112,32 @@ def plot_masses(records: Sequence[Record], path: Path) -> Path | None:
         return None
     final = max(r["step"] for r in records if isinstance(r.get("step"), int))
     names = list(dict.fromkeys(name for r in updates for name in r["masses"]))
+    # The batch shares are masses over the objectives, named in the step records' losses.
+    objectives = next((list(r["objective_loss"]) for r in _series(records, "step")), None)
     fig = Figure(figsize=(6.4, 2.8 * len(names)), layout="constrained")
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
     for name, ax in zip(names, axes):
         rows = [r for r in updates if name in r["masses"]]
-        _plot_masses(ax, name, [r["step"] for r in rows], [r["masses"][name] for r in rows],
-                     final)
+        steps, masses = [r["step"] for r in rows], [r["masses"][name] for r in rows]
+        if name == BATCH and objectives is not None:
+            _plot_masses(ax, "each objective's share of a batch", "objective", objectives,
+                         steps, masses, final)
+        else:
+            _plot_masses(ax, f"{name}: sampling mass per group", "group",
+                         [str(g) for g in range(len(masses[0]))], steps, masses, final)
     axes[-1].set_xlabel("step")
     return _save(fig, path)
 
 
-def _plot_masses(ax: Axes, name: str, steps: list[int], masses: list[list[float]],
-                 final: int) -> None:
+def _plot_masses(ax: Axes, title: str, legend_title: str, labels: list[str], steps: list[int],
+                 masses: list[list[float]], final: int) -> None:
     x = [*steps, final]
     y = np.array([*masses, masses[-1]]).T  # (groups, len(x))
     # Groups are ordered (by popularity, price, ...), so a sequential colormap shows the order.
     colors = colormaps["viridis"](np.linspace(0, 1, len(y)))
-    ax.stackplot(x, y, step="post", colors=colors, labels=[f"{g}" for g in range(len(y))])
-    ax.set(title=f"{name}: sampling mass per group", ylabel="mass", xlim=(x[0], x[-1]))
-    ax.legend(title="group", fontsize="x-small", title_fontsize="small", loc="upper left",
+    ax.stackplot(x, y, step="post", colors=colors, labels=labels)
+    ax.set(title=title, ylabel="mass", xlim=(x[0], x[-1]))
+    ax.legend(title=legend_title, fontsize="x-small", title_fontsize="small", loc="upper left",
               bbox_to_anchor=(1.01, 1), ncols=1 + len(y) // 12, reverse=True)
 
 
