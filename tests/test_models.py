@@ -25,6 +25,7 @@ from morec_rec.models import build_model, num_negatives
 from morec_rec.models.mf import MatrixFactorization
 from morec_rec.models.negatives import NegativeSampler
 from morec_rec.models.sasrec import SASRec, right_aligned
+from morec_rec.pipeline import batch as batch_module
 from morec_rec.pipeline.batch import Collator, TrainBatch, features_kjt
 from morec_rec.pipeline.sharding import shard
 from morec_rec.sampling.batch import SampledBatch
@@ -129,6 +130,37 @@ def test_collator_builds_the_history_feature() -> None:
     history = batch.features.to_dict()["history"]
     assert history.values().tolist() == [9, 8, 7]
     assert history.lengths().tolist() == [2, 0, 1]
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """Two collated SASRec batches, from a loader worker."""
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        collate = Collator(SASREC_FEATURES, NegativeSampler(np.ones(12)), 3, seed=1)
+        return iter([collate(sampled_batch(index)) for index in (4, 5)])
+
+
+def _same(a: TrainBatch, b: TrainBatch) -> bool:
+    return (a.features.keys() == b.features.keys() and a.features.stride() == b.features.stride()
+            and a.features.length_per_key() == b.features.length_per_key()
+            and torch.equal(a.features.values(), b.features.values())
+            and torch.equal(a.features.lengths(), b.features.lengths())
+            and torch.equal(a.objective, b.objective))
+
+
+@pytest.mark.parametrize("by_value", [True, False])
+def test_batches_cross_from_a_loader_worker_unchanged(by_value: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A small batch is pickled by value (its arrays); over the threshold, torch's way
+    # (shared memory). The worker is forked after the patch, so it reads the same threshold.
+    monkeypatch.setattr(batch_module, "BY_VALUE_MAX_BYTES", 1 << 20 if by_value else 0)
+    batch = Collator(SASREC_FEATURES, NegativeSampler(np.ones(12)), 3, seed=1)(sampled_batch())
+    reducer = batch.__reduce_ex__(pickle.HIGHEST_PROTOCOL)[0]
+    assert (reducer is batch_module._batch_from_arrays) == by_value
+    assert _same(pickle.loads(pickle.dumps(batch)), batch)
+    loader = torch.utils.data.DataLoader(_Batches(), batch_size=None, num_workers=1)
+    received = list(loader)
+    assert len(received) == 2 and all(_same(r, e) for r, e in zip(received, _Batches()))
 
 
 def test_negatives_depend_only_on_seed_rank_and_batch_index() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, SupportsIndex
 
 import numpy as np
 import torch
@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 
 #: Features a Collator can build from a SampledBatch.
 FEATURES = ("user_id", "item_id", "neg_item_id", "history")
+
+#: A TrainBatch of at most this many bytes leaves a loader worker by value (its arrays
+#: pickled through the worker's pipe); a larger one through shared memory, torch's way.
+#: Sharing costs a handshake per tensor, copying grows with the size: on the 2-core
+#: machine by value cost the trainer less up to about 1 MiB (benchmarks/batch_transfer.py).
+BY_VALUE_MAX_BYTES = 1 << 20
 
 
 @dataclasses.dataclass
@@ -42,6 +48,26 @@ class TrainBatch(Pipelineable):
 
     def pin_memory(self) -> TrainBatch:
         return TrainBatch(self.features.pin_memory(), self.objective.pin_memory())
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        """Pickles a small CPU batch by value (see :data:`BY_VALUE_MAX_BYTES`)."""
+        features = self.features
+        tensors = (features.values(), features.lengths(), self.objective)
+        if (features.weights_or_none() is not None
+                or any(t.device.type != "cpu" for t in tensors)
+                or sum(t.nbytes for t in tensors) > BY_VALUE_MAX_BYTES):
+            return super().__reduce_ex__(protocol)
+        return (_batch_from_arrays, (features.keys(), features.stride(),
+                                     features.length_per_key(), *(t.numpy() for t in tensors)))
+
+
+def _batch_from_arrays(keys: list[str], stride: int, length_per_key: list[int],
+                       values: np.ndarray, lengths: np.ndarray,
+                       objective: np.ndarray) -> TrainBatch:
+    features = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(values),
+                                 lengths=torch.from_numpy(lengths), stride=stride,
+                                 length_per_key=length_per_key)
+    return TrainBatch(features, torch.from_numpy(objective))
 
 
 def features_kjt(feature_names: Sequence[str],
