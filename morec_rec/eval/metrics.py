@@ -54,6 +54,12 @@ def _check_ids(groups: np.ndarray, num_groups: int, name: str) -> None:
                          f"[{groups.min()}, {groups.max()}]")
 
 
+def _count(groups: np.ndarray, num_groups: int, name: str) -> np.ndarray:
+    """int64 (num_groups,) occurrences of each group id in ``groups``."""
+    _check_ids(groups, num_groups, name)
+    return np.bincount(groups.ravel(), minlength=num_groups).astype(np.int64)
+
+
 def user_rows(top_k: npt.ArrayLike, held_out: npt.ArrayLike, price: npt.ArrayLike,
               fairness_group: npt.ArrayLike, num_fairness_groups: int,
               popularity_group: npt.ArrayLike, num_popularity_groups: int) -> np.ndarray:
@@ -61,7 +67,8 @@ def user_rows(top_k: npt.ArrayLike, held_out: npt.ArrayLike, price: npt.ArrayLik
 
     Rows add like sums: ``w @ rows`` is the ``to_array()`` of the users counted ``w``
     times (a bootstrap resample); ``rows.sum(0)`` is that of all of them. Arguments as
-    :meth:`RankingMetricSums.from_topk`.
+    :meth:`RankingMetricSums.from_topk`, which sums the same directly, several times
+    faster: evaluation uses that, paired comparisons this.
     """
     top_k, held_out = np.asarray(top_k), np.asarray(held_out)
     hit = hits(top_k, held_out)
@@ -69,15 +76,16 @@ def user_rows(top_k: npt.ArrayLike, held_out: npt.ArrayLike, price: npt.ArrayLik
     exposure_group = np.asarray(popularity_group)[top_k]
     _check_ids(held_group, num_fairness_groups, "fairness_group")
     _check_ids(exposure_group, num_popularity_groups, "popularity_group")
-    users, g_f = np.arange(hit.size), num_fairness_groups
-    rows = np.zeros((hit.size, 3 + 2 * g_f + num_popularity_groups))
+    users, g_f, g_p = np.arange(hit.size), num_fairness_groups, num_popularity_groups
+    rows = np.zeros((hit.size, 3 + 2 * g_f + g_p))
     rows[:, 0] = 1.0
     rows[:, 1] = hit
     rows[:, 2] = np.where(hit, np.asarray(price, dtype=np.float64)[held_out], 0.0)
     rows[users, 3 + held_group] = 1.0
     rows[users, 3 + g_f + held_group] = hit
-    np.add.at(rows, (np.repeat(users, top_k.shape[1]), 3 + 2 * g_f + exposure_group.ravel()),
-              1.0)
+    # Each user's recommendations per popularity group: one bincount over (user, group).
+    rows[:, 3 + 2 * g_f:] = np.bincount((users[:, None] * g_p + exposure_group).ravel(),
+                                        minlength=hit.size * g_p).reshape(hit.size, g_p)
     return rows
 
 
@@ -154,10 +162,19 @@ class RankingMetricSums:
             popularity_group: int (num_items,) popularity group per item id.
             num_popularity_groups: number of popularity groups.
         """
-        rows = user_rows(top_k, held_out, price, fairness_group, num_fairness_groups,
-                         popularity_group, num_popularity_groups)
-        return cls.from_array(rows.sum(axis=0), k=int(np.shape(top_k)[1]),
-                              num_fairness_groups=num_fairness_groups)
+        top_k, held_out = np.asarray(top_k), np.asarray(held_out)
+        hit = hits(top_k, held_out)
+        held_group = np.asarray(fairness_group)[held_out]
+        return cls(
+            users=int(hit.size),
+            hits=int(hit.sum()),
+            price_hits=float(np.asarray(price, dtype=np.float64)[held_out][hit].sum()),
+            group_users=_count(held_group, num_fairness_groups, "fairness_group"),
+            group_hits=_count(held_group[hit], num_fairness_groups, "fairness_group"),
+            exposure_counts=_count(np.asarray(popularity_group)[top_k], num_popularity_groups,
+                                   "popularity_group"),
+            k=int(top_k.shape[1]),
+        )
 
     def __add__(self, other: RankingMetricSums) -> RankingMetricSums:
         if not isinstance(other, RankingMetricSums):

@@ -11,7 +11,7 @@ additive sums are all-reduced, so any number of ranks gives the same numbers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -184,14 +184,15 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 def evaluate(scorer: Scorer, task: RankingTask, *, k: int = K,
              chunk_users: int = 1024) -> RankingMetrics:
     """Metrics of ``scorer`` on ``task``; under ``torch.distributed`` every rank must call it."""
-    total = np.zeros(3 + 2 * task.num_fairness_groups + task.num_popularity_groups)
-    for rows in _chunk_user_rows(scorer, task, k, chunk_users):
-        total += rows.sum(axis=0)
+    sums = RankingMetricSums.from_topk(np.zeros((0, k), dtype=np.int64),
+                                       np.zeros(0, dtype=np.int64), *_item_groups(task))
+    for users, top in _top_lists(scorer, task, k, chunk_users):
+        sums = sums + RankingMetricSums.from_topk(top, users.held_out, *_item_groups(task))
     if dist.is_initialized() and dist.get_world_size() > 1:
-        flat = torch.from_numpy(total)
+        flat = torch.from_numpy(sums.to_array())
         dist.all_reduce(flat)
-        total = flat.numpy()
-    sums = RankingMetricSums.from_array(total, k=k, num_fairness_groups=task.num_fairness_groups)
+        sums = RankingMetricSums.from_array(flat.numpy(), k=k,
+                                            num_fairness_groups=task.num_fairness_groups)
     return sums.finalize(task.q)
 
 
@@ -202,13 +203,20 @@ def evaluate_users(scorer: Scorer, task: RankingTask, *, k: int = K,
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise MorecError("per-user evaluation runs in one process, not under torchrun")
     empty = np.zeros((0, 3 + 2 * task.num_fairness_groups + task.num_popularity_groups))
-    return np.concatenate([empty, *_chunk_user_rows(scorer, task, k, chunk_users)])
+    return np.concatenate([empty, *(user_rows(top, users.held_out, *_item_groups(task))
+                                    for users, top in _top_lists(scorer, task, k, chunk_users))])
 
 
-def _chunk_user_rows(scorer: Scorer, task: RankingTask, k: int,
-                     chunk_users: int) -> Iterator[np.ndarray]:
-    """:func:`user_rows` of this rank's users, a chunk at a time (a collective: every rank
-    makes the same number of scorer calls)."""
+def _item_groups(task: RankingTask) -> tuple[Any, ...]:
+    """The item tables that ``from_topk`` and ``user_rows`` take after the held-out items."""
+    return (task.price, task.fairness_group, task.num_fairness_groups, task.popularity_group,
+            task.num_popularity_groups)
+
+
+def _top_lists(scorer: Scorer, task: RankingTask, k: int,
+               chunk_users: int) -> Iterator[tuple[RankingTask, np.ndarray]]:
+    """This rank's users a chunk at a time, with their top-``k`` items (U, k) (a
+    collective: every rank makes the same number of scorer calls)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     per_rank = -(-len(task) // world)
     local = task.rows(rank * per_rank, (rank + 1) * per_rank)
@@ -222,6 +230,4 @@ def _chunk_user_rows(scorer: Scorer, task: RankingTask, k: int,
         excluded = torch.from_numpy(np.repeat(np.arange(len(users)),
                                               np.diff(users.exclude_offsets)))
         scores[excluded, torch.from_numpy(users.exclude_items)] = -torch.inf
-        yield user_rows(top_k(scores, k).numpy(), users.held_out, task.price,
-                        task.fairness_group, task.num_fairness_groups, task.popularity_group,
-                        task.num_popularity_groups)
+        yield users, top_k(scores, k).numpy()

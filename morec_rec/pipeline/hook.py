@@ -98,13 +98,18 @@ class MoRecLoss:
 
     def __call__(self, batch: Any) -> tuple[torch.Tensor, MoRecOutput]:
         _, output = self.model(batch)
-        sums, counts = segment_sums(*self.rows(batch, output), self.num_objectives)
+        per_row, segment = self.rows(batch, output)
+        if self.coefficients == "sampling":
+            # Σ_o (n_o / n) · ℓ_o is the plain mean: the means are only reported, so they
+            # stay out of the graph.
+            sums, counts = segment_sums(per_row.detach(), segment, self.num_objectives)
+            global_means = reduced_means(sums, counts, self.group)
+            shares = (counts / counts.sum()).to(torch.float64)
+            loss = per_row.to(torch.promote_types(per_row.dtype, torch.float32)).mean()
+            return loss, MoRecOutput(output, global_means, shares)
+        sums, counts = segment_sums(per_row, segment, self.num_objectives)
         local_means = sums / counts.clamp(min=1)
         global_means = reduced_means(sums.detach(), counts, self.group)
-        if self.coefficients == "sampling":
-            shares = counts / counts.sum()
-            loss = (shares * local_means).sum()
-            return loss, MoRecOutput(output, global_means, shares.detach().to(torch.float64))
         if not torch.isfinite(global_means).all() or (global_means < 0).any():
             raise ValueError(f"per-objective losses must be finite and >= 0, "
                              f"got {global_means.tolist()} (an objective with no row?)")
