@@ -17,10 +17,12 @@ model, data and batch size (1,024 rows, one loader worker):
 Each pipeline trains ``--steps`` steps after 20 warm-up steps, ``--repeats`` times,
 alternating, from the same initial model; the medians are compared. Each is timed twice:
 end to end (its loader's worker process running beside it on the shared cores), and over
-batches drawn beforehand (the step alone: model, hook and optimizer); end to end, the CPU
-time per step of the trainer process and of its loader worker is recorded too, to show
-where the time goes. ``--threads`` sets the trainer's intra-op threads (torch's default
-is one a core, which the loader worker then shares). Then the time of one
+batches drawn beforehand (the step alone: model, hook and optimizer). End to end, MoRec's
+rate over the base's in the same repeat is summarised too (median and a bootstrap
+interval over the repeats), and the CPU time per step of the trainer process and of its
+loader worker is recorded, to show where the time goes. ``--threads`` sets the trainer's
+intra-op threads (torch's default is one a core, which the loader worker then shares).
+Then the time of one
 validation-and-update round (ranking metrics and per-group losses on the validation
 users, the mass update, the publish) is measured ``--repeats`` times.
 """
@@ -38,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -97,6 +100,17 @@ def morec_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.
     return morec, model, pipeline, morec.loader(collate), collate
 
 
+def paired_ratio(morec: list[float], base: list[float], resamples: int = 2000,
+                 seed: int = 0) -> dict[str, float]:
+    """The median over repeats of MoRec's rate over the base's in the same repeat, with a
+    95% bootstrap interval over the repeats: how sure one run is of the ratio."""
+    ratios = np.array(morec) / np.array(base)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(ratios, (resamples, len(ratios))), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return {"median": float(np.median(ratios)), "low": float(low), "high": float(high)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -143,6 +157,8 @@ def main() -> None:
 
     median = {k: statistics.median(r[0].samples_per_s for r in v) for k, v in runs.items()}
     step = {k: statistics.median(r[1].samples_per_s for r in v) for k, v in runs.items()}
+    paired = paired_ratio([r[0].samples_per_s for r in runs["morec"]],
+                          [r[0].samples_per_s for r in runs["base"]])
     cpu = {k: {"trainer": statistics.median(r[0].trainer_cpu_ms for r in v),
                "loader_workers": statistics.median(r[0].loader_cpu_ms for r in v)}
            for k, v in runs.items()}
@@ -152,6 +168,7 @@ def main() -> None:
         "base_samples_per_s": median["base"], "morec_samples_per_s": median["morec"],
         "morec_over_base": median["morec"] / median["base"],
         "overhead_per_step": median["base"] / median["morec"] - 1,
+        "paired_end_to_end": paired,
         "step_alone": {"base_samples_per_s": step["base"],
                        "morec_samples_per_s": step["morec"],
                        "morec_over_base": step["morec"] / step["base"]},
@@ -169,6 +186,8 @@ def main() -> None:
                         "cpus": os.cpu_count(), "trainer_threads": torch.get_num_threads(),
                         "device": str(env.device)},
     }
+    print(f"paired per repeat: {paired['median']:.3f} [{paired['low']:.3f}, "
+          f"{paired['high']:.3f}]")
     print(f"MoRec / base = {results['morec_over_base']:.3f} end to end "
           f"(per-step overhead {100 * results['overhead_per_step']:+.1f}%), "
           f"{results['step_alone']['morec_over_base']:.3f} for the step alone; under "
