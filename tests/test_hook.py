@@ -109,6 +109,13 @@ def test_under_sampling_coefficients_the_loss_is_the_plain_mean_over_the_rows() 
     assert output.objective_loss.tolist() == MEANS
     assert loss.item() == pytest.approx(sum(LOSSES) / 6, rel=1e-12)
     assert controller_steps(c) == 1
+    # Every row weighs 1/n in the gradient, and the reported means carry no graph.
+    per_row = hook.model.output.per_row_loss.requires_grad_()
+    loss, output = hook(None)
+    loss.backward()
+    assert per_row.grad.tolist() == pytest.approx([1 / 6] * 6, rel=1e-12)
+    assert not output.objective_loss.requires_grad
+    per_row.requires_grad_(False)
 
     # An objective that drew no row this step: no loss term, its mean NaN, no error.
     hook.model = FixedModel([1.0, 3.0, 2.0], [0, 0, 2])
