@@ -237,12 +237,11 @@ def _compare(args: argparse.Namespace) -> None:
         raise MorecError(f"{args.run} and {args.against} were trained on different data "
                          f"({data[0]} and {data[1]}): nothing to pair")
     env = distributed.init()
-    rows = []
-    for run in runs:
-        scorer, dataset, config = run_scorer(run, env)
-        task = load_task(dataset, args.split)
-        with torch.no_grad():
-            rows.append(evaluate_users(scorer, task, chunk_users=config.eval_chunk_users))
+    scorers = [run_scorer(run, env) for run in runs]
+    task = load_task(scorers[0][1], args.split)  # the same data: one task serves both
+    with torch.no_grad():
+        rows = [evaluate_users(scorer, task, chunk_users=config.eval_chunk_users)
+                for scorer, _, config in scorers]
     result = paired_bootstrap(*rows, task.q, k=K, num_fairness_groups=task.num_fairness_groups,
                               resamples=args.resamples, seed=args.seed)
     print(format_comparison(str(args.run), str(args.against), args.split, len(task), result,
