@@ -28,7 +28,8 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from morec_rec.config import TrainConfig
 from morec_rec.data.format import PreparedDataset
-from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
+from morec_rec.eval.ranking import evaluate, load_task
+from morec_rec.models.scorer import ModelScorer
 from morec_rec.pipeline import distributed
 from morec_rec.pipeline.train import build_sharded, training_loader
 

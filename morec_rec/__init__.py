@@ -1,3 +1,55 @@
-"""MoRec for TorchRec: multi-objective recommendation through adaptive data sampling."""
+"""MoRec for TorchRec: multi-objective recommendation through adaptive data sampling.
+
+The public surface: a job makes one :class:`MoRec` per rank from a prepared dataset, its
+own collate, the per-example losses of its model (``rows``) and its scorer, then trains
+on ``MoRec.loader`` with ``MoRec.loss(model)`` as its loss and calls ``MoRec.validate``
+every few hundred steps. Objectives are :class:`Objective` s: the four built-ins, or a
+job's own subclass.
+"""
+
+from morec_rec.config import MoRecConfig, SamplerConfig
+from morec_rec.control.coordinator import Coordinator
+from morec_rec.data.format import PreparedDataset
+from morec_rec.errors import MorecError
+from morec_rec.eval.metrics import RankingMetrics
+from morec_rec.eval.ranking import RankingTask, Scorer
+from morec_rec.plugin.batch import ExampleLayout, SegmentedBatch
+from morec_rec.plugin.hook import MoRecLoss, Rows
+from morec_rec.plugin.loader import Collate, MoRecLoader
+from morec_rec.plugin.morec import MoRec
+from morec_rec.sampling.batch import SampledBatch
+from morec_rec.sampling.objectives import (
+    Accuracy,
+    Alignment,
+    Fairness,
+    Objective,
+    Revenue,
+    ValidationSignal,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Accuracy",
+    "Alignment",
+    "Collate",
+    "Coordinator",
+    "ExampleLayout",
+    "Fairness",
+    "MoRec",
+    "MoRecConfig",
+    "MoRecLoader",
+    "MoRecLoss",
+    "MorecError",
+    "Objective",
+    "PreparedDataset",
+    "RankingMetrics",
+    "RankingTask",
+    "Revenue",
+    "Rows",
+    "SampledBatch",
+    "SamplerConfig",
+    "Scorer",
+    "SegmentedBatch",
+    "ValidationSignal",
+]

@@ -13,7 +13,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from morec_rec.config import (
     MoRecConfig,
@@ -28,6 +28,9 @@ from morec_rec.config import (
 from morec_rec.data.format import MANIFEST, PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.eval.bootstrap import PairedBootstrap
+
+if TYPE_CHECKING:
+    from morec_rec.pipeline.run import Run
 
 DEMO_PROFILE = "demo"
 
@@ -159,11 +162,15 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _synth(args: argparse.Namespace) -> None:
+    from morec_rec.data.prepare import check_output
+
     config = build(PrepareConfig, load_file(args.config, ("prepare",))["prepare"], args)
+    check_output(args.out)  # before the (possibly long) generation
     print(summary(args.out, synthesize(args.profile, args.out, config)))
 
 
 def _train(args: argparse.Namespace) -> None:
+    from morec_rec.data.prepare import check_writable
     from morec_rec.pipeline import distributed
     from morec_rec.pipeline.run import Run
     from morec_rec.pipeline.train import train
@@ -175,12 +182,17 @@ def _train(args: argparse.Namespace) -> None:
         record = run.record
         config = build(TrainConfig, record["config"], args)  # flags may extend, e.g. epochs
         dataset = PreparedDataset.open(record["data"])
+        env = distributed.init()
+        _check_batch(dataset, config, env.world_size)
+        _recover(args.out)
     else:
         if args.data is None:
             raise MorecError("train needs --data (or --resume)")
         config = build(TrainConfig, load_file(args.config, ("train",))["train"], args)
         dataset = PreparedDataset.open(args.data)
         env = distributed.init()
+        _check_batch(dataset, config, env.world_size)
+        check_writable(args.out)
         run = Run.create(args.out, {"config": dataclasses.asdict(config),
                                     "data": str(dataset.root.resolve()),
                                     "world_size": env.world_size})
@@ -206,7 +218,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.run is not None:
         if args.model is not None:
             raise MorecError("--model names a baseline for --data; a run knows its model")
-        scorer, dataset, config = run_scorer(Run.open(args.run), env)
+        scorer, dataset, config = run_scorer(_evaluable(args.run, env.is_main), env)
         name = config.model
     else:
         if args.model != "popular":
@@ -231,12 +243,12 @@ def _compare(args: argparse.Namespace) -> None:
 
     if args.run is None:
         raise MorecError("--against compares two runs: name the first with --run")
-    runs = [Run.open(args.run), Run.open(args.against)]
+    env = distributed.init()
+    runs = [_evaluable(args.run, env.is_main), _evaluable(args.against, env.is_main)]
     data = [Path(run.record["data"]).resolve() for run in runs]
     if data[0] != data[1]:
         raise MorecError(f"{args.run} and {args.against} were trained on different data "
                          f"({data[0]} and {data[1]}): nothing to pair")
-    env = distributed.init()
     scorers = [run_scorer(run, env) for run in runs]
     task = load_task(scorers[0][1], args.split)  # the same data: one task serves both
     with torch.no_grad():
@@ -246,6 +258,29 @@ def _compare(args: argparse.Namespace) -> None:
                               resamples=args.resamples, seed=args.seed)
     print(format_comparison(str(args.run), str(args.against), args.split, len(task), result,
                             args.json))
+
+
+def _evaluable(root: Path, is_main: bool) -> Run:
+    """The run at ``root`` if it has a best checkpoint to evaluate (else MorecError); prints
+    a warning (on rank 0) if its training did not finish."""
+    from morec_rec.pipeline import checkpoint
+    from morec_rec.pipeline.run import Run
+
+    run = Run.open(root)
+    if checkpoint.resolve(run.best) is None:
+        raise MorecError(f"{root}: nothing to evaluate: no best checkpoint (the run stopped "
+                         "before its first validation)")
+    record, config = run.record, run.record["config"]
+    done = (checkpoint.read_meta(run.last)["progress"]
+            if checkpoint.resolve(run.last) is not None else {"epoch": 0, "stale": 0})
+    if "morec" in record:  # continued training: a fixed number of epochs
+        total, stopped = record["morec"]["epochs"], False
+    else:  # a backbone: until early stop or max_epochs
+        total, stopped = config["max_epochs"], done["stale"] >= config["patience"]
+    if is_main and done["epoch"] < total and not stopped:
+        print(f"morec-rec: warning: {root}: unfinished run ({done['epoch']} of {total} "
+              "epochs): evaluating its best checkpoint so far", file=sys.stderr)
+    return run
 
 
 def format_comparison(a: str, b: str, split: str, users: int, result: PairedBootstrap,
@@ -279,14 +314,18 @@ def format_metrics(name: str, split: str, users: int, metrics: dict[str, float],
 
 
 def _run(args: argparse.Namespace) -> None:
+    from morec_rec.data.prepare import check_writable
     from morec_rec.pipeline.job import read_job, run_job
 
     if not args.resume:
         if args.data is None:
             raise MorecError("run needs --data (or --resume)")
         train, sampler, morec = _job_configs(args)
-        _print_results(run_job(PreparedDataset.open(args.data), args.out, train, sampler, morec,
-                               base=args.base, with_continued=args.continued), args.out)
+        dataset = PreparedDataset.open(args.data)
+        _check_job(dataset, args.base, train, sampler)
+        check_writable(args.out)
+        _print_results(run_job(dataset, args.out, train, sampler, morec, base=args.base,
+                               with_continued=args.continued), args.out)
         return
     if args.data is not None or args.base is not None or args.config is not None:
         raise MorecError("--resume continues the job's own data, base and settings: "
@@ -295,9 +334,65 @@ def _run(args: argparse.Namespace) -> None:
     train = build(TrainConfig, job["train"], args)
     sampler = build(SamplerConfig, {**job["sampler"], "seed": train.seed}, args)
     morec = build(MoRecConfig, job["morec"], args)
-    _print_results(run_job(PreparedDataset.open(job["data"]), args.out, train, sampler, morec,
-                           base=job["base"], with_continued=job["continued"] or args.continued,
-                           resume=True), args.out)
+    dataset = PreparedDataset.open(job["data"])
+    _check_job(dataset, job["base"], train, sampler)
+    _recover(*(args.out / stage for stage in ("base", "morec", "continued")))
+    _print_results(run_job(dataset, args.out, train, sampler, morec, base=job["base"],
+                           with_continued=job["continued"] or args.continued, resume=True),
+                   args.out)
+
+
+def _check_batch(dataset: PreparedDataset, config: TrainConfig, world_size: int) -> None:
+    """Raises :class:`MorecError` unless a batch of ``config`` fits each loader stream."""
+    dataset.check_batch(config.batch_size, world_size * max(config.num_workers, 1),
+                        f"batch_size = {config.batch_size}")
+
+
+def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainConfig,
+               sampler: SamplerConfig) -> None:
+    """Checks, before a job writes anything, what would fail it later: its batches fit the
+    data's loader streams, and a given ``base`` is a run of the same model on the same
+    data with a best checkpoint. (The job checks its objectives and controllers itself.)"""
+    from morec_rec.pipeline import checkpoint, distributed
+    from morec_rec.pipeline.run import Run
+    from morec_rec.pipeline.train import model_identity
+
+    world_size = distributed.init().world_size
+    if base is None:
+        _check_batch(dataset, train, world_size)
+    else:
+        run = Run.open(Path(base))
+        data = Path(run.record["data"]).resolve()
+        if data != dataset.root.resolve():
+            raise MorecError(f"{base}: a base trained on {data}, not on {dataset.root}")
+        if checkpoint.resolve(run.best) is None:
+            raise MorecError(f"{base}: a base without a best checkpoint: nothing to continue")
+        meta = checkpoint.read_meta(run.best)
+        wrong = [f"{key} = {value!r} (the base's: {meta.get(key)!r})"
+                 for key, value in model_identity(train, dataset).items()
+                 if meta.get(key) != value]
+        if wrong:
+            raise MorecError(f"{base}: a base of another model than the settings': "
+                             f"{', '.join(wrong)}")
+    objectives = len(sampler.objectives)
+    dataset.check_batch(sampler.sub_batch_size * objectives,
+                        world_size * max(train.num_workers, 1),
+                        f"sub_batch_size = {sampler.sub_batch_size} × {objectives} objective(s)")
+
+
+def _recover(*runs: Path) -> None:
+    """Completes the checkpoint saves that a kill interrupted in the run directories
+    ``runs`` (rank 0; every rank waits), before a resumed run looks for its checkpoints."""
+    import torch.distributed as dist
+
+    from morec_rec.pipeline import checkpoint, distributed
+    from morec_rec.pipeline.run import Run
+
+    if distributed.init().is_main:
+        for run in map(Run, runs):
+            checkpoint.recover(run.last)
+            checkpoint.recover(run.best)
+    dist.barrier()
 
 
 def _print_results(results: dict[str, Any], out: Path) -> None:
@@ -325,10 +420,12 @@ DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2}}
 
 
 def _demo(args: argparse.Namespace) -> None:
+    from morec_rec.data.prepare import check_writable
     from morec_rec.pipeline.job import JOB, RESULTS, run_job
 
     train, sampler, morec = _job_configs(args, DEMO_SETTINGS)
     data = args.out / "data"
+    check_writable(args.out)
     config = PrepareConfig(seed=train.seed)
     if (data / MANIFEST).is_file():  # a rerun reuses the data it prepared before
         manifest = PreparedDataset.open(data).manifest
@@ -344,8 +441,12 @@ def _demo(args: argparse.Namespace) -> None:
         _print_results(json.loads((args.out / RESULTS).read_text()), args.out)
         return
     # An interrupted demo continues where it stopped.
-    _print_results(run_job(PreparedDataset.open(data), args.out, train, sampler, morec,
-                           resume=(args.out / JOB).is_file()), args.out)
+    dataset = PreparedDataset.open(data)
+    _check_job(dataset, None, train, sampler)
+    resume = (args.out / JOB).is_file()
+    if resume:
+        _recover(*(args.out / stage for stage in ("base", "morec")))
+    _print_results(run_job(dataset, args.out, train, sampler, morec, resume=resume), args.out)
 
 
 def synthesize(profile: str, out: Path, config: PrepareConfig) -> dict[str, Any]:

@@ -57,7 +57,8 @@ class PrepareConfig:
     k_core: int = 5
     #: Items kept in the ``history`` column (the most recent last).
     history_length: int = 50
-    #: Popularity groups, cut over items sorted by training count.
+    #: Popularity groups, cut over items sorted by training count; at most the number of
+    #: items left after filtering (more is an error: a group would have no item).
     popularity_groups: int = 10
     #: ``equal_items``: each group holds the same number of items; ``equal_interactions``:
     #: each holds about the same number of training interactions.
@@ -162,6 +163,9 @@ class TrainConfig:
     num_workers: int = 1
     #: Users scored at a time in full-ranking evaluation.
     eval_chunk_users: int = 1024
+    #: Save the ``last`` checkpoint every this many steps, as well as at every epoch's
+    #: end (0: at epochs' ends only). A resumed run goes on from the step saved.
+    checkpoint_every: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -179,6 +183,7 @@ class TrainConfig:
         _check(self.patience >= 1, "patience", self.patience, ">= 1")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         _check(self.eval_chunk_users >= 1, "eval_chunk_users", self.eval_chunk_users, ">= 1")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
 
 
 #: What MoRec's controllers may hold (``MoRecConfig.control``).

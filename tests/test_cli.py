@@ -25,8 +25,9 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _prepare(inter: Path, items: Path, out: Path, *extra: str) -> int:
+    """``prepare`` of the generic source, with as many popularity groups as its 5 items."""
     return main(["prepare", "--source", "generic", "--input", str(inter), "--meta", str(items),
-                 "--out", str(out), *extra])
+                 "--out", str(out), "--popularity-groups", "5", *extra])
 
 
 def _error(capsys: pytest.CaptureFixture[str]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,11 @@ from morec_rec.data.raw import RawData
 from morec_rec.errors import MorecError
 
 
+def _config(**fields: Any) -> PrepareConfig:
+    """Settings for a few items: a 3-core and 3 popularity groups (at most one per item)."""
+    return PrepareConfig(k_core=3, popularity_groups=3, **fields)
+
+
 def _rows(root: Path, split: str) -> list[dict]:
     return PreparedDataset.open(root).split(split).sort_by("user_id").to_pylist()
 
@@ -25,7 +31,7 @@ def _rows(root: Path, split: str) -> list[dict]:
 def test_k_core_cascades_until_stable(cascade: RawData, tmp_path: Path) -> None:
     # Round 1 drops u4 (2 rows), u7 (2), items d (2), f (2), g (1); then u5 and u6 keep
     # 2 rows each and e keeps 2, so round 2 drops them. Left: u1..u3 × {a, b, c}.
-    manifest = prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3, min_group_share=0))
+    manifest = prepare(cascade, tmp_path / "d", _config(min_group_share=0))
     assert manifest["filtering"]["k_core"] == {
         "k": 3, "iterations": 2, "interactions_removed": 11, "users_removed": 4,
         "items_removed": 4,
@@ -40,7 +46,7 @@ def test_k_core_cascades_until_stable(cascade: RawData, tmp_path: Path) -> None:
 
 
 def test_leave_one_out_by_time_and_history(cascade: RawData, tmp_path: Path) -> None:
-    prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3, history_length=1))
+    prepare(cascade, tmp_path / "d", _config(history_length=1))
     train, valid, test = (_rows(tmp_path / "d", s) for s in ("train", "valid", "test"))
     # u1 (id 0): a@1 → train, b@2 → valid, c@3 → test; history keeps only the last item.
     assert (train[0]["item_id"], train[0]["history"]) == (0, [])
@@ -50,7 +56,7 @@ def test_leave_one_out_by_time_and_history(cascade: RawData, tmp_path: Path) -> 
 
 
 def test_full_history_is_every_earlier_item(cascade: RawData, tmp_path: Path) -> None:
-    prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3, history_length=50))
+    prepare(cascade, tmp_path / "d", _config(history_length=50))
     test = _rows(tmp_path / "d", "test")
     assert test[0]["history"] == [0, 1]  # u1: a, b before c
 
@@ -59,13 +65,13 @@ def test_same_time_order_is_seeded_and_ignores_row_order(cascade: RawData, tmp_p
     # u3 bought a, b and c at the same time: which one is held out depends only on the seed.
     shuffled = RawData(cascade.interactions.take(np.random.default_rng(7).permutation(20)),
                        cascade.items, cascade.source)
-    prepare(cascade, tmp_path / "one", PrepareConfig(k_core=3))
-    prepare(shuffled, tmp_path / "two", PrepareConfig(k_core=3))
+    prepare(cascade, tmp_path / "one", _config())
+    prepare(shuffled, tmp_path / "two", _config())
     for split in ("train", "valid", "test"):
         assert _rows(tmp_path / "one", split) == _rows(tmp_path / "two", split)
     orders = set()
     for seed in range(8):
-        prepare(cascade, tmp_path / f"s{seed}", PrepareConfig(k_core=3, seed=seed))
+        prepare(cascade, tmp_path / f"s{seed}", _config(seed=seed))
         orders.add(tuple(r["item_id"] for s in ("valid", "test")
                          for r in _rows(tmp_path / f"s{seed}", s) if r["user_id"] == 2))
     assert len(orders) > 1, "the tie-break should depend on the seed"
@@ -76,7 +82,7 @@ def test_rating_filter_and_duplicates(tmp_path: Path) -> None:
     rows += [("x", "p", 9), ("y", "s", 9)]  # a repeat of (x, p) and a rating-2 row
     ratings = [5.0] * 9 + [4.0, 2.0]
     raw = raw_data(rows, {i: (1.0, "c") for i in "pqrs"}, ratings)
-    manifest = prepare(raw, tmp_path / "d", PrepareConfig(k_core=3))
+    manifest = prepare(raw, tmp_path / "d", _config())
     assert manifest["filtering"]["rating_below_min"] == 1
     assert manifest["filtering"]["duplicate_pairs"] == 1
     assert manifest["num_interactions"] == {"train": 3, "valid": 3, "test": 3}
@@ -88,7 +94,7 @@ def test_missing_price_and_category_imputed(tmp_path: Path) -> None:
     rows = [(u, i, t) for u in ("x", "y", "z") for t, i in enumerate("pqrs")]
     items = {"p": (2.0, "c1"), "q": (4.0, "c1"), "r": (None, "c1"), "s": (0.0, None)}
     manifest = prepare(raw_data(rows, items), tmp_path / "d",
-                       PrepareConfig(k_core=3, min_group_share=0))
+                       _config(min_group_share=0))
     got = {i["original_id"]: (i["price"], i["category"])
            for i in PreparedDataset.open(tmp_path / "d").items().to_pylist()}
     # r: the median of c1's known prices (2, 4); s keeps its valid zero price.
@@ -102,7 +108,7 @@ def test_missing_policy_error(tmp_path: Path) -> None:
     rows = [(u, i, t) for u in ("x", "y", "z") for t, i in enumerate("pqr")]
     raw = raw_data(rows, {"p": (1.0, "c"), "q": (None, "c"), "r": (1.0, "c")})
     with pytest.raises(MorecError, match="1 item\\(s\\) without a price.*'q'"):
-        prepare(raw, tmp_path / "d", PrepareConfig(k_core=3, missing="error"))
+        prepare(raw, tmp_path / "d", _config(missing="error"))
     assert not (tmp_path / "d").exists()
 
 
@@ -156,14 +162,14 @@ def test_manifest_and_shards(tmp_path: Path) -> None:
 def test_train_rows_are_shuffled(tmp_path: Path) -> None:
     rows = [(f"u{u:03d}", f"i{i}", t) for u in range(200) for t, i in enumerate(range(6))]
     prepare(raw_data(rows, {f"i{i}": (1.0, "c") for i in range(6)}), tmp_path / "d",
-            PrepareConfig(k_core=3))
+            _config())
     users = PreparedDataset.open(tmp_path / "d").split("train")["user_id"].to_numpy()
     # Sorted order would give a correlation of 1; a random order about 0 (sd ~ 1/sqrt(800)).
     assert abs(np.corrcoef(users, np.arange(len(users)))[0, 1]) < 0.15
 
 
 def test_open_rejects_incomplete_dataset(cascade: RawData, tmp_path: Path) -> None:
-    prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3))
+    prepare(cascade, tmp_path / "d", _config())
     (tmp_path / "d" / "valid.parquet").unlink()
     with pytest.raises(MorecError, match="valid.parquet is missing"):
         PreparedDataset.open(tmp_path / "d")
@@ -178,19 +184,19 @@ def test_interrupted_write_leaves_nothing(cascade: RawData, tmp_path: Path,
 
     monkeypatch.setattr("morec_rec.data.prepare._write_train", fail)
     with pytest.raises(KeyboardInterrupt):
-        prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3))
+        prepare(cascade, tmp_path / "d", _config())
     assert list(tmp_path.iterdir()) == []
 
 
 def test_prepare_into_existing_empty_directory(cascade: RawData, tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
-    prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3))
+    prepare(cascade, tmp_path / "d", _config())
     assert PreparedDataset.open(tmp_path / "d").manifest["num_users"] == 3
     with pytest.raises(MorecError, match="not an empty directory"):
-        prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3))
+        prepare(cascade, tmp_path / "d", _config())
 
 
 def test_history_type_is_a_list_of_ints(cascade: RawData, tmp_path: Path) -> None:
-    prepare(cascade, tmp_path / "d", PrepareConfig(k_core=3))
+    prepare(cascade, tmp_path / "d", _config())
     schema = pq.read_schema(tmp_path / "d" / "test.parquet")
     assert schema.field("history").type == pa.list_(pa.field("item", pa.int32(), nullable=False))

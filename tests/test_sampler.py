@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from conftest import chi_square_p
 from morec_rec.config import SamplerConfig
@@ -164,53 +163,63 @@ def _compare(a: list, b: list) -> None:
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_replays_the_stream(dataset: PreparedDataset, num_workers: int) -> None:
-    def loader() -> StatefulDataLoader:
-        return StatefulDataLoader(sampler(dataset), batch_size=None, num_workers=num_workers)
+@pytest.mark.parametrize("start", [13, 16])  # mid-window (8 batches a window), and on a window
+def test_a_start_position_replays_the_rest_of_the_stream(dataset: PreparedDataset,
+                                                         num_workers: int, start: int) -> None:
+    def loader(position: int) -> DataLoader:
+        s = sampler(dataset)
+        s.set_epoch(1, position)
+        return DataLoader(s, batch_size=None, num_workers=num_workers)
 
-    uninterrupted = list(loader())
-    first = loader()
-    iterator = iter(first)
-    head = [next(iterator) for _ in range(13)]  # stops mid-window (8 batches a window)
-    state = first.state_dict()
-    del iterator, first
-    resumed = loader()
-    resumed.load_state_dict(state)
-    _compare(uninterrupted, head + list(resumed))
+    uninterrupted = list(loader(0))
+    assert [b.batch_index for b in uninterrupted] == [len(uninterrupted) + i
+                                                      for i in range(len(uninterrupted))]
+    _compare(uninterrupted[start:], list(loader(start)))
 
 
-def test_resume_with_published_masses(dataset: PreparedDataset, tmp_path: Path) -> None:
-    # Both runs publish the same versions at the same consumed counts (as a resumed trainer
-    # does); the state saved at batch 13 holds version 1, in force from batch 9.
+def test_a_restarted_loader_replays_the_published_masses(dataset: PreparedDataset,
+                                                          tmp_path: Path) -> None:
+    # Both runs publish the same versions at the same consumed counts; the second stops
+    # at batch 13 and a new loader goes on from there over the same store: it replays
+    # version 1 (in force from batch 9) and takes version 2 as it appears.
     publishes = {5: (np.eye(5)[4], 9), 20: (np.eye(5)[2], 24)}
 
-    def run(store: Path, stop: int | None, state: dict | None = None) -> tuple[list, dict]:
+    def run(store: Path, start: int, stop: int | None = None) -> list:
         spec = StoreSpec(kind="file", path=str(store))
         weights = WeightStore.connect(spec)
-        loader = StatefulDataLoader(sampler(dataset, store=spec, sub_batch_size=16),
-                                    batch_size=None, num_workers=2, prefetch_factor=2)
-        if state is not None:
-            loader.load_state_dict(state)
+        s = sampler(dataset, store=spec, sub_batch_size=16)
+        s.set_epoch(0, start)
         batches = []
-        for batch in loader:
+        for batch in DataLoader(s, batch_size=None, num_workers=2, prefetch_factor=2):
             batches.append(batch)
             consumed = batch.batch_index + 1
-            version = list(publishes).index(consumed) + 1 if consumed in publishes else 0
-            if version > weights.latest_version():  # a resumed run's store holds version 1
+            if consumed in publishes and list(publishes).index(consumed) == \
+                    weights.latest_version():
                 weights.publish({"fairness": publishes[consumed][0]}, publishes[consumed][1])
             if consumed == stop:
-                return batches, loader.state_dict()
-        return batches, {}
+                break
+        return batches
 
-    uninterrupted, _ = run(tmp_path / "a", None)
+    uninterrupted = run(tmp_path / "a", 0)
     assert len(uninterrupted) == 66  # 2 streams × 2160 rows // 64
-    head, state = run(tmp_path / "b", 13)
-    tail, _ = run(tmp_path / "b", None, state)
-    _compare(uninterrupted, head + tail)
+    head = run(tmp_path / "b", 0, stop=13)
+    _compare(uninterrupted, head + run(tmp_path / "b", 13))
     versions = [b.masses_version for b in uninterrupted]
     assert versions[:9] == [0] * 9 and versions[9:24] == [1] * 15 and set(versions[24:]) == {2}
     late = uninterrupted[30]
     assert set(late.fairness_group[late.objective == ALL.index("fairness")].tolist()) == {2}
+
+
+def test_a_version_published_after_its_batch_was_drawn_raises(dataset: PreparedDataset,
+                                                              tmp_path: Path) -> None:
+    spec = StoreSpec(kind="file", path=str(tmp_path / "store"))
+    weights = WeightStore.connect(spec)
+    batches = iter(sampler(dataset, store=spec))
+    next(batches), next(batches)  # batches 0 and 1 drawn
+    weights.publish({"fairness": np.eye(5)[0]}, effective_from=1)
+    with pytest.raises(MorecError, match="version 1 applies from batch 1, but reached a "
+                                         "loader worker after it drew batch 1"):
+        next(batches)
 
 
 def test_published_masses_show_in_every_workers_frequencies(dataset: PreparedDataset,
@@ -258,7 +267,7 @@ def test_shares_of_the_batch_set_each_objectives_rows(dataset: PreparedDataset,
     accuracy = [(u, i) for b in batches for o, u, i in
                 zip(b.objective.tolist(), b.user_id.tolist(), b.item_id.tolist()) if o == 0]
     assert len(set(accuracy)) == len(accuracy)
-    np.testing.assert_allclose(s.state_dict()["masses"][BATCH], [0.7, 0.1, 0.1, 0.1])
+    np.testing.assert_allclose(s.masses[BATCH], [0.7, 0.1, 0.1, 0.1])
 
 
 class RareGroup(Objective):

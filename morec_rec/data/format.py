@@ -75,7 +75,8 @@ class PreparedDataset:
 
     @classmethod
     def open(cls, root: Path | str) -> "PreparedDataset":
-        """Opens ``root``; raises :class:`MorecError` unless it is a complete dataset."""
+        """Opens ``root``; raises :class:`MorecError` unless it is a complete dataset whose
+        manifest's counts match its files' (read from the Parquet footers only)."""
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
@@ -89,11 +90,51 @@ class PreparedDataset:
             raise MorecError(
                 f"{path}: format_version {version!r}, this package reads {FORMAT_VERSION}"
             )
+        for key in ("num_users", "num_items", "history_length"):
+            _require_count(manifest, key, path)
+        shards = manifest.get("shards")
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("path"), str) for s in shards
+        ):
+            raise MorecError(f"{path}: field 'shards' is not a list of {{path, rows}}")
         dataset = cls(root, manifest)
         for file in dataset.files():
             if not file.is_file():
                 raise MorecError(f"{root}: not a prepared dataset ({file.name} is missing)")
+        dataset._check_row_counts()
         return dataset
+
+    def _check_row_counts(self) -> None:
+        """Checks the manifest's counts against the Parquet footers (a truncated file has
+        none): the items, the users, a valid and a test row per user, each shard's rows."""
+        path = self.root / MANIFEST
+        users, items = self.manifest["num_users"], self.manifest["num_items"]
+        expected = [(self.root / ITEMS, "num_items", items),
+                    (self.root / USERS, "num_users", users),
+                    (self.root / "valid.parquet", "num_users", users),
+                    (self.root / "test.parquet", "num_users", users)]
+        for index, shard in enumerate(self.manifest["shards"]):
+            field = f"shards[{index}].rows"
+            expected.append((self.root / shard["path"], field,
+                             _require_count(shard, "rows", path, field)))
+        for file, field, count in expected:
+            rows = parquet_rows(file)
+            if rows != count:
+                raise MorecError(f"{path}: {field} = {count} does not match {file} "
+                                 f"({rows} rows)")
+
+    def check_batch(self, batch_size: int, num_streams: int, setting: str) -> None:
+        """Raises :class:`MorecError` naming ``setting`` (e.g. ``batch_size = 4096``)
+        unless each of ``num_streams`` streams of the training rows (ranks × loader
+        workers: see :mod:`morec_rec.sampling.partition`) holds a batch of ``batch_size``
+        rows: with fewer, an epoch would run no step."""
+        rows = sum(shard["rows"] for shard in self.manifest["shards"]) // num_streams
+        if batch_size > rows:
+            raise MorecError(
+                f"config: {setting}: {batch_size:,} rows a batch exceed the {rows:,} training "
+                f"rows of each of {num_streams} stream(s) (ranks × loader workers) of "
+                f"{self.root}: no step would run"
+            )
 
     @property
     def train_files(self) -> list[Path]:
@@ -112,6 +153,24 @@ class PreparedDataset:
 
     def items(self) -> pa.Table:
         return read_parquet(self.root / ITEMS)
+
+
+def parquet_rows(path: Path) -> int:
+    """The rows of a dataset's Parquet file, from its footer; an unreadable footer (as in
+    a truncated file) is a :class:`MorecError`."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise MorecError(f"{path}: corrupt Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def _require_count(record: dict[str, Any], key: str, path: Path, field: str = "") -> int:
+    """``record[key]``, which must be an integer >= 0; the error names ``path`` and the
+    field (``field``, else ``key``)."""
+    value = record.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MorecError(f"{path}: field '{field or key}' = {value!r} is not a count")
+    return value
 
 
 def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:

@@ -10,8 +10,9 @@ Every source goes through the same steps, all vectorised (pyarrow compute and nu
    not depend on the row order of the source file); leave-one-out split: the last
    interaction → test, the second last → valid, the rest → train;
 6. contiguous ids (users and items in the sorted order of their original ids);
-7. popularity groups from training counts, fairness groups from categories (the smallest
-   folded into "other"), and the ``history`` column;
+7. popularity groups from training counts (no more groups than items: an error),
+   fairness groups from categories (the smallest folded into "other"), and the
+   ``history`` column;
 8. written to a temporary directory beside ``out`` and renamed into place when complete.
 """
 
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -71,6 +73,12 @@ def prepare(raw: RawData, out: Path, config: PrepareConfig) -> dict[str, Any]:
     user_id, user_codes = _compact(data.user[order])
     item_id, item_codes = _compact(data.item[order])
     user_ids, item_ids = data.user_ids.take(user_codes), data.item_ids.take(item_codes)
+    if config.popularity_groups > len(item_ids):
+        raise MorecError(
+            f"config: popularity_groups = {config.popularity_groups} exceeds the "
+            f"{len(item_ids):,} items left after filtering in {where} (each group needs an "
+            "item): choose at most that many"
+        )
     split = _leave_one_out(user_id, len(user_ids))
     price, category = _item_attributes(item_ids, raw.items, config.missing, counts,
                                        _source_file(raw.source, catalogue=True))
@@ -154,9 +162,30 @@ def _staging(out: Path) -> Iterator[Path]:
 
 
 def check_output(out: Path) -> None:
-    """Raises :class:`MorecError` unless ``out`` is absent or an empty directory."""
+    """Raises :class:`MorecError` unless ``out`` is absent or an empty directory, and can
+    be written (staged beside it: see :func:`check_writable`)."""
+    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MorecError(f"{out}: output exists and is not an empty directory")
+    check_writable(out, staged=True)
+
+
+def check_writable(out: Path, *, staged: bool = False) -> None:
+    """Raises :class:`MorecError` naming ``out`` unless a directory can be created in it
+    (if it is a directory and not ``staged``), else in its nearest existing ancestor (where
+    a ``staged`` output is written and renamed): not under a file, not without permission,
+    not on a read-only file system. Creates nothing that it does not remove.
+    """
+    out = Path(out)
+    place = out.absolute() if out.is_dir() and not staged else out.absolute().parent
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise MorecError(f"{out}: cannot be created: {place} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".morec-write-test-", dir=place))
+    except OSError as e:
+        raise MorecError(f"{out}: cannot create a directory in {place} ({e.strerror})") from None
 
 
 def _filter_ratings(table: pa.Table, min_rating: float, counts: dict[str, Any]) -> pa.Table:

@@ -11,18 +11,17 @@ additive sums are all-reduced, so any number of ranks gives the same numbers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from morec_rec.collectives import all_reduce, is_distributed
 from morec_rec.data import arrays
 from morec_rec.data.format import PreparedDataset, read_parquet
 from morec_rec.errors import MorecError
 from morec_rec.eval.metrics import RankingMetrics, RankingMetricSums, user_rows
-from morec_rec.pipeline.batch import features_kjt
 
 K = 10
 
@@ -120,12 +119,10 @@ def load_task(dataset: PreparedDataset, split: str) -> RankingTask:
     )
 
 
-class Scorer(Protocol):
-    """Scores every item for a chunk of users; a collective call under ``torch.distributed``
-    for scorers backed by a sharded model (every rank calls it the same number of times)."""
-
-    def scores(self, users: RankingTask) -> torch.Tensor:
-        """float32 (len(users), num_items)."""
+#: Scores every item for a chunk of users: float (len(users), num_items), on any device,
+#: a tensor that evaluation may overwrite. A collective call under ``torch.distributed`` for a scorer backed by a sharded model
+#: (every rank calls it the same number of times).
+Scorer = Callable[[RankingTask], torch.Tensor]
 
 
 class PopularityScorer:
@@ -134,39 +131,8 @@ class PopularityScorer:
     def __init__(self, train_count: np.ndarray) -> None:
         self._scores = torch.tensor(train_count, dtype=torch.float32)
 
-    def scores(self, users: RankingTask) -> torch.Tensor:
+    def __call__(self, users: RankingTask) -> torch.Tensor:
         return self._scores.expand(len(users), -1).clone()
-
-
-class ModelScorer:
-    """Scores by a backbone's ``user_vectors(features) @ item_vectors(features).T``.
-
-    The item vectors are computed once (all item ids, one call); each chunk of users is
-    one call with the features the model reads (``user_id`` and/or ``history``).
-    """
-
-    def __init__(self, model: torch.nn.Module, device: torch.device = torch.device("cpu")) -> None:
-        self._model = model
-        self._device = device
-        self._items: torch.Tensor | None = None
-
-    def scores(self, users: RankingTask) -> torch.Tensor:
-        if self._items is None:
-            ids = torch.arange(users.num_items)
-            features = self._features({"item_id": (ids, torch.ones_like(ids))})
-            self._items = self._model.item_vectors(features)
-        user_ids = torch.from_numpy(users.user_id)
-        given = {
-            "user_id": (user_ids, torch.ones_like(user_ids)),
-            "history": (torch.from_numpy(users.history_values),
-                        torch.from_numpy(np.diff(users.history_offsets))),
-        }
-        vectors = self._model.user_vectors(self._features(given))
-        return (vectors @ self._items.T).float().cpu()
-
-    def _features(self, given: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> KeyedJaggedTensor:
-        names = self._model.feature_names
-        return features_kjt(names, {k: v for k, v in given.items() if k in names}).to(self._device)
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -188,9 +154,8 @@ def evaluate(scorer: Scorer, task: RankingTask, *, k: int = K,
                                        np.zeros(0, dtype=np.int64), *_item_groups(task))
     for users, top in _top_lists(scorer, task, k, chunk_users):
         sums = sums + RankingMetricSums.from_topk(top, users.held_out, *_item_groups(task))
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flat = torch.from_numpy(sums.to_array())
-        dist.all_reduce(flat)
+    if is_distributed():
+        flat = all_reduce(torch.from_numpy(sums.to_array()))
         sums = RankingMetricSums.from_array(flat.numpy(), k=k,
                                             num_fairness_groups=task.num_fairness_groups)
     return sums.finalize(task.q)
@@ -224,10 +189,11 @@ def _top_lists(scorer: Scorer, task: RankingTask, k: int,
         users = local.rows(begin, begin + chunk_users)
         # A rank whose slice has run out still takes part in the scorer's collective.
         padding = len(users) == 0
-        scores = scorer.scores(task.rows(0, 1) if padding else users)
+        scores = scorer(task.rows(0, 1) if padding else users)
         if padding:
             continue
         excluded = torch.from_numpy(np.repeat(np.arange(len(users)),
                                               np.diff(users.exclude_offsets)))
-        scores[excluded, torch.from_numpy(users.exclude_items)] = -torch.inf
-        yield users, top_k(scores, k).numpy()
+        scores[excluded.to(scores.device),
+               torch.from_numpy(users.exclude_items).to(scores.device)] = -torch.inf
+        yield users, top_k(scores, k).cpu().numpy()

@@ -31,11 +31,14 @@ class ModelOutput(NamedTuple):
 
     Attributes:
         per_row_loss: float (B,), each row's training loss; the returned loss is its mean.
-        objective: int64 (B,), the batch's segment ids, passed through.
     """
 
     per_row_loss: torch.Tensor
-    objective: torch.Tensor
+
+
+def per_row_loss(batch: object, output: ModelOutput) -> torch.Tensor:
+    """A backbone's per-row losses (MoRec's ``rows``)."""
+    return output.per_row_loss
 
 
 def build_model(name: str, num_users: int, num_items: int, history_length: int, *,

@@ -61,7 +61,7 @@ class MatrixFactorization(nn.Module):
         negatives = embedded["neg_item_id"].values().unflatten(0, (users.size(0), -1))  # (B, n, D)
         negative = (negatives @ users.unsqueeze(-1)).squeeze(-1)  # (B, n)
         per_row = F.softplus(negative - positive.unsqueeze(-1)).mean(-1)  # −log σ(s⁺ − s⁻)
-        return per_row.mean(), ModelOutput(per_row, batch.objective)
+        return per_row.mean(), ModelOutput(per_row)
 
     def user_vectors(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """float (B, D): the user vectors p_u of ``user_id`` (one id per row)."""

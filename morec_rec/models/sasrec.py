@@ -68,7 +68,7 @@ class SASRec(nn.Module):
         negative = (negatives @ users.unsqueeze(-1)).squeeze(-1)  # (B, n)
         # −log σ(x) = softplus(−x) and −log(1 − σ(x)) = softplus(x)
         per_row = F.softplus(-positive) + F.softplus(negative).mean(-1)
-        return per_row.mean(), ModelOutput(per_row, batch.objective)
+        return per_row.mean(), ModelOutput(per_row)
 
     def user_vectors(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """float (B, D): the representations of the rows' ``history``."""

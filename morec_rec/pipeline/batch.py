@@ -1,4 +1,4 @@
-"""The model's input: sparse features as one KeyedJaggedTensor, and the rows' segment ids."""
+"""A reference backbone's input: its sparse features as one KeyedJaggedTensor."""
 
 from __future__ import annotations
 
@@ -28,31 +28,27 @@ BY_VALUE_MAX_BYTES = 1 << 20
 
 @dataclasses.dataclass
 class TrainBatch(Pipelineable):
-    """What a model's forward takes: sparse features as one KJT, and the rows' segment ids.
+    """What a reference backbone's forward takes: its sparse features as one KJT.
 
     Attributes:
         features: the model's ``feature_names``, each with batch size B.
-        objective: int64 (B,), which objective's distribution drew each row.
     """
 
     features: KeyedJaggedTensor
-    objective: torch.Tensor
 
     def to(self, device: torch.device, non_blocking: bool = False) -> TrainBatch:
-        return TrainBatch(self.features.to(device, non_blocking=non_blocking),
-                          self.objective.to(device, non_blocking=non_blocking))
+        return TrainBatch(self.features.to(device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.features.record_stream(stream)
-        self.objective.record_stream(stream)
 
     def pin_memory(self) -> TrainBatch:
-        return TrainBatch(self.features.pin_memory(), self.objective.pin_memory())
+        return TrainBatch(self.features.pin_memory())
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
         """Pickles a small CPU batch by value (see :data:`BY_VALUE_MAX_BYTES`)."""
         features = self.features
-        tensors = (features.values(), features.lengths(), self.objective)
+        tensors = (features.values(), features.lengths())
         if (features.weights_or_none() is not None
                 or any(t.device.type != "cpu" for t in tensors)
                 or sum(t.nbytes for t in tensors) > BY_VALUE_MAX_BYTES):
@@ -62,12 +58,10 @@ class TrainBatch(Pipelineable):
 
 
 def _batch_from_arrays(keys: list[str], stride: int, length_per_key: list[int],
-                       values: np.ndarray, lengths: np.ndarray,
-                       objective: np.ndarray) -> TrainBatch:
-    features = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(values),
-                                 lengths=torch.from_numpy(lengths), stride=stride,
-                                 length_per_key=length_per_key)
-    return TrainBatch(features, torch.from_numpy(objective))
+                       values: np.ndarray, lengths: np.ndarray) -> TrainBatch:
+    return TrainBatch(KeyedJaggedTensor(keys=keys, values=torch.from_numpy(values),
+                                        lengths=torch.from_numpy(lengths), stride=stride,
+                                        length_per_key=length_per_key))
 
 
 def features_kjt(feature_names: Sequence[str],
@@ -131,7 +125,7 @@ class Collator:
     def __call__(self, batch: SampledBatch) -> TrainBatch:
         features = features_kjt(self.feature_names,
                                 {name: self._column(name, batch) for name in self.feature_names})
-        return TrainBatch(features, batch.objective)
+        return TrainBatch(features)
 
     def _column(self, name: str, batch: SampledBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, lengths) of one feature."""

@@ -28,12 +28,13 @@ from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.eval.metrics import RankingMetrics, improvement, is_valid
 from morec_rec.eval.plots import plot_run, read_log
-from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
+from morec_rec.eval.ranking import evaluate, load_task
+from morec_rec.models.scorer import ModelScorer
 from morec_rec.pipeline import checkpoint, distributed
 from morec_rec.pipeline.morec import continue_training
-from morec_rec.pipeline.plugin import check_settings
 from morec_rec.pipeline.run import RECORD, Run
 from morec_rec.pipeline.train import build_sharded, model_identity, train
+from morec_rec.plugin.morec import check_settings
 
 JOB = "job.json"
 RESULTS = "results.json"

@@ -5,8 +5,9 @@ sharded by TorchRec's planner over the process group (of one, without torchrun),
 rank reads its own stream of the training rows, and validation ranks all items for each
 validation user (users split across ranks). Training stops when validation Hit@10 has
 not improved for ``patience`` validations ("pretrain to convergence"). Checkpoints are
-taken at the end of every epoch (``last``, where the pipeline holds no batch in flight)
-and at every new best validation (``best``); a resumed run continues from ``last``.
+taken every ``checkpoint_every`` steps and at the end of every epoch (``last``) and at
+every new best validation (``best``); a resumed run continues from ``last``, at the batch
+after the last one trained (a batch's rows and negatives derive from its index).
 """
 
 from __future__ import annotations
@@ -18,19 +19,21 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchdata.stateful_dataloader import StatefulDataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from morec_rec.config import SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
-from morec_rec.eval.ranking import ModelScorer, evaluate, load_task
+from morec_rec.eval.ranking import evaluate, load_task
 from morec_rec.models import build_model, num_negatives
 from morec_rec.models.negatives import NegativeSampler
+from morec_rec.models.scorer import ModelScorer
 from morec_rec.pipeline import checkpoint, distributed
 from morec_rec.pipeline.batch import Collator, TrainBatch
 from morec_rec.pipeline.run import Run
 from morec_rec.pipeline.sharding import shard
+from morec_rec.plugin.loader import die_with_parent
 from morec_rec.sampling.objectives import Accuracy
 from morec_rec.sampling.sampler import WeightedStreamSampler
 
@@ -44,6 +47,8 @@ class Progress:
 
     epoch: int = 0  # epochs completed
     step: int = 0
+    #: Sum of the current epoch's per-step losses so far (its mean is the epoch's loss).
+    epoch_loss_sum: float = 0.0
     best_hit: float = -1.0
     best_step: int = -1
     stale: int = 0  # validations since the best
@@ -73,8 +78,7 @@ def build_sharded(config: TrainConfig, dataset: PreparedDataset, env: distribute
 
 
 def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
-                    feature_names: Sequence[str],
-                    ) -> tuple[WeightedStreamSampler, StatefulDataLoader]:
+                    feature_names: Sequence[str]) -> tuple[WeightedStreamSampler, DataLoader]:
     """The accuracy-only sampler of this rank and a loader of ``TrainBatch`` es over it."""
     sampler = WeightedStreamSampler(
         dataset, [Accuracy()],
@@ -87,8 +91,9 @@ def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distribu
         NegativeSampler(dataset.items()["train_count"].to_numpy(), config.negative_beta),
         num_negatives(config.model), seed=config.seed, rank=env.rank,
     )
-    return sampler, StatefulDataLoader(sampler, batch_size=None, num_workers=config.num_workers,
-                                       collate_fn=collate)
+    return sampler, DataLoader(sampler, batch_size=None, num_workers=config.num_workers,
+                               collate_fn=collate,
+                               worker_init_fn=die_with_parent if config.num_workers else None)
 
 
 def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
@@ -101,56 +106,63 @@ def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
     if resume and run.last.exists():
         meta = checkpoint.load(run.last, model, optimizer, identity)
         progress = Progress(**meta["progress"])
-        run.truncate_log(progress.step)  # the interrupted epoch's records go
+        run.truncate_log(progress.step)  # records after the checkpoint go
     else:
-        run.truncate_log(None)  # a new run, or one stopped before its first epoch ended
+        run.truncate_log(None)  # a new run, or one stopped before its first checkpoint
     sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
     task = load_task(dataset, "valid")
+    batches = sampler.batches_per_epoch(config.num_workers)
 
-    def validate(epoch_loss: float | None) -> None:
+    def save(path: Any) -> None:
+        checkpoint.save(path, model, optimizer,
+                        {**identity, "progress": dataclasses.asdict(progress)})
+
+    def validate() -> None:
         pipeline.detach()
         model.eval()
         with torch.no_grad():
-            metrics = evaluate(ModelScorer(model.module), task, chunk_users=config.eval_chunk_users)
+            metrics = evaluate(ModelScorer(model.module, env.device), task,
+                               chunk_users=config.eval_chunk_users)
         model.train()
         better = metrics.hit > progress.best_hit
         if better:
+            done = progress.step - progress.epoch * batches
             progress.best_hit, progress.best_step, progress.stale = metrics.hit, progress.step, 0
-            progress.best_train_loss = epoch_loss
-            checkpoint.save(run.best, model, optimizer,
-                            {**identity, "progress": dataclasses.asdict(progress)})
+            progress.best_train_loss = progress.epoch_loss_sum / done if done else None
+            save(run.best)
         else:
             progress.stale += 1
         run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
                  "step": progress.step, **metrics.as_dict(), "best": better})
 
-    batches = sampler.batches_per_epoch(config.num_workers)
     while progress.epoch < config.max_epochs and progress.stale < config.patience:
-        sampler.set_epoch(progress.epoch)
-        losses = _train_epoch(pipeline, iter(loader), progress, run, config, batches,
-                              validate, env)
-        epoch_loss = float(np.mean(losses)) if losses else None
+        done = progress.step - progress.epoch * batches
+        sampler.set_epoch(progress.epoch, done)
+        _train_epoch(pipeline, iter(loader), progress, run, config, batches, done,
+                     validate, lambda: save(run.last), env)
+        epoch_loss = progress.epoch_loss_sum / batches if batches else None
         if not config.eval_every or progress.step % config.eval_every:
-            validate(epoch_loss)
+            validate()
         progress.epoch += 1
+        progress.epoch_loss_sum = 0.0
         run.log({"kind": "epoch", "epoch": progress.epoch, "step": progress.step,
                  "train_loss": epoch_loss})
-        checkpoint.save(run.last, model, optimizer,
-                        {**identity, "progress": dataclasses.asdict(progress)})
+        save(run.last)
     return progress
 
 
 def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Iterator[TrainBatch],
-                 progress: Progress, run: Run, config: TrainConfig, total: int,
-                 validate: Callable[[float | None], None],
-                 env: distributed.Environment) -> list[float]:
-    """One epoch of pipeline steps; returns this rank's per-step losses."""
+                 progress: Progress, run: Run, config: TrainConfig, total: int, done: int,
+                 validate: Callable[[], None], save: Callable[[], None],
+                 env: distributed.Environment) -> None:
+    """The rest of an epoch from its step ``done`` on: pipeline steps, the epoch's loss
+    summed into ``progress``, validations and checkpoints at their intervals."""
     losses: list[float] = []
     started = time.perf_counter()
     # Rank 0 shows a bar when writing to a terminal (tqdm's disable=None); others never.
-    bar = tqdm(total=total, desc=f"epoch {progress.epoch}", unit="batch", leave=False,
-               disable=None if env.is_main else True)
+    bar = tqdm(total=total, initial=done, desc=f"epoch {progress.epoch}", unit="batch",
+               leave=False, disable=None if env.is_main else True)
     while True:
         try:
             output = pipeline.progress(batches_iter)  # the model's ModelOutput
@@ -158,6 +170,7 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Iterator[Train
             break
         progress.step += 1
         losses.append(float(output.per_row_loss.detach().mean()))
+        progress.epoch_loss_sum += losses[-1]
         rate = len(losses) * config.batch_size * env.world_size / (time.perf_counter() - started)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_per_s=f"{rate:,.0f}")
         bar.update()
@@ -165,6 +178,7 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Iterator[Train
             run.log({"kind": "step", "epoch": progress.epoch, "step": progress.step,
                      "loss": float(np.mean(losses[-LOG_EVERY:])), "samples_per_s": rate})
         if config.eval_every and progress.step % config.eval_every == 0:
-            validate(float(np.mean(losses)))
+            validate()
+        if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
+            save()
     bar.close()
-    return losses

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+from morec_rec.errors import MorecError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +43,14 @@ class Segment:
 
 
 def list_row_groups(files: Sequence[Path]) -> list[RowGroup]:
-    """The row groups of ``files`` in file order, from the Parquet footers only."""
+    """The row groups of ``files`` in file order, from the Parquet footers only; an
+    unreadable footer (a truncated file) is a :class:`MorecError` naming the file."""
     groups = []
     for number, path in enumerate(files):
-        metadata = pq.ParquetFile(path).metadata
+        try:
+            metadata = pq.read_metadata(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise MorecError(f"{path}: corrupt Parquet file ({str(e).splitlines()[0]})") from None
         groups.extend(RowGroup(number, i, metadata.row_group(i).num_rows)
                       for i in range(metadata.num_row_groups))
     return groups

@@ -12,11 +12,14 @@ uniformly or by weight).
 
 Masses come from the weight store: every published version carries the loader batch
 index from which it applies, and the sampler polls the store before each batch, so every
-worker of every rank switches at the same batch, and a resumed run replays the same
-stream. Memory is bounded by two windows (the one being sampled and the next, read in a
+worker of every rank switches at the same batch. A worker starts from the initial masses
+and replays every version published so far, so the masses in force at a batch are a
+function of the store's versions and the batch index alone; a version that reaches a
+worker after it drew a batch the version should have applied to raises rather than apply
+late. Memory is bounded by two windows (the one being sampled and the next, read in a
 background thread) plus one Parquet row group, whatever the size of the log. Randomness
-is derived from (seed, epoch, stream, window or batch), so no RNG state needs saving: the
-position and the masses in force suffice to resume.
+is derived from (seed, epoch, stream, window or batch), so no RNG state needs saving: an
+epoch and a position within it (:meth:`WeightedStreamSampler.set_epoch`) resume the stream.
 """
 
 from __future__ import annotations
@@ -61,10 +64,11 @@ class WeightedStreamSampler(IterableDataset):
     """Yields :class:`SampledBatch` es of one epoch, in a plain or stateful ``DataLoader``.
 
     Use it with ``batch_size=None``. Every worker of every rank yields the same number of
-    batches per epoch (:meth:`batches_per_epoch`), so no rank waits for another. Call
-    :meth:`set_epoch` before each epoch. ``state_dict`` / ``load_state_dict`` follow
-    torchdata's ``StatefulDataLoader`` protocol, which also restores the worker cycle; a
-    resume needs the same world size and number of workers.
+    batches per epoch (:meth:`batches_per_epoch`), so no rank waits for another, and a
+    DataLoader's round robin over its workers yields the batches in ``batch_index`` order:
+    ``batch_index = epoch · batches_per_epoch + position`` on every rank. Call
+    :meth:`set_epoch` before each epoch; a resume needs the same world size and number of
+    workers.
 
     Args:
         dataset: a prepared dataset (its ``train/`` shards are read).
@@ -107,11 +111,12 @@ class WeightedStreamSampler(IterableDataset):
             raise MorecError(f"sampler: masses given for unknown objective(s) {sorted(unknown)}")
         initial = {o.name: o.initial_masses() for o in self.objectives}
         initial[BATCH] = np.ones(len(self.objectives))
-        self._masses = {name: check_masses(name, masses.get(name, initial[name]), size)
-                        for name, size in self._num_groups.items()}
+        self._initial = {name: check_masses(name, masses.get(name, initial[name]), size)
+                         for name, size in self._num_groups.items()}
+        self._masses = dict(self._initial)
         self._version = 0
         self._epoch = 0
-        self._next = 0  # this worker's next batch within the epoch
+        self._start = 0  # the rank loader's first position of the epoch
 
     @property
     def batch_size(self) -> int:
@@ -123,48 +128,42 @@ class WeightedStreamSampler(IterableDataset):
         per_stream = min_stream_rows(self.row_groups, self.world_size * streams) // self.batch_size
         return per_stream * streams
 
-    def set_epoch(self, epoch: int) -> None:
-        """Starts ``epoch`` from its first batch (the shuffle depends on it)."""
-        self._epoch, self._next = epoch, 0
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Starts ``epoch`` at ``start``: the number of its batches that this rank's loader
+        has already yielded (0 for a new epoch; a resumed run's position)."""
+        if epoch < 0 or start < 0:
+            raise MorecError(f"sampler: epoch {epoch} and start {start} must be >= 0")
+        self._epoch, self._start = epoch, start
 
     @property
     def masses(self) -> dict[str, np.ndarray]:
         """The masses in force, by objective name (in this process)."""
         return {k: v.copy() for k, v in self._masses.items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self._epoch,
-            "next_batch": self._next,
-            "masses_version": self._version,
-            "masses": {k: v.tolist() for k, v in self._masses.items()},
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._epoch, self._next = int(state["epoch"]), int(state["next_batch"])
-        self._version = int(state["masses_version"])
-        self._masses = {name: check_masses(name, np.asarray(state["masses"][name]), size)
-                        for name, size in self._num_groups.items()}
-
     def __iter__(self) -> Iterator[SampledBatch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # Worker ``worker`` plays role ``r``: it draws positions r, r + W, ... of the epoch,
+        # so that a loader's round robin, which starts at worker 0, yields position
+        # ``start`` first.
+        role = (worker + self._start) % num_workers
         num_streams = self.world_size * num_workers
-        stream = self.rank * num_workers + worker
+        stream = self.rank * num_workers + role
         per_stream = min_stream_rows(self.row_groups, num_streams) // self.batch_size
-        weights = (_MassesFeed(WeightStore.connect(self.store), self._version)
-                   if self.store else None)
-        per_window, start = self.config.window_batches, self._next
-        windows = self._windows(stream, num_streams, per_stream, first=start // per_window)
-        for k in range(start, per_stream):
-            if k == start or k % per_window == 0:
+        first = (self._start - role + num_workers - 1) // num_workers
+        # Every pass starts from the initial masses and replays the store's versions.
+        self._masses, self._version = dict(self._initial), 0
+        weights = _MassesFeed(WeightStore.connect(self.store)) if self.store else None
+        per_window = self.config.window_batches
+        windows = self._windows(stream, num_streams, per_stream, first=first // per_window)
+        for k in range(first, per_stream):
+            if k == first or k % per_window == 0:
                 window = next(windows)
-            batch_index = (self._epoch * per_stream + k) * num_workers + worker
+            batch_index = (self._epoch * per_stream + k) * num_workers + role
             if weights is not None:
                 self._apply(weights.due(batch_index))
             rng = np.random.default_rng([self.config.seed, self._epoch, stream, k, 1])
             rows, starved = window.sample(k % per_window, self._masses, self.config, rng)
-            self._next = k + 1
             yield window.batch(rows, starved, batch_index, self._epoch, self._version)
 
     def _windows(self, stream: int, num_streams: int, per_stream: int,
@@ -202,18 +201,37 @@ class WeightedStreamSampler(IterableDataset):
 
 
 class _MassesFeed:
-    """Published masses not yet in force, read from the store as they appear."""
+    """Published masses not yet in force, read from the store as they appear.
 
-    def __init__(self, store: WeightStore, held_version: int) -> None:
+    The first poll reads every version published so far (a replay: they apply from the
+    batches their ``effective_from`` names); a version first seen later must apply from a
+    batch this worker has not drawn yet.
+    """
+
+    def __init__(self, store: WeightStore) -> None:
         self._store = store
-        self._seen = held_version
+        self._seen = 0
+        self._drawn: int | None = None  # the last batch index this worker drew
         self._pending: list[Masses] = []
 
     def due(self, batch_index: int) -> list[Masses]:
-        """The versions that apply from ``batch_index`` on, oldest first (polls the store)."""
+        """The versions that apply from ``batch_index`` on, oldest first (polls the store).
+
+        Raises MorecError for a version that should have applied to a batch already drawn.
+        """
         latest = self._store.latest_version()
-        self._pending.extend(self._store.read(v) for v in range(self._seen + 1, latest + 1))
-        self._seen = max(self._seen, latest)
+        if latest > self._seen:
+            new = (self._store.history()[self._seen:] if self._drawn is None
+                   else [self._store.read(v) for v in range(self._seen + 1, latest + 1)])
+            late = [m for m in new if self._drawn is not None and m.effective_from <= self._drawn]
+            if late:
+                raise MorecError(
+                    f"weight version {late[0].version} applies from batch "
+                    f"{late[0].effective_from}, but reached a loader worker after it drew "
+                    f"batch {self._drawn}: publish from past the batches the loader holds")
+            self._pending.extend(new)
+            self._seen = latest
+        self._drawn = batch_index
         due = [m for m in self._pending if m.effective_from <= batch_index]
         self._pending = [m for m in self._pending if m.effective_from > batch_index]
         return due

@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,8 @@ _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 def require_file(path: Path) -> Path:
     """Returns ``path`` if it names a readable file; raises :class:`MorecError` otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise MorecError(f"{path}: is a directory, expected a file")
     if not path.is_file():
         raise MorecError(f"{path}: no such file")
     return path
@@ -135,27 +137,79 @@ def to_float(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
 def to_seconds(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
     """A time column as int64 seconds since the epoch.
 
-    Accepts numbers (already seconds), Arrow timestamps or dates, and ISO-8601 strings. A
-    missing or negative time is an error.
+    Accepts numbers (already seconds), Arrow timestamps or dates, and ISO-8601 strings
+    (without a zone: UTC), not a mixture of numbers and strings. A missing or negative time,
+    or one after :data:`MAX_SECONDS` (9999-12-31), is an error naming the value.
     """
     values = table[column]
     kind = values.type
-    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
-        seconds = pc.cast(pc.cast(values, pa.timestamp("s")), pa.int64())
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):  # fractions of a second go
+        seconds = pc.cast(pc.cast(values, pa.timestamp("s"), safe=False), pa.int64())
     elif pa.types.is_string(kind) and not pc.all(
         pc.match_substring_regex(values, _NUMBER)
     ).as_py():
-        try:
-            seconds = pc.cast(pc.cast(values, pa.timestamp("s")), pa.int64())
-        except pa.ArrowInvalid as e:
-            raise MorecError(f"{path}: column '{column}' is not a time ({first_line(e)})") from None
+        seconds = _parse_times(values, column, path)
     else:
-        seconds = pc.cast(pc.floor(to_float(table, column, path)), pa.int64())
+        number = to_float(table, column, path)
+        _require_time_range(number, values, column, path)  # before int64 could overflow
+        seconds = pc.cast(pc.floor(number), pa.int64())
     if seconds.null_count:
         row = _first_index(pc.is_null(seconds))
         raise MorecError(f"{path}: column '{column}' is empty in row {row}")
-    require_non_negative(seconds, column, path)
+    _require_time_range(seconds, values, column, path)
     return seconds
+
+
+#: The last second of 9999-12-31 UTC: a later time is taken for a mistake (e.g. a time in
+#: nanoseconds), not for seconds since the epoch.
+MAX_SECONDS = 253_402_300_799
+
+
+def _require_time_range(seconds: pa.ChunkedArray, original: pa.ChunkedArray, column: str,
+                        path: Path) -> None:
+    """Raises :class:`MorecError` quoting the first value of ``original`` whose time in
+    ``seconds`` is negative or after :data:`MAX_SECONDS`."""
+    for bad, what, where in ((pc.less(seconds, 0), "a negative value", ""),
+                             (pc.greater(seconds, MAX_SECONDS), "a value", " after 9999-12-31")):
+        if pc.any(bad).as_py():
+            row = _first_index(bad)
+            raise MorecError(
+                f"{path}: column '{column}' has {what} {original[row].as_py()} in row {row}"
+                f"{where} (expected seconds since the epoch, 0 to {MAX_SECONDS})"
+            )
+
+
+def _parse_times(values: pa.ChunkedArray, column: str, path: Path) -> pa.ChunkedArray:
+    """ISO-8601 strings as int64 seconds, for a column of strings not all numbers.
+
+    Its first value says what the column holds: a number (then the first value that is
+    not one is at fault) or a time (then the first value that does not parse is).
+    """
+    numeric = pc.match_substring_regex(values, _NUMBER)
+    if pc.drop_null(numeric)[0].as_py():
+        _not_a_time(values, _first_index(pc.invert(numeric)), column, path)
+    try:
+        return pc.cast(pc.cast(values, pa.timestamp("s")), pa.int64())
+    except pa.ArrowInvalid:
+        pass
+    # Bisect to the first value that does not parse (pyarrow's message may quote another).
+    low, high = 0, len(values)  # the first bad row lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        try:
+            pc.cast(values.slice(low, middle - low), pa.timestamp("s"))
+            low = middle
+        except pa.ArrowInvalid:
+            high = middle
+    _not_a_time(values, low, column, path)
+
+
+def _not_a_time(values: pa.ChunkedArray, row: int, column: str, path: Path) -> NoReturn:
+    raise MorecError(
+        f"{path}: column '{column}' is not a time in row {row}: {values[row].as_py()!r} "
+        "(expected seconds since the epoch, or ISO-8601 such as 2015-01-31T12:00:00, "
+        "one kind in the whole column)"
+    )
 
 
 def require_non_negative(values: pa.ChunkedArray, column: str, path: Path) -> None:

@@ -2,9 +2,10 @@
 
 Two measurements of one validation pass feed the sampler's mass updates:
 
-* per-group mean validation loss: the model's own training loss on each validation row
-  (eval mode, no gradient, negatives drawn from a fixed seed so that two passes over the
-  same model agree), summed per group and divided by the group's own row count;
+* per-group mean validation loss: the model's own training loss on each validation
+  example (eval mode, no gradient; the job's collate must make the same batch for the same
+  ``batch_index`` on every rank, e.g. negatives seeded by it), summed per group of the
+  example's row and divided by the group's own example count;
 * top-K exposure over popularity groups: the ``exposure`` of the ranking metrics.
 """
 
@@ -18,9 +19,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from morec_rec.collectives import all_reduce
 from morec_rec.data import arrays
 from morec_rec.eval.metrics import RankingMetrics
-from morec_rec.pipeline.batch import Collator
+from morec_rec.plugin.batch import move
+from morec_rec.plugin.hook import Examples
+from morec_rec.plugin.loader import Collate
 from morec_rec.sampling.batch import SampledBatch
 from morec_rec.sampling.objectives import ValidationSignal
 
@@ -58,18 +62,19 @@ def rows_batch(rows: pa.Table, batch_index: int) -> SampledBatch:
     )
 
 
-def group_losses(model: nn.Module, rows: pa.Table, collate: Collator,
-                 num_groups: dict[str, int], *, chunk_rows: int = 4096,
+def group_losses(model: nn.Module, rows: pa.Table, collate: Collate,
+                 num_groups: dict[str, int], *, examples: Examples = Examples(),
+                 chunk_rows: int = 4096,
                  device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
-    """Mean per-row loss of ``model`` per group of each column in ``num_groups``.
+    """Mean per-example loss of ``model`` per group of each column in ``num_groups``.
 
     ``rows`` are validation rows, every rank passing all of them: they are cut into chunks
-    of ``chunk_rows``, chunk c scored by rank c mod world size with negatives seeded by c
-    (give ``collate`` rank 0), so the result does not depend on the number of ranks.
-    ``model(batch) -> (loss, ModelOutput)`` is called in whatever mode the caller set (eval,
-    under ``torch.no_grad``). A collective under ``torch.distributed``: every rank makes
-    the same number of model calls. Returns float64 (num_groups[column],) per column, NaN
-    for a group without rows.
+    of ``chunk_rows``, chunk c scored by rank c mod world size as batch index c, so the
+    result does not depend on the number of ranks. ``model(batch) -> (loss, output)`` is
+    called in whatever mode the caller set (eval, under ``torch.no_grad``); ``examples``
+    finds the per-example losses and their rows. A collective under
+    ``torch.distributed``: every rank makes the same number of model calls. Returns
+    float64 (num_groups[column],) per column, NaN for a group without examples.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     chunks = -(-rows.num_rows // chunk_rows)
@@ -78,18 +83,19 @@ def group_losses(model: nn.Module, rows: pa.Table, collate: Collator,
     for c in range(rank, -(-chunks // world) * world, world):
         padding = c >= chunks  # no chunk left for this rank: still join the collective
         chunk = rows.slice(0 if padding else c * chunk_rows, 1 if padding else chunk_rows)
-        _, output = model(collate(rows_batch(chunk, batch_index=c)).to(device))
+        batch = move(collate(rows_batch(chunk, batch_index=c)), device)
+        loss, output = model(batch)
         if padding:
             continue
-        loss = output.per_row_loss.detach().double().cpu().numpy()
+        per_example, row = examples.losses(batch, loss, output, chunk.num_rows)
+        loss = per_example.detach().double().cpu().numpy()
+        row = row.cpu().numpy()
         for column, groups in num_groups.items():
-            group = chunk[column].to_numpy().astype(np.int64)
+            group = chunk[column].to_numpy().astype(np.int64)[row]
             sums[column] += np.bincount(group, weights=loss, minlength=groups)
             counts[column] += np.bincount(group, minlength=groups)
     flat = torch.from_numpy(np.concatenate([*sums.values(), *counts.values()]))
-    if world > 1:
-        dist.all_reduce(flat)
-    total, count = np.split(flat.numpy(), 2)
+    total, count = np.split(all_reduce(flat).numpy(), 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(count > 0, total / count, np.nan)
     split_at = np.cumsum(list(num_groups.values()))[:-1]

@@ -1,0 +1,2 @@
+"""What a training job imports: the MoRec object, its loader and loss hook, and their
+TorchRec adapter. Nothing here imports TorchRec."""

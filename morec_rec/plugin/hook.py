@@ -1,0 +1,154 @@
+"""MoRec's loss hook: the unchanged model, its per-example losses regrouped by objective.
+
+    pipeline = TrainPipelineSparseDist(model, optimizer, device,
+                                       custom_model_fwd=morec.loss(model))
+
+The pipeline calls the hook instead of the model with a
+:class:`~morec_rec.plugin.batch.SegmentedBatch`; the hook calls the model with the job's
+own batch, so the pipelined embedding lookups and fused table optimizers are untouched,
+and returns ``(loss, the model's own output)``, so the job's loop is unchanged. In a plain
+training loop the hook is called like the model.
+
+Nothing on the step path reads a device tensor on the host: the per-objective losses
+are summed on the device and reduced when :meth:`ObjectiveLosses.reduce` is called (at
+the job's log interval). The one exception is ``training`` control, whose controllers
+step on every batch's all-reduced losses (a host synchronisation per step, by design).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from morec_rec.collectives import all_reduce
+from morec_rec.control.coordinator import Coordinator
+from morec_rec.errors import MorecError
+from morec_rec.plugin.batch import ExampleLayout, SegmentedBatch
+
+#: ``(job batch, model output) -> float (E,)``: each example's loss. Differentiable
+#: where the coefficients weigh the losses (``loss`` coefficients); detached is enough
+#: under ``sampling`` coefficients, where they are only measured.
+Rows = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """Where a step's per-example losses are, and which sampled row each example is of.
+
+    Attributes:
+        rows: computes them from the job's batch and the model's output; None takes the
+            model's own loss, which must then be one loss per example (a vector).
+        layout: how the job's collate laid the examples out over the sampled rows.
+    """
+
+    rows: Rows | None = None
+    layout: ExampleLayout = ExampleLayout.ROWS
+
+    def losses(self, batch: Any, loss: torch.Tensor, output: Any,
+               num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float (E,) per-example losses and int64 (E,) the sampled row of each."""
+        per_example = loss if self.rows is None else self.rows(batch, output)
+        if not isinstance(per_example, torch.Tensor) or per_example.dim() != 1:
+            shape = tuple(per_example.shape) if isinstance(per_example, torch.Tensor) else None
+            raise MorecError(
+                f"per-example losses must be a vector, got {type(per_example).__name__} of "
+                f"shape {shape}: " + ("the model returns a reduced loss; pass rows=, a "
+                                      "function of (batch, output) giving each example's loss"
+                                      if self.rows is None else "check rows="))
+        return per_example, self.layout.example_rows(len(per_example), num_rows,
+                                                     per_example.device)
+
+
+class ObjectiveLosses:
+    """Per-objective sums of per-example losses, kept on the losses' device until read."""
+
+    def __init__(self, num_objectives: int) -> None:
+        self.num_objectives = num_objectives
+        self._sums: torch.Tensor | None = None  # float64 (2n,): sums, then counts
+
+    def add(self, per_example: torch.Tensor, segment: torch.Tensor) -> None:
+        """Adds (E,) losses of (E,) segments; no host synchronisation."""
+        values = per_example.detach().to(torch.float64)
+        if self._sums is None or self._sums.device != values.device:
+            self._sums = values.new_zeros(2 * self.num_objectives)
+        self._sums.index_add_(0, segment, values)
+        self._sums.index_add_(0, segment + self.num_objectives, torch.ones_like(values))
+
+    def reduce(self) -> np.ndarray:
+        """float64 (n,): each objective's mean loss since the last call, over every rank
+        (NaN where none); then starts over. A collective; reads the device once."""
+        flat = (torch.zeros(2 * self.num_objectives, dtype=torch.float64)
+                if self._sums is None else self._sums)
+        self._sums = None
+        total, count = all_reduce(flat).numpy().reshape(2, -1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / count, np.nan)
+
+
+class MoRecLoss:
+    """``custom_model_fwd`` for TrainPipelineSparseDist, and a plain-loop loss.
+
+    Under ``sampling`` coefficients (the default) the loader drew each objective's share
+    of the batch, and the loss is the model's own: the hook only measures. Under ``loss``
+    coefficients it returns ``Σ_o q_o · ℓ_o``, ℓ_o the mean per-example loss of objective
+    o's rows on this rank; with equal sub-batches on every rank the data-parallel average
+    of its gradients is that of the weighted global means.
+
+    Args:
+        model: the (sharded) model, ``model(batch) -> (loss, output)``; called as is.
+        coordinator: the coefficients q (stepped per batch under ``training`` control).
+        examples: where the per-example losses are.
+        losses: where the measured per-objective losses accumulate.
+        weigh: whether q weighs the losses (``loss`` coefficients).
+        control_per_step: step the coordinator with every batch's global means.
+    """
+
+    def __init__(self, model: nn.Module, coordinator: Coordinator, examples: Examples,
+                 losses: ObjectiveLosses, *, weigh: bool, control_per_step: bool) -> None:
+        self.model = model
+        self.coordinator = coordinator
+        self.examples = examples
+        self.losses = losses
+        self.weigh = weigh
+        self.control_per_step = control_per_step
+        #: The index of the last batch trained on (None before the first).
+        self.trained: int | None = None
+        self._q: tuple[np.ndarray, torch.Tensor] | None = None  # q, and its device copy
+
+    def __call__(self, batch: SegmentedBatch) -> tuple[torch.Tensor, Any]:
+        loss, output = self.model(batch.batch)
+        per_example, row = self.examples.losses(batch.batch, loss, output, len(batch.segment))
+        segment = batch.segment[row]
+        self.losses.add(per_example, segment)
+        if self.model.training:
+            self.trained = batch.index
+        if not self.weigh:
+            return loss, output
+        if torch.is_grad_enabled() and not per_example.requires_grad:
+            raise MorecError("loss coefficients weigh the per-example losses, which have no "
+                             "gradient here (rows= computes them from a detached output?): "
+                             "use sampling coefficients, or per-example losses with one")
+        n = self.losses.num_objectives
+        values = per_example.to(torch.promote_types(per_example.dtype, torch.float32))
+        sums = values.new_zeros(n).index_add(0, segment, values)
+        counts = values.new_zeros(n).index_add_(0, segment, torch.ones_like(values))
+        return (self._coefficients(sums, counts) * sums / counts.clamp(min=1)).sum(), output
+
+    def _coefficients(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """q on the losses' device: copied only when it changes (never read back)."""
+        if self.control_per_step:
+            total, count = all_reduce(torch.cat([sums, counts]).to(torch.float64)
+                                      ).numpy().reshape(2, -1)
+            if not (count > 0).all():
+                raise MorecError(f"training control needs rows of every objective in each "
+                                 f"step; counts {count.tolist()}")
+            self.coordinator.step(total / count)
+        q = self.coordinator.q
+        if self._q is None or not np.array_equal(self._q[0], q) \
+                or self._q[1].device != sums.device:
+            self._q = (q, torch.from_numpy(q).to(sums.device, sums.dtype))
+        return self._q[1]

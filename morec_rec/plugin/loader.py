@@ -1,0 +1,98 @@
+"""MoRec's training loader: the sampler's batches through the job's collate, in order.
+
+It knows which batches its workers may already have drawn: at most ``prefetch_factor``
+per worker beyond those it has yielded (the DataLoader's outstanding tasks), none while
+no iterator is running. An update published to apply from :attr:`MoRecLoader.undrawn`
+therefore reaches every worker before the batch it applies to is drawn, whatever the
+pipeline in front of the loader holds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from typing import Any, Callable, Iterator
+
+from torch.utils.data import DataLoader
+
+from morec_rec.plugin.batch import SegmentedBatch
+from morec_rec.sampling.batch import SampledBatch
+from morec_rec.sampling.sampler import WeightedStreamSampler
+
+#: SampledBatch -> the job's batch.
+Collate = Callable[[SampledBatch], Any]
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Segmenting:
+    """``collate``, with the sampled rows' segment ids and batch index kept beside the
+    job's batch (picklable to loader workers when ``collate`` is)."""
+
+    def __init__(self, collate: Collate) -> None:
+        self.collate = collate
+
+    def __call__(self, sampled: SampledBatch) -> SegmentedBatch:
+        return SegmentedBatch(self.collate(sampled), sampled.objective, sampled.batch_index)
+
+
+def die_with_parent(worker_id: int) -> None:
+    """A loader worker's init: on Linux the kernel kills it when its trainer dies, even by
+    SIGKILL (a worker blocked writing a batch into its pipe would live on otherwise)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the trainer died before the request took effect
+        os._exit(1)
+
+
+class MoRecLoader:
+    """Yields :class:`SegmentedBatch` es of the epoch set by :meth:`set_epoch`, in
+    ``index`` order.
+
+    Args:
+        sampler: the rank's sampler.
+        collate: the job's collate.
+        num_workers: loader worker processes (0: sample in the calling process).
+        prefetch_factor: batches each worker prepares ahead.
+    """
+
+    def __init__(self, sampler: WeightedStreamSampler, collate: Collate, *, num_workers: int,
+                 prefetch_factor: int) -> None:
+        self.sampler = sampler
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.batches_per_epoch = sampler.batches_per_epoch(num_workers)
+        self._loader = DataLoader(
+            sampler, batch_size=None, num_workers=num_workers, collate_fn=Segmenting(collate),
+            prefetch_factor=prefetch_factor if num_workers else None,
+            worker_init_fn=die_with_parent if num_workers else None)
+        self._epoch, self._start = 0, 0
+        self._next = 0  # the index of the next batch to yield
+        self._running = False
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields ``epoch`` from position ``start`` on."""
+        self.sampler.set_epoch(epoch, start)
+        self._epoch, self._start = epoch, start
+        self._next = epoch * self.batches_per_epoch + start
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self._start
+
+    def __iter__(self) -> Iterator[SegmentedBatch]:
+        self._running = True
+        try:
+            for batch in self._loader:
+                self._next = batch.index + 1
+                yield batch
+        finally:
+            self._running = False
+
+    @property
+    def undrawn(self) -> int:
+        """The lowest batch index that no worker can have drawn yet."""
+        return self._next + (self.prefetch_factor * self.num_workers if self._running else 0)

@@ -1,0 +1,399 @@
+"""MoRec inside an existing training job: one object per rank.
+
+    morec = MoRec(data, collate, rows=per_example_loss, scorer=scorer)
+    pipeline = TrainPipelineSparseDist(model, optimizer, device,
+                                       custom_model_fwd=morec.loss(model))
+    for epoch in range(morec.epoch, epochs):
+        morec.set_epoch(epoch)
+        batches = iter(morec.loader)
+        ... pipeline.progress(batches) ...
+        every N steps: morec.validate(pipeline.detach())
+
+It owns the sampler (with its loader), the weight store, the coordinator and the loss
+hook. The model and the job's batch type stay as they are: the loader hands the pipeline
+the job's batches wrapped with their rows' segment ids, and the hook unwraps them.
+:meth:`MoRec.validate` runs the validation round: the job's scorer ranks the validation
+users (validation control, alignment's exposure), the job's model measures each group's
+validation loss (the objectives' signal), the controllers step, and the new masses are
+published to apply from the first batch no loader worker has drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from morec_rec.collectives import all_reduce, is_distributed
+from morec_rec.config import MoRecConfig, SamplerConfig
+from morec_rec.control.coordinator import Coordinator, needs_base_losses
+from morec_rec.control.measures import relative_measures
+from morec_rec.data.format import PreparedDataset
+from morec_rec.errors import MorecError
+from morec_rec.eval.metrics import RankingMetrics
+from morec_rec.eval.ranking import K, Scorer, evaluate, load_task
+from morec_rec.plugin.adapters import register_pipelineable
+from morec_rec.plugin.batch import ExampleLayout, move
+from morec_rec.plugin.hook import Examples, MoRecLoss, ObjectiveLosses, Rows
+from morec_rec.plugin.loader import Collate, MoRecLoader, Segmenting
+from morec_rec.plugin.validation import group_losses, loss_groups, validation_signal
+from morec_rec.sampling.objectives import Objective, ValidationSignal, build_objectives
+from morec_rec.sampling.sampler import BATCH, WeightedStreamSampler
+from morec_rec.sampling.store import Masses, StoreSpec, WeightStore, publish_and_sync
+
+#: The version of :meth:`MoRec.state_dict`'s layout.
+STATE_FORMAT = 1
+
+
+def check_settings(dataset: PreparedDataset, sampler_config: SamplerConfig,
+                   config: MoRecConfig,
+                   objectives: Sequence[Objective | str] | None = None) -> list[Objective]:
+    """The objectives, after checking every setting that can be checked before training
+    (objective names and the columns they read, p against them, held objectives and
+    their targets)."""
+    built = _objectives(dataset, sampler_config, objectives)
+    names = [o.name for o in built]
+    Coordinator.from_config(config, names, dict.fromkeys(names, 1.0))  # raises if inconsistent
+    return built
+
+
+class MoRec:
+    """One rank's MoRec: its sampler and loader, weight store, coordinator and loss hook.
+
+    Every rank of a job makes one, with the same arguments, after ``init_process_group``
+    (construction is a collective there); every method named a collective below is
+    called by every rank.
+
+    Args:
+        dataset: a prepared dataset (``train/`` is sampled, ``valid`` measured).
+        collate: the sampled rows -> the job's batch (its model's input). Picklable when
+            ``num_workers > 0``. On validation rows it must make the same batch for the
+            same ``SampledBatch.batch_index`` on every rank (they are cut alike on every
+            rank), e.g. drawing negatives from a seed of the batch index.
+        rows: the model's per-example losses from ``(batch, output)``; default: the
+            model's own loss, which must then be a vector of them.
+        layout: how ``collate`` lays examples out over the sampled rows.
+        scorer: the job's full-ranking scorer (users -> scores of every item); needed by
+            ``validation`` control, ``alignment`` and fairness by ``hit``.
+        validation_collate: ``collate`` for the validation rows (default: ``collate``),
+            for a job whose training collate differs by rank.
+        objectives: in segment order, ``Objective`` instances (user subclasses welcome)
+            or built-in names; default: ``sampler.objectives``.
+        sampler: sizes, draw mode, the built-ins' update rule, seed.
+        config: the coordinator (preference, held objectives, gains, coefficients).
+        num_workers, prefetch_factor: the loader's worker processes and their prefetch.
+        device: where validation batches go (the model's device).
+        chunk_users: users scored at a time in the validation ranking pass.
+
+    Raises:
+        MorecError: an unknown objective, a column an objective reads that the data
+            lack, coordinator settings that do not fit the objectives, or a setting that
+            needs a scorer without one.
+    """
+
+    def __init__(self, dataset: PreparedDataset | str | os.PathLike[str], collate: Collate, *,
+                 rows: Rows | None = None, layout: ExampleLayout = ExampleLayout.ROWS,
+                 scorer: Scorer | None = None, validation_collate: Collate | None = None,
+                 objectives: Sequence[Objective | str] | None = None,
+                 sampler: SamplerConfig | None = None, config: MoRecConfig | None = None,
+                 num_workers: int = 0, prefetch_factor: int = 2,
+                 device: torch.device | str = "cpu", chunk_users: int = 1024) -> None:
+        self.dataset = (dataset if isinstance(dataset, PreparedDataset)
+                        else PreparedDataset.open(Path(dataset)))
+        sampler, config = sampler or SamplerConfig(), config or MoRecConfig()
+        self.objectives = check_settings(self.dataset, sampler, config, objectives)
+        self.names = [o.name for o in self.objectives]
+        self.config, self.sampler_config = config, sampler
+        needs = _needs_scorer(config, self.objectives, sampler)
+        if needs and scorer is None:
+            raise MorecError(f"{needs} needs the job's scorer: pass scorer=, a function of a "
+                             "chunk of users giving every item's score")
+        self.collate, self.scorer = collate, scorer
+        self.validation_collate = validation_collate or collate
+        self.examples = Examples(rows, layout)
+        self.device = torch.device(device)
+        self.chunk_users = chunk_users
+        self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
+                                      if dist.is_initialized() else (0, 1))
+
+        self._base_losses: dict[str, float] | None = None
+        self.coordinator: Coordinator | None = (
+            None if needs_base_losses(config)
+            else Coordinator.from_config(config, self.names, None))
+        self._initial = {o.name: o.initial_masses() for o in self.objectives}
+        self._initial[BATCH] = (_shares(self.coordinator) if self._sampling
+                                else np.full(len(self.names), 1 / len(self.names)))
+        self._masses = dict(self._initial)  # the latest published, rank 0's update input
+        self._journal: list[Masses] = []  # every version published by this job
+
+        spec, self._store_server = StoreSpec.for_loader(num_workers)
+        self._spec = dataclasses.replace(spec, prefix=f"{spec.prefix}/{_generation()}")
+        self.store = WeightStore.connect(self._spec)
+        register_pipelineable()
+        self.loader = MoRecLoader(
+            WeightedStreamSampler(self.dataset, self.objectives, sampler, rank=self.rank,
+                                  world_size=self.world_size, store=self._spec,
+                                  masses=self._initial),
+            collate, num_workers=num_workers, prefetch_factor=prefetch_factor)
+        self._losses = ObjectiveLosses(len(self.names))
+        self._hook: MoRecLoss | None = None
+        self._position = 0  # the next batch to train, before the hook has trained any
+        self._base: dict[str, float] | None = None
+        self._valid_rows = self.dataset.split("valid")
+        self._task = load_task(self.dataset, "valid") if scorer is not None else None
+
+    @property
+    def _sampling(self) -> bool:
+        return self.config.coefficients == "sampling"
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches the loader yields per epoch on this rank."""
+        return self.loader.batches_per_epoch
+
+    @property
+    def position(self) -> int:
+        """The index of the next batch to train on (``epoch · batches_per_epoch +``
+        its position): past the last batch the hook trained on."""
+        trained = None if self._hook is None else self._hook.trained
+        return self._position if trained is None else max(self._position, trained + 1)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch that :attr:`position` falls in: where a restored job goes on."""
+        return self.position // self.batches_per_epoch
+
+    @property
+    def masses(self) -> dict[str, np.ndarray]:
+        """The latest published masses by objective name, and the objectives' shares of a
+        batch under :data:`~morec_rec.sampling.sampler.BATCH`."""
+        return {k: v.copy() for k, v in self._masses.items()}
+
+    @property
+    def base(self) -> dict[str, float] | None:
+        """The validation metrics of the first :meth:`validate` (the reference of
+        validation control), or None before it."""
+        return None if self._base is None else dict(self._base)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The loader's next iteration yields the batches of ``epoch`` from
+        :attr:`position` on: all of a new epoch, the rest of the one a restored job
+        stopped in."""
+        start = self.position - epoch * self.batches_per_epoch
+        self.loader.set_epoch(epoch, min(max(start, 0), self.batches_per_epoch))
+
+    def loss(self, model: nn.Module) -> MoRecLoss:
+        """The loss hook of ``model``: TrainPipelineSparseDist's ``custom_model_fwd``, or
+        the plain loop's ``loss, output = hook(batch)``. Under ``training`` control with an
+        ``auto`` target it first measures the objectives' losses under ``model`` (a
+        collective, see :meth:`calibrate`)."""
+        if self.coordinator is None:
+            self._base_losses = self.calibrate(model)
+            self.coordinator = Coordinator.from_config(self.config, self.names,
+                                                       self._base_losses)
+        if self._hook is None or self._hook.model is not model:
+            self._hook = MoRecLoss(model, self.coordinator, self.examples, self._losses,
+                                   weigh=not self._sampling,
+                                   control_per_step=self.config.control == "training")
+        return self._hook
+
+    def calibrate(self, model: nn.Module) -> dict[str, float]:
+        """Each objective's mean loss under ``model``, without gradient, in its current
+        mode, over ``calibration_batches`` batches of a stream seeded apart from
+        training's, drawn from the initial masses; averaged over ranks (a collective)."""
+        sampler = WeightedStreamSampler(
+            self.dataset, self.objectives,
+            dataclasses.replace(self.sampler_config, seed=self.sampler_config.seed + 1),
+            rank=self.rank, world_size=self.world_size, masses=self._initial)
+        num_batches = min(self.config.calibration_batches, sampler.batches_per_epoch())
+        if num_batches < 1:
+            raise MorecError(f"{self.dataset.root}: too few training rows for one batch of "
+                             f"{sampler.batch_size} per rank")
+        losses = ObjectiveLosses(len(self.names))
+        segmenting = Segmenting(self.collate)
+        with torch.no_grad():
+            for _, sampled in zip(range(num_batches), sampler):
+                batch = segmenting(sampled).to(self.device)
+                loss, output = model(batch.batch)
+                per_example, row = self.examples.losses(batch.batch, loss, output,
+                                                        len(batch.segment))
+                losses.add(per_example, batch.segment[row])
+        return dict(zip(self.names, losses.reduce().tolist()))
+
+    def objective_losses(self) -> dict[str, float | None]:
+        """Each objective's mean training loss over every rank since the last call (None
+        for one that drew no row): a collective that reads the device once, for the
+        job's log interval."""
+        return {name: None if np.isnan(v) else float(v)
+                for name, v in zip(self.names, self._losses.reduce())}
+
+    def validate(self, model: nn.Module) -> dict[str, Any]:
+        """One validation round (a collective): measures ``model`` (in eval mode without
+        gradient; its mode is restored), steps the controllers under ``validation``
+        control, and publishes the objectives' new masses (and shares of a batch) to
+        apply from the first batch no loader worker has drawn. The first round's metrics
+        are the reference (:attr:`base`). Give a TorchRec pipeline's model as
+        ``pipeline.detach()`` returns it.
+
+        Returns the round's record: ``metrics`` (None without a scorer), ``measures`` (the
+        controlled values), ``group_loss`` (the signal), ``coefficients`` (each held objective's β), ``q``, and the
+        ``version``, ``effective_from`` and ``masses`` published (absent if none).
+        """
+        metrics, signal = self._measure(model)
+        if self._base is None:
+            self._base = {} if metrics is None else metrics.as_dict()
+        assert self.coordinator is not None, "validate() before loss()"
+        measures: dict[str, float] = {}
+        if self.config.control == "validation":
+            assert metrics is not None  # a scorer is required for it
+            measures = relative_measures(self.coordinator.targets, self._base,
+                                         metrics.as_dict(), metrics.k)
+            self.coordinator.observe(measures)
+        record: dict[str, Any] = {
+            "metrics": None if metrics is None else metrics.as_dict(), "measures": measures,
+            "group_loss": {k: v.tolist() for k, v in signal.group_loss.items()},
+            "coefficients": self.coordinator.coefficients,
+            "q": dict(zip(self.names, self.coordinator.q.tolist()))}
+        return {**record, **self._publish(signal)}
+
+    def _measure(self, model: nn.Module) -> tuple[RankingMetrics | None, ValidationSignal]:
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            metrics = (None if self.scorer is None else
+                       evaluate(self.scorer, self._task, k=K, chunk_users=self.chunk_users))
+            losses = group_losses(model, self._valid_rows, self.validation_collate,
+                                  loss_groups(self.dataset.manifest), examples=self.examples,
+                                  device=self.device)
+        model.train(training)
+        if metrics is None:
+            return None, ValidationSignal(group_loss=losses, exposure={})
+        return metrics, validation_signal(losses, metrics)
+
+    def _publish(self, signal: ValidationSignal) -> dict[str, Any]:
+        """Rank 0's new masses, published on every rank from past the drawn batches."""
+        updated = {o.name: o.update(self._masses[o.name], signal)
+                   for o in self.objectives if o.num_groups > 1}
+        if self._sampling:
+            shares = _shares(self.coordinator)
+            if not np.array_equal(shares, self._masses[BATCH]):
+                updated[BATCH] = shares
+        if not updated:
+            return {}
+        # Versions apply in order: never before the one published last.
+        effective_from = max(_max_over_ranks(self.loader.undrawn),
+                             self._journal[-1].effective_from if self._journal else 0)
+        masses = self._append(publish_and_sync(self.store, updated, effective_from))
+        return {"version": masses.version, "effective_from": effective_from,
+                "masses": {k: v.tolist() for k, v in masses.values.items()}}
+
+    def _append(self, version: int) -> Masses:
+        masses = self.store.read(version)
+        self._journal.append(masses)
+        self._masses.update(masses.values)
+        return masses
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything MoRec needs to go on exactly where the hook last trained (JSON-
+        serialisable, the same on every rank): the position, the versions published
+        (those in force there merged into one), the controllers, the reference."""
+        position = self.position
+        applied = [m for m in self._journal if m.effective_from <= position]
+        merged: dict[str, Any] = {}
+        for masses in applied:
+            merged.update({k: v.tolist() for k, v in masses.values.items()})
+        journal = ([{"effective_from": applied[-1].effective_from, "values": merged}]
+                   if applied else [])
+        journal += [{"effective_from": m.effective_from,
+                     "values": {k: v.tolist() for k, v in m.values.items()}}
+                    for m in self._journal if m.effective_from > position]
+        return {"format": STATE_FORMAT, "position": position, "journal": journal,
+                "coordinator": None if self.coordinator is None
+                else self.coordinator.state_dict(),
+                "base": self._base, "base_losses": self._base_losses}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores a :meth:`state_dict` into a MoRec made with the same settings, before
+        it publishes anything (a collective: the versions are republished into this
+        MoRec's own namespace of the store, so a fresh store loses none)."""
+        if state.get("format") != STATE_FORMAT:
+            raise MorecError(f"MoRec state of format {state.get('format')!r}, "
+                             f"expected {STATE_FORMAT}")
+        if self._journal or self._hook is not None and self._hook.trained is not None:
+            raise MorecError("load_state_dict() must come before training or validation")
+        self._base, self._base_losses = state["base"], state["base_losses"]
+        if self.coordinator is None and self._base_losses is not None:
+            self.coordinator = Coordinator.from_config(self.config, self.names,
+                                                       self._base_losses)
+        if state["coordinator"] is not None:
+            if self.coordinator is None:
+                raise MorecError("MoRec state holds controllers but no base losses")
+            self.coordinator.load_state_dict(state["coordinator"])
+        for entry in state["journal"]:
+            values = {k: np.asarray(v, dtype=np.float64) for k, v in entry["values"].items()}
+            self._append(publish_and_sync(self.store, values, int(entry["effective_from"])))
+        self._position = int(state["position"])
+
+
+def _objectives(dataset: PreparedDataset, config: SamplerConfig,
+                given: Sequence[Objective | str] | None) -> list[Objective]:
+    """The objectives in order: instances as given, names built for ``dataset``; each
+    checked against the columns of the training data."""
+    given = list(config.objectives if given is None else given)
+    names = [o for o in given if isinstance(o, str)]
+    built = iter(build_objectives(names, dataset.manifest, step=config.step,
+                                  floor=config.floor, rule=config.update_rule,
+                                  fairness_signal=config.fairness_signal))
+    objectives = [next(built) if isinstance(o, str) else o for o in given]
+    seen = [o.name for o in objectives]
+    for i, name in enumerate(seen):
+        if name in seen[:i]:
+            raise MorecError(f"objective {name!r} is listed twice")
+    columns = set(pq.read_schema(dataset.train_files[0]).names)
+    for objective in objectives:
+        missing = sorted(set(objective.columns) - columns)
+        if missing:
+            raise MorecError(f"{dataset.root}: objective {objective.name!r} reads column(s) "
+                             f"{', '.join(missing)}, which the data lack")
+    return objectives
+
+
+def _needs_scorer(config: MoRecConfig, objectives: Sequence[Objective],
+                  sampler: SamplerConfig) -> str | None:
+    """What needs the validation ranking pass, if anything."""
+    names = [o.name for o in objectives]
+    if config.control == "validation":
+        return "validation control"
+    if "alignment" in names:
+        return "objective 'alignment' (its top-K exposure)"
+    if "fairness" in names and sampler.fairness_signal == "hit":
+        return "fairness by hit (the per-group Hit)"
+    return None
+
+
+def _shares(coordinator: Coordinator | None) -> np.ndarray:
+    """The objectives' shares of a batch: the coefficients q, normalised."""
+    assert coordinator is not None
+    q = coordinator.q
+    return q / q.sum()
+
+
+def _generation() -> str:
+    """A name no earlier MoRec used in the store: drawn on rank 0, the same on every rank."""
+    name = [uuid.uuid4().hex]
+    if is_distributed():
+        dist.broadcast_object_list(name, src=0)
+    return name[0]
+
+
+def _max_over_ranks(value: int) -> int:
+    return int(all_reduce(torch.tensor([value]), op=dist.ReduceOp.MAX))
