@@ -372,7 +372,7 @@ def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainCo
                  for key, value in model_identity(train, dataset).items()
                  if meta.get(key) != value]
         if wrong:
-            raise MorecError(f"{base}: a base of another model than the settings': "
+            raise MorecError(f"{base}: the base's model differs from the settings: "
                              f"{', '.join(wrong)}")
     objectives = len(sampler.objectives)
     dataset.check_batch(sampler.sub_batch_size * objectives,

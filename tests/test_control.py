@@ -102,18 +102,20 @@ def test_anti_windup_recovers_where_a_naive_integrator_stays_pinned() -> None:
     losses = [high] * 500 + [low] * 5000
     controller = PIController(target, gains)
     betas = [controller.step(loss) for loss in losses[:500]]
-    # err = −0.8 adds 0.04 per step while u stays in range: 17 steps (0.68; an 18th gives
-    # 0.72 + P > 0.7). From then on the integral is frozen and β within 0.04 of beta_max.
-    assert controller.integral == pytest.approx(17 * 0.04, abs=1e-12)
-    assert min(betas[17:]) > gains.beta_max - 0.04
+    # err = −0.8 adds 0.04 per step: 17 steps reach 0.68; the 18th (0.72) is clamped where
+    # β meets beta_max, I = 0.7 − P with P = 0.01 / (1 + e^−0.8), and stays there.
+    proportional = gains.kp / (1 + math.exp(-0.8))
+    assert controller.integral == pytest.approx(0.7 - proportional, abs=1e-12)
+    assert betas[16] < gains.beta_max and betas[17:] == pytest.approx([gains.beta_max] * 483)
     betas += [controller.step(loss) for loss in losses[500:]]
 
     def steps_to_recover(betas: list[float]) -> int:
         return next(i for i, b in enumerate(betas[500:], 1) if b <= gains.beta_max - 0.05)
 
-    # err = +0.1: the integral falls 0.005 per step; u = 0.00475 + 0.68 − 0.005k + 0.6
-    # <= 1.25 from k = 7 on. The naive integral reached 500·0.04 = 20 and needs ~3870 steps.
-    assert steps_to_recover(betas) == 7
+    # err = +0.1: the integral falls 0.005 per step from 0.6931; β = 0.00475 + 0.6931
+    # − 0.005k + 0.6 <= 1.25 from k = 10 on. The naive integral reached 500·0.04 = 20 and
+    # needs ~3870 steps.
+    assert steps_to_recover(betas) == 10
     assert steps_to_recover(naive(losses)) > 3800
 
 

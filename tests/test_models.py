@@ -5,6 +5,7 @@ Statistical tests use a fixed seed and reject at significance 0.001.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -21,7 +22,7 @@ from morec_rec.cli import synthesize
 from morec_rec.config import PrepareConfig, SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
-from morec_rec.models import build_model, num_negatives
+from morec_rec.models import build_model, num_negatives, per_row_loss
 from morec_rec.models.mf import MatrixFactorization
 from morec_rec.models.negatives import NegativeSampler
 from morec_rec.models.sasrec import SASRec, right_aligned
@@ -109,7 +110,7 @@ def sampled_batch(batch_index: int = 4) -> SampledBatch:
     )
 
 
-def test_collator_builds_the_mf_features_and_passes_segments_through() -> None:
+def test_collator_builds_the_mf_features_alone() -> None:
     collate = Collator(MF_FEATURES, NegativeSampler(np.ones(12)), 4, seed=1)
     batch = collate(sampled_batch())
 
@@ -122,7 +123,8 @@ def test_collator_builds_the_mf_features_and_passes_segments_through() -> None:
     assert features["neg_item_id"].lengths().tolist() == [4, 4, 4]
     negatives = features["neg_item_id"].values().view(3, 4)
     assert (negatives != torch.tensor([1, 2, 3]).unsqueeze(1)).all()
-    assert batch.objective.tolist() == [0, 1, 1]
+    # The features and nothing else: segment ids travel beside the batch (SegmentedBatch).
+    assert [f.name for f in dataclasses.fields(batch)] == ["features"]
 
 
 def test_collator_builds_the_history_feature() -> None:
@@ -144,8 +146,7 @@ def _same(a: TrainBatch, b: TrainBatch) -> bool:
     return (a.features.keys() == b.features.keys() and a.features.stride() == b.features.stride()
             and a.features.length_per_key() == b.features.length_per_key()
             and torch.equal(a.features.values(), b.features.values())
-            and torch.equal(a.features.lengths(), b.features.lengths())
-            and torch.equal(a.objective, b.objective))
+            and torch.equal(a.features.lengths(), b.features.lengths()))
 
 
 @pytest.mark.parametrize("by_value", [True, False])
@@ -205,7 +206,7 @@ def mf_batch() -> TrainBatch:
         "user_id": ids([0, 1, 2]), "item_id": ids([3, 4, 5]),
         "neg_item_id": jagged([[6, 7], [3, 8], [9, 0]]),
     })
-    return TrainBatch(features, torch.tensor([0, 2, 1]))
+    return TrainBatch(features)
 
 
 def test_mf_loss_is_bpr_over_the_table_rows() -> None:
@@ -222,7 +223,8 @@ def test_mf_loss_is_bpr_over_the_table_rows() -> None:
     expected = -torch.log(torch.sigmoid(positive.unsqueeze(1) - negative)).mean(1)
     torch.testing.assert_close(output.per_row_loss.double(), expected)
     torch.testing.assert_close(loss, output.per_row_loss.mean())
-    assert output.objective.tolist() == [0, 2, 1]
+    assert output._fields == ("per_row_loss",)
+    assert per_row_loss(None, output) is output.per_row_loss  # MoRec's rows= of a backbone
 
 
 def rows_with_gradient(weight: torch.Tensor) -> set[int]:
@@ -314,7 +316,7 @@ def test_sasrec_empty_history_gets_the_learned_vector() -> None:
 
     features = features_kjt(SASREC_FEATURES, {"history": jagged([[], []]), "item_id": ids([1, 2]),
                                               "neg_item_id": jagged([[3, 4, 5], [6, 7, 8]])})
-    loss, _ = model.train()(TrainBatch(features, torch.zeros(2, dtype=torch.int64)))
+    loss, _ = model.train()(TrainBatch(features))
     loss.backward()
     assert torch.isfinite(loss) and model.encoder.empty.grad.abs().sum() > 0
 
@@ -326,7 +328,7 @@ def test_sasrec_loss_is_binary_cross_entropy_with_the_negatives(sasrec: SASRec) 
         "history": jagged(histories), "item_id": ids(positives.tolist()),
         "neg_item_id": jagged(negatives.tolist()),
     })
-    loss, output = sasrec(TrainBatch(features, torch.tensor([1, 0, 1])))
+    loss, output = sasrec(TrainBatch(features))
 
     users = sasrec.user_vectors(features).double()
     items = sasrec.embeddings.embeddings["item"].weight.detach().double()
@@ -335,7 +337,7 @@ def test_sasrec_loss_is_binary_cross_entropy_with_the_negatives(sasrec: SASRec) 
     expected = -torch.log(torch.sigmoid(positive)) - torch.log(1 - torch.sigmoid(negative)).mean(1)
     torch.testing.assert_close(output.per_row_loss.double(), expected)
     torch.testing.assert_close(loss, output.per_row_loss.mean())
-    assert output.objective.tolist() == [1, 0, 1]
+    assert output._fields == ("per_row_loss",)
 
 
 # The factory
@@ -425,3 +427,7 @@ def test_sharded_backbones_train_and_score_alike_on_every_rank(
             assert np.isfinite(losses).all()
             assert losses[-5:].mean() < losses[:5].mean() - 0.05, (setup, losses)
             assert result["scores"] == first_rank["scores"]
+            # The callable ModelScorer gives the model's dot products for the same users.
+            np.testing.assert_allclose(result["scorer"], result["scores"], rtol=1e-6, atol=1e-6)
+        scores = np.array(first_rank["scores"])
+        assert scores.shape == (8, tiny.manifest["num_items"]) and np.ptp(scores) > 0

@@ -1,4 +1,6 @@
-"""The sampler under torchrun with 2 CPU ranks (gloo) × 2 loader workers each."""
+"""The sampler under torchrun with 2 CPU ranks (gloo) × 2 loader workers each: disjoint
+streams, a publish that every worker applies at the same batch, and a loader resumed
+mid-epoch that replays it."""
 
 from __future__ import annotations
 
@@ -47,3 +49,16 @@ def test_publish_reaches_every_worker_of_every_rank_at_the_same_batch(job: list[
                 assert batch["version"] == 1 and set(batch["groups"]) == {last}
                 seen_workers.add(batch["batch_index"] % 2)
         assert seen_workers == {0, 1}
+
+
+def test_a_loader_resumed_mid_epoch_replays_the_published_version(job: list[dict]) -> None:
+    # A new loader on every rank starts at position RESUME_AT, before the version's
+    # effective_from: its workers read the version from the store's history and switch at
+    # the same batch, so the rest of the stream is the first pass's, row for row.
+    for rank in job:
+        start = rank["resume_at"]
+        assert 0 < start < job[0]["effective_from"]
+        assert [b["batch_index"] for b in rank["resumed"]] == \
+            [b["batch_index"] for b in rank["weighted"][start:]]
+        assert rank["resumed"] == rank["weighted"][start:]
+        assert {b["version"] for b in rank["resumed"]} == {0, 1}

@@ -1,8 +1,10 @@
 """Validation signals: per-group mean validation losses, the rows' batches, the signal.
 
 A fake model whose per-row loss is item_id / 100 makes every group's mean a plain numpy
-mean over valid.parquet; a real MF model checks that the result does not depend on the
-chunking's spread over ranks (2 ranks under torchrun against one process).
+mean over valid.parquet; one with two examples per row (item_id / 100 and user_id / 1000,
+laid out blocked or interleaved) checks that each example counts in its row's groups; a
+real MF model checks that the result does not depend on the chunking's spread over ranks
+(2 ranks under torchrun against one process).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from torch import nn
 from conftest import run_torchrun
 from morec_rec.data.format import PreparedDataset
 from morec_rec.eval.metrics import RankingMetrics
-from morec_rec.eval.signals import group_losses, loss_groups, rows_batch, validation_signal
-from morec_rec.models import ModelOutput, build_model
+from morec_rec.errors import MorecError
+from morec_rec.models import ModelOutput, build_model, per_row_loss
 from morec_rec.models.negatives import NegativeSampler
 from morec_rec.pipeline.batch import Collator, TrainBatch
+from morec_rec.plugin.batch import ExampleLayout
+from morec_rec.plugin.hook import Examples
+from morec_rec.plugin.validation import group_losses, loss_groups, rows_batch, validation_signal
 from morec_rec.sampling.objectives import ValidationSignal
 from sampling_data import make_dataset
 
@@ -35,16 +40,36 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
 
 
 class ItemLoss(nn.Module):
-    """A fake model: each row's loss is its item id / 100 (negatives ignored)."""
+    """A fake model: each row's loss is its item id / 100 (negatives ignored); its own
+    loss is their mean (a backbone's: ``rows=per_row_loss``) or, with ``vector``, the
+    per-row losses themselves (found with the default ``Examples()``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, vector: bool = False) -> None:
         super().__init__()
+        self.vector = vector
         self.batches: list[TrainBatch] = []
 
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, ModelOutput]:
         self.batches.append(batch)
         per_row = batch.features["item_id"].values().to(torch.float64) / 100
-        return per_row.mean(), ModelOutput(per_row, batch.objective)
+        return per_row if self.vector else per_row.mean(), ModelOutput(per_row)
+
+
+class TwoExamples(nn.Module):
+    """A fake model with two examples per row, item_id / 100 and user_id / 1000, laid out
+    as ``layout`` says: all rows' first examples then all second ones (BLOCKED), or each
+    row's two together (INTERLEAVED)."""
+
+    def __init__(self, layout: ExampleLayout) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, ModelOutput]:
+        features = batch.features
+        pair = torch.stack([features["item_id"].values().to(torch.float64) / 100,
+                            features["user_id"].values().to(torch.float64) / 1000])
+        examples = (pair if self.layout is ExampleLayout.BLOCKED else pair.T).reshape(-1)
+        return examples.mean(), ModelOutput(examples)
 
 
 def collator(dataset: PreparedDataset) -> Collator:
@@ -52,9 +77,14 @@ def collator(dataset: PreparedDataset) -> Collator:
                     10, seed=0)
 
 
-def numpy_means(rows, column: str, groups: int) -> np.ndarray:
+def numpy_means(rows, column: str, groups: int, *, users: bool = False) -> np.ndarray:
+    """Per-group means of item_id / 100 over ``rows``; with ``users``, of both that and
+    user_id / 1000 (two examples a row)."""
     loss = rows["item_id"].to_numpy() / 100
     group = rows[column].to_numpy()
+    if users:
+        loss = np.concatenate([loss, rows["user_id"].to_numpy() / 1000])
+        group = np.concatenate([group, group])
     return np.array([loss[group == g].mean() if (group == g).any() else np.nan
                      for g in range(groups)])
 
@@ -63,14 +93,16 @@ def test_loss_groups_of_the_manifest(dataset: PreparedDataset) -> None:
     assert loss_groups(dataset.manifest) == {"fairness_group": 5, "popularity_group": 10}
 
 
-@pytest.mark.parametrize("chunk_rows", [7, 4096])
-def test_group_losses_are_per_group_means(dataset: PreparedDataset, chunk_rows: int) -> None:
+@pytest.mark.parametrize(("chunk_rows", "vector"), [(7, False), (4096, False), (7, True)])
+def test_group_losses_are_per_group_means(dataset: PreparedDataset, chunk_rows: int,
+                                          vector: bool) -> None:
     rows = dataset.split("valid")
     assert rows.num_rows == 240
-    model = ItemLoss()
+    model = ItemLoss(vector=vector)
+    examples = Examples() if vector else Examples(rows=per_row_loss)
     with torch.no_grad():
         losses = group_losses(model, rows, collator(dataset), loss_groups(dataset.manifest),
-                              chunk_rows=chunk_rows)
+                              examples=examples, chunk_rows=chunk_rows)
 
     assert set(losses) == {"fairness_group", "popularity_group"}
     for column, groups in loss_groups(dataset.manifest).items():
@@ -78,17 +110,51 @@ def test_group_losses_are_per_group_means(dataset: PreparedDataset, chunk_rows: 
         np.testing.assert_allclose(losses[column], numpy_means(rows, column, groups),
                                    rtol=1e-12)
     # 240 rows: 34 chunks of 7 and one of 2, or a single chunk; each batch number c.
-    sizes = [len(b.objective) for b in model.batches]
+    sizes = [b.features.stride() for b in model.batches]
     assert sizes == ([7] * 34 + [2] if chunk_rows == 7 else [240])
     items = torch.cat([b.features["item_id"].values() for b in model.batches])
     assert items.tolist() == rows["item_id"].to_pylist()  # every row once, in order
+
+
+@pytest.mark.parametrize("layout", [ExampleLayout.BLOCKED, ExampleLayout.INTERLEAVED],
+                         ids=lambda layout: layout.value)
+def test_several_examples_per_row_count_in_their_rows_groups(dataset: PreparedDataset,
+                                                             layout: ExampleLayout) -> None:
+    rows = dataset.split("valid")
+    with torch.no_grad():
+        losses = group_losses(TwoExamples(layout), rows, collator(dataset),
+                              loss_groups(dataset.manifest),
+                              examples=Examples(per_row_loss, layout), chunk_rows=7)
+    for column, groups in loss_groups(dataset.manifest).items():
+        expected = numpy_means(rows, column, groups, users=True)
+        np.testing.assert_allclose(losses[column], expected, rtol=1e-12)
+        # Not the means of the item examples alone: the user examples counted.
+        assert not np.allclose(losses[column], numpy_means(rows, column, groups), rtol=1e-3)
+    # The other layout's reading of the same examples puts them in other rows' groups.
+    other = (ExampleLayout.INTERLEAVED if layout is ExampleLayout.BLOCKED
+             else ExampleLayout.BLOCKED)
+    with torch.no_grad():
+        wrong = group_losses(TwoExamples(layout), rows, collator(dataset),
+                             loss_groups(dataset.manifest),
+                             examples=Examples(per_row_loss, other), chunk_rows=7)
+    assert not np.allclose(wrong["fairness_group"],
+                           numpy_means(rows, "fairness_group", 5, users=True), rtol=1e-6)
+
+
+def test_per_example_losses_must_fit_the_rows(dataset: PreparedDataset) -> None:
+    rows = dataset.split("valid")
+    with torch.no_grad(), pytest.raises(MorecError, match="give the examples' layout"):
+        group_losses(TwoExamples(ExampleLayout.BLOCKED), rows, collator(dataset),
+                     loss_groups(dataset.manifest), examples=Examples(per_row_loss),
+                     chunk_rows=7)
 
 
 def test_small_chunks_give_the_one_chunk_result(dataset: PreparedDataset) -> None:
     rows = dataset.split("valid")
     with torch.no_grad():
         small, whole = (group_losses(ItemLoss(), rows, collator(dataset),
-                                     loss_groups(dataset.manifest), chunk_rows=n)
+                                     loss_groups(dataset.manifest),
+                                     examples=Examples(per_row_loss), chunk_rows=n)
                         for n in (7, rows.num_rows))
     for column in whole:
         np.testing.assert_allclose(small[column], whole[column], rtol=1e-12)
@@ -99,7 +165,8 @@ def test_a_group_without_rows_is_nan(dataset: PreparedDataset) -> None:
     rows = rows.filter(pc.not_equal(rows["fairness_group"], 2))
     with torch.no_grad():
         losses = group_losses(ItemLoss(), rows, collator(dataset),
-                              loss_groups(dataset.manifest), chunk_rows=16)
+                              loss_groups(dataset.manifest), examples=Examples(per_row_loss),
+                              chunk_rows=16)
     fairness = losses["fairness_group"]
     assert np.isnan(fairness[2]) and np.isfinite(np.delete(fairness, 2)).all()
     np.testing.assert_allclose(fairness, numpy_means(rows, "fairness_group", 5), rtol=1e-12)
@@ -158,13 +225,12 @@ def test_group_losses_do_not_depend_on_the_number_of_ranks(dataset: PreparedData
                  nproc=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["signals"] for r in (0, 1)]
     assert ranks[0] == ranks[1]
+    examples = Examples(per_row_loss)
     with torch.no_grad():
-        one = group_losses(scaled_mf(dataset), dataset.split("valid"), collator(dataset),
-                           loss_groups(dataset.manifest), chunk_rows=50)
-        again = group_losses(scaled_mf(dataset), dataset.split("valid"), collator(dataset),
-                             loss_groups(dataset.manifest), chunk_rows=50)
-        other = group_losses(scaled_mf(dataset), dataset.split("valid"), collator(dataset),
-                             loss_groups(dataset.manifest), chunk_rows=40)
+        one, again, other = (group_losses(scaled_mf(dataset), dataset.split("valid"),
+                                          collator(dataset), loss_groups(dataset.manifest),
+                                          examples=examples, chunk_rows=n)
+                             for n in (50, 50, 40))
     for column, values in one.items():
         np.testing.assert_array_equal(values, again[column])  # negatives seeded: repeatable
         assert np.ptp(values) > 0.05  # losses that differ, so a mismatch would show

@@ -2,11 +2,11 @@
 
     torchrun --nproc_per_node=2 integration/example/morec_job.py --data DIR --epochs 1
 
-What changed (``diff plain_job.py morec_job.py``): the batch carries the rows' segment ids,
-MoRec's loader replaces the job's own, MoRec's loss hook goes into the pipeline, and every
-``--update-every`` steps a validation pass updates the sampling weights. Accuracy is held
-at the model's starting training loss; revenue and fairness share the rest (README, "MoRec in your
-own TorchRec job").
+What changed (``diff plain_job.py morec_job.py``): MoRec's loader replaces the job's own
+(it draws the rows; the job's ``make_batch`` still makes the batches), MoRec's loss hook
+goes into the pipeline, and every ``--update-every`` steps a validation round ranks the
+validation users with the job's scorer and updates the objectives' coefficients and
+sampling weights. Four built-in objectives and one of the job's own (``Cheap``).
 """
 
 import argparse
@@ -14,11 +14,11 @@ import dataclasses
 import gc
 import json
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
@@ -29,41 +29,47 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.streamable import Pipelineable
 
-from morec_rec.config import MoRecConfig, SamplerConfig
-from morec_rec.data.format import PreparedDataset
-from morec_rec.pipeline.plugin import MoRec
+from morec_rec import ExampleLayout, MoRec, MoRecConfig, Objective, SamplerConfig
 
-FEATURES = ["user", "item", "negative"]
+FEATURES = ["user", "item"]
 
 
 @dataclasses.dataclass
 class Batch(Pipelineable):
-    sparse: KeyedJaggedTensor  # one id per row for each of FEATURES
-    objective: torch.Tensor  # (B,) each row's segment id: the objective that drew it
+    sparse: KeyedJaggedTensor  # one user and one item id per example
+    labels: torch.Tensor  # (E,) 1.0 for an interaction, 0.0 for a sampled negative
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(self.sparse.to(device, non_blocking=non_blocking),
-                     self.objective.to(device, non_blocking=non_blocking))
+                     self.labels.to(device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse.record_stream(stream)
-        self.objective.record_stream(stream)
+        self.labels.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.sparse.pin_memory(), self.objective.pin_memory())
+        return Batch(self.sparse.pin_memory(), self.labels.pin_memory())
 
 
-def make_batch(users: torch.Tensor, items: torch.Tensor, num_items: int, seed: int,
-               objective: torch.Tensor) -> Batch:
-    """A batch of (user, item) rows, each with one uniformly drawn negative item."""
+def make_batch(users: torch.Tensor, items: torch.Tensor, num_items: int, seed: int) -> Batch:
+    """2B examples from B (user, item) rows: every positive, then every row's negative."""
     negatives = torch.from_numpy(np.random.default_rng(seed).integers(0, num_items, len(users)))
-    ids = torch.cat([users, items, negatives]).long()
+    ids = torch.cat([users, users, items, negatives]).long()
+    labels = torch.cat([torch.ones(len(users)), torch.zeros(len(users))])
     return Batch(KeyedJaggedTensor.from_lengths_sync(
-        keys=FEATURES, values=ids, lengths=torch.ones(len(ids), dtype=torch.int32)), objective)
+        keys=FEATURES, values=ids, lengths=torch.ones(len(ids), dtype=torch.int32)), labels)
 
 
-class Output(NamedTuple):
-    per_row_loss: torch.Tensor  # (B,) each row's BPR loss; the loss is their mean
+class Cheap(Objective):
+    """This job's own objective: rows drawn in proportion to 1 / (1 + the item's price)."""
+
+    name, num_groups, columns = "cheap", 1, ("price",)
+
+    def initial_masses(self) -> np.ndarray:
+        return np.ones(1)
+
+    def weights(self, rows: dict) -> np.ndarray:
+        return 1 / (1 + rows["price"])
 
 
 class TwoTower(nn.Module):
@@ -73,24 +79,21 @@ class TwoTower(nn.Module):
             EmbeddingBagConfig(name="user_table", embedding_dim=dim, num_embeddings=num_users,
                                feature_names=["user"]),
             EmbeddingBagConfig(name="item_table", embedding_dim=dim, num_embeddings=num_items,
-                               feature_names=["item", "negative"]),
+                               feature_names=["item"]),
         ])
         self.user_tower, self.item_tower = nn.Linear(dim, dim), nn.Linear(dim, dim)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, Output]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = self.embeddings(batch.sparse)
-        user = self.user_tower(pooled["user"])
-        positive = (user * self.item_tower(pooled["item"])).sum(-1)
-        negative = (user * self.item_tower(pooled["negative"])).sum(-1)
-        per_row = nn.functional.softplus(negative - positive)
-        return per_row.mean(), Output(per_row)
+        logits = (self.user_tower(pooled["user"]) * self.item_tower(pooled["item"])).sum(-1)
+        return F.binary_cross_entropy_with_logits(logits, batch.labels), logits.detach()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--update-every", type=int, default=100)
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -105,44 +108,43 @@ def main() -> None:
                                   lambda params: torch.optim.Adam(params, lr=1e-3))
     optimizer = CombinedOptimizer([model.fused_optimizer, dense])
 
-    morec = MoRec(PreparedDataset.open(args.data),
-                  SamplerConfig(objectives=("accuracy", "revenue", "fairness"),
-                                sub_batch_size=args.batch_size // 3),
-                  # No base to compare with and no ranking pass: the controller holds the
-                  # training loss, stepped every batch (gains for that: README, "MoRec").
-                  MoRecConfig(preference=(0.5, 0.5), control="training", coefficients="loss",
-                              ki=0.1, beta_min=0.0, beta_max=2.0),
-                  rank=rank, world_size=world_size, num_workers=1)
+    def scores(users):  # every item's score for a chunk of validation users
+        u, items = torch.as_tensor(users.user_id), torch.arange(manifest["num_items"])
+        b = max(len(u), len(items))  # one KJT: users and items side by side
+        lengths = torch.cat([torch.arange(b) < len(u), torch.arange(b) < len(items)]).int()
+        pooled = model.module.embeddings(
+            KeyedJaggedTensor.from_lengths_sync(FEATURES, torch.cat([u, items]), lengths))
+        return (model.module.user_tower(pooled["user"][: len(u)])
+                @ model.module.item_tower(pooled["item"][: len(items)]).T)
 
-    def collate(sampled):  # MoRec's SampledBatch -> this job's Batch
-        return make_batch(sampled.user_id, sampled.item_id, manifest["num_items"],
-                          seed=sampled.batch_index, objective=sampled.objective)
-
-    def rows(batch, output):  # where the hook finds per-row losses and segment ids
-        return output.per_row_loss, batch.objective
-
-    loader = morec.loader(collate)
-    hook = morec.loss(model, morec.calibrate(model, collate, device, rows=rows), rows=rows)
-    pipeline = TrainPipelineSparseDist(model, optimizer, device, custom_model_fwd=hook)
+    morec = MoRec(
+        args.data, lambda rows: make_batch(rows.user_id, rows.item_id, manifest["num_items"],
+                                           seed=rows.batch_index),
+        rows=lambda batch, logits: F.binary_cross_entropy_with_logits(
+            logits, batch.labels, reduction="none"),
+        layout=ExampleLayout.BLOCKED, scorer=scores,
+        objectives=["accuracy", "revenue", "fairness", "alignment", Cheap()],
+        sampler=SamplerConfig(sub_batch_size=args.batch_size // 5),
+        config=MoRecConfig(preference=(0.25,) * 4, beta_max=2.0), num_workers=1)
+    pipeline = TrainPipelineSparseDist(model, optimizer, device,
+                                       custom_model_fwd=morec.loss(model))
     step = 0
     for epoch in range(args.epochs):
         morec.set_epoch(epoch)
-        batches = iter(loader)
+        batches = iter(morec.loader)
         while True:
             try:
-                output = pipeline.progress(batches)
+                logits = pipeline.progress(batches)
             except StopIteration:
                 break
             step += 1
-            if rank == 0 and step % 50 == 0:
+            if rank == 0 and step % 20 == 0:
                 print(json.dumps({"epoch": epoch, "step": step,
-                                  "objective_loss": output.objective_loss.tolist(),
-                                  "coefficients": output.coefficients.tolist()}), flush=True)
+                                  "mean_logit": logits.mean().item()}), flush=True)
             if step % args.update_every == 0:
-                pipeline.detach()
-                update = morec.update(morec.validation_signal(model, collate, device), step)
+                record = morec.validate(pipeline.detach())
                 if rank == 0:
-                    print(json.dumps({"step": step, **update}), flush=True)
+                    print(json.dumps({"step": step, **record}), flush=True)
     gc.collect()  # the sharded model's reference cycle holds the group: free it first
     dist.destroy_process_group()
 

@@ -1,10 +1,12 @@
-"""A plain TorchRec training job: a two-tower retrieval model trained with BPR.
+"""A plain TorchRec training job: a two-tower retrieval model, pointwise BCE.
 
     torchrun --nproc_per_node=2 integration/example/plain_job.py --data DIR --epochs 1
 
 Its own model, batch type, loader and pipeline, and nothing of morec_rec: it reads the
-``train/`` Parquet shards of a prepared dataset directly. ``morec_job.py`` beside it is
-the same job turned into a MoRec job (README, "MoRec in your own TorchRec job").
+``train/`` Parquet shards of a prepared dataset directly. Each interaction is a positive
+example and gets one uniformly drawn negative item; the model returns the mean loss and
+its logits, as TorchRec's own models do. ``morec_job.py`` beside it is the same job
+turned into a MoRec job.
 """
 
 import argparse
@@ -12,12 +14,13 @@ import dataclasses
 import gc
 import json
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
@@ -29,33 +32,37 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.streamable import Pipelineable
 
-FEATURES = ["user", "item", "negative"]
+FEATURES = ["user", "item"]
 
 
 @dataclasses.dataclass
 class Batch(Pipelineable):
-    sparse: KeyedJaggedTensor  # one id per row for each of FEATURES
+    sparse: KeyedJaggedTensor  # one user and one item id per example
+    labels: torch.Tensor  # (E,) 1.0 for an interaction, 0.0 for a sampled negative
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(self.sparse.to(device, non_blocking=non_blocking))
+        return Batch(self.sparse.to(device, non_blocking=non_blocking),
+                     self.labels.to(device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse.record_stream(stream)
+        self.labels.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.sparse.pin_memory())
+        return Batch(self.sparse.pin_memory(), self.labels.pin_memory())
 
 
 def make_batch(users: torch.Tensor, items: torch.Tensor, num_items: int, seed: int) -> Batch:
-    """A batch of (user, item) rows, each with one uniformly drawn negative item."""
+    """2B examples from B (user, item) rows: every positive, then every row's negative."""
     negatives = torch.from_numpy(np.random.default_rng(seed).integers(0, num_items, len(users)))
-    ids = torch.cat([users, items, negatives]).long()
+    ids = torch.cat([users, users, items, negatives]).long()
+    labels = torch.cat([torch.ones(len(users)), torch.zeros(len(users))])
     return Batch(KeyedJaggedTensor.from_lengths_sync(
-        keys=FEATURES, values=ids, lengths=torch.ones(len(ids), dtype=torch.int32)))
+        keys=FEATURES, values=ids, lengths=torch.ones(len(ids), dtype=torch.int32)), labels)
 
 
 class Interactions(IterableDataset):
-    """One epoch of (user, item) batches: this rank's share of the shuffled training rows."""
+    """One epoch of batches: this rank's share of the shuffled training rows."""
 
     def __init__(self, data: Path, batch_size: int, rank: int, world_size: int) -> None:
         self.train = data / "train"
@@ -68,16 +75,12 @@ class Interactions(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         table = pq.read_table(self.train, columns=["user_id", "item_id"])
         order = np.random.default_rng(self.epoch).permutation(table.num_rows)
-        order = order[self.rank::self.world_size]
+        order = order[: len(order) - len(order) % self.world_size][self.rank::self.world_size]
         users = torch.from_numpy(table["user_id"].to_numpy()[order])
         items = torch.from_numpy(table["item_id"].to_numpy()[order])
         for n, start in enumerate(range(0, len(order) - self.batch_size + 1, self.batch_size)):
             rows = slice(start, start + self.batch_size)
             yield make_batch(users[rows], items[rows], self.num_items, seed=n)
-
-
-class Output(NamedTuple):
-    per_row_loss: torch.Tensor  # (B,) each row's BPR loss; the loss is their mean
 
 
 class TwoTower(nn.Module):
@@ -87,24 +90,21 @@ class TwoTower(nn.Module):
             EmbeddingBagConfig(name="user_table", embedding_dim=dim, num_embeddings=num_users,
                                feature_names=["user"]),
             EmbeddingBagConfig(name="item_table", embedding_dim=dim, num_embeddings=num_items,
-                               feature_names=["item", "negative"]),
+                               feature_names=["item"]),
         ])
         self.user_tower, self.item_tower = nn.Linear(dim, dim), nn.Linear(dim, dim)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, Output]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = self.embeddings(batch.sparse)
-        user = self.user_tower(pooled["user"])
-        positive = (user * self.item_tower(pooled["item"])).sum(-1)
-        negative = (user * self.item_tower(pooled["negative"])).sum(-1)
-        per_row = nn.functional.softplus(negative - positive)
-        return per_row.mean(), Output(per_row)
+        logits = (self.user_tower(pooled["user"]) * self.item_tower(pooled["item"])).sum(-1)
+        return F.binary_cross_entropy_with_logits(logits, batch.labels), logits.detach()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=1000)
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world_size, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
@@ -127,13 +127,13 @@ def main() -> None:
         batches = iter(loader)
         while True:
             try:
-                output = pipeline.progress(batches)
+                logits = pipeline.progress(batches)
             except StopIteration:
                 break
             step += 1
-            if rank == 0 and step % 50 == 0:
-                loss = output.per_row_loss.mean().item()
-                print(json.dumps({"epoch": epoch, "step": step, "loss": loss}), flush=True)
+            if rank == 0 and step % 20 == 0:
+                print(json.dumps({"epoch": epoch, "step": step,
+                                  "mean_logit": logits.mean().item()}), flush=True)
     gc.collect()  # the sharded model's reference cycle holds the group: free it first
     dist.destroy_process_group()
 

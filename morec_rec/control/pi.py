@@ -51,19 +51,15 @@ class PIController:
     validation pass's measure) and returns β(t)::
 
         err(t) = target − ℓ(t)
-        u(I)   = kp / (1 + exp(err(t))) + I + beta_min      (the unclamped output)
-        I'     = I(t−1) − ki · err(t)
-        I(t)   = I'  if beta_min <= u(I') <= beta_max,  else I(t−1)
-        β(t)   = clamp(u(I(t)), beta_min, beta_max)
+        P(t)   = kp / (1 + exp(err(t)))
+        I(t)   = clamp(I(t−1) − ki · err(t), −P(t), beta_max − beta_min − P(t))
+        β(t)   = P(t) + I(t) + beta_min
 
     with ``I(0) = 0``. A loss above target (err < 0) raises β; one below lowers it.
-    Anti-windup is conditional integration on the *unclamped* output: a step whose
-    candidate output falls outside the range leaves the integral unchanged, and β is then
-    u of the old integral, clamped. Under a steady error a saturating β may therefore stop
-    short of its bound by up to one integral step, ki·|err|. When
-    ``kp / 2 <= beta_max − beta_min``, the rule keeps
-    ``−kp/2 <= I <= beta_max − beta_min − kp/2``, so β leaves a bound on the first step
-    whose error has the sign that points back into the range.
+    Anti-windup clamps the integral where β reaches a bound of its range: an error large
+    enough to carry β past a bound takes it to the bound (it is not ignored), and the
+    integral never runs on beyond it, so β leaves a bound on the first step whose error
+    has the sign that points back into the range.
 
     Args:
         target: the loss ℓ̂ to hold; finite and > 0.
@@ -113,9 +109,8 @@ class PIController:
         gains = self._gains
         err = self._target - loss
         proportional = gains.kp * _logistic(-err)
-        candidate = self._integral - gains.ki * err
-        if gains.beta_min <= proportional + candidate + gains.beta_min <= gains.beta_max:
-            self._integral = candidate
+        self._integral = min(max(self._integral - gains.ki * err, -proportional),
+                             gains.beta_max - gains.beta_min - proportional)
         self._steps += 1
         self._beta = self._output(proportional)
         return self._beta

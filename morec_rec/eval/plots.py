@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from morec_rec.errors import MorecError
 from morec_rec.eval.metrics import LOWER_IS_BETTER, METRICS
+from morec_rec.pipeline.run import read_log
 from morec_rec.sampling.sampler import BATCH
 
 DPI = 120
@@ -38,30 +39,6 @@ TARGET_TOLERANCE = 0.05
 COMPARED = tuple(f"{name}@10" for name in METRICS)  # the bars of metrics.png, in this order
 
 Record = dict[str, Any]
-
-
-def read_log(path: Path) -> list[Record]:
-    """The records of a ``log.jsonl``, in file order; blank lines are skipped.
-
-    Raises:
-        MorecError: the file is missing, or a line is not a JSON object (names file and line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MorecError(f"{path}: no such log file")
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MorecError(f"{path}, line {number}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise MorecError(f"{path}, line {number}: not a JSON object")
-            records.append(record)
-    return records
 
 
 def plot_controller(records: Sequence[Record], path: Path) -> Path | None:

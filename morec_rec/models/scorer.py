@@ -13,20 +13,18 @@ from morec_rec.pipeline.batch import features_kjt
 class ModelScorer:
     """Scores by a backbone's ``user_vectors(features) @ item_vectors(features).T``.
 
-    The item vectors are computed once (all item ids, one call); each chunk of users is
-    one call with the features the model reads (``user_id`` and/or ``history``).
+    Each chunk of users is two model calls: every item's vector, and the users' vectors
+    from the features the model reads (``user_id`` and/or ``history``). Nothing is kept
+    between calls, so one scorer serves every validation pass of a model in training.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device = torch.device("cpu")) -> None:
         self._model = model
         self._device = device
-        self._items: torch.Tensor | None = None
 
     def __call__(self, users: RankingTask) -> torch.Tensor:
-        if self._items is None:
-            ids = torch.arange(users.num_items)
-            features = self._features({"item_id": (ids, torch.ones_like(ids))})
-            self._items = self._model.item_vectors(features)
+        ids = torch.arange(users.num_items)
+        items = self._model.item_vectors(self._features({"item_id": (ids, torch.ones_like(ids))}))
         user_ids = torch.from_numpy(users.user_id)
         given = {
             "user_id": (user_ids, torch.ones_like(user_ids)),
@@ -34,7 +32,7 @@ class ModelScorer:
                         torch.from_numpy(np.diff(users.history_offsets))),
         }
         vectors = self._model.user_vectors(self._features(given))
-        return (vectors @ self._items.T).float()
+        return (vectors @ items.T).float()
 
     def _features(self, given: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> KeyedJaggedTensor:
         names = self._model.feature_names

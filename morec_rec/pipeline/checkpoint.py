@@ -38,8 +38,7 @@ def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     path = Path(path)
     partial = _partial(path)
     if dist.get_rank() == 0:
-        recover(path)
-        shutil.rmtree(partial, ignore_errors=True)
+        recover(path)  # leaves no ``partial``
     dist.barrier()
     dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
              checkpoint_id=partial)
@@ -68,14 +67,16 @@ def resolve(path: Path) -> Path | None:
 
 def recover(path: Path) -> None:
     """Completes a save of ``path`` that was interrupted (killed): the checkpoint that
-    :func:`resolve` finds moves to ``path``, and a leftover ``path.old`` goes. Call it on one
-    process (rank 0) while no save of ``path`` runs."""
+    :func:`resolve` finds moves to ``path``; what else the save left (an uncommitted
+    ``path.partial``, a ``path.old`` beside ``path``) goes. Call it on one process (rank 0)
+    while no save of ``path`` runs."""
     path = Path(path)
     found = resolve(path)
     if found == _partial(path):
         _install(path)
     elif found == _old(path):
         found.rename(path)
+    shutil.rmtree(_partial(path), ignore_errors=True)
     if path.exists():
         shutil.rmtree(_old(path), ignore_errors=True)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,12 +28,11 @@ from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig, build
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.eval.metrics import RankingMetrics, improvement, is_valid
-from morec_rec.eval.plots import plot_run, read_log
 from morec_rec.eval.ranking import evaluate, load_task
 from morec_rec.models.scorer import ModelScorer
 from morec_rec.pipeline import checkpoint, distributed
 from morec_rec.pipeline.morec import continue_training
-from morec_rec.pipeline.run import RECORD, Run
+from morec_rec.pipeline.run import RECORD, Run, read_log
 from morec_rec.pipeline.train import build_sharded, model_identity, train
 from morec_rec.plugin.morec import check_settings
 
@@ -194,5 +194,16 @@ def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
         partial = out / (RESULTS + ".partial")
         partial.write_text(json.dumps(results, indent=2) + "\n")
         partial.rename(out / RESULTS)
-        plot_run(runs["morec"].root / "log.jsonl", out, test)
+        _plot(runs["morec"].root / "log.jsonl", out, test)
     return results
+
+
+def _plot(log: Path, out: Path, test: Mapping[str, Mapping[str, float]]) -> None:
+    """The run's plots, where matplotlib is installed (the ``plot`` extra)."""
+    try:
+        from morec_rec.eval.plots import plot_run
+    except ModuleNotFoundError as error:
+        warnings.warn(f"no plots in {out}: {error} (pip install 'morec-rec[plot]')",
+                      stacklevel=2)
+        return
+    plot_run(log, out, test)

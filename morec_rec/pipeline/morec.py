@@ -73,9 +73,9 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
             if resume and run.last.exists() else None)
     if meta is None:
         checkpoint.load(base.best, model, optimizer, identity)
-        if config.continued_lr:
-            for group in optimizer.param_groups:
-                group["lr"] = config.continued_lr
+    if config.continued_lr:  # a checkpoint's optimizer state carries the base's
+        for group in optimizer.param_groups:
+            group["lr"] = config.continued_lr
     progress = MoRecProgress(**meta["progress"]) if meta else MoRecProgress()
     run.truncate_log(progress.step if meta else None)
 
@@ -123,7 +123,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
                  "base_loss": morec.state_dict()["base_losses"]})
         validate()
 
-    state = _StepRecords(coordinator, config, run, morec, samples_per_step=(
+    records = _StepRecords(coordinator, config, run, morec, samples_per_step=(
         morec.loader.sampler.batch_size * env.world_size))
     while progress.epoch < config.epochs:
         morec.set_epoch(progress.epoch)
@@ -138,14 +138,16 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
                 break
             progress.step += 1
             done += 1
-            state.record(progress, bar)
+            records.step(progress, bar)
             if done % update_every == 0 and batches - done >= update_every // 2:
                 validate()
             if train_config.checkpoint_every and progress.step % train_config.checkpoint_every == 0:
+                records.flush(progress)
                 save(run.last)
         bar.close()
         validate()
         progress.epoch += 1
+        records.flush(progress)
         save(run.last)
     return progress
 
@@ -192,10 +194,12 @@ def saturated(beta: float, config: MoRecConfig) -> bool:
 
 
 class _StepRecords:
-    """Every ``LOG_EVERY`` steps a "step" record: the mean per-objective losses of those
-    steps (one collective), each held objective's β, target and controlled value (its
-    loss, or its last validation measure, by ``config.control``), and the share of those
-    steps at which β sat at a bound of its range (see :func:`saturated`)."""
+    """A "step" record every ``LOG_EVERY`` steps and at every checkpoint: the steps' mean
+    per-objective losses (one collective), each held objective's β, target and mean
+    controlled value over the steps (its loss, or its last validation measure, by
+    ``config.control``), and the share of the steps at which β sat at a bound of its
+    range (see :func:`saturated`). A record covers the steps since the one before, so a
+    run resumed from a checkpoint logs what an uninterrupted one does."""
 
     def __init__(self, coordinator: Coordinator, config: MoRecConfig, run: Run, morec: MoRec,
                  samples_per_step: int) -> None:
@@ -205,28 +209,36 @@ class _StepRecords:
         self.controlled: list[dict[str, float]] = []
         self.started, self.steps = time.perf_counter(), 0
 
-    def record(self, progress: MoRecProgress, bar: tqdm) -> None:
+    def step(self, progress: MoRecProgress, bar: tqdm) -> None:
+        """Notes a step; logs the record when it is due."""
         coefficients = self.coordinator.coefficients
         self.at_bound.append({k: saturated(v, self.config) for k, v in coefficients.items()})
         self.controlled.append(self.coordinator.measured)
         self.steps += 1
-        rate = self.steps * self.samples_per_step / (time.perf_counter() - self.started)
-        bar.set_postfix(samples_per_s=f"{rate:,.0f}",
+        bar.set_postfix(samples_per_s=f"{self.rate:,.0f}",
                         **{f"beta_{k}": f"{v:.3f}" for k, v in coefficients.items()})
         bar.update()
-        if progress.step % LOG_EVERY:
+        if progress.step % LOG_EVERY == 0:
+            self.flush(progress)
+
+    @property
+    def rate(self) -> float:
+        return self.steps * self.samples_per_step / (time.perf_counter() - self.started)
+
+    def flush(self, progress: MoRecProgress) -> None:
+        """Logs the record of the steps since the last one (a collective), if any."""
+        if not self.controlled:
             return
         losses = self.morec.objective_losses()
         shares = self.coordinator.q / self.coordinator.q.sum()
         defined = [(s, v) for s, v in zip(shares, losses.values()) if v is not None]
+        coefficients = self.coordinator.coefficients
         self.run.log({
             "kind": "step", "epoch": progress.epoch, "step": progress.step,
             "loss": float(sum(s * v for s, v in defined) / sum(s for s, _ in defined)),
-            "samples_per_s": rate, "objective_loss": losses, "coefficient": coefficients,
+            "samples_per_s": self.rate, "objective_loss": losses, "coefficient": coefficients,
             "target": self.coordinator.targets,
-            "controlled": {k: float(np.mean([c[k] for c in self.controlled[-LOG_EVERY:]]))
+            "controlled": {k: float(np.mean([c[k] for c in self.controlled]))
                            for k in coefficients},
-            "at_bound": {k: float(np.mean([b[k] for b in self.at_bound[-LOG_EVERY:]]))
-                         for k in coefficients}})
-
-
+            "at_bound": {k: float(np.mean([b[k] for b in self.at_bound])) for k in coefficients}})
+        self.at_bound, self.controlled = [], []

@@ -92,3 +92,27 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__, "torchrec": torchrec.__version__,
         "numpy": np.__version__, "pyarrow": pa.__version__,
     }
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl``, in file order; blank lines are skipped.
+
+    Raises:
+        MorecError: the file is missing, or a line is not a JSON object (names file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MorecError(f"{path}: no such log file")
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MorecError(f"{path}, line {number}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise MorecError(f"{path}, line {number}: not a JSON object")
+            records.append(record)
+    return records

@@ -157,8 +157,11 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Iterator[Train
                  validate: Callable[[], None], save: Callable[[], None],
                  env: distributed.Environment) -> None:
     """The rest of an epoch from its step ``done`` on: pipeline steps, the epoch's loss
-    summed into ``progress``, validations and checkpoints at their intervals."""
+    summed into ``progress``, validations and checkpoints at their intervals. A "step"
+    record every ``LOG_EVERY`` steps and at every checkpoint covers the steps since the
+    last one, so a resumed run logs what an uninterrupted one does."""
     losses: list[float] = []
+    unlogged: list[float] = []
     started = time.perf_counter()
     # Rank 0 shows a bar when writing to a terminal (tqdm's disable=None); others never.
     bar = tqdm(total=total, initial=done, desc=f"epoch {progress.epoch}", unit="batch",
@@ -170,15 +173,18 @@ def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Iterator[Train
             break
         progress.step += 1
         losses.append(float(output.per_row_loss.detach().mean()))
+        unlogged.append(losses[-1])
         progress.epoch_loss_sum += losses[-1]
         rate = len(losses) * config.batch_size * env.world_size / (time.perf_counter() - started)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_per_s=f"{rate:,.0f}")
         bar.update()
-        if progress.step % LOG_EVERY == 0:
+        checkpoint = config.checkpoint_every and progress.step % config.checkpoint_every == 0
+        if progress.step % LOG_EVERY == 0 or checkpoint:
             run.log({"kind": "step", "epoch": progress.epoch, "step": progress.step,
-                     "loss": float(np.mean(losses[-LOG_EVERY:])), "samples_per_s": rate})
+                     "loss": float(np.mean(unlogged)), "samples_per_s": rate})
+            unlogged = []
         if config.eval_every and progress.step % config.eval_every == 0:
             validate()
-        if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
+        if checkpoint:
             save()
     bar.close()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
@@ -358,12 +359,16 @@ def _objectives(dataset: PreparedDataset, config: SamplerConfig,
     for i, name in enumerate(seen):
         if name in seen[:i]:
             raise MorecError(f"objective {name!r} is listed twice")
-    columns = set(pq.read_schema(dataset.train_files[0]).names)
+    schema = pq.read_schema(dataset.train_files[0])
     for objective in objectives:
-        missing = sorted(set(objective.columns) - columns)
+        missing = sorted(set(objective.columns) - set(schema.names))
         if missing:
             raise MorecError(f"{dataset.root}: objective {objective.name!r} reads column(s) "
                              f"{', '.join(missing)}, which the data lack")
+        nested = [c for c in objective.columns if pa.types.is_nested(schema.field(c).type)]
+        if nested:
+            raise MorecError(f"objective {objective.name!r} reads {', '.join(nested)}, a list "
+                             "column: objectives read one value per row")
     return objectives
 
 

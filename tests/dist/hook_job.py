@@ -5,17 +5,22 @@ Run by ``tests/test_hook.py`` (and ``tests/test_signals.py`` with ``--data``)::
     python -m torch.distributed.run --nproc_per_node=N --master-port=PORT \\
         tests/dist/hook_job.py --out DIR [--data DIR]
 
-Each rank writes ``rank<r>.json`` with three parts:
+Each rank writes ``rank<r>.json`` with these parts:
 
-* ``fixed``: the hook over a fake model whose per-row losses are fixed, differ between
-  ranks and have a different number of rows per objective on each rank; per step, this
-  rank's rows (losses and segment ids), and what the hook returned: the loss, the global
-  objective losses, q, and the controller's β.
-* ``pipeline``: TrainPipelineSparseDist with ``custom_model_fwd=MoRecLoss`` over an MF
-  model whose tables are sharded row-wise (fused SGD); per ``progress`` call, the
-  MoRecOutput and the controller's step count; then the table rows before and after.
-  The fairness objective has preference 0 (q = 0) and its rows use users and items no
-  other row uses, so those table rows must not move if the step's loss is the hook's.
+* ``fixed``: the hook under loss coefficients and training control over a fake model whose
+  per-row losses are fixed, differ between ranks and have a different number of rows per
+  objective on each rank; per step, this rank's rows (losses and segment ids), the loss
+  the hook returned, and the coordinator's q, β and measured accuracy loss; then the
+  hook's ``ObjectiveLosses.reduce()`` after ``REDUCE_AFTER`` steps and at the end.
+* ``sampling``: the same rows through the hook under sampling coefficients: whether each
+  step returned the model's own loss object, and the same two reductions.
+* ``pipeline``: TrainPipelineSparseDist with ``custom_model_fwd=MoRecLoss`` (loss
+  coefficients, training control) over an MF model whose tables are sharded row-wise
+  (fused SGD), fed SegmentedBatches; per ``progress`` call, the type of what it returned,
+  the rows, the coordinator's state and the hook's ``trained``; the reduction of every
+  step's losses; then the table rows before and after. The fairness objective has
+  preference 0 (q = 0) and its rows use users and items no other row uses, so those
+  table rows must not move if the step's loss is the hook's.
 * ``signals`` (with ``--data``, instead of the above): ``group_losses`` of an MF model
   (seed 0, D = 8, tables scaled ×10) with row-wise sharded tables on the
   dataset's validation rows, in chunks of ``CHUNK_ROWS`` rows spread over the ranks.
@@ -33,26 +38,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardedModule
 
 from morec_rec.control.coordinator import Coordinator
 from morec_rec.control.pi import PIGains
 from morec_rec.data.format import PreparedDataset
-from morec_rec.eval.signals import group_losses, loss_groups
-from morec_rec.models import ModelOutput, build_model
+from morec_rec.models import ModelOutput, build_model, per_row_loss
 from morec_rec.models.mf import MatrixFactorization
 from morec_rec.models.negatives import NegativeSampler
 from morec_rec.pipeline import distributed
 from morec_rec.pipeline.batch import Collator, TrainBatch, features_kjt
-from morec_rec.pipeline.hook import MoRecLoss
 from morec_rec.pipeline.sharding import shard
+from morec_rec.plugin.adapters import register_pipelineable
+from morec_rec.plugin.batch import SegmentedBatch
+from morec_rec.plugin.hook import Examples, MoRecLoss, ObjectiveLosses
+from morec_rec.plugin.validation import group_losses, loss_groups
 
 OBJECTIVES = ("accuracy", "revenue", "fairness")
 #: Fixed losses: gains that move β by a visible amount per step (and saturate it at times).
 FIXED_STEPS = 6
 FIXED_TARGET = 2.0
 FIXED_GAINS = PIGains(kp=0.2, ki=0.15, beta_min=0.6, beta_max=1.3)
+#: The first ObjectiveLosses.reduce() comes after this many steps.
+REDUCE_AFTER = 3
 #: Pipeline: MF with 8 users and 16 items; users 6, 7 and items 14, 15 are fairness's alone.
 PIPELINE_STEPS = 4
 USERS, ITEMS = 8, 16
@@ -69,39 +79,54 @@ def fixed_rows(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(losses, dtype=torch.float32), torch.from_numpy(segments)
 
 
-class FixedLosses:
-    """A fake model: batch ``s`` is a step number; returns this rank's rows of step ``s``."""
+class FixedLosses(nn.Module):
+    """A fake model: batch ``s`` is a step number; returns this rank's losses of step ``s``
+    (as a leaf that requires grad, as a model's would)."""
 
     def __init__(self, rank: int) -> None:
+        super().__init__()
         self.rank = rank
+        self.returned: tuple[torch.Tensor, ModelOutput] | None = None
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, ModelOutput]:
-        losses, segments = fixed_rows(self.rank, step)
-        return losses.mean(), ModelOutput(losses, segments)
+    def forward(self, step: int) -> tuple[torch.Tensor, ModelOutput]:
+        losses = fixed_rows(self.rank, step)[0].requires_grad_()
+        self.returned = (losses.mean(), ModelOutput(losses))
+        return self.returned
 
 
-def run_fixed(rank: int) -> list[dict]:
+def run_fixed(rank: int) -> dict[str, dict]:
     coordinator = Coordinator(OBJECTIVES, (0.4, 0.6), 0.2, {"accuracy": FIXED_TARGET},
                               FIXED_GAINS)
-    hook = MoRecLoss(FixedLosses(rank), coordinator)
-    records = []
+    model = FixedLosses(rank)
+    weighed = MoRecLoss(model, coordinator, Examples(per_row_loss), ObjectiveLosses(3),
+                        weigh=True, control_per_step=True)
+    sampling = MoRecLoss(model, coordinator, Examples(per_row_loss), ObjectiveLosses(3),
+                         weigh=False, control_per_step=False)
+    steps, own, reduced = [], [], {"fixed": [], "sampling": []}
     for step in range(FIXED_STEPS):
-        loss, output = hook(step)
-        records.append({
-            "per_row_loss": output.model.per_row_loss.tolist(),
-            "objective": output.model.objective.tolist(),
+        losses, segments = fixed_rows(rank, step)
+        loss, _ = weighed(SegmentedBatch(step, segments, step))
+        steps.append({
+            "per_row_loss": losses.tolist(),
+            "segment": segments.tolist(),
             "loss": loss.item(),
-            "objective_loss": output.objective_loss.tolist(),
-            "q": output.coefficients.tolist(),
+            "dtype": str(loss.dtype),
+            "q": coordinator.q.tolist(),
             "beta": coordinator.coefficients["accuracy"],
-            "dtypes": [str(output.objective_loss.dtype), str(output.coefficients.dtype)],
+            "measured": coordinator.measured["accuracy"],
         })
-    return records
+        loss, _ = sampling(SegmentedBatch(step, segments, step))
+        own.append(loss is model.returned[0])
+        if step + 1 in (REDUCE_AFTER, FIXED_STEPS):
+            reduced["fixed"].append(weighed.losses.reduce().tolist())
+            reduced["sampling"].append(sampling.losses.reduce().tolist())
+    return {"fixed": {"steps": steps, "reduced": reduced["fixed"]},
+            "sampling": {"own": own, "reduced": reduced["sampling"]}}
 
 
-def pipeline_batch(rank: int, step: int) -> TrainBatch:
-    """Objectives 0 and 1 on users 0-5 and items 0-13; objective 2 on users 6, 7 and
-    items 14, 15 alone; two negatives per row."""
+def pipeline_batch(rank: int, step: int) -> SegmentedBatch:
+    """Batch ``step``: objectives 0 and 1 on users 0-5 and items 0-13; objective 2 on users
+    6, 7 and items 14, 15 alone; two negatives per row."""
     rng = np.random.default_rng([7, rank, step])
     rows = []  # (segment, user, item, negatives)
     for segment, count in ((0, 3), (1, 2), (2, 2)):
@@ -120,7 +145,7 @@ def pipeline_batch(rank: int, step: int) -> TrainBatch:
         "item_id": (torch.tensor([r[2] for r in rows]), ones),
         "neg_item_id": (torch.tensor([n for r in rows for n in r[3]]), 2 * ones),
     })
-    return TrainBatch(features, torch.tensor([r[0] for r in rows]))
+    return SegmentedBatch(TrainBatch(features), torch.tensor([r[0] for r in rows]), step)
 
 
 def table_rows(model: MatrixFactorization) -> dict[str, list]:
@@ -143,23 +168,36 @@ def run_pipeline(rank: int) -> dict:
     # Fairness has preference 0: q = (β, 0.2 · 1, 0).
     coordinator = Coordinator(OBJECTIVES, (1.0, 0.0), 0.2, {"accuracy": 0.5},
                               PIGains(kp=0.1, ki=0.05, beta_min=0.6, beta_max=1.3))
+    hook = MoRecLoss(dmp, coordinator, Examples(per_row_loss), ObjectiveLosses(3),
+                     weigh=True, control_per_step=True)
+    register_pipelineable()  # as MoRec does: TorchRec takes a SegmentedBatch
     pipeline = TrainPipelineSparseDist(dmp, optimizer, torch.device("cpu"),
-                                       custom_model_fwd=MoRecLoss(dmp, coordinator))
-    batches: Iterator[TrainBatch] = (pipeline_batch(rank, s) for s in itertools.count())
+                                       custom_model_fwd=hook)
+    segments: dict[int, list[int]] = {}  # the segment ids of each batch handed over
+
+    def batches() -> Iterator[SegmentedBatch]:
+        for step in itertools.count():
+            batch = pipeline_batch(rank, step)
+            segments[step] = batch.segment.tolist()
+            yield batch
+
+    stream = batches()
     steps = []
-    for _ in range(PIPELINE_STEPS):
-        output = pipeline.progress(batches)
+    for step in range(PIPELINE_STEPS):
+        output = pipeline.progress(stream)
         steps.append({
             "type": type(output).__name__,
-            "per_row_loss": output.model.per_row_loss.tolist(),
-            "objective": output.model.objective.tolist(),
-            "objective_loss": output.objective_loss.tolist(),
-            "q": output.coefficients.tolist(),
+            "per_row_loss": output.per_row_loss.tolist(),
+            "segment": segments[step],
+            "measured": coordinator.measured["accuracy"],
+            "q": coordinator.q.tolist(),
             "beta": coordinator.coefficients["accuracy"],
             "controller_steps": coordinator.state_dict()["controllers"]["accuracy"]["steps"],
+            "trained": hook.trained,
         })
     pipeline.detach()
-    return {"steps": steps, "sharded": isinstance(dmp.module.embeddings, ShardedModule),
+    return {"steps": steps, "reduced": hook.losses.reduce().tolist(),
+            "sharded": isinstance(dmp.module.embeddings, ShardedModule),
             "before": before, "after": table_rows(dmp.module)}
 
 
@@ -177,7 +215,8 @@ def run_signals(data: Path) -> dict[str, list]:
                        NegativeSampler(dataset.items()["train_count"].to_numpy()), 10, seed=0)
     with torch.no_grad():
         losses = group_losses(dmp.module, dataset.split("valid"), collate,
-                              loss_groups(manifest), chunk_rows=CHUNK_ROWS)
+                              loss_groups(manifest), examples=Examples(per_row_loss),
+                              chunk_rows=CHUNK_ROWS)
     return {column: values.tolist() for column, values in losses.items()}
 
 
@@ -192,7 +231,7 @@ def main() -> None:
     if args.data is not None:
         result = {"signals": run_signals(args.data)}
     else:
-        result = {"fixed": run_fixed(rank), "pipeline": run_pipeline(rank)}
+        result = {**run_fixed(rank), "pipeline": run_pipeline(rank)}
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     distributed.shutdown()

@@ -8,9 +8,10 @@ Run by ``tests/test_models.py``::
 For each backbone and each table setup of :func:`morec_rec.pipeline.sharding.shard`
 (Adam: tables replicated; fused row-wise Adagrad: tables sharded), each rank trains
 ``STEPS`` pipeline steps on its own stream of the dataset (sampler + Collator), then
-scores fixed users against all items through ``model.module``. Each rank writes
-``rank<r>.json``: per setup, the losses, whether the tables were sharded and their
-input distribution pipelined, and the scores.
+scores the first ``USERS`` validation users against all items through ``model.module``,
+directly (``user_vectors @ item_vectors.T``) and through the callable ``ModelScorer``.
+Each rank writes ``rank<r>.json``: per setup, the losses, whether the tables were sharded
+and their input distribution pipelined, and both scores.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -30,8 +32,10 @@ from torchrec.distributed.types import ShardedModule
 
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
+from morec_rec.eval.ranking import RankingTask, load_task
 from morec_rec.models import build_model, num_negatives
 from morec_rec.models.negatives import NegativeSampler
+from morec_rec.models.scorer import ModelScorer
 from morec_rec.pipeline import distributed
 from morec_rec.pipeline.batch import Collator, TrainBatch, features_kjt
 from morec_rec.pipeline.sharding import shard
@@ -49,7 +53,7 @@ USERS = 8
 
 
 def run(name: str, table_optimizer: EmbOptimType, lr: dict[str, float],
-        dataset: PreparedDataset) -> dict:
+        dataset: PreparedDataset, users: RankingTask) -> dict:
     manifest = dataset.manifest
     torch.manual_seed(0)  # the same initial model on every rank
     model = build_model(name, manifest["num_users"], manifest["num_items"],
@@ -71,20 +75,23 @@ def run(name: str, table_optimizer: EmbOptimType, lr: dict[str, float],
     pipeline.detach()
     dmp.eval()
     items = torch.arange(manifest["num_items"])
-    given = {"user_id": (torch.arange(USERS), torch.ones(USERS, dtype=torch.int32)),
-             "history": (torch.arange(3 * USERS) % manifest["num_items"],
-                         torch.full((USERS,), 3, dtype=torch.int32))}
+    ones = torch.ones(len(users), dtype=torch.int32)
+    given = {"user_id": (torch.from_numpy(users.user_id), ones),
+             "history": (torch.from_numpy(users.history_values),
+                         torch.from_numpy(np.diff(users.history_offsets)))}
     names = dmp.module.feature_names
-    with torch.no_grad():
+    with torch.no_grad():  # each call a collective once the tables are sharded
         item_vectors = dmp.module.item_vectors(
             features_kjt(names, {"item_id": (items, torch.ones_like(items, dtype=torch.int32))}))
         user_vectors = dmp.module.user_vectors(
             features_kjt(names, {k: v for k, v in given.items() if k in names}))
+        scorer = ModelScorer(dmp.module)(users)
     return {
         "losses": losses,
         "sharded": isinstance(dmp.module.embeddings, ShardedModule),
         "pipelined": getattr(dmp.module.embeddings, "is_pipelined", False),
         "scores": (user_vectors @ item_vectors.T).tolist(),
+        "scorer": scorer.tolist(),
     }
 
 
@@ -103,7 +110,8 @@ def main() -> None:
     torch.set_num_threads(1)  # as torchrun sets for several ranks; tiny tensors need no more
     dist.init_process_group("gloo")
     dataset = PreparedDataset.open(args.data)
-    results = {f"{name}/{setup}": run(name, *SETUPS[setup], dataset)
+    users = load_task(dataset, "valid").rows(0, USERS)
+    results = {f"{name}/{setup}": run(name, *SETUPS[setup], dataset, users)
                for name in ("mf", "sasrec") for setup in SETUPS}
     (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
     dist.barrier()

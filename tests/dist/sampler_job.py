@@ -11,6 +11,9 @@ Each rank (gloo) runs two DataLoaders with 2 workers each over the same prepared
 2. ``weighted``: the fairness objective, starting with all mass on group 0. After
    ``PUBLISH_AFTER`` batches, rank 0 publishes all mass on the last group, effective from
    a batch index no worker can have reached yet; every rank syncs.
+3. ``resumed``: a new weighted loader over the same store that starts the epoch at
+   position ``RESUME_AT`` (before the version applies): its workers replay the version
+   published in 2 and must yield what 2 yielded from that position on.
 
 Each rank writes ``rank<r>.json`` with what its loaders yielded.
 """
@@ -28,23 +31,33 @@ from torch.utils.data import DataLoader
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.pipeline import distributed
+from morec_rec.sampling.batch import SampledBatch
 from morec_rec.sampling.objectives import build_objectives
 from morec_rec.sampling.sampler import WeightedStreamSampler
 from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
 
 NUM_WORKERS, PREFETCH = 2, 2
 PUBLISH_AFTER = 6
+RESUME_AT = 7  # mid-window (4 batches a window per worker) and on worker 1's turn
 
 
 def loader(dataset: PreparedDataset, names: tuple[str, ...], masses: dict | None,
-           store: StoreSpec | None) -> DataLoader:
+           store: StoreSpec | None, start: int = 0) -> DataLoader:
     sampler = WeightedStreamSampler(
         dataset, build_objectives(names, dataset.manifest),
         SamplerConfig(objectives=names, sub_batch_size=32, window_batches=4),
         rank=dist.get_rank(), world_size=dist.get_world_size(), store=store, masses=masses,
     )
+    sampler.set_epoch(0, start)
     return DataLoader(sampler, batch_size=None, num_workers=NUM_WORKERS,
                       prefetch_factor=PREFETCH)
+
+
+def record(batch: SampledBatch) -> dict:
+    """What a weighted batch holds: its index, masses version, rows and their groups."""
+    return {"batch_index": batch.batch_index, "version": batch.masses_version,
+            "rows": list(zip(batch.user_id.tolist(), batch.item_id.tolist())),
+            "groups": batch.fairness_group.tolist()}
 
 
 def main() -> None:
@@ -67,15 +80,16 @@ def main() -> None:
     first = np.eye(groups)[0]
     weighted, effective_from = [], None
     for count, batch in enumerate(loader(dataset, ("fairness",), {"fairness": first}, spec), 1):
-        weighted.append({"batch_index": batch.batch_index, "version": batch.masses_version,
-                         "groups": batch.fairness_group.tolist()})
+        weighted.append(record(batch))
         if count == PUBLISH_AFTER:
             # Batches already produced or in flight: at most NUM_WORKERS * PREFETCH ahead.
             effective_from = count + NUM_WORKERS * PREFETCH
             publish_and_sync(store, {"fairness": np.eye(groups)[-1]}, effective_from)
+    resumed = [record(batch) for batch in loader(dataset, ("fairness",), {"fairness": first},
+                                                 spec, start=RESUME_AT)]
     (args.out / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "groups": groups, "effective_from": effective_from,
-        "uniform": uniform, "weighted": weighted,
+        "resume_at": RESUME_AT, "uniform": uniform, "weighted": weighted, "resumed": resumed,
     }))
     dist.barrier()
     distributed.shutdown()

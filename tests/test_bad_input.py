@@ -1,0 +1,387 @@
+"""Bad input through the real command line: one line ``morec-rec: error: ...`` naming the
+file, field or value, exit status 2, and nothing half-written left behind; and checkpoints
+that a kill at any point of a save leaves readable and resumable."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+from conftest import run_cli
+from morec_rec.data.format import PreparedDataset
+from morec_rec.data.sources.tables import to_seconds
+from morec_rec.errors import MorecError
+from morec_rec.pipeline import checkpoint, distributed
+
+#: Small and fast training settings (the tiny profile has 3,220 training rows).
+TRAIN = ("--max-epochs", "1", "--batch-size", "256", "--num-workers", "0",
+         "--embedding-dim", "8")
+#: A MoRec job continuing a base trained with TRAIN.
+JOB = ("--epochs", "1", "--num-workers", "0", "--embedding-dim", "8", "--sub-batch-size", "64")
+
+INTERACTIONS = "user,item,timestamp\n" + "".join(
+    f"u{u},i{i},{10 * u + i}\n" for u in range(6) for i in range(5)
+)
+ITEMS = "item,price,category\n" + "".join(f"i{i},{i}.5,c{i % 2}\n" for i in range(5))
+
+
+def fails(done: subprocess.CompletedProcess, *names: str) -> str:
+    """Asserts exit status 2 and one line ``morec-rec: error: ...`` holding ``names``."""
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("morec-rec: error: "), done.stderr[-3000:]
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch MF run on ``tiny`` (do not change it: copy it)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    done = run_cli("train", "--data", str(tiny), "--out", str(out), *TRAIN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    """A generic source of 6 users and 5 items."""
+    (tmp_path / "inter.csv").write_text(INTERACTIONS)
+    (tmp_path / "items.csv").write_text(ITEMS)
+    return tmp_path / "inter.csv", tmp_path / "items.csv"
+
+
+def prepare(inter: Path, items: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("prepare", "--source", "generic", "--input", str(inter), "--meta",
+                   str(items), "--out", str(out), "--k-core", "3", "--popularity-groups", "5",
+                   *extra)
+
+
+def copy(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run", symlinks=True))
+
+
+# 1. Corrupt checkpoints.
+
+DAMAGES: dict[str, Callable[[Path], None]] = {
+    "truncated shard": lambda c: (c / "__0_0.distcp").write_bytes(
+        (c / "__0_0.distcp").read_bytes()[:1000]),
+    "garbage metadata": lambda c: (c / ".metadata").write_text("garbage"),
+    "no metadata": lambda c: (c / ".metadata").unlink(),
+}
+
+
+@pytest.mark.parametrize(("command", "damage"), [
+    *(("evaluate", damage) for damage in DAMAGES), ("resume", "garbage metadata")])
+def test_corrupt_checkpoint(run: Path, tmp_path: Path, command: str, damage: str) -> None:
+    copied = copy(run, tmp_path)
+    name = "best" if command == "evaluate" else "last"
+    DAMAGES[damage](copied / "checkpoints" / name)
+    args = (("evaluate", "--run", str(copied)) if command == "evaluate" else
+            ("train", "--resume", "--out", str(copied), "--max-epochs", "2"))
+    fails(run_cli(*args), str(copied / "checkpoints" / name), "checkpoint")
+
+
+# 2. A save killed at any point.
+
+def build_state(path: Path, state: dict[str, str], sources: dict[str, Path]) -> None:
+    """Lays out ``state`` ({suffix: "v1" | "v2" | "v2-"}) beside ``path``: a saved checkpoint,
+    or ("-") one whose ``meta.json`` is missing (not committed, or half removed)."""
+    for suffix, version in state.items():
+        target = path.with_name(path.name + suffix)
+        shutil.copytree(sources[version.rstrip("-")], target)
+        if version.endswith("-"):
+            (target / checkpoint.META).unlink()
+
+
+@pytest.mark.parametrize("state", [
+    {".old": "v1", ".partial": "v1"},  # killed between the renames
+    {"": "v1", ".old": "v1-"},  # killed while removing .old ("Directory not empty" before)
+])
+def test_resume_after_a_kill_during_a_save(run: Path, tmp_path: Path,
+                                           state: dict[str, str]) -> None:
+    copied = copy(run, tmp_path)
+    last = copied / "checkpoints" / "last"
+    shutil.move(last, tmp_path / "saved")
+    build_state(last, state, {"v1": tmp_path / "saved"})
+    done = run_cli("train", "--resume", "--out", str(copied), "--max-epochs", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained mf: 2 epoch(s)" in done.stdout  # the first from the checkpoint
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best", "last"]
+
+
+def test_evaluate_after_a_kill_during_a_save(run: Path, tmp_path: Path) -> None:
+    copied = copy(run, tmp_path)
+    best = copied / "checkpoints" / "best"
+    shutil.move(best, tmp_path / "saved")
+    build_state(best, {".old": "v1", ".partial": "v1-"}, {"v1": tmp_path / "saved"})
+    done = run_cli("evaluate", "--run", str(copied))
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
+    assert "mf on test" in done.stdout
+
+
+@pytest.fixture
+def group() -> Iterator[None]:
+    """A process group of one in this process (``checkpoint.save`` is a collective)."""
+    distributed.init()
+    yield
+    distributed.shutdown()
+
+
+def save_version(path: Path, version: int) -> None:
+    """Saves a model whose weights are all ``version``, with meta ``{"v": version}``."""
+    model = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(model.weight, version)
+    checkpoint.save(path, model, torch.optim.SGD(model.parameters(), lr=0.1), {"v": version})
+
+
+def read_version(path: Path) -> int:
+    """The version of the checkpoint at ``path``; fails unless its shards hold the same."""
+    model = torch.nn.Linear(3, 2)
+    meta = checkpoint.load(path, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
+    assert torch.all(model.weight == meta["v"]), "meta.json and shards of different saves"
+    return meta["v"]
+
+
+@pytest.mark.parametrize(("state", "expected"), [
+    ({"": "v1", ".partial": "v2-"}, 1),  # killed while DCP writes
+    ({"": "v1", ".partial": "v2"}, 2),  # killed after the commit, before the renames
+    ({".old": "v1", ".partial": "v2"}, 2),  # killed between the renames
+    ({".old": "v1", ".partial": "v2-"}, 1),  # a save after that, killed before its commit
+    ({"": "v2", ".old": "v1-"}, 2),  # killed while removing .old
+    ({"": "v2", ".old": "v1", ".partial": "v2-"}, 2),  # all three
+    ({".partial": "v2"}, 2),  # the first save, killed before its rename
+])
+def test_interrupted_states_read_back_complete(tmp_path: Path, group: None,
+                                               state: dict[str, str], expected: int) -> None:
+    sources = {"v1": tmp_path / "v1", "v2": tmp_path / "v2"}
+    save_version(sources["v1"], 1)
+    save_version(sources["v2"], 2)
+    path = tmp_path / "ckpt" / "last"
+    path.parent.mkdir()
+    build_state(path, state, sources)
+    assert checkpoint.read_meta(path) == {"v": expected}
+    assert read_version(path) == expected
+    checkpoint.recover(path)
+    assert [p.name for p in path.parent.iterdir()] == ["last"]
+    assert read_version(path) == expected
+    build_state(path, {k: v for k, v in state.items() if k}, sources)  # leftovers again
+    save_version(path, 3)
+    assert read_version(path) == 3
+    assert [p.name for p in path.parent.iterdir()] == ["last"]
+
+
+def test_no_committed_save_is_no_checkpoint(tmp_path: Path, group: None) -> None:
+    save_version(tmp_path / "v2", 2)
+    path = tmp_path / "last"
+    build_state(path, {".partial": "v2-"}, {"v2": tmp_path / "v2"})
+    with pytest.raises(MorecError, match="not a checkpoint"):
+        checkpoint.read_meta(path)
+
+
+class Killed(BaseException):
+    """A simulated SIGKILL: the operation it replaces and everything after it never run."""
+
+
+def test_a_kill_anywhere_in_a_save_leaves_a_complete_checkpoint(
+        tmp_path: Path, group: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last"
+    versions = []
+    for kill_at in itertools.count():
+        save_version(path, 1)
+        count = itertools.count()
+
+        def operation(real: Callable[..., Any]) -> Callable[..., Any]:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                if next(count) == kill_at:
+                    if real is shutil.rmtree and (Path(args[0]) / checkpoint.META).exists():
+                        (Path(args[0]) / checkpoint.META).unlink()  # killed half-way
+                    raise Killed
+                return real(*args, **kwargs)
+            return run
+
+        with monkeypatch.context() as patch:  # every rename, replace and removal
+            patch.setattr(Path, "rename", operation(Path.rename))
+            patch.setattr(checkpoint.os, "replace", operation(checkpoint.os.replace))
+            patch.setattr(checkpoint.shutil, "rmtree", operation(shutil.rmtree))
+            try:
+                save_version(path, 2)
+                finished = True
+            except (Killed, CheckpointException):  # DCP wraps what its steps raise
+                finished = False
+        versions.append(read_version(path))
+        save_version(path, 3)  # the next save completes the interrupted one
+        assert read_version(path) == 3
+        assert [p.name for p in tmp_path.iterdir()] == ["last"]
+        if finished:
+            break
+    assert versions == sorted(versions) and versions[0] == 1 and versions[-1] == 2, versions
+    assert len(versions) >= 6  # the test reached every step of the save
+
+
+# 3. A truncated train shard.
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_truncated_train_shard(tiny: Path, tmp_path: Path, command: str) -> None:
+    data = Path(shutil.copytree(tiny, tmp_path / "data"))
+    shard = data / "train" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    fails(run_cli(command, "--data", str(data), "--out", str(tmp_path / "out"), *TRAIN),
+          str(shard), "corrupt Parquet file")
+    assert not (tmp_path / "out").exists()
+
+
+# 4. A manifest edited by hand.
+
+def edit_manifest(tiny: Path, tmp_path: Path, **fields: Any) -> Path:
+    """A copy of ``tiny`` whose manifest has ``fields`` changed."""
+    data = Path(shutil.copytree(tiny, tmp_path / "data"))
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, **fields}))
+    return data
+
+
+def test_manifest_num_items_must_match_the_items(tiny: Path, tmp_path: Path) -> None:
+    assert pq.read_metadata(tiny / "items.parquet").num_rows == 138
+    data = edit_manifest(tiny, tmp_path, num_items=100)  # below the largest item id
+    fails(run_cli("train", "--data", str(data), "--out", str(tmp_path / "out"), *TRAIN),
+          str(data / "manifest.json"), "num_items = 100", "items.parquet (138 rows)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"num_items": 200}, "num_items = 200 does not match"),
+    ({"num_users": "many"}, "field 'num_users' = 'many' is not a count"),
+    ({"shards": [{"path": "train/part-00000.parquet", "rows": 1}]},
+     "shards[0].rows = 1 does not match"),
+])
+def test_manifest_counts_are_checked(tiny: Path, tmp_path: Path, fields: dict[str, Any],
+                                     message: str) -> None:
+    data = edit_manifest(tiny, tmp_path, **fields)
+    with pytest.raises(MorecError, match=re.escape(f"{data / 'manifest.json'}: {message}")):
+        PreparedDataset.open(data)
+
+
+# 5. An output that cannot be written.
+
+@pytest.mark.parametrize(("command", "place"), [
+    ("prepare", "under a file"), ("prepare", "in /proc"), ("synth", "under a file"),
+    ("synth", "in /proc"), ("train", "under a file"), ("run", "in /proc")])
+def test_unwritable_output(tiny: Path, files: tuple[Path, Path], tmp_path: Path,
+                           command: str, place: str) -> None:
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "out" if place == "under a file" else Path("/proc/morec-out")
+    if command == "prepare":
+        done = prepare(*files, out)
+    elif command == "synth":
+        done = run_cli("synth", "--profile", "tiny", "--out", str(out))
+    else:
+        done = run_cli(command, "--data", str(tiny), "--out", str(out), *TRAIN)
+    fails(done, str(out))
+    assert not out.exists()
+
+
+# 6. A batch larger than a loader stream.
+
+def test_batch_larger_than_a_stream(tiny: Path, tmp_path: Path) -> None:
+    fails(run_cli("train", "--data", str(tiny), "--out", str(tmp_path / "out"),
+                  "--batch-size", "4096", "--max-epochs", "2"),
+          "batch_size = 4096", "3,220 training rows of each of 1 stream(s)")
+    fails(run_cli("run", "--data", str(tiny), "--out", str(tmp_path / "out"), "--num-workers",
+                  "2", "--sub-batch-size", "500"),
+          "sub_batch_size = 500 × 4 objective(s)", "1,610 training rows of each of 2 stream(s)")
+    assert not (tmp_path / "out").exists()
+
+
+# 7. More popularity groups than items.
+
+def test_more_popularity_groups_than_items(files: tuple[Path, Path], tmp_path: Path) -> None:
+    fails(run_cli("synth", "--profile", "tiny", "--popularity-groups", "1000", "--out",
+                  str(tmp_path / "out")),
+          "popularity_groups = 1000", "138 items")
+    fails(prepare(*files, tmp_path / "out", "--popularity-groups", "6"),
+          "popularity_groups = 6", "5 items", str(files[0]))
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+# 8 and 9. Timestamps, and misleading messages.
+
+@pytest.mark.parametrize(("rows", "names"), [
+    ("u9,i1,1e17\n", ["column 'timestamp'", "1e17", "after 9999-12-31"]),
+    # pyarrow's own message quoted '5', a valid time
+    ("u9,i1,yesterday\nu9,i2,5\n", ["not a time in row 30: 'yesterday'"]),
+])
+def test_bad_timestamp(files: tuple[Path, Path], tmp_path: Path, rows: str,
+                       names: list[str]) -> None:
+    files[0].write_text(INTERACTIONS + rows)
+    fails(prepare(*files, tmp_path / "out"), str(files[0]), *names)
+    assert not (tmp_path / "out").exists()
+
+
+def test_directory_as_input(files: tuple[Path, Path], tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    fails(prepare(tmp_path / "dir", files[1], tmp_path / "out"),
+          f"{tmp_path / 'dir'}: is a directory")
+
+
+@pytest.mark.parametrize(("column", "message"), [
+    (["1", "-1e20", "3"], "has a negative value -1e20 in row 1"),
+    (["1", "1e20", "3"], "has a value 1e20 in row 1 after 9999-12-31"),
+    (["2020-01-01", "2020-13-01", "2020-01-03"], "is not a time in row 1: '2020-13-01'"),
+    (["2020-01-01", "17", "2020-01-03"], "is not a time in row 1: '17'"),
+])
+def test_to_seconds_names_the_bad_value(column: list[str], message: str) -> None:
+    with pytest.raises(MorecError, match=re.escape(f"f.csv: column 't' {message}")):
+        to_seconds(pa.table({"t": column}), "t", Path("f.csv"))
+
+
+def test_parquet_times_drop_fractions_of_a_second() -> None:
+    table = pa.table({"t": pa.array([1_500_000_000_123_456_789], pa.timestamp("ns"))})
+    assert to_seconds(table, "t", Path("f.parquet")).to_pylist() == [1_500_000_000]
+
+
+# 10. A job refused before it writes anything.
+
+def test_wrong_model_for_the_base_leaves_out_untouched(tiny: Path, run: Path,
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    args = ("run", "--data", str(tiny), "--out", str(out), "--base", str(run), *JOB)
+    fails(run_cli(*args, "--model", "sasrec", "--embedding-dim", "16"), str(run),
+          "model = 'sasrec' (the base's: 'mf')", "embedding_dim = 16 (the base's: 8)")
+    assert not out.exists()
+    out.mkdir()
+    fails(run_cli(*args, "--model", "foo"), "model = 'foo'")
+    assert list(out.iterdir()) == []
+    done = run_cli(*args)  # the retry with the base's model
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "results.json").is_file()
+
+
+# 11. Evaluating a run that did not finish.
+
+def test_evaluate_unfinished_run(run: Path, tmp_path: Path) -> None:
+    copied = copy(run, tmp_path)
+    record = json.loads((copied / "run.json").read_text())
+    record["config"]["max_epochs"] = 3
+    (copied / "run.json").write_text(json.dumps(record))
+    done = run_cli("evaluate", "--run", str(copied))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        f"morec-rec: warning: {copied}: unfinished run (1 of 3 epochs): evaluating its best "
+        "checkpoint so far"]
+    assert "mf on test" in done.stdout
+    shutil.rmtree(copied / "checkpoints" / "best")
+    fails(run_cli("evaluate", "--run", str(copied)), str(copied), "nothing to evaluate")
