@@ -270,7 +270,8 @@ def _evaluable(root: Path, is_main: bool) -> Run:
     if checkpoint.resolve(run.best) is None:
         raise MorecError(f"{root}: nothing to evaluate: no best checkpoint (the run stopped "
                          "before its first validation)")
-    record, config = run.record, run.record["config"]
+    record = run.record
+    config = record["config"]
     done = (checkpoint.read_meta(run.last)["progress"]
             if checkpoint.resolve(run.last) is not None else {"epoch": 0, "stale": 0})
     if "morec" in record:  # continued training: a fixed number of epochs

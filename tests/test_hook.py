@@ -4,8 +4,8 @@ coefficients on every rank.
 
 Expected numbers are worked out by hand from SPEC "Objective coordinator"::
 
-    err = ℓ̂ − ℓ_acc;  I' = I − ki·err (kept only if the unclamped output stays in range);
-    β = clamp(kp / (1 + exp(err)) + I + β_min, β_min, β_max);  q = (β, λ·p_1, λ·p_2, ...)
+    err = ℓ̂ − ℓ_acc;  P = kp / (1 + exp(err));  I = clamp(I − ki·err, −P, β_max − β_min − P);
+    β = P + I + β_min;  q = (β, λ·p_1, λ·p_2, ...)
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def test_training_control_steps_q_by_hand_and_weighs_the_means() -> None:
     assert output is model.returned[1]  # the model's own output, passed on
     assert c.measured == {"accuracy": 0.75}  # exact: sums of dyadic numbers
     # err = 0.5 − 0.75 = −0.25: P = 0.5/(1 + e^−0.25) = 0.5/1.7788008 = 0.2810883;
-    # I = −0.1·(−0.25) = 0.025; β = 0.2810883 + 0.025 + 0.6 = 0.9060883, inside [0.6, 1.3].
+    # I = −0.1·(−0.25) = 0.025, inside [−P, 0.7 − P]; β = 0.2810883 + 0.025 + 0.6 = 0.9060883.
     beta = 0.5 / (1 + math.exp(-0.25)) + 0.025 + 0.6
     assert beta == pytest.approx(0.9060883, abs=1e-7)
     np.testing.assert_allclose(c.q, [beta, 0.08, 0.12], rtol=1e-12)
@@ -98,13 +98,15 @@ def test_training_control_steps_q_by_hand_and_weighs_the_means() -> None:
     assert loss.item() == pytest.approx(beta * 0.75 + 0.08 * 1.0 + 0.12 * 3.0, rel=1e-12)
     assert controller_steps(c) == 1 and hook.trained == 7
 
-    # A second step with the accuracy rows at 10: err = −9.5, P = 0.5/(1 + e^−9.5);
-    # the candidate I = 0.025 + 0.95 gives 0.49996 + 0.975 + 0.6 > 1.3: the integral stays
-    # at 0.025 (anti-windup), β = 0.49996 + 0.025 + 0.6 = 1.12496.
+    # A second step with the accuracy rows at 10: err = −9.5, P = 0.5/(1 + e^−9.5) = 0.49996;
+    # I − ki·err = 0.025 + 0.95 = 0.975 would carry β past 1.3: the integral is clamped
+    # at 0.7 − P = 0.20004 (anti-windup), and β = P + 0.20004 + 0.6 = 1.3, the bound.
     hook.model = FixedModel([10.0, 10.0, 1.0, 2.0])
     loss, _ = hook(segmented([0, 0, 1, 2], index=8))
-    beta = 0.5 / (1 + math.exp(-9.5)) + 0.025 + 0.6
+    beta = 1.3
     assert c.measured == {"accuracy": 10.0}
+    assert c.state_dict()["controllers"]["accuracy"]["integral"] == pytest.approx(
+        0.7 - 0.5 / (1 + math.exp(-9.5)), rel=1e-12)
     assert c.coefficients["accuracy"] == pytest.approx(beta, rel=1e-12)
     assert loss.item() == pytest.approx(beta * 10 + 0.08 * 1 + 0.12 * 2, rel=1e-12)
     assert controller_steps(c) == 2 and hook.trained == 8
@@ -115,14 +117,14 @@ def test_training_control_steps_q_by_hand_and_weighs_the_means() -> None:
 
 def test_under_validation_control_the_hook_uses_the_coefficients_in_force() -> None:
     c = coordinator()
-    c.observe({"accuracy": 1.0})  # err = −0.5: P = 0.5/(1 + e^−0.5), I = 0.05
+    c.observe({"accuracy": 1.0})  # err = −0.5: P = 0.5/(1 + e^−0.5) = 0.3112, I = 0.05
     beta = 0.5 / (1 + math.exp(-0.5)) + 0.05 + 0.6
     hook = make_hook(FixedModel(LOSSES), c)
     for _ in range(3):
         loss, _ = hook(segmented(SEGMENTS))
         assert loss.item() == pytest.approx(beta * 0.75 + 0.08 * 1.0 + 0.12 * 3.0, rel=1e-12)
     assert controller_steps(c) == 1  # only the observation stepped it
-    # The job's next validation moves q: I = 0.05 + 0.05 = 0.1 (u = 0.811 inside the range).
+    # The job's next validation moves q: I = 0.05 + 0.05 = 0.1 (below 0.7 − P = 0.389).
     c.observe({"accuracy": 1.0})
     beta = 0.5 / (1 + math.exp(-0.5)) + 0.1 + 0.6
     loss, _ = hook(segmented(SEGMENTS))
@@ -470,16 +472,14 @@ REDUCE_AFTER = 3  # the jobs' first ObjectiveLosses.reduce() covers this many st
 
 
 def betas_by_hand(losses: list[float], target: float, gains: PIGains) -> list[float]:
-    """The PI recurrence of SPEC Eq. 13–14 with conditional integration, written out."""
+    """The PI recurrence of SPEC Eq. 13–14, the integral clamped where β meets a bound."""
     integral, betas = 0.0, []
     for loss in losses:
         err = target - loss
         proportional = gains.kp / (1 + math.exp(err))
-        if gains.beta_min <= proportional + integral - gains.ki * err + gains.beta_min \
-                <= gains.beta_max:
-            integral -= gains.ki * err
-        betas.append(min(max(proportional + integral + gains.beta_min, gains.beta_min),
-                         gains.beta_max))
+        integral = min(max(integral - gains.ki * err, -proportional),
+                       gains.beta_max - gains.beta_min - proportional)
+        betas.append(proportional + integral + gains.beta_min)
     return betas
 
 

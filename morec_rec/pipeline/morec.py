@@ -70,7 +70,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
     model, optimizer = build_sharded(train_config, dataset, env)
     identity = model_identity(train_config, dataset)
     meta = (checkpoint.load(run.last, model, optimizer, identity)
-            if resume and run.last.exists() else None)
+            if resume and checkpoint.resolve(run.last) else None)
     if meta is None:
         checkpoint.load(base.best, model, optimizer, identity)
     if config.continued_lr:  # a checkpoint's optimizer state carries the base's

@@ -103,7 +103,7 @@ def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
     model, optimizer = build_sharded(config, dataset, env)
     identity = model_identity(config, dataset)
     progress = Progress()
-    if resume and run.last.exists():
+    if resume and checkpoint.resolve(run.last):
         meta = checkpoint.load(run.last, model, optimizer, identity)
         progress = Progress(**meta["progress"])
         run.truncate_log(progress.step)  # records after the checkpoint go

@@ -1,0 +1,141 @@
+"""Killed anywhere, resumed with ``--resume``: the same batches and the same results.
+
+A MoRec job on the tiny profile kills itself with SIGKILL (``tests/dist/killed_job.py``)
+mid-step, between an update's publication and the batch it applies from, and between a
+checkpoint's renames; resumed in a new process (a new weight store), its log (every
+step record's losses, every validation pass, every mass update) and its test results
+are those of a run that never stopped. Loader workers die with a killed trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, free_port, run_cli, run_torchrun
+
+TRAIN = ["--model", "mf", "--num-workers", "0", "--embedding-dim", "16"]
+# 25 batches an epoch; a validation pass (and a mass update) every 8 steps, a checkpoint
+# right after it: the update applies from batches that the checkpoint has not trained.
+MOREC = [*TRAIN, "--sub-batch-size", "32", "--epochs", "2", "--updates-per-epoch", "3",
+         "--ki", "5", "--checkpoint-every", "8"]
+KILLED = -signal.SIGKILL
+#: Compared between runs: everything but the rate and the store's version numbers (a
+#: resumed job republishes the versions in force into its own store).
+IGNORED = ("samples_per_s", "version")
+
+
+@pytest.fixture(scope="module")
+def base(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("base") / "run"
+    done = run_cli("train", "--data", str(tiny), "--out", str(run), *TRAIN,
+                   "--batch-size", "128", "--max-epochs", "3")
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny: Path, base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("whole") / "job"
+    done = run_cli("run", "--data", str(tiny), "--base", str(base), "--out", str(out), *MOREC)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def killed(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "killed_job.py"),
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def assert_same_run(resumed: Path, whole: Path) -> None:
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in IGNORED}
+             for line in (out / "morec" / "log.jsonl").read_text().splitlines()]
+            for out in (resumed, whole)]
+    assert logs[0] == logs[1]
+    results = [json.loads((out / "results.json").read_text()) for out in (resumed, whole)]
+    for key in ("base", "morec", "imp", "valid", "selected", "control"):
+        assert results[0][key] == results[1][key], key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [
+    ["--at-step", "9"],  # after the pass at step 8 published, before its batch trains
+    ["--at-step", str(np.random.default_rng(11).integers(1, 50))],  # anywhere
+    ["--between-renames", "3"],  # the save at step 24: no ``last``, only ``last.old``
+], ids=["pending-update", "random-step", "between-renames"])
+def test_a_killed_job_resumes_as_if_uninterrupted(tiny: Path, base: Path, uninterrupted: Path,
+                                                  tmp_path: Path, kill: list[str]) -> None:
+    out = tmp_path / "job"
+    done = killed(*kill, "--", "run", "--data", str(tiny), "--base", str(base), "--out",
+                  str(out), *MOREC)
+    assert done.returncode == KILLED, done.stderr[-2000:]
+    assert not (out / "results.json").exists()
+    done = run_cli("run", "--out", str(out), "--resume")
+    assert done.returncode == 0, done.stderr
+    assert_same_run(out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_two_ranks_killed_mid_epoch_resume_as_if_uninterrupted(tiny: Path, base: Path,
+                                                              tmp_path: Path) -> None:
+    common = ["--data", str(tiny), "--base", str(base), *MOREC]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run_torchrun("integration/run.py", *common, "--out", str(whole), timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master-port={free_port()}", str(ROOT / "tests" / "dist" / "killed_job.py"),
+               "--at-step", "20", "--", "run", *common, "--out", str(parts)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode != 0 and not (parts / "results.json").exists()
+    run_torchrun("integration/run.py", "--out", str(parts), "--resume", timeout=300)
+    assert_same_run(parts, whole)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
+                          if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.add(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_loader_workers_die_with_a_killed_trainer(tiny: Path, base: Path,
+                                                  tmp_path: Path) -> None:
+    command = [sys.executable, str(ROOT / "tests" / "dist" / "killed_job.py"), "--at-step",
+               "30", "--", "run", "--data", str(tiny), "--base", str(base), "--out",
+               str(tmp_path / "job"), *MOREC, "--num-workers", "2"]
+    trainer = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    while trainer.poll() is None:  # the loader workers, seen while the trainer lives
+        workers |= _children(trainer.pid)
+        time.sleep(0.05)
+    assert trainer.returncode == KILLED and len(workers) >= 2
+    deadline = time.monotonic() + 2  # torch's own watchdog looks every 5 s, when idle
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)]
