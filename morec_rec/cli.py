@@ -39,7 +39,6 @@ DEMO_PROFILE = "demo"
 #: silences them; the library leaves warnings alone).
 _QUIET_WARNINGS = (
     r"`broadcast_buffers` is deprecated",  # torchrec's DMP constructing DDP
-    r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader
     r"[\s\S]*fbgemm_gpu.split_table_batched_embeddings_ops is now DEPRECATED",
 )
 

@@ -4,8 +4,9 @@ coefficients on every rank.
 
 Expected numbers are worked out by hand from SPEC "Objective coordinator"::
 
-    err = ℓ̂ − ℓ_acc;  P = kp / (1 + exp(err));  I = clamp(I − ki·err, −P, β_max − β_min − P);
-    β = P + I + β_min;  q = (β, λ·p_1, λ·p_2, ...)
+    err = ℓ̂ − ℓ_acc;  P = kp / (1 + exp(err));
+    I = clamp(I − ki·err, −P, β_max − β_min − P);  β = P + I + β_min;
+    q = (β, λ·p_1, λ·p_2, ...)
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def test_training_control_steps_q_by_hand_and_weighs_the_means() -> None:
     assert output is model.returned[1]  # the model's own output, passed on
     assert c.measured == {"accuracy": 0.75}  # exact: sums of dyadic numbers
     # err = 0.5 − 0.75 = −0.25: P = 0.5/(1 + e^−0.25) = 0.5/1.7788008 = 0.2810883;
-    # I = −0.1·(−0.25) = 0.025, inside [−P, 0.7 − P]; β = 0.2810883 + 0.025 + 0.6 = 0.9060883.
+    # I = −0.1·(−0.25) = 0.025, inside [−P, 0.7 − P]: β = 0.2810883 + 0.025 + 0.6
+    # = 0.9060883.
     beta = 0.5 / (1 + math.exp(-0.25)) + 0.025 + 0.6
     assert beta == pytest.approx(0.9060883, abs=1e-7)
     np.testing.assert_allclose(c.q, [beta, 0.08, 0.12], rtol=1e-12)
@@ -98,7 +100,7 @@ def test_training_control_steps_q_by_hand_and_weighs_the_means() -> None:
     assert loss.item() == pytest.approx(beta * 0.75 + 0.08 * 1.0 + 0.12 * 3.0, rel=1e-12)
     assert controller_steps(c) == 1 and hook.trained == 7
 
-    # A second step with the accuracy rows at 10: err = −9.5, P = 0.5/(1 + e^−9.5) = 0.49996;
+    # A second step, the accuracy rows at 10: err = −9.5, P = 0.5/(1 + e^−9.5) = 0.49996;
     # I − ki·err = 0.025 + 0.95 = 0.975 would carry β past 1.3: the integral is clamped
     # at 0.7 − P = 0.20004 (anti-windup), and β = P + 0.20004 + 0.6 = 1.3, the bound.
     hook.model = FixedModel([10.0, 10.0, 1.0, 2.0])
@@ -308,11 +310,13 @@ def test_gradients_are_those_of_the_weighted_sum_of_objective_means() -> None:
 # Tensor method that is given an instance, and super().__torch_function__ makes what those
 # return instances too, so every value derived from the model's output or the segment ids
 # carries the trap: a step that runs under it makes none of these calls, and so would
-# not synchronise on CUDA either. What it does not watch: tensors the hook makes without
-# touching an instance (torch.arange(device=...), q copied from numpy), which hold nothing
-# the device computed, and calls that run inside another torch call (which is why
-# __array__, __repr__ and __format__ are trapped themselves rather than the numpy() and
-# item() they call).
+# read nothing back from a CUDA device either. What it does not watch: tensors the hook
+# makes without touching an instance (torch.arange(device=...), q copied from numpy),
+# which hold nothing the device computed; copies to the device, which are not reads
+# (though q's, made when q changes, is a blocking copy from pageable memory, which on CUDA
+# waits for the stream on that step); and calls that run inside another torch call, which
+# is why __array__, __repr__ and __format__ are trapped themselves rather than the numpy()
+# and item() they call.
 
 
 class HostRead(AssertionError):

@@ -34,7 +34,7 @@ HERE = sorted({Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib",
 LEFT_OUT = re.compile(
     r"(morec_rec|__editable__|matplotlib|mpl_toolkits|pylab|__pycache__)|.*\.pth$")
 #: The hard requirements, each with a version range; torchrec and the rest are extras.
-CORE = {"numpy", "pyarrow", "torch", "torchdata", "tqdm"}
+CORE = {"numpy", "pyarrow", "torch", "tqdm"}
 TRAIN = ["--model", "mf", "--batch-size", "128", "--num-workers", "0", "--embedding-dim", "16",
          "--max-epochs", "1"]
 
