@@ -52,8 +52,7 @@ def drain(dataset: PreparedDataset, config: TrainConfig, env: distributed.Enviro
     nbytes = 0
     for _ in range(count):  # not to the epoch's end: the worker must still be there
         batch = next(batches)
-        nbytes += sum(t.nbytes for t in (batch.features.values(), batch.features.lengths(),
-                                         batch.objective))
+        nbytes += sum(t.nbytes for t in (batch.features.values(), batch.features.lengths()))
     return {"wall_ms": 1e3 * (time.perf_counter() - start) / count,
             "trainer_cpu_ms": 1e3 * (time.process_time() - trainer) / count,
             "worker_cpu_ms": 1e3 * cpu_since(workers) / count,

@@ -10,7 +10,7 @@ model, data and batch size (1,024 rows, one loader worker):
 * MoRec (``morec``), the defaults: the four objectives' sampler reading masses and batch
   shares from the weight store before every batch (the initial shares, 91% of the rows
   drawn by the other objectives), and the loss hook (per-objective means, all-reduce, the
-  plain mean; the controller steps at validation passes, not here);
+  plain mean; the controller steps at validation rounds, not here);
 * MoRec under ``training`` control (``morec_training_control``): equal sub-batches
   (4 × 256 rows), and the hook also steps the PI controller and weighs the means.
 
@@ -23,8 +23,9 @@ interval over the repeats), and the CPU time per step of the trainer process and
 loader worker is recorded, to show where the time goes. ``--threads`` sets the trainer's
 intra-op threads (torch's default is one a core, which the loader worker then shares).
 Then the time of one
-validation-and-update round (ranking metrics and per-group losses on the validation
-users, the mass update, the publish) is measured ``--repeats`` times.
+validation-and-update round (``MoRec.validate``: ranking metrics and per-group losses on
+the validation users, the controllers' step, the mass update, the publish) is measured
+``--repeats`` times.
 """
 
 from __future__ import annotations
@@ -42,30 +43,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.eval.ranking import load_task
-from morec_rec.models import num_negatives
+from morec_rec.models import num_negatives, per_row_loss
 from morec_rec.models.negatives import NegativeSampler
+from morec_rec.models.scorer import ModelScorer
 from morec_rec.pipeline import distributed
 from morec_rec.pipeline.batch import Collator
-from morec_rec.pipeline.morec import validation_pass
-from morec_rec.pipeline.plugin import MoRec
 from morec_rec.pipeline.train import build_sharded, training_loader
+from morec_rec.plugin.loader import MoRecLoader
+from morec_rec.plugin.morec import MoRec
 from train_throughput import WARMUP, StepTiming, timed_steps  # the script beside this one
 
 
 def base_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
-               ) -> tuple[TrainPipelineSparseDist, StatefulDataLoader]:
+               ) -> tuple[TrainPipelineSparseDist, DataLoader]:
     model, optimizer = build_sharded(config, dataset, env)
     _, loader = training_loader(dataset, config, env, model.module.feature_names)
     return TrainPipelineSparseDist(model, optimizer, env.device), loader
 
 
-def rates(pipeline: TrainPipelineSparseDist, loader: StatefulDataLoader, steps: int,
+def rates(pipeline: TrainPipelineSparseDist, loader: DataLoader | MoRecLoader, steps: int,
           batch_size: int) -> tuple[StepTiming, StepTiming]:
     """Timed end to end, then over batches drawn from ``loader`` beforehand."""
     end_to_end = timed_steps(pipeline, loader, steps, batch_size)
@@ -84,20 +86,23 @@ VARIANTS = {
 
 
 def morec_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
-                name: str) -> tuple[MoRec, torch.nn.Module, TrainPipelineSparseDist,
-                                    StatefulDataLoader, Collator]:
-    """The MoRec pipeline ``VARIANTS[name]`` with the default objectives."""
+                name: str) -> tuple[MoRec, TrainPipelineSparseDist]:
+    """The MoRec pipeline ``VARIANTS[name]`` with the default objectives, made as
+    ``morec_rec.pipeline.morec.continue_training`` makes it."""
     sampler_config = SamplerConfig(sub_batch_size=config.batch_size // 4, seed=config.seed)
-    morec = MoRec(dataset, sampler_config, VARIANTS[name], num_workers=config.num_workers,
-                  namespace=name)
     model, optimizer = build_sharded(config, dataset, env)
     collate = Collator(model.module.feature_names,
                        NegativeSampler(dataset.items()["train_count"].to_numpy(),
                                        config.negative_beta),
-                       num_negatives(config.model), seed=config.seed)
+                       num_negatives(config.model), seed=config.seed, rank=env.rank)
+    morec = MoRec(dataset, collate, rows=per_row_loss,
+                  scorer=ModelScorer(model.module, env.device), sampler=sampler_config,
+                  config=VARIANTS[name], num_workers=config.num_workers, device=env.device,
+                  chunk_users=config.eval_chunk_users)
+    morec.set_epoch(0)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device,
                                        custom_model_fwd=morec.loss(model))
-    return morec, model, pipeline, morec.loader(collate), collate
+    return morec, pipeline
 
 
 def paired_ratio(morec: list[float], base: list[float], resamples: int = 2000,
@@ -136,21 +141,19 @@ def main() -> None:
             runs["base"].append(rates(*base_parts(dataset, config, env), args.steps,
                                       config.batch_size))
             for name in reversed(VARIANTS):  # the defaults' parts are kept for the round
-                morec, model, pipeline, loader, collate = morec_parts(dataset, config, env,
-                                                                      name)
-                runs[name].append(rates(pipeline, loader, args.steps, config.batch_size))
+                morec, pipeline = morec_parts(dataset, config, env, name)
+                runs[name].append(rates(pipeline, morec.loader, args.steps,
+                                        config.batch_size))
             print(f"repeat {repeat}: samples/s end to end, step alone: " + "; ".join(
                 f"{k} {v[-1][0].samples_per_s:,.0f}, {v[-1][1].samples_per_s:,.0f}"
                 for k, v in runs.items()))
 
-        pipeline.detach()
+        detached = pipeline.detach()
         task = load_task(dataset, "valid")
         rounds = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            _, signal = validation_pass(morec, model, task, collate, config.eval_chunk_users,
-                                        env.device)
-            morec.update(signal, batch_index=10**9)
+            morec.validate(detached)
             rounds.append(time.perf_counter() - start)
         print(f"validation and update round: {statistics.median(rounds):.2f} s "
               f"({len(task):,} validation users)")

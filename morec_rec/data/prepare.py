@@ -171,12 +171,15 @@ def check_output(out: Path) -> None:
 
 
 def check_writable(out: Path, *, staged: bool = False) -> None:
-    """Raises :class:`MorecError` naming ``out`` unless a directory can be created in it
-    (if it is a directory and not ``staged``), else in its nearest existing ancestor (where
-    a ``staged`` output is written and renamed): not under a file, not without permission,
-    not on a read-only file system. Creates nothing that it does not remove.
+    """Raises :class:`MorecError` naming ``out`` unless it can be written: it is no file,
+    and a directory can be created in it (if it is a directory and not ``staged``), else in
+    its nearest existing ancestor (where a ``staged`` output is written and renamed): not
+    under a file, not without permission, not on a read-only file system. Creates nothing
+    that it does not remove.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MorecError(f"{out}: output exists and is a file, not a directory")
     place = out.absolute() if out.is_dir() and not staged else out.absolute().parent
     while not place.exists():
         place = place.parent

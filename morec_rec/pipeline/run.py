@@ -39,7 +39,11 @@ class Run:
 
     @property
     def record(self) -> dict[str, Any]:
-        return json.loads((self.root / RECORD).read_text())
+        """What was run (``run.json``); MorecError naming the file if it is not JSON."""
+        try:
+            return json.loads((self.root / RECORD).read_text())
+        except json.JSONDecodeError as error:
+            raise MorecError(f"{self.root / RECORD}: not JSON ({error.msg})") from None
 
     @classmethod
     def create(cls, root: Path, record: Mapping[str, Any]) -> "Run":

@@ -150,5 +150,8 @@ class MoRecLoss:
         q = self.coordinator.q
         if self._q is None or not np.array_equal(self._q[0], q) \
                 or self._q[1].device != sums.device:
-            self._q = (q, torch.from_numpy(q).to(sums.device, sums.dtype))
+            host = torch.from_numpy(q).to(sums.dtype)
+            if sums.device.type == "cuda":  # a pinned source: the copy does not wait
+                host = host.pin_memory()
+            self._q = (q, host.to(sums.device, non_blocking=True))
         return self._q[1]

@@ -111,7 +111,7 @@ class MoRec:
         self.dataset = (dataset if isinstance(dataset, PreparedDataset)
                         else PreparedDataset.open(Path(dataset)))
         sampler, config = sampler or SamplerConfig(), config or MoRecConfig()
-        self.objectives = check_settings(self.dataset, sampler, config, objectives)
+        self.objectives = _objectives(self.dataset, sampler, objectives)
         self.names = [o.name for o in self.objectives]
         self.config, self.sampler_config = config, sampler
         needs = _needs_scorer(config, self.objectives, sampler)
@@ -127,9 +127,11 @@ class MoRec:
                                       if dist.is_initialized() else (0, 1))
 
         self._base_losses: dict[str, float] | None = None
-        self.coordinator: Coordinator | None = (
-            None if needs_base_losses(config)
-            else Coordinator.from_config(config, self.names, None))
+        self.coordinator: Coordinator | None = None  # made by loss() after calibration
+        if needs_base_losses(config):
+            check_settings(self.dataset, sampler, config, self.objectives)
+        else:
+            self.coordinator = Coordinator.from_config(config, self.names, None)
         self._initial = {o.name: o.initial_masses() for o in self.objectives}
         self._initial[BATCH] = (_shares(self.coordinator) if self._sampling
                                 else np.full(len(self.names), 1 / len(self.names)))

@@ -1,0 +1,217 @@
+"""The MoRec object in one process, with a plain PyTorch model: its settings, a job's own
+objective and rows through every call, any epoch length and number of workers, and its
+state: a restored MoRec (a new store namespace, as after a restart) yields the batches
+and masses of one that never stopped, also where the save came while batches were drawn
+ahead of training and an update was published but not yet in force."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from morec_rec import MoRec, MoRecConfig, MorecError, Objective, SamplerConfig, SegmentedBatch
+from morec_rec.sampling.sampler import BATCH
+
+
+class Cheap(Objective):
+    """A job's own objective: rows ∝ 1 / (1 + price)."""
+
+    name, num_groups, columns = "cheap", 1, ("price",)
+
+    def initial_masses(self) -> np.ndarray:
+        return np.ones(1)
+
+    def weights(self, rows: dict) -> np.ndarray:
+        return 1 / (1 + rows["price"])
+
+
+class MF(nn.Module):
+    """Returns a mean BCE loss and detached logits, as TorchRec's models do."""
+
+    def __init__(self, num_users: int, num_items: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.user, self.item = nn.Embedding(num_users, 8), nn.Embedding(num_items, 8)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = (self.user(batch["user"]) * self.item(batch["item"])).sum(-1)
+        return F.binary_cross_entropy_with_logits(logits, batch["label"]), logits.detach()
+
+
+class Collate:
+    """Each row a positive, then every row's negative (item + 1): BLOCKED examples."""
+
+    def __init__(self, num_items: int) -> None:
+        self.num_items = num_items
+
+    def __call__(self, rows) -> dict:
+        n = len(rows)
+        return {"user": rows.user_id.repeat(2),
+                "item": torch.cat([rows.item_id, (rows.item_id + 1) % self.num_items]),
+                "label": torch.cat([torch.ones(n), torch.zeros(n)])}
+
+
+def rows(batch: dict, logits: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, batch["label"], reduction="none")
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny: Path) -> dict:
+    return json.loads((tiny / "manifest.json").read_text())
+
+
+def make(tiny: Path, manifest: dict, model: MF, **kwargs) -> MoRec:
+    from morec_rec import ExampleLayout
+
+    options = {"objectives": ["accuracy", "revenue", "fairness", "alignment", Cheap()],
+               "sampler": SamplerConfig(sub_batch_size=40),
+               "config": MoRecConfig(preference=(0.25,) * 4, beta_max=2.0, ki=5.0), **kwargs}
+    return MoRec(tiny, Collate(manifest["num_items"]), rows=rows, layout=ExampleLayout.BLOCKED,
+                 scorer=lambda users: model.user(torch.as_tensor(users.user_id))
+                 @ model.item.weight.T, **options)
+
+
+def ahead(batches: Iterable[SegmentedBatch], depth: int = 2) -> Iterator[SegmentedBatch]:
+    """``batches``, each yielded once ``depth`` more are drawn (a pipeline's look-ahead)."""
+    held: deque[SegmentedBatch] = deque()
+    for batch in batches:
+        held.append(batch)
+        if len(held) > depth:
+            yield held.popleft()
+    yield from held
+
+
+def train(morec: MoRec, model: MF, epochs: range, *, validate_every: int,
+          stop: int | None = None) -> list[SegmentedBatch]:
+    """Trains ``epochs`` with the hook, drawing two batches ahead as TorchRec's pipeline
+    does, validating after batches whose index + 1 is a multiple of ``validate_every``;
+    stops after ``stop`` steps. Returns the batches trained on."""
+    hook, optimizer = morec.loss(model), torch.optim.SGD(model.parameters(), lr=0.1)
+    trained: list[SegmentedBatch] = []
+    for epoch in epochs:
+        morec.set_epoch(epoch)
+        for batch in ahead(morec.loader):
+            loss, _ = hook(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            trained.append(batch)
+            if len(trained) == stop:
+                return trained
+            if (batch.index + 1) % validate_every == 0:
+                morec.validate(model)
+    return trained
+
+
+def same_batches(a: list[SegmentedBatch], b: list[SegmentedBatch]) -> None:
+    assert [x.index for x in a] == [y.index for y in b]
+    for x, y in zip(a, b):
+        assert torch.equal(x.segment, y.segment)
+        for key in ("user", "item"):
+            assert torch.equal(x.batch[key], y.batch[key]), (x.index, key)
+
+
+def test_a_jobs_objective_and_rows_go_through_every_call(tiny: Path, manifest: dict) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    # Training control with an auto target: loss() calibrates through rows and collate.
+    morec = make(tiny, manifest, model, config=MoRecConfig(
+        preference=(0.25,) * 4, control="training", coefficients="loss",
+        hold=("accuracy=auto*1.1", "cheap=auto"), calibration_batches=2))
+    hook = morec.loss(model)
+    targets = hook.coordinator.targets
+    assert set(targets) == {"accuracy", "cheap"} and all(t > 0 for t in targets.values())
+    morec.set_epoch(0)
+    batch = next(iter(morec.loader))
+    assert batch.segment.tolist() == [o for o in range(5) for _ in range(40)]
+    with pytest.raises(MorecError, match="no gradient here"):  # rows from detached logits
+        hook(batch)
+    sampling = make(tiny, manifest, model)
+    hook = sampling.loss(model)
+    sampling.set_epoch(0)
+    batch = next(iter(sampling.loader))
+    loss, logits = hook(batch)
+    assert logits.shape == (400,)  # the model's own output: 2 examples per row
+    losses = sampling.objective_losses()
+    assert set(losses) == {"accuracy", "revenue", "fairness", "alignment", "cheap"}
+    assert all(v is not None and v > 0 for v in losses.values())
+    record = sampling.validate(model)
+    assert set(record["q"]) == set(losses) and record["measures"] == {"accuracy": 1.0}
+    # β left its starting value: the shares of a batch go out with the masses.
+    assert set(record["masses"]) == {"fairness", "alignment", BATCH}
+    state = json.loads(json.dumps(sampling.state_dict()))
+    assert state["journal"][0]["values"].keys() == {"fairness", "alignment", BATCH}
+    restored = make(tiny, manifest, model)
+    restored.load_state_dict(state)
+    assert restored.base == sampling.base
+    np.testing.assert_array_equal(restored.masses["fairness"], sampling.masses["fairness"])
+
+
+def test_settings_that_need_a_scorer_say_so(tiny: Path, manifest: dict) -> None:
+    with pytest.raises(MorecError, match="validation control needs the job's scorer"):
+        MoRec(tiny, Collate(manifest["num_items"]), rows=rows)
+    with pytest.raises(MorecError, match="objective 'alignment' .its top-K exposure. needs"):
+        MoRec(tiny, Collate(manifest["num_items"]), rows=rows, config=MoRecConfig(
+            control="training", coefficients="loss", hold=("accuracy=1",)))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_short_epochs_and_more_updates_than_batches(tiny: Path, manifest: dict,
+                                                   num_workers: int) -> None:
+    # 2 batches an epoch per worker stream, fewer than the 4 a loader with 2 workers may
+    # hold ahead; a validation round after every step, 3 epochs.
+    model = MF(manifest["num_users"], manifest["num_items"])
+    morec = make(tiny, manifest, model, sampler=SamplerConfig(sub_batch_size=300),
+                 num_workers=num_workers)
+    trained = train(morec, model, range(3), validate_every=1)
+    assert [b.index for b in trained] == list(range(3 * morec.batches_per_epoch))
+    journal = morec.state_dict()["journal"]
+    assert morec.store.latest_version() == len(trained)
+    # Every version applied from the batch its record named: batches carry the shares of
+    # the masses in force, which follow the published ones.
+    assert len(journal) <= 1 + morec.loader.prefetch_factor * max(num_workers, 1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_restored_morec_goes_on_as_if_uninterrupted(tiny: Path, manifest: dict,
+                                                      num_workers: int) -> None:
+    def fresh() -> tuple[MoRec, MF]:
+        model = MF(manifest["num_users"], manifest["num_items"])
+        return make(tiny, manifest, model, num_workers=num_workers), model
+
+    morec, model = fresh()
+    whole = train(morec, model, range(2), validate_every=4)
+    assert len(whole) == 2 * morec.batches_per_epoch
+    final = {k: v.copy() for k, v in morec.masses.items()}
+
+    # Stopped at step 9: the loader has drawn batches beyond it (the look-ahead), and the
+    # round after step 8 published masses that apply past the batches then drawn.
+    stopped, model = fresh()
+    head = train(stopped, model, range(2), validate_every=4, stop=9)
+    state = json.loads(json.dumps(stopped.state_dict()))
+    assert state["position"] == 9 and state["journal"][-1]["effective_from"] > 8
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    restored, model = fresh()  # a new store namespace: nothing of the old one is read
+    model.load_state_dict(weights)
+    restored.load_state_dict(state)
+    assert restored.epoch == 0 and restored.position == 9
+    tail = train(restored, model, range(restored.epoch, 2), validate_every=4)
+    same_batches(whole, head + tail)
+    for name in (*final, BATCH):
+        np.testing.assert_allclose(restored.masses[name], final[name], rtol=0, atol=1e-12)
+
+
+def test_state_must_be_loaded_before_training(tiny: Path, manifest: dict) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    morec = make(tiny, manifest, model)
+    morec.validate(model)
+    with pytest.raises(MorecError, match="before training or validation"):
+        morec.load_state_dict(morec.state_dict())
