@@ -340,3 +340,19 @@ def test_bad_masses(dataset: PreparedDataset, masses: dict, message: str) -> Non
 def test_unknown_objective_name(dataset: PreparedDataset) -> None:
     with pytest.raises(MorecError, match="unknown objective 'novelty'"):
         sampler(dataset, ("accuracy", "novelty"))
+
+
+def test_batches_carry_only_the_columns_asked_for(dataset: PreparedDataset) -> None:
+    s = WeightedStreamSampler(dataset, build_objectives(("accuracy", "fairness"),
+                                                        dataset.manifest),
+                              SamplerConfig(objectives=("accuracy", "fairness"),
+                                            sub_batch_size=64, window_batches=8),
+                              columns=["price"])
+    # The ids, the column asked for and fairness's own: no list column is read.
+    assert s.columns == ["fairness_group", "item_id", "price", "user_id"]
+    batch = next(iter(s))
+    assert batch.price is not None and batch.user_id.dtype == torch.int64
+    assert (batch.fairness_group, batch.popularity_group, batch.history_values,
+            batch.history_lengths) == (None, None, None, None)
+    with pytest.raises(MorecError, match="columns \\['genre'\\] are not among"):
+        WeightedStreamSampler(dataset, [], SamplerConfig(), columns=["genre"])

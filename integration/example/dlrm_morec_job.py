@@ -119,7 +119,7 @@ def main() -> None:
                                            price, seed=rows.batch_index),
         rows=lambda batch, output: F.binary_cross_entropy_with_logits(
             output[1], batch.labels, reduction="none"),
-        layout=ExampleLayout.INTERLEAVED, scorer=scores, chunk_users=32,
+        layout=ExampleLayout.INTERLEAVED, scorer=scores, chunk_users=32, columns=["history"],
         objectives=["accuracy", "revenue", "fairness", "alignment", Recent()],
         sampler=SamplerConfig(sub_batch_size=args.batch_size // 5),
         config=MoRecConfig(preference=(0.25,) * 4, beta_max=2.0), num_workers=1)

@@ -87,6 +87,9 @@ class MoRec:
             ``validation`` control, ``alignment`` and fairness by ``hit``.
         validation_collate: ``collate`` for the validation rows (default: ``collate``),
             for a job whose training collate differs by rank.
+        columns: the row columns ``collate`` reads besides ``user_id`` and ``item_id``
+            (``price``, ``fairness_group``, ``popularity_group``, ``history``); the
+            sampler reads those and what the objectives read, nothing else.
         objectives: in segment order, ``Objective`` instances (user subclasses welcome)
             or built-in names; default: ``sampler.objectives``.
         sampler: sizes, draw mode, the built-ins' update rule, seed.
@@ -104,6 +107,7 @@ class MoRec:
     def __init__(self, dataset: PreparedDataset | str | os.PathLike[str], collate: Collate, *,
                  rows: Rows | None = None, layout: ExampleLayout = ExampleLayout.ROWS,
                  scorer: Scorer | None = None, validation_collate: Collate | None = None,
+                 columns: Sequence[str] = (),
                  objectives: Sequence[Objective | str] | None = None,
                  sampler: SamplerConfig | None = None, config: MoRecConfig | None = None,
                  num_workers: int = 0, prefetch_factor: int = 2,
@@ -145,7 +149,7 @@ class MoRec:
         self.loader = MoRecLoader(
             WeightedStreamSampler(self.dataset, self.objectives, sampler, rank=self.rank,
                                   world_size=self.world_size, store=self._spec,
-                                  masses=self._initial),
+                                  masses=self._initial, columns=columns),
             collate, num_workers=num_workers, prefetch_factor=prefetch_factor)
         self._losses = ObjectiveLosses(len(self.names))
         self._hook: MoRecLoss | None = None
@@ -216,7 +220,8 @@ class MoRec:
         sampler = WeightedStreamSampler(
             self.dataset, self.objectives,
             dataclasses.replace(self.sampler_config, seed=self.sampler_config.seed + 1),
-            rank=self.rank, world_size=self.world_size, masses=self._initial)
+            rank=self.rank, world_size=self.world_size, masses=self._initial,
+            columns=self.loader.sampler.carried)
         num_batches = min(self.config.calibration_batches, sampler.batches_per_epoch())
         if num_batches < 1:
             raise MorecError(f"{self.dataset.root}: too few training rows for one batch of "

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -52,8 +52,10 @@ from morec_rec.sampling.store import Masses, StoreSpec, WeightStore
 
 logger = logging.getLogger(__name__)
 
-#: Integer row columns that a batch carries (as int64), besides ``price`` and ``history``.
-_ID_COLUMNS = ("user_id", "item_id", "fairness_group", "popularity_group")
+#: Row columns every batch carries.
+ID_COLUMNS = ("user_id", "item_id")
+#: Row columns a batch carries where the job's collate asks for them (``columns``).
+OPTIONAL_COLUMNS = ("price", "fairness_group", "popularity_group", "history")
 
 #: The name under which masses give the objectives' shares of a batch, one per objective
 #: in order: a draw at the level above the groups, published and checkpointed as theirs.
@@ -78,6 +80,8 @@ class WeightedStreamSampler(IterableDataset):
         store: where published masses come from; None keeps the initial masses.
         masses: initial masses by objective name (default: each objective's own), and
             the objectives' shares of a batch under :data:`BATCH` (default: equal).
+        columns: the :data:`OPTIONAL_COLUMNS` that batches carry (default: all of them);
+            the sampler reads those, the ids, and the columns its objectives read.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class WeightedStreamSampler(IterableDataset):
         world_size: int = 1,
         store: StoreSpec | None = None,
         masses: Mapping[str, np.ndarray] | None = None,
+        columns: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -102,8 +107,13 @@ class WeightedStreamSampler(IterableDataset):
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.store = store
+        self.carried = tuple(OPTIONAL_COLUMNS if columns is None else columns)
+        unknown = sorted(set(self.carried) - set(OPTIONAL_COLUMNS))
+        if unknown:
+            raise MorecError(f"sampler: columns {unknown} are not among "
+                             f"{', '.join(OPTIONAL_COLUMNS)}")
         self.columns = sorted(
-            {*_ID_COLUMNS, "price", "history"}.union(*(o.columns for o in self.objectives))
+            {*ID_COLUMNS, *self.carried}.union(*(o.columns for o in self.objectives))
         )
         masses = dict(masses or {})
         unknown = set(masses) - set(self._num_groups)
@@ -181,6 +191,7 @@ class WeightedStreamSampler(IterableDataset):
         def build(number: int) -> _Window:
             begin = number * window_rows
             return _Window(reader.read(begin, min(begin + window_rows, end)), self.objectives,
+                           {*ID_COLUMNS, *self.carried},
                            np.random.default_rng([self.config.seed, self._epoch, stream, number]))
 
         last = -(-end // window_rows) - 1
@@ -272,17 +283,20 @@ class _Window:
     """The rows of one window as numpy columns, shuffled, with each objective's index."""
 
     def __init__(self, table: pa.Table, objectives: Sequence[Objective],
-                 rng: np.random.Generator) -> None:
+                 carried: Collection[str], rng: np.random.Generator) -> None:
         self.objectives = objectives
         self.columns = {name: table[name].to_numpy() for name in table.column_names
                         if name != "history"}
-        # Converted to the batch's dtypes once per window; the id columns stacked so that a
-        # batch gathers them in one operation.
-        self.ids = np.stack([self.columns[name].astype(np.int64) for name in _ID_COLUMNS])
-        self.price = self.columns["price"].astype(np.float32)
-        history = table["history"].combine_chunks()
-        self.history_offsets = history.offsets.to_numpy()
-        self.history_values = history.values.to_numpy().astype(np.int64)
+        # Converted to the batch's dtypes once per window.
+        self.carried = {name: self.columns[name].astype(np.float32 if name == "price"
+                                                        else np.int64)
+                        for name in (*ID_COLUMNS, *OPTIONAL_COLUMNS) if name in carried
+                        and name != "history"}
+        self.history: tuple[np.ndarray, np.ndarray] | None = None  # offsets, values
+        if "history" in carried:
+            history = table["history"].combine_chunks()
+            self.history = (history.offsets.to_numpy(),
+                            history.values.to_numpy().astype(np.int64))
         self.visit_order = rng.permutation(table.num_rows)
         self.indexes = {
             o.name: GroupIndex.build(o.groups(self.columns), o.weights(self.columns),
@@ -319,18 +333,16 @@ class _Window:
     def batch(self, rows: list[np.ndarray], starved: np.ndarray, batch_index: int,
               epoch: int, version: int) -> SampledBatch:
         index = np.concatenate(rows)
-        starts = self.history_offsets[index]
-        lengths = self.history_offsets[index + 1] - starts
-        gather, _ = arrays.ranges(starts, lengths)
-        user_id, item_id, fairness_group, popularity_group = torch.from_numpy(self.ids[:, index])
+        columns = {name: torch.from_numpy(values[index]) for name, values in self.carried.items()}
+        if self.history is not None:
+            offsets, values = self.history
+            starts = offsets[index]
+            lengths = offsets[index + 1] - starts
+            gather, _ = arrays.ranges(starts, lengths)
+            columns["history_values"] = torch.from_numpy(values[gather])
+            columns["history_lengths"] = torch.from_numpy(lengths.astype(np.int64))
         return SampledBatch(
-            user_id=user_id,
-            item_id=item_id,
-            price=torch.from_numpy(self.price[index]),
-            fairness_group=fairness_group,
-            popularity_group=popularity_group,
-            history_values=torch.from_numpy(self.history_values[gather]),
-            history_lengths=torch.from_numpy(lengths.astype(np.int64)),
+            **columns,
             objective=torch.from_numpy(np.repeat(np.arange(len(rows)), [len(r) for r in rows])),
             starved=torch.from_numpy(starved),
             batch_index=batch_index,
