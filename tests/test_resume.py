@@ -84,20 +84,31 @@ def test_a_killed_job_resumes_as_if_uninterrupted(tiny: Path, base: Path, uninte
     assert_same_run(out, uninterrupted)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_on_two_ranks(tiny: Path, base: Path,
+                               tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("whole2") / "job"
+    run_torchrun("integration/run.py", "--data", str(tiny), "--base", str(base), "--out",
+                 str(out), *MOREC, timeout=300)
+    return out
+
+
 @pytest.mark.slow
-def test_two_ranks_killed_mid_epoch_resume_as_if_uninterrupted(tiny: Path, base: Path,
-                                                              tmp_path: Path) -> None:
-    common = ["--data", str(tiny), "--base", str(base), *MOREC]
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    run_torchrun("integration/run.py", *common, "--out", str(whole), timeout=300)
+@pytest.mark.parametrize("kill", [["--at-step", "20"], ["--between-renames", "2"]],
+                         ids=["mid-epoch", "between-renames"])
+def test_two_ranks_killed_resume_as_if_uninterrupted(tiny: Path, base: Path,
+                                                     uninterrupted_on_two_ranks: Path,
+                                                     tmp_path: Path, kill: list[str]) -> None:
+    out = tmp_path / "job"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                f"--master-port={free_port()}", str(ROOT / "tests" / "dist" / "killed_job.py"),
-               "--at-step", "20", "--", "run", *common, "--out", str(parts)]
+               *kill, "--", "run", "--data", str(tiny), "--base", str(base), *MOREC,
+               "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode != 0 and not (parts / "results.json").exists()
-    run_torchrun("integration/run.py", "--out", str(parts), "--resume", timeout=300)
-    assert_same_run(parts, whole)
+    assert done.returncode != 0 and not (out / "results.json").exists()
+    run_torchrun("integration/run.py", "--out", str(out), "--resume", timeout=300)
+    assert_same_run(out, uninterrupted_on_two_ranks)
 
 
 def _children(pid: int) -> set[int]:

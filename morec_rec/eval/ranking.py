@@ -120,8 +120,8 @@ def load_task(dataset: PreparedDataset, split: str) -> RankingTask:
 
 
 #: Scores every item for a chunk of users: float (len(users), num_items), on any device,
-#: a tensor that evaluation may overwrite. A collective call under ``torch.distributed`` for a scorer backed by a sharded model
-#: (every rank calls it the same number of times).
+#: a tensor that evaluation may overwrite. A collective call under ``torch.distributed``
+#: for a scorer backed by a sharded model (every rank calls it the same number of times).
 Scorer = Callable[[RankingTask], torch.Tensor]
 
 

@@ -253,13 +253,16 @@ class MoRec:
         ``pipeline.detach()`` returns it.
 
         Returns the round's record: ``metrics`` (None without a scorer), ``measures`` (the
-        controlled values), ``group_loss`` (the signal), ``coefficients`` (each held objective's β), ``q``, and the
-        ``version``, ``effective_from`` and ``masses`` published (absent if none).
+        controlled values), ``group_loss`` (the signal), ``coefficients`` (each held
+        objective's β), ``q``, and the ``version``, ``effective_from`` and ``masses``
+        published (absent if none).
         """
+        if self.coordinator is None:
+            raise MorecError("validate() needs the coordinator that loss(model) makes: "
+                             "call loss() first")
         metrics, signal = self._measure(model)
         if self._base is None:
             self._base = {} if metrics is None else metrics.as_dict()
-        assert self.coordinator is not None, "validate() before loss()"
         measures: dict[str, float] = {}
         if self.config.control == "validation":
             assert metrics is not None  # a scorer is required for it
