@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ACCEL := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP := $(VENV)/.installed-$(ACCEL)
 
-.PHONY: install demo test
+.PHONY: install demo test tables
 
 install: $(STAMP)
 
@@ -25,3 +25,8 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Regenerates every table under experiments/ from the committed results.json files.
+tables:
+	@test -x $(BIN)/python || $(MAKE) install
+	$(BIN)/python experiments/tables.py

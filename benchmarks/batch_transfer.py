@@ -9,7 +9,7 @@ running, its batches crossing to this process either by value (pickled arrays th
 worker's pipe) or through shared memory (torch's tensor sharing: a handshake per tensor).
 Per batch after 3 warm-up batches: wall time, this process's CPU (what the trainer would
 pay) and the worker's CPU, medians over ``--repeats`` alternating runs. The threshold
-``morec_rec.pipeline.batch.BY_VALUE_MAX_BYTES`` is set from these numbers.
+``morec_rec.jobs.collate.BY_VALUE_MAX_BYTES`` is set from these numbers.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import time
 from pathlib import Path
 
 import torch
+from train_throughput import children_cpu_s, cpu_since  # the script beside this one
 
 from morec_rec.config import TrainConfig
 from morec_rec.data.format import PreparedDataset
-from morec_rec.models import build_model
-from morec_rec.pipeline import batch as batch_module
-from morec_rec.pipeline import distributed
-from morec_rec.pipeline.train import training_loader
-from train_throughput import children_cpu_s, cpu_since  # the script beside this one
+from morec_rec.jobs import collate as batch_module
+from morec_rec.jobs import distributed
+from morec_rec.jobs.models import build_model
+from morec_rec.jobs.train import training_loader
 
 WARMUP = 3
 #: The two ways, as values of BY_VALUE_MAX_BYTES (read in the worker when it pickles).
@@ -70,7 +70,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / args.profile
-        subprocess.run([sys.executable, "-m", "morec_rec.cli", "synth", "--profile",
+        subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
                         args.profile, "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
         manifest = dataset.manifest

@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "integration" / "example"))
 
-from morec_rec import MoRec, MoRecConfig, SamplerConfig  # noqa: E402
-from morec_rec.cli import main as cli  # noqa: E402
 from torch_morec_job import MF, make_batch  # noqa: E402
+
+from morec_rec import MoRec, MoRecConfig, SamplerConfig  # noqa: E402
+from morec_rec.jobs.cli import main as cli  # noqa: E402
 
 
 def main() -> None:

@@ -45,19 +45,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from train_throughput import WARMUP, StepTiming, timed_steps  # the script beside this one
 
 from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
-from morec_rec.eval.ranking import load_task
-from morec_rec.models import num_negatives, per_row_loss
-from morec_rec.models.negatives import NegativeSampler
-from morec_rec.models.scorer import ModelScorer
-from morec_rec.pipeline import distributed
-from morec_rec.pipeline.batch import Collator
-from morec_rec.pipeline.train import build_sharded, training_loader
+from morec_rec.jobs import distributed
+from morec_rec.jobs.collate import Collator
+from morec_rec.jobs.models import num_negatives, per_row_loss
+from morec_rec.jobs.models.negatives import NegativeSampler
+from morec_rec.jobs.models.scorer import ModelScorer
+from morec_rec.jobs.train import build_sharded, training_loader
+from morec_rec.plugin.eval.ranking import load_task
 from morec_rec.plugin.loader import MoRecLoader
 from morec_rec.plugin.morec import MoRec
-from train_throughput import WARMUP, StepTiming, timed_steps  # the script beside this one
 
 
 def base_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
@@ -88,7 +88,7 @@ VARIANTS = {
 def morec_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
                 name: str) -> tuple[MoRec, TrainPipelineSparseDist]:
     """The MoRec pipeline ``VARIANTS[name]`` with the default objectives, made as
-    ``morec_rec.pipeline.morec.continue_training`` makes it."""
+    ``morec_rec.jobs.continued.continue_training`` makes it."""
     sampler_config = SamplerConfig(sub_batch_size=config.batch_size // 4, seed=config.seed)
     model, optimizer = build_sharded(config, dataset, env)
     collate = Collator(model.module.feature_names,
@@ -132,7 +132,7 @@ def main() -> None:
     config = TrainConfig(model=args.model, num_workers=1)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / args.profile
-        subprocess.run([sys.executable, "-m", "morec_rec.cli", "synth", "--profile",
+        subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
                         args.profile, "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
         runs: dict[str, list[tuple[StepTiming, StepTiming]]] = {

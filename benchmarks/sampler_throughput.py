@@ -36,8 +36,8 @@ import torch
 
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import MANIFEST, PreparedDataset
-from morec_rec.sampling.objectives import build_objectives
-from morec_rec.sampling.sampler import WeightedStreamSampler
+from morec_rec.plugin.sampling.objectives import build_objectives
+from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
 OBJECTIVES = ("accuracy", "revenue", "fairness", "alignment")
 
@@ -113,7 +113,7 @@ def main() -> None:
         data = args.data
         if data is None:
             data = Path(tmp) / "xbox"
-            subprocess.run([sys.executable, "-m", "morec_rec.cli", "synth", "--profile", "xbox",
+            subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile", "xbox",
                             "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
         columns = WeightedStreamSampler(

@@ -28,10 +28,10 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from morec_rec.config import TrainConfig
 from morec_rec.data.format import PreparedDataset
-from morec_rec.eval.ranking import evaluate, load_task
-from morec_rec.models.scorer import ModelScorer
-from morec_rec.pipeline import distributed
-from morec_rec.pipeline.train import build_sharded, training_loader
+from morec_rec.jobs import distributed
+from morec_rec.jobs.models.scorer import ModelScorer
+from morec_rec.jobs.train import build_sharded, training_loader
+from morec_rec.plugin.eval.ranking import evaluate, load_task
 
 WARMUP = 20
 
@@ -113,7 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for profile in args.profiles:
             data = Path(tmp) / profile
-            subprocess.run([sys.executable, "-m", "morec_rec.cli", "synth", "--profile", profile,
+            subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile", profile,
                             "--seed", "0", "--out", str(data)], check=True)
             dataset = PreparedDataset.open(data)
             for name in ("mf", "sasrec"):

@@ -9,7 +9,7 @@ all-reduced, so they equal a one-process evaluation.
 
 import sys
 
-from morec_rec.cli import main
+from morec_rec.jobs.cli import main
 
 if __name__ == "__main__":
     run, *rest = sys.argv[1:] or ["--help"]

@@ -8,7 +8,7 @@ Every stage (pretraining, MoRec, evaluation) runs on all ranks; rank 0 writes
 
 import sys
 
-from morec_rec.cli import main
+from morec_rec.jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

@@ -8,7 +8,7 @@ without torchrun it trains in one process.
 
 import sys
 
-from morec_rec.cli import main
+from morec_rec.jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

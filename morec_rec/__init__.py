@@ -8,17 +8,15 @@ job's own subclass.
 """
 
 from morec_rec.config import MoRecConfig, SamplerConfig
-from morec_rec.control.coordinator import Coordinator
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
-from morec_rec.eval.metrics import RankingMetrics
-from morec_rec.eval.ranking import RankingTask, Scorer
-from morec_rec.plugin.batch import ExampleLayout, SegmentedBatch
+from morec_rec.plugin.control.coordinator import Coordinator
+from morec_rec.plugin.eval.metrics import RankingMetrics
+from morec_rec.plugin.eval.ranking import RankingTask, Scorer
 from morec_rec.plugin.hook import MoRecLoss, Rows
 from morec_rec.plugin.loader import Collate, MoRecLoader
 from morec_rec.plugin.morec import MoRec
-from morec_rec.sampling.batch import SampledBatch
-from morec_rec.sampling.objectives import (
+from morec_rec.plugin.sampling.objectives import (
     Accuracy,
     Alignment,
     Fairness,
@@ -26,8 +24,9 @@ from morec_rec.sampling.objectives import (
     Revenue,
     ValidationSignal,
 )
-
-__version__ = "0.1.0"
+from morec_rec.plugin.sampling.sampled import SampledBatch
+from morec_rec.plugin.segments import ExampleLayout, SegmentedBatch
+from morec_rec.version import __version__
 
 __all__ = [
     "Accuracy",
@@ -52,4 +51,5 @@ __all__ = [
     "Scorer",
     "SegmentedBatch",
     "ValidationSignal",
+    "__version__",
 ]

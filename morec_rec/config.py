@@ -9,7 +9,13 @@ errors that name the key.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import json
+import re
+import textwrap
 import tomllib
 import types
 import typing
@@ -26,20 +32,26 @@ _TABLE_OPTIMIZERS = ("adam", "exact_sgd", "exact_adagrad", "exact_row_wise_adagr
 
 @dataclasses.dataclass
 class SourceConfig:
-    """How a source reader finds its fields (used by the readers that need each field)."""
+    """How a source reader finds its fields in the raw files (``prepare`` only; each reader
+    reads the fields it needs)."""
 
-    #: Interaction columns of the ``generic`` and ``morec`` sources.
+    #: User-id column of the ``generic`` and ``morec`` interaction files.
     user_column: str = "user"
+    #: Item-id column of the ``generic`` and ``morec`` interaction files.
     item_column: str = "item"
+    #: Time column of the ``generic`` and ``morec`` interaction files: it orders each
+    #: user's interactions for the leave-one-out split.
     time_column: str = "timestamp"
     #: Rating column; empty means implicit feedback (no rating filter).
     rating_column: str = ""
-    #: Item-table columns of the ``generic`` source.
+    #: Price column of the ``generic`` source's item table.
     price_column: str = "price"
+    #: Category column of the ``generic`` source's item table (the fairness groups).
     category_column: str = "category"
-    #: CSV field delimiter of the ``generic`` and ``morec`` sources.
+    #: CSV field delimiter of the ``generic`` and ``morec`` sources; one character.
     delimiter: str = ","
-    #: ``tafeng``: digits of PRODUCT_SUBCLASS kept as the category (2 → 26 groups).
+    #: ``tafeng``: leading digits of PRODUCT_SUBCLASS kept as the category, 1 to 6 (2 gives
+    #: 26 groups before folding).
     category_prefix: int = 2
 
     def __post_init__(self) -> None:
@@ -49,13 +61,14 @@ class SourceConfig:
 
 @dataclasses.dataclass
 class PrepareConfig:
-    """Preparation of a raw source into the on-disk format (see README, "Data format")."""
+    """Preparation of a raw source into the prepared data format (``prepare``, ``synth``)."""
 
     #: Interactions rated below this are dropped (only where the source has ratings).
     min_rating: float = 3.0
-    #: Iterative k-core: every user and item keeps at least this many interactions.
+    #: Iterative k-core: every user and item keeps at least this many interactions; >= 3,
+    #: since the leave-one-out split takes two of each user's.
     k_core: int = 5
-    #: Items kept in the ``history`` column (the most recent last).
+    #: Items kept in the ``history`` column (the most recent last); 0 keeps none.
     history_length: int = 50
     #: Popularity groups, cut over items sorted by training count; at most the number of
     #: items left after filtering (more is an error: a group would have no item).
@@ -64,15 +77,18 @@ class PrepareConfig:
     #: each holds about the same number of training interactions.
     popularity_rule: str = "equal_items"
     #: Smallest categories fold into "other" until every fairness group holds at least
-    #: this share of the held-out items of the validation and of the test split.
+    #: this share of the held-out items of the validation and of the test split; in
+    #: [0, 0.5).
     min_group_share: float = 0.02
     #: Items without a price or category: ``impute`` (price = category median, category
     #: "unknown") or ``error``.
     missing: str = "impute"
-    #: Rows per Parquet row group and per ``train/part-*.parquet`` shard.
+    #: Rows per Parquet row group (the unit whose order the sampler shuffles each epoch).
     row_group_size: int = 16_384
+    #: Rows per ``train/part-*.parquet`` shard; at least ``row_group_size``.
     rows_per_shard: int = 1_048_576
-    #: Seeds the tie-break of same-time interactions and the order of training rows.
+    #: Seeds the tie-break of same-time interactions and the order of training rows (and,
+    #: for ``synth``, the generated data).
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,10 +116,11 @@ class PrepareConfig:
 class SamplerConfig:
     """The weighted streaming sampler and the objectives' sampling distributions."""
 
-    #: Objectives, one sub-batch each, in this order (segment id = position).
+    #: Objectives, one segment of each batch each, in this order (segment id = position):
+    #: ``accuracy``, ``revenue``, ``fairness``, ``alignment``.
     objectives: tuple[str, ...] = ("accuracy", "revenue", "fairness", "alignment")
-    #: A batch holds ``sub_batch_size * len(objectives)`` rows, split between the
-    #: objectives by their shares (equal unless published: MoRec's ``sampling``
+    #: A batch holds ``sub_batch_size * len(objectives)`` rows per rank, split between the
+    #: objectives by their shares (equal unless MoRec publishes others under ``sampling``
     #: coefficients).
     sub_batch_size: int = 256
     #: Batches per window: the rows that the sampler holds and draws from at a time.
@@ -111,15 +128,20 @@ class SamplerConfig:
     #: Group counts of a sub-batch: ``multinomial`` draws, or ``exact`` (largest-remainder
     #: rounding of mass × sub-batch size, as in FairBatch).
     draw: str = "multinomial"
-    #: Mass update of the adaptive objectives: step α, floor, ``additive`` or
-    #: ``multiplicative``. α is per validation pass: SPEC's 0.1 at about 4 passes an epoch
-    #: is 0.025 at MoRec's default 16.
+    #: Step α of the adaptive objectives' mass update, per validation pass (> 0). 0.025 at
+    #: 16 passes an epoch moves a mass as far per epoch as the paper's 0.1 at about 4.
     step: float = 0.025
+    #: Smallest mass a group keeps after an update, in [0, 1).
     floor: float = 1e-3
+    #: Mass update: ``additive`` (m + α·s) or ``multiplicative`` (m·exp(α·s)), then the
+    #: floor and renormalisation.
     update_rule: str = "additive"
-    #: Fairness's most miserable group: the largest validation ``loss`` (SPEC) or the
-    #: lowest validation ``hit`` (Hit@K, the group that min-Hit@K measures).
+    #: Fairness's most miserable group, the one that gains α: the largest validation
+    #: ``loss`` (the method's rule) or the lowest validation ``hit`` (Hit@10, the group that
+    #: min-Hit@10 measures).
     fairness_signal: str = "loss"
+    #: Seeds the sampler's draws (the jobs of ``run`` and ``demo`` use ``--seed`` of
+    #: training instead: it is no flag there).
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -138,22 +160,28 @@ class SamplerConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Training of a backbone (SPEC "Training protocol") and its early stopping."""
+    """Training of a backbone and its early stopping (``train``; the base of ``run``)."""
 
     #: Backbone: ``mf`` (MF-BPR, 10 negatives) or ``sasrec`` (SASRec, 3 negatives).
     model: str = "mf"
+    #: Size of the user and item embeddings.
     embedding_dim: int = 64
+    #: Learning rate of every optimizer (tables and dense parameters); > 0.
     lr: float = 1e-3
+    #: L2 weight decay of every optimizer, added to the gradient; >= 0.
     weight_decay: float = 0.0
-    #: The tables' optimizer, as FBGEMM names it (``adam``, ``exact_adagrad``,
-    #: ``exact_row_wise_adagrad``, ``exact_sgd``, ...). FBGEMM's CPU kernels have no Adam:
-    #: on CPU, ``adam`` keeps the tables unsharded (see ``pipeline/sharding.py``).
+    #: The tables' optimizer, as FBGEMM names it: ``adam``, ``exact_sgd``,
+    #: ``exact_adagrad`` or ``exact_row_wise_adagrad``. FBGEMM's CPU kernels have no Adam:
+    #: on CPU, ``adam`` keeps the tables unsharded and trains them with torch's Adam.
     table_optimizer: str = "adam"
+    #: Training rows per batch on each rank.
     batch_size: int = 1024
     #: Negatives are drawn ∝ training count^beta (0: uniform), never the positive.
     negative_beta: float = 0.75
-    #: SASRec's dropout rate (the original SASRec used 0.2 on dense data, 0.5 on sparse).
+    #: SASRec's dropout rate, in [0, 1) (the original SASRec used 0.2 on dense data, 0.5
+    #: on sparse).
     dropout: float = 0.2
+    #: Most epochs of pretraining; early stopping may end it sooner.
     max_epochs: int = 50
     #: Validate every this many steps (0: at the end of each epoch only).
     eval_every: int = 0
@@ -166,6 +194,7 @@ class TrainConfig:
     #: Save the ``last`` checkpoint every this many steps, as well as at every epoch's
     #: end (0: at epochs' ends only). A resumed run goes on from the step saved.
     checkpoint_every: int = 1000
+    #: Seeds the model's initialisation, the negatives and the training order.
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -194,7 +223,7 @@ COEFFICIENTS = ("sampling", "loss")
 
 @dataclasses.dataclass
 class MoRecConfig:
-    """MoRec's continued training: the objective coordinator (SPEC "Objective coordinator").
+    """MoRec's continued training: the objective coordinator and its controllers.
 
     The coefficients of the sampler's objectives are ``q_o = c_o · w_o``, with ``w = 1``
     for accuracy and ``scale · p_o`` for the others; ``c_o`` is the output β of the PI
@@ -202,50 +231,53 @@ class MoRecConfig:
     losses or their shares of each batch (``coefficients``).
     """
 
-    #: p: preference over the objectives other than accuracy, in the sampler's order; sums
-    #: to 1 (empty when accuracy is the only objective).
+    #: p: preference over the objectives other than accuracy, in the sampler's order;
+    #: entries >= 0 that sum to 1 (empty when accuracy is the only objective).
     preference: tuple[float, ...] = (0.4, 0.3, 0.3)
-    #: λ: scale of the non-accuracy terms. The paper's 0.2 (with β >= 0.6) leaves the
-    #: controller no authority: see README, "MoRec on Ta-Feng".
+    #: λ: scale of the non-accuracy terms; > 0. The paper's 0.2 with β >= 0.6 leaves the
+    #: accuracy term dominant even at β's lower bound, so the controller has no authority.
     scale: float = 1.0
     #: What the controllers hold: ``validation``, each held objective's validation metric
-    #: relative to the base's (see :mod:`morec_rec.control.measures`), stepped at each
-    #: validation pass; or ``training``, its mean training loss, stepped every batch (the
-    #: paper's). On Ta-Feng only validation control had authority over what decides
-    #: validity, on MF and SASRec (README, "Which quantity to control").
+    #: relative to the base's (1 at the base, rising as the metric falls behind), stepped
+    #: at each validation pass; or ``training``, its mean training loss, stepped every
+    #: batch (the paper's). On Ta-Feng only validation control moved validation Hit@10,
+    #: which decides validity.
     control: str = "validation"
     #: Where the coefficients q act: ``loss``, as the weights of ``Σ_o q_o · ℓ_o`` over
     #: equal sub-batches (the paper's); or ``sampling``, as each objective's share of the
     #: batch's rows (``q / Σ q``), the loss being the batch's plain mean. Both have the same
     #: expected gradient up to scale; under Adam only the shares have authority over rows
-    #: that the other objectives alone touch (README, "Where the coefficients act").
-    #: ``sampling`` needs ``validation`` control: the loaders draw batches ahead, so the
-    #: shares follow the controllers at validation passes, not at every step.
+    #: that the other objectives alone touch. ``sampling`` needs ``validation`` control:
+    #: the loaders draw batches ahead, so the shares follow the controllers at validation
+    #: passes, not at every step.
     coefficients: str = "sampling"
     #: Objectives held by a PI controller, each ``name=target``. The target is a value of
     #: the controlled quantity, ``auto`` (its value at the base model: under ``training``
     #: control, the base's mean loss on that objective's sub-batches, measured before
     #: continued training; under ``validation`` control, 1) or ``auto*F`` (F times it).
+    #: ``accuracy=auto*1.01`` holds validation Hit@10 1% short of the base's.
     hold: tuple[str, ...] = ("accuracy=auto*1.01",)
-    #: PI gains and the range of its output β (the same for every held objective); ki is
-    #: per controller step (a batch or a validation pass, by ``control``). The defaults are
-    #: for ``validation`` control with ``sampling`` coefficients: with λ = 1, accuracy's
-    #: share of a batch is β / (β + 1), from 9% at β_min = 0.1 to 91% at β_max = 10; a 1%
-    #: shortfall held for one pass moves β by 0.6. (``training`` control on Ta-Feng used
-    #: ki 0.1, β in [0, 2].)
+    #: Proportional gain of every controller, >= 0: the proportional term lies in (0, kp).
     kp: float = 0.01
+    #: Integral gain of every controller, >= 0, per controller step (a batch or a
+    #: validation pass, by ``control``) and unit of error. With the other defaults a 1%
+    #: shortfall held for one pass moves β by 0.6. (``training`` control on Ta-Feng used
+    #: 0.1 with β in [0, 2].)
     ki: float = 60.0
+    #: Lower bound of the controllers' output β, >= 0. With λ = 1 and ``sampling``
+    #: coefficients, accuracy's share of a batch is β / (β + 1): 9% at 0.1.
     beta_min: float = 0.1
+    #: Upper bound of β, >= ``beta_min``: accuracy's share is 91% at 10 (as above).
     beta_max: float = 10.0
-    #: Batches whose mean losses give the ``auto`` targets.
+    #: Batches whose mean losses give the ``auto`` targets under ``training`` control.
     calibration_batches: int = 20
     #: Validation passes (signals, a controller step under ``validation`` control, then a
     #: mass update) per epoch of continued training.
     updates_per_epoch: int = 16
-    #: The share of the base's validation Hit@10 a pass needs to be selected: SPEC's
-    #: validity, 0.97, or more where validation and test are known to disagree.
+    #: The share of the base's validation Hit@10 a pass needs to be selected: 0.97, the
+    #: validity threshold, or more where validation and test are known to disagree.
     select_hit: float = 0.97
-    #: Length of continued training.
+    #: Epochs of continued training (a fixed length, no early stopping).
     epochs: int = 2
     #: Learning rate of continued training (0: the base's, restored with its optimizer).
     continued_lr: float = 1e-4
@@ -273,6 +305,17 @@ class MoRecConfig:
         _check(self.select_hit > 0, "select_hit", self.select_hit, "> 0")
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(self.continued_lr >= 0, "continued_lr", self.continued_lr, ">= 0")
+
+
+#: The config file's table of each dataclass, and the commands that read it, in the
+#: order of the reference.
+SECTIONS: dict[type, tuple[str, str]] = {
+    SourceConfig: ("source", "prepare"),
+    PrepareConfig: ("prepare", "prepare, synth"),
+    TrainConfig: ("train", "train, run, demo"),
+    SamplerConfig: ("sampler", "run, demo"),
+    MoRecConfig: ("morec", "run, demo"),
+}
 
 
 def parse_hold(item: str) -> tuple[str, float | None, float] | None:
@@ -303,25 +346,108 @@ def _check(ok: bool, field: str, value: Any, expected: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type,
                   exclude: tuple[str, ...] = ()) -> None:
-    """Adds one ``--flag`` per field of the dataclass ``cls`` (but ``exclude``); unset
-    flags stay absent."""
-    group = parser.add_argument_group(cls.__name__)
+    """Adds one ``--flag`` per field of the dataclass ``cls`` (but ``exclude``), its help the
+    field's doc and default; unset flags stay absent."""
+    group = parser.add_argument_group(cls.__name__, _first_sentence(cls))
+    docs = field_docs(cls)
     for field in dataclasses.fields(cls):
         if field.name in exclude:
             continue
         kind = _field_type(cls, field.name)
         flag = "--" + field.name.replace("_", "-")
+        # argparse formats help with %: a literal one is %%.
+        help = f"{_plain(docs[field.name])} (default: {_default_text(field)})".replace("%", "%%")
         if kind is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS)
+                               default=argparse.SUPPRESS, help=help)
         elif kind is tuple:
             group.add_argument(flag, dest=field.name, type=_comma_list,
-                               default=argparse.SUPPRESS, metavar="A,B,...",
-                               help=f"default: {','.join(map(str, field.default))}")
+                               default=argparse.SUPPRESS, metavar="A,B,...", help=help)
         else:
             group.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS,
-                               metavar=kind.__name__.upper(),
-                               help=f"default: {field.default!r}")
+                               metavar=kind.__name__.upper(), help=help)
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field of the dataclass ``cls`` -> its doc: the ``#:`` comment lines right above
+    the field in the source, joined. The one source of the flags' help and of the
+    configuration reference; a field without one is an error."""
+    lines, _ = inspect.getsourcelines(cls)
+    body = ast.parse(textwrap.dedent("".join(lines))).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs: dict[str, str] = {}
+    for node in body.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        comment: list[str] = []
+        row = node.lineno - 2  # the line above, 0-based
+        while row >= 0 and lines[row].strip().startswith("#:"):
+            comment.insert(0, lines[row].strip()[2:].strip())
+            row -= 1
+        docs[node.target.id] = " ".join(comment)
+    missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    if missing:
+        raise TypeError(f"{cls.__name__}: field(s) {', '.join(missing)} have no #: doc")
+    return docs
+
+
+def reference() -> str:
+    """The configuration reference in Markdown (``docs/configuration.md``): one table per
+    dataclass of :data:`SECTIONS`, from the fields' types, defaults and docs."""
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from the `#:` comments in morec_rec/config.py by",
+        "     python -c 'from morec_rec.config import reference; print(reference(), end=\"\")' \\",
+        "       > docs/configuration.md",
+        "     Edit the comments and regenerate; tests/test_config_docs.py checks it. -->",
+        "",
+        "Every setting is a field of a dataclass in `morec_rec/config.py`. A config file",
+        "(`--config FILE`) is TOML with one table per dataclass; each field is also a flag",
+        "(`history_length` becomes `--history-length`; a tuple is a comma list on the",
+        "command line, an array in TOML). Flags override the file, the file overrides the",
+        "defaults. Unknown keys and out-of-range values are errors that name the key.",
+        "In a Python job the same dataclasses are built directly, e.g.",
+        "`MoRecConfig(hold=(\"accuracy=auto*1.02\",))`.",
+    ]
+    for cls, (section, commands) in SECTIONS.items():
+        docs = field_docs(cls)
+        out += ["", f"## `[{section}]`: {cls.__name__}", "",
+                f"{_markdown(inspect.cleandoc(cls.__doc__ or ''))}", "",
+                f"Read by: {commands}.", "",
+                "| field | type | default | what it does |", "|---|---|---|---|"]
+        for field in dataclasses.fields(cls):
+            default = _default_text(field, toml=True)
+            doc = _markdown(docs[field.name]).replace("|", "\\|")
+            out.append(f"| `{field.name}` | `{field.type}` | `{default}` | {doc} |")
+    return "\n".join(out) + "\n"
+
+
+def _default_text(field: dataclasses.Field[Any], toml: bool = False) -> str:
+    """A field's default as a flag (``a,b``, ``'x'``) or as TOML (``["a", "b"]``, ``"x"``)
+    writes it."""
+    value = field.default
+    if isinstance(value, tuple):
+        if toml:
+            return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+        return ",".join(map(str, value)) or "(empty)"
+    return json.dumps(value) if toml and isinstance(value, str) else repr(value)
+
+
+def _first_sentence(cls: type) -> str:
+    """The first paragraph of a class docstring, as plain text."""
+    return _plain(" ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split()))
+
+
+def _plain(text: str) -> str:
+    """reStructuredText literals (````x````) as plain text, for the command-line help."""
+    return re.sub(r"``(.+?)``", r"\1", text)
+
+
+def _markdown(text: str) -> str:
+    """reStructuredText literals (````x````) as Markdown code."""
+    return re.sub(r"``(.+?)``", r"`\1`", text)
 
 
 def build(cls: type[C], file_values: dict[str, Any], args: argparse.Namespace | None) -> C:

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from morec_rec.cli import main
 from morec_rec.data.raw import RawData
+from morec_rec.jobs.cli import main
 
 # One intra-op thread: tests run beside torchrun jobs and loader workers on 2 cores.
 torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``morec-rec ARGS`` in a fresh process (no process group leaks into the tests)."""
-    return subprocess.run([sys.executable, "-m", "morec_rec.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import run_cli
 from torch.distributed.checkpoint.api import CheckpointException
 
-from conftest import run_cli
 from morec_rec.data.format import PreparedDataset
 from morec_rec.data.sources.tables import to_seconds
 from morec_rec.errors import MorecError
-from morec_rec.pipeline import checkpoint, distributed
+from morec_rec.jobs import checkpoint, distributed
 
 #: Small and fast training settings (the tiny profile has 3,220 training rows).
 TRAIN = ("--max-epochs", "1", "--batch-size", "256", "--num-workers", "0",

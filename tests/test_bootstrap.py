@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from morec_rec.eval.bootstrap import paired_bootstrap
-from morec_rec.eval.metrics import RankingMetricSums, user_rows
+from morec_rec.jobs.bootstrap import paired_bootstrap
+from morec_rec.plugin.eval.metrics import RankingMetricSums, user_rows
 
 # Six items: price i + 1, fairness group i mod 2, popularity group i mod 3.
 PRICE = np.arange(6, dtype=np.float64) + 1

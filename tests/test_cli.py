@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from morec_rec.cli import main
+from morec_rec.jobs.cli import main
 
 INTERACTIONS = "user,item,timestamp\n" + "".join(
     f"u{u},i{i},{10 * u + i}\n" for u in range(6) for i in range(5)

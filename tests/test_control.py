@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from morec_rec.config import MoRecConfig
-from morec_rec.control.coordinator import Coordinator, needs_base_losses
-from morec_rec.control.measures import METRICS, relative_measures
-from morec_rec.control.pi import PIController, PIGains
 from morec_rec.errors import MorecError
+from morec_rec.plugin.control.coordinator import Coordinator, needs_base_losses
+from morec_rec.plugin.control.measures import METRICS, relative_measures
+from morec_rec.plugin.control.pi import PIController, PIGains
 
 PAPER = PIGains(kp=0.01, ki=0.001, beta_min=0.6, beta_max=1.3)
 OBJECTIVES = ("accuracy", "revenue", "fairness", "alignment")

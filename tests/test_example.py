@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_torchrun
 
 EXAMPLE = ROOT / "integration" / "example"

@@ -20,17 +20,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 import torch
+from conftest import run_torchrun
 from torch import nn
 
-from conftest import run_torchrun
-from morec_rec.control.coordinator import Coordinator
-from morec_rec.control.pi import PIGains
 from morec_rec.errors import MorecError
-from morec_rec.models import ModelOutput, per_row_loss
-from morec_rec.models.mf import MatrixFactorization
-from morec_rec.pipeline.batch import TrainBatch, features_kjt
-from morec_rec.plugin.batch import ExampleLayout, SegmentedBatch
+from morec_rec.jobs.collate import TrainBatch, features_kjt
+from morec_rec.jobs.models import ModelOutput, per_row_loss
+from morec_rec.jobs.models.mf import MatrixFactorization
+from morec_rec.plugin.control.coordinator import Coordinator
+from morec_rec.plugin.control.pi import PIGains
 from morec_rec.plugin.hook import Examples, MoRecLoss, ObjectiveLosses
+from morec_rec.plugin.segments import ExampleLayout, SegmentedBatch
 
 OBJECTIVES = ("accuracy", "revenue", "fairness")
 GAINS = PIGains(kp=0.5, ki=0.1, beta_min=0.6, beta_max=1.3)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from morec_rec.eval.metrics import (
+from morec_rec.plugin.eval.metrics import (
     POP_KL_EPSILON,
     RankingMetrics,
     RankingMetricSums,

@@ -15,23 +15,23 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
+from conftest import chi_square_p, run_torchrun
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-from conftest import chi_square_p, run_torchrun
-from morec_rec.cli import synthesize
 from morec_rec.config import PrepareConfig, SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
-from morec_rec.models import build_model, num_negatives, per_row_loss
-from morec_rec.models.mf import MatrixFactorization
-from morec_rec.models.negatives import NegativeSampler
-from morec_rec.models.sasrec import SASRec, right_aligned
-from morec_rec.pipeline import batch as batch_module
-from morec_rec.pipeline.batch import Collator, TrainBatch, features_kjt
-from morec_rec.pipeline.sharding import shard
-from morec_rec.sampling.batch import SampledBatch
-from morec_rec.sampling.objectives import Accuracy
-from morec_rec.sampling.sampler import WeightedStreamSampler
+from morec_rec.jobs import collate as batch_module
+from morec_rec.jobs.cli import synthesize
+from morec_rec.jobs.collate import Collator, TrainBatch, features_kjt
+from morec_rec.jobs.models import build_model, num_negatives, per_row_loss
+from morec_rec.jobs.models.mf import MatrixFactorization
+from morec_rec.jobs.models.negatives import NegativeSampler
+from morec_rec.jobs.models.sasrec import SASRec, right_aligned
+from morec_rec.jobs.sharding import shard
+from morec_rec.plugin.sampling.objectives import Accuracy
+from morec_rec.plugin.sampling.sampled import SampledBatch
+from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
 ALPHA = 1e-3
 COUNTS = np.array([0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 0, 89])

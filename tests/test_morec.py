@@ -11,16 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli, run_torchrun
+
+from morec_rec.config import MoRecConfig, SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
-from morec_rec.eval.metrics import RankingMetrics
-from morec_rec.pipeline.checkpoint import read_meta
-from morec_rec.config import MoRecConfig, SamplerConfig
-from morec_rec.pipeline.morec import MoRecProgress, select
+from morec_rec.jobs.checkpoint import read_meta
+from morec_rec.jobs.continued import MoRecProgress, select
+from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.morec import check_settings
-from morec_rec.sampling.objectives import OneGroup
+from morec_rec.plugin.sampling.objectives import OneGroup
 
 TRAIN = ["--model", "mf", "--num-workers", "0", "--embedding-dim", "16"]
 MOREC = [*TRAIN, "--sub-batch-size", "32", "--epochs", "2", "--updates-per-epoch", "3",

@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 
 from morec_rec.errors import MorecError
-from morec_rec.sampling.objectives import (
+from morec_rec.plugin.sampling.objectives import (
     BUILTINS,
     Accuracy,
     Alignment,

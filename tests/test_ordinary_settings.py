@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, run_torchrun
 
 METRICS = {"hit@10", "rhit@10", "pop_kl@10", "min_hit@10"}

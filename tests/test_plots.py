@@ -12,7 +12,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from morec_rec.errors import MorecError
-from morec_rec.eval import plots
+from morec_rec.jobs import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROWS = {

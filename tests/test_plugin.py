@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from morec_rec import MoRec, MoRecConfig, MorecError, Objective, SamplerConfig, SegmentedBatch
-from morec_rec.sampling.sampler import BATCH
+from morec_rec.plugin.sampling.sampler import BATCH
 
 
 class Cheap(Objective):

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import raw_data
+
 from morec_rec.config import PrepareConfig
 from morec_rec.data.format import FORMAT_VERSION, ROW_SCHEMA, PreparedDataset
 from morec_rec.data.prepare import prepare

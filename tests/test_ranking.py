@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sampling_data import make_dataset
 
 from morec_rec.data.format import PreparedDataset
-from morec_rec.eval.ranking import PopularityScorer, RankingTask, evaluate, load_task, top_k
-from sampling_data import make_dataset
+from morec_rec.plugin.eval.ranking import PopularityScorer, RankingTask, evaluate, load_task, top_k
 
 
 def _task(exclude: list[list[int]], held_out: list[int], num_items: int = 6) -> RankingTask:

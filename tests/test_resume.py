@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, free_port, run_cli, run_torchrun
 
 TRAIN = ["--model", "mf", "--num-workers", "0", "--embedding-dim", "16"]

@@ -12,17 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import chi_square_p
+from sampling_data import make_dataset
 from torch.utils.data import DataLoader
 
-from conftest import chi_square_p
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
-from morec_rec.sampling.draw import GroupIndex, draw, largest_remainder
-from morec_rec.sampling.objectives import Objective, build_objectives
-from morec_rec.sampling.sampler import BATCH, WeightedStreamSampler
-from morec_rec.sampling.store import StoreSpec, WeightStore
-from sampling_data import make_dataset
+from morec_rec.plugin.sampling.draw import GroupIndex, draw, largest_remainder
+from morec_rec.plugin.sampling.objectives import Objective, build_objectives
+from morec_rec.plugin.sampling.sampler import BATCH, WeightedStreamSampler
+from morec_rec.plugin.sampling.store import StoreSpec, WeightStore
 
 ALPHA = 1e-3
 ALL = ("accuracy", "revenue", "fairness", "alignment")
@@ -288,7 +288,7 @@ def test_sampler_counts_and_logs_starved_draws(dataset: PreparedDataset,
     config = SamplerConfig(objectives=("accuracy", "rare"), sub_batch_size=64,
                            window_batches=8)
     s = WeightedStreamSampler(dataset, objectives, config)
-    with caplog.at_level("WARNING", logger="morec_rec.sampling.sampler"):
+    with caplog.at_level("WARNING", logger="morec_rec.plugin.sampling.sampler"):
         batches = epochs(s, 1)
     starved = torch.stack([b.starved for b in batches]).numpy()
     assert starved[:, 0].sum() == 0  # accuracy never starves

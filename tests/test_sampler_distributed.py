@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_torchrun
 from sampling_data import make_dataset
 

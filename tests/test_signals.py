@@ -16,20 +16,20 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from conftest import run_torchrun
+from sampling_data import make_dataset
 from torch import nn
 
-from conftest import run_torchrun
 from morec_rec.data.format import PreparedDataset
-from morec_rec.eval.metrics import RankingMetrics
 from morec_rec.errors import MorecError
-from morec_rec.models import ModelOutput, build_model, per_row_loss
-from morec_rec.models.negatives import NegativeSampler
-from morec_rec.pipeline.batch import Collator, TrainBatch
-from morec_rec.plugin.batch import ExampleLayout
+from morec_rec.jobs.collate import Collator, TrainBatch
+from morec_rec.jobs.models import ModelOutput, build_model, per_row_loss
+from morec_rec.jobs.models.negatives import NegativeSampler
+from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.hook import Examples
+from morec_rec.plugin.sampling.objectives import ValidationSignal
+from morec_rec.plugin.segments import ExampleLayout
 from morec_rec.plugin.validation import group_losses, loss_groups, rows_batch, validation_signal
-from morec_rec.sampling.objectives import ValidationSignal
-from sampling_data import make_dataset
 
 MF_FEATURES = ("user_id", "item_id", "neg_item_id")
 

@@ -14,11 +14,11 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch.distributed as dist
+from conftest import ROOT, free_port, run_torchrun
 from torch.utils.data import DataLoader, IterableDataset
 
-from conftest import ROOT, free_port, run_torchrun
 from morec_rec.errors import MorecError
-from morec_rec.sampling.store import Masses, StoreSpec, WeightStore, publish_and_sync
+from morec_rec.plugin.sampling.store import Masses, StoreSpec, WeightStore, publish_and_sync
 
 STORE_JOB = ROOT / "tests" / "dist" / "store_job.py"
 

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from morec_rec.cli import main
 from morec_rec.data import synth
 from morec_rec.data.raw import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, RawData
 from morec_rec.data.synth import PROFILES, SynthProfile, generate
+from morec_rec.jobs.cli import main
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TAFENG
-from morec_rec.cli import main
+
 from morec_rec.data.format import PreparedDataset
+from morec_rec.jobs.cli import main
 
 pytestmark = [
     pytest.mark.tafeng,

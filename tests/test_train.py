@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, run_torchrun
-from morec_rec.cli import main
+
+from morec_rec.jobs.cli import main
 
 TRAIN = ["--model", "mf", "--batch-size", "128", "--num-workers", "0", "--embedding-dim", "16"]
 

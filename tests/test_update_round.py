@@ -16,14 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import chi_square_p
+from sampling_data import make_dataset
+
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
-from morec_rec.sampling.objectives import Alignment, Fairness, ValidationSignal, build_objectives
-from morec_rec.sampling.sampler import WeightedStreamSampler
-from morec_rec.sampling.store import StoreSpec, WeightStore
-from sampling_data import make_dataset
+from morec_rec.plugin.sampling.objectives import (
+    Alignment,
+    Fairness,
+    ValidationSignal,
+    build_objectives,
+)
+from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
+from morec_rec.plugin.sampling.store import StoreSpec, WeightStore
 
 ALPHA = 1e-3
 NAMES = ("fairness", "alignment")

@@ -126,7 +126,7 @@ class PreparedDataset:
     def check_batch(self, batch_size: int, num_streams: int, setting: str) -> None:
         """Raises :class:`MorecError` naming ``setting`` (e.g. ``batch_size = 4096``)
         unless each of ``num_streams`` streams of the training rows (ranks × loader
-        workers: see :mod:`morec_rec.sampling.partition`) holds a batch of ``batch_size``
+        workers: see :mod:`morec_rec.plugin.sampling.partition`) holds a batch of ``batch_size``
         rows: with fewer, an epoch would run no step."""
         rows = sum(shard["rows"] for shard in self.manifest["shards"]) // num_streams
         if batch_size > rows:

@@ -34,13 +34,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-import morec_rec
 from morec_rec.config import PrepareConfig
-from morec_rec.data import format as fmt
 from morec_rec.data import arrays
+from morec_rec.data import format as fmt
 from morec_rec.data.groups import fairness_groups, popularity_groups
 from morec_rec.data.raw import RawData
 from morec_rec.errors import MorecError
+from morec_rec.version import __version__
 
 UNKNOWN_CATEGORY = "unknown"
 
@@ -415,7 +415,7 @@ def _price_statistics(
 
 def _versions() -> dict[str, str]:
     return {
-        "morec_rec": morec_rec.__version__,
+        "morec_rec": __version__,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "pyarrow": pa.__version__,

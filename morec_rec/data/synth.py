@@ -15,9 +15,9 @@ Generative model (every draw from one seed; ``C`` categories, ``d`` latent dimen
   are ``n_u`` draws without replacement from softmax(t_u·v_e/τ + b_e), by Gumbel-top-k.
 * Time: a user is active over a random window of the time span, at uniformly scattered
   timestamps, with the items in a random order, so that any position (the held-out last
-  one included) is a draw from the user's own distribution. Grouping a user's items into
-  category sessions was tried and dropped: the last session is as likely to be a minor
-  category as the main one, so held-out items would under-represent the user's taste.
+  one included) is a draw from the user's own distribution. (Category sessions would make
+  the last session as likely a minor category as the main one, so held-out items would
+  under-represent the user's taste.)
 
 The output depends on the seed, the profile and :data:`_CHUNK_ELEMENTS` only; floating-point
 scores come from a BLAS matrix product, so tables are identical for a seed on one machine and

@@ -1,4 +1,4 @@
-"""TorchRec's way in: a :class:`~morec_rec.plugin.batch.SegmentedBatch` is ``Pipelineable``.
+"""TorchRec's way in: a :class:`~morec_rec.plugin.segments.SegmentedBatch` is ``Pipelineable``.
 
 TorchRec's pipelines accept a batch that is a tensor or a ``Pipelineable``. The plugin's
 core imports nothing of TorchRec, so the registration happens only where TorchRec is
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from morec_rec.plugin.batch import SegmentedBatch
+from morec_rec.plugin.segments import SegmentedBatch
 
 
 def register_pipelineable() -> None:

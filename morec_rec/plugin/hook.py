@@ -4,7 +4,7 @@
                                        custom_model_fwd=morec.loss(model))
 
 The pipeline calls the hook instead of the model with a
-:class:`~morec_rec.plugin.batch.SegmentedBatch`; the hook calls the model with the job's
+:class:`~morec_rec.plugin.segments.SegmentedBatch`; the hook calls the model with the job's
 own batch, so the pipelined embedding lookups and fused table optimizers are untouched,
 and returns ``(loss, the model's own output)``, so the job's loop is unchanged. In a plain
 training loop the hook is called like the model.
@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from morec_rec.collectives import all_reduce
-from morec_rec.control.coordinator import Coordinator
 from morec_rec.errors import MorecError
-from morec_rec.plugin.batch import ExampleLayout, SegmentedBatch
+from morec_rec.plugin.control.coordinator import Coordinator
+from morec_rec.plugin.segments import ExampleLayout, SegmentedBatch
 
 #: ``(job batch, model output) -> float (E,)``: each example's loss. Differentiable
 #: where the coefficients weigh the losses (``loss`` coefficients); detached is enough

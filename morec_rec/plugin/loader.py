@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader
 
-from morec_rec.plugin.batch import SegmentedBatch
-from morec_rec.sampling.batch import SampledBatch
-from morec_rec.sampling.sampler import WeightedStreamSampler
+from morec_rec.plugin.sampling.sampled import SampledBatch
+from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
+from morec_rec.plugin.segments import SegmentedBatch
 
 #: SampledBatch -> the job's batch.
 Collate = Callable[[SampledBatch], Any]

@@ -36,20 +36,20 @@ from torch import nn
 
 from morec_rec.collectives import all_reduce, is_distributed
 from morec_rec.config import MoRecConfig, SamplerConfig
-from morec_rec.control.coordinator import Coordinator, needs_base_losses
-from morec_rec.control.measures import relative_measures
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
-from morec_rec.eval.metrics import RankingMetrics
-from morec_rec.eval.ranking import K, Scorer, evaluate, load_task
 from morec_rec.plugin.adapters import register_pipelineable
-from morec_rec.plugin.batch import ExampleLayout, move
+from morec_rec.plugin.control.coordinator import Coordinator, needs_base_losses
+from morec_rec.plugin.control.measures import relative_measures
+from morec_rec.plugin.eval.metrics import RankingMetrics
+from morec_rec.plugin.eval.ranking import K, Scorer, evaluate, load_task
 from morec_rec.plugin.hook import Examples, MoRecLoss, ObjectiveLosses, Rows
 from morec_rec.plugin.loader import Collate, MoRecLoader, Segmenting
+from morec_rec.plugin.sampling.objectives import Objective, ValidationSignal, build_objectives
+from morec_rec.plugin.sampling.sampler import BATCH, WeightedStreamSampler
+from morec_rec.plugin.sampling.store import Masses, StoreSpec, WeightStore, publish_and_sync
+from morec_rec.plugin.segments import ExampleLayout
 from morec_rec.plugin.validation import group_losses, loss_groups, validation_signal
-from morec_rec.sampling.objectives import Objective, ValidationSignal, build_objectives
-from morec_rec.sampling.sampler import BATCH, WeightedStreamSampler
-from morec_rec.sampling.store import Masses, StoreSpec, WeightStore, publish_and_sync
 
 #: The version of :meth:`MoRec.state_dict`'s layout.
 STATE_FORMAT = 1
@@ -182,7 +182,7 @@ class MoRec:
     @property
     def masses(self) -> dict[str, np.ndarray]:
         """The latest published masses by objective name, and the objectives' shares of a
-        batch under :data:`~morec_rec.sampling.sampler.BATCH`."""
+        batch under :data:`~morec_rec.plugin.sampling.sampler.BATCH`."""
         return {k: v.copy() for k, v in self._masses.items()}
 
     @property

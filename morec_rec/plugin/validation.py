@@ -1,4 +1,4 @@
-"""Validation signals for the adaptive objectives (SPEC "The four foundation objectives").
+"""Validation signals for the adaptive objectives (docs/method.md).
 
 Two measurements of one validation pass feed the sampler's mass updates:
 
@@ -21,12 +21,12 @@ from torch import nn
 
 from morec_rec.collectives import all_reduce
 from morec_rec.data import arrays
-from morec_rec.eval.metrics import RankingMetrics
-from morec_rec.plugin.batch import move
+from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.hook import Examples
 from morec_rec.plugin.loader import Collate
-from morec_rec.sampling.batch import SampledBatch
-from morec_rec.sampling.objectives import ValidationSignal
+from morec_rec.plugin.sampling.objectives import ValidationSignal
+from morec_rec.plugin.sampling.sampled import SampledBatch
+from morec_rec.plugin.segments import move
 
 #: The row column that top-K exposure is counted over.
 EXPOSURE_GROUPS = "popularity_group"

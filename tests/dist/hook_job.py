@@ -42,17 +42,17 @@ from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardedModule
 
-from morec_rec.control.coordinator import Coordinator
-from morec_rec.control.pi import PIGains
+from morec_rec.plugin.control.coordinator import Coordinator
+from morec_rec.plugin.control.pi import PIGains
 from morec_rec.data.format import PreparedDataset
-from morec_rec.models import ModelOutput, build_model, per_row_loss
-from morec_rec.models.mf import MatrixFactorization
-from morec_rec.models.negatives import NegativeSampler
-from morec_rec.pipeline import distributed
-from morec_rec.pipeline.batch import Collator, TrainBatch, features_kjt
-from morec_rec.pipeline.sharding import shard
+from morec_rec.jobs.models import ModelOutput, build_model, per_row_loss
+from morec_rec.jobs.models.mf import MatrixFactorization
+from morec_rec.jobs.models.negatives import NegativeSampler
+from morec_rec.jobs import distributed
+from morec_rec.jobs.collate import Collator, TrainBatch, features_kjt
+from morec_rec.jobs.sharding import shard
 from morec_rec.plugin.adapters import register_pipelineable
-from morec_rec.plugin.batch import SegmentedBatch
+from morec_rec.plugin.segments import SegmentedBatch
 from morec_rec.plugin.hook import Examples, MoRecLoss, ObjectiveLosses
 from morec_rec.plugin.validation import group_losses, loss_groups
 

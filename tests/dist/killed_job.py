@@ -14,8 +14,8 @@ import os
 import signal
 import sys
 
-from morec_rec.cli import main
-from morec_rec.pipeline import checkpoint
+from morec_rec.jobs.cli import main
+from morec_rec.jobs import checkpoint
 from morec_rec.plugin.hook import MoRecLoss
 
 

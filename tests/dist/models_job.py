@@ -5,7 +5,7 @@ Run by ``tests/test_models.py``::
     python -m torch.distributed.run --nproc_per_node=N --master-port=PORT \\
         tests/dist/models_job.py --data DIR --out DIR
 
-For each backbone and each table setup of :func:`morec_rec.pipeline.sharding.shard`
+For each backbone and each table setup of :func:`morec_rec.jobs.sharding.shard`
 (Adam: tables replicated; fused row-wise Adagrad: tables sharded), each rank trains
 ``STEPS`` pipeline steps on its own stream of the dataset (sampler + Collator), then
 scores the first ``USERS`` validation users against all items through ``model.module``,
@@ -32,15 +32,15 @@ from torchrec.distributed.types import ShardedModule
 
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
-from morec_rec.eval.ranking import RankingTask, load_task
-from morec_rec.models import build_model, num_negatives
-from morec_rec.models.negatives import NegativeSampler
-from morec_rec.models.scorer import ModelScorer
-from morec_rec.pipeline import distributed
-from morec_rec.pipeline.batch import Collator, TrainBatch, features_kjt
-from morec_rec.pipeline.sharding import shard
-from morec_rec.sampling.objectives import Accuracy
-from morec_rec.sampling.sampler import WeightedStreamSampler
+from morec_rec.plugin.eval.ranking import RankingTask, load_task
+from morec_rec.jobs.models import build_model, num_negatives
+from morec_rec.jobs.models.negatives import NegativeSampler
+from morec_rec.jobs.models.scorer import ModelScorer
+from morec_rec.jobs import distributed
+from morec_rec.jobs.collate import Collator, TrainBatch, features_kjt
+from morec_rec.jobs.sharding import shard
+from morec_rec.plugin.sampling.objectives import Accuracy
+from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
 STEPS = 30
 BATCH = 128  # rows per step over all ranks

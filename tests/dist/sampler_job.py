@@ -30,11 +30,11 @@ from torch.utils.data import DataLoader
 
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
-from morec_rec.pipeline import distributed
-from morec_rec.sampling.batch import SampledBatch
-from morec_rec.sampling.objectives import build_objectives
-from morec_rec.sampling.sampler import WeightedStreamSampler
-from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
+from morec_rec.jobs import distributed
+from morec_rec.plugin.sampling.sampled import SampledBatch
+from morec_rec.plugin.sampling.objectives import build_objectives
+from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
+from morec_rec.plugin.sampling.store import StoreSpec, WeightStore, publish_and_sync
 
 NUM_WORKERS, PREFETCH = 2, 2
 PUBLISH_AFTER = 6

@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from morec_rec.errors import MorecError
-from morec_rec.pipeline import distributed
-from morec_rec.sampling.store import StoreSpec, WeightStore, publish_and_sync
+from morec_rec.jobs import distributed
+from morec_rec.plugin.sampling.store import StoreSpec, WeightStore, publish_and_sync
 
 #: (values, effective_from) that rank 0 publishes as versions 1 and 2.
 PUBLISHED = [

@@ -1,1 +1,0 @@
-"""Evaluation: full-ranking top-K, the metrics, and validation signals."""

@@ -1,0 +1,94 @@
+"""Paired bootstrap over users: is one model's lead over another more than test-set noise?
+
+Two models evaluated on the same users (:func:`~morec_rec.plugin.eval.ranking.evaluate_users`)
+are resampled together: each resample draws U users with replacement, the same users for
+both, and recomputes every metric from the resampled users' sums (so Pop-KL and min-Hit,
+which are not means over users, are resampled as they are defined). The spread of the
+differences is the test-set noise of the comparison; the models are fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from morec_rec.plugin.eval.metrics import RankingMetricSums, improvement
+
+#: Resamples whose weight matrix is built at once: (CHUNK, U) int64.
+_CHUNK = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedBootstrap:
+    """Model A against model B on the same users, ``resamples`` paired resamples.
+
+    Attributes:
+        a, b: each model's metrics on the users as evaluated, keyed ``"hit@K"`` etc.
+        difference: A − B per metric, on the users as evaluated.
+        interval: per metric, the (low, high) percentile interval of A − B over the
+            resamples at ``level``.
+        imp: Imp of A over B (B as the base; over the defined terms; None if none is).
+        imp_interval: the percentile interval of that Imp over the resamples.
+        imp_positive: the share of resamples in which A's Imp over B is > 0. A term
+            undefined in a resample (B's metric 0 there) is left out of that resample's
+            Imp, as in :func:`~morec_rec.plugin.eval.metrics.improvement`.
+        resamples, level, seed: as given.
+    """
+
+    a: dict[str, float]
+    b: dict[str, float]
+    difference: dict[str, float]
+    interval: dict[str, tuple[float, float]]
+    imp: float | None
+    imp_interval: tuple[float, float]
+    imp_positive: float
+    resamples: int
+    level: float
+    seed: int
+
+
+def paired_bootstrap(rows_a: np.ndarray, rows_b: np.ndarray, q: np.ndarray, *, k: int,
+                     num_fairness_groups: int, resamples: int = 1000, level: float = 0.95,
+                     seed: int = 0) -> PairedBootstrap:
+    """Compares A and B from their per-user rows (U, D), row u of both the same user.
+
+    ``q`` is the target popularity distribution (``RankingTask.q``). Deterministic for a
+    given ``seed``.
+    """
+    if rows_a.shape != rows_b.shape or rows_a.ndim != 2 or len(rows_a) == 0:
+        raise ValueError(f"per-user rows of A and B must have the same (U, D) shape, U > 0; "
+                         f"got {rows_a.shape} and {rows_b.shape}")
+    if not np.array_equal(rows_a[:, 3:3 + num_fairness_groups],
+                          rows_b[:, 3:3 + num_fairness_groups]):
+        raise ValueError("A and B were not evaluated on the same users (held-out groups differ)")
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"need resamples >= 1 and 0 < level < 1; got {resamples}, {level}")
+
+    def metrics(total: np.ndarray) -> dict[str, float]:
+        sums = RankingMetricSums.from_array(total, k=k, num_fairness_groups=num_fairness_groups)
+        return sums.finalize(q).as_dict()
+
+    a, b = metrics(rows_a.sum(axis=0)), metrics(rows_b.sum(axis=0))
+    users = len(rows_a)
+    rng = np.random.default_rng(seed)
+    differences, imps = [], []
+    for start in range(0, resamples, _CHUNK):
+        weights = rng.multinomial(users, np.full(users, 1.0 / users),
+                                  size=min(_CHUNK, resamples - start)).astype(np.float64)
+        for total_a, total_b in zip(weights @ rows_a, weights @ rows_b):
+            resampled_a, resampled_b = metrics(total_a), metrics(total_b)
+            differences.append([resampled_a[m] - resampled_b[m] for m in resampled_a])
+            imp = improvement(resampled_b, resampled_a).imp_defined
+            imps.append(np.nan if imp is None else imp)
+    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    bounds = np.percentile(np.array(differences), tails, axis=0)
+    keys = list(a)
+    return PairedBootstrap(
+        a=a, b=b, difference={m: a[m] - b[m] for m in keys},
+        interval={m: (float(bounds[0, i]), float(bounds[1, i])) for i, m in enumerate(keys)},
+        imp=improvement(b, a).imp_defined,
+        imp_interval=tuple(float(x) for x in np.nanpercentile(imps, tails)),
+        imp_positive=float(np.nanmean(np.array(imps) > 0)),
+        resamples=resamples, level=level, seed=seed,
+    )

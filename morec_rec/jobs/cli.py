@@ -1,0 +1,477 @@
+"""The ``morec-rec`` command.
+
+Expected failures (bad input, bad configuration) print one line naming the file, field or
+value, and exit with status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from morec_rec.config import (
+    MoRecConfig,
+    PrepareConfig,
+    SamplerConfig,
+    SourceConfig,
+    TrainConfig,
+    add_arguments,
+    build,
+    load_file,
+)
+from morec_rec.data.format import MANIFEST, PreparedDataset
+from morec_rec.errors import MorecError
+from morec_rec.jobs.bootstrap import PairedBootstrap
+
+if TYPE_CHECKING:
+    from morec_rec.jobs.run import Run
+
+DEMO_PROFILE = "demo"
+
+
+#: Third-party deprecation notices that say nothing about the user's job (the command line
+#: silences them; the library leaves warnings alone).
+_QUIET_WARNINGS = (
+    r"`broadcast_buffers` is deprecated",  # torchrec's DMP constructing DDP
+    r"[\s\S]*fbgemm_gpu.split_table_batched_embeddings_ops is now DEPRECATED",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    args = _parser().parse_args(argv)
+    try:
+        args.command(args)
+    except MorecError as e:
+        print(f"morec-rec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("morec-rec: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # only commands that train or evaluate
+            from morec_rec.jobs import distributed
+
+            distributed.shutdown()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="morec-rec", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    prepare = commands.add_parser("prepare", help="prepare a raw source into the data format")
+    prepare.add_argument("--source", required=True, help="generic, amazon, tafeng or morec")
+    prepare.add_argument("--input", required=True, type=Path, help="interactions file")
+    prepare.add_argument("--meta", type=Path, help="item metadata file (where the source has one)")
+    _add_common(prepare, "[prepare] and [source] tables")
+    add_arguments(prepare, SourceConfig)
+    prepare.set_defaults(command=_prepare)
+
+    synth = commands.add_parser("synth", help="generate a synthetic dataset, prepared")
+    synth.add_argument("--profile", required=True, help="tiny, demo or xbox")
+    _add_common(synth, "a [prepare] table")
+    synth.set_defaults(command=_synth)
+
+    train = commands.add_parser("train", help="train a backbone (also under torchrun)")
+    train.add_argument("--data", type=Path, help="prepared dataset (not with --resume)")
+    train.add_argument("--out", required=True, type=Path, help="run directory")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--config", type=Path, help="TOML file with a [train] table")
+    add_arguments(train, TrainConfig)
+    train.set_defaults(command=_train)
+
+    evaluate = commands.add_parser("evaluate", help="full-ranking metrics of a run or baseline")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="a run directory (its best checkpoint)")
+    source.add_argument("--data", type=Path, help="a prepared dataset, with --model popular")
+    evaluate.add_argument("--model", choices=["popular"], help="baseline to evaluate on --data")
+    evaluate.add_argument("--split", choices=["valid", "test"], default="test",
+                          help="the held-out split whose users are ranked (default: test)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--against", type=Path,
+                          help="a second run: compare --run with it on the same users, by a "
+                               "paired bootstrap over the users (one process)")
+    evaluate.add_argument("--resamples", type=int, default=1000,
+                          help="paired resamples for --against (default: 1000)")
+    evaluate.add_argument("--seed", type=int, default=0, help="resampling seed for --against")
+    evaluate.set_defaults(command=_evaluate)
+
+    run = commands.add_parser("run", help="pretrain, continue with MoRec, evaluate on test")
+    run.add_argument("--data", type=Path, help="prepared dataset (not with --resume)")
+    run.add_argument("--out", required=True, type=Path, help="output directory")
+    run.add_argument("--base", type=Path, help="an existing base run (default: pretrain one)")
+    run.add_argument("--continued", action="store_true",
+                     help="also run accuracy-only continued training from the same base")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the job in --out with its settings (flags may extend "
+                          "them, e.g. --epochs)")
+    _add_job_arguments(run)
+    run.set_defaults(command=_run)
+
+    demo = commands.add_parser("demo", help="the main job on the embedded default data")
+    demo.add_argument("--out", required=True, type=Path, help="output directory")
+    _add_job_arguments(demo)
+    demo.set_defaults(command=_demo)
+    return parser
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path,
+                        help="TOML file with [train], [sampler] and [morec] tables")
+    add_arguments(parser, TrainConfig)
+    add_arguments(parser, SamplerConfig, exclude=("seed",))  # one seed: the train config's
+    add_arguments(parser, MoRecConfig)
+
+
+def _job_configs(args: argparse.Namespace,
+                 defaults: dict[str, dict[str, Any]] | None = None,
+                 ) -> tuple[TrainConfig, SamplerConfig, MoRecConfig]:
+    """The job's configs: ``defaults`` < the config file < flags."""
+    file = load_file(args.config, ("train", "sampler", "morec"))
+    tables = {k: {**(defaults or {}).get(k, {}), **v} for k, v in file.items()}
+    train = build(TrainConfig, tables["train"], args)
+    sampler = build(SamplerConfig, {**tables["sampler"], "seed": train.seed}, args)
+    return train, sampler, build(MoRecConfig, tables["morec"], args)
+
+
+def _add_common(parser: argparse.ArgumentParser, tables: str) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="output dataset directory")
+    parser.add_argument("--config", type=Path, help=f"TOML file with {tables}")
+    add_arguments(parser, PrepareConfig)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from morec_rec.data.prepare import check_output, prepare
+    from morec_rec.data.sources import read_source
+
+    file = load_file(args.config, ("prepare", "source"))
+    config = build(PrepareConfig, file["prepare"], args)
+    source = build(SourceConfig, file["source"], args)
+    check_output(args.out)  # before the (possibly long) read
+    raw = read_source(args.source, args.input, args.meta, source)
+    print(summary(args.out, prepare(raw, args.out, config)))
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from morec_rec.data.prepare import check_output
+
+    config = build(PrepareConfig, load_file(args.config, ("prepare",))["prepare"], args)
+    check_output(args.out)  # before the (possibly long) generation
+    print(summary(args.out, synthesize(args.profile, args.out, config)))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from morec_rec.data.prepare import check_writable
+    from morec_rec.jobs import distributed
+    from morec_rec.jobs.run import Run
+    from morec_rec.jobs.train import train
+
+    if args.resume:
+        if args.data is not None:
+            raise MorecError("--resume continues the run's own data and config: drop --data")
+        run = Run.open(args.out)
+        record = run.record
+        config = build(TrainConfig, record["config"], args)  # flags may extend, e.g. epochs
+        dataset = PreparedDataset.open(record["data"])
+        env = distributed.init()
+        _check_batch(dataset, config, env.world_size)
+        _recover(args.out)
+    else:
+        if args.data is None:
+            raise MorecError("train needs --data (or --resume)")
+        config = build(TrainConfig, load_file(args.config, ("train",))["train"], args)
+        dataset = PreparedDataset.open(args.data)
+        env = distributed.init()
+        _check_batch(dataset, config, env.world_size)
+        check_writable(args.out)
+        run = Run.create(args.out, {"config": dataclasses.asdict(config),
+                                    "data": str(dataset.root.resolve()),
+                                    "world_size": env.world_size})
+    progress = train(dataset, config, run, resume=args.resume)
+    if distributed.init().is_main:
+        print(f"trained {config.model}: {progress.epoch} epoch(s), {progress.step} steps; best "
+              f"validation hit@10 {progress.best_hit:.4f} at step {progress.best_step}; "
+              f"run in {args.out}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import torch
+
+    from morec_rec.jobs import distributed
+    from morec_rec.jobs.job import run_scorer
+    from morec_rec.plugin.eval.ranking import PopularityScorer, evaluate, load_task
+
+    if args.against is not None:
+        _compare(args)
+        return
+    env = distributed.init()
+    if args.run is not None:
+        if args.model is not None:
+            raise MorecError("--model names a baseline for --data; a run knows its model")
+        scorer, dataset, config = run_scorer(_evaluable(args.run, env.is_main), env)
+        name = config.model
+    else:
+        if args.model != "popular":
+            raise MorecError("--data needs --model popular (or evaluate a run with --run)")
+        dataset = PreparedDataset.open(args.data)
+        scorer = PopularityScorer(dataset.items()["train_count"].to_numpy())
+        name = "popular"
+    with torch.no_grad():
+        metrics = evaluate(scorer, load_task(dataset, args.split))
+    if env.is_main:
+        print(format_metrics(name, args.split, metrics.users, metrics.as_dict(), args.json))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    import torch
+
+    from morec_rec.jobs import distributed
+    from morec_rec.jobs.bootstrap import paired_bootstrap
+    from morec_rec.jobs.job import run_scorer
+    from morec_rec.plugin.eval.ranking import K, evaluate_users, load_task
+
+    if args.run is None:
+        raise MorecError("--against compares two runs: name the first with --run")
+    env = distributed.init()
+    runs = [_evaluable(args.run, env.is_main), _evaluable(args.against, env.is_main)]
+    data = [Path(run.record["data"]).resolve() for run in runs]
+    if data[0] != data[1]:
+        raise MorecError(f"{args.run} and {args.against} were trained on different data "
+                         f"({data[0]} and {data[1]}): nothing to pair")
+    scorers = [run_scorer(run, env) for run in runs]
+    task = load_task(scorers[0][1], args.split)  # the same data: one task serves both
+    with torch.no_grad():
+        rows = [evaluate_users(scorer, task, chunk_users=config.eval_chunk_users)
+                for scorer, _, config in scorers]
+    result = paired_bootstrap(*rows, task.q, k=K, num_fairness_groups=task.num_fairness_groups,
+                              resamples=args.resamples, seed=args.seed)
+    print(format_comparison(str(args.run), str(args.against), args.split, len(task), result,
+                            args.json))
+
+
+def _evaluable(root: Path, is_main: bool) -> Run:
+    """The run at ``root`` if it has a best checkpoint to evaluate (else MorecError); prints
+    a warning (on rank 0) if its training did not finish."""
+    from morec_rec.jobs import checkpoint
+    from morec_rec.jobs.run import Run
+
+    run = Run.open(root)
+    if checkpoint.resolve(run.best) is None:
+        raise MorecError(f"{root}: nothing to evaluate: no best checkpoint (the run stopped "
+                         "before its first validation)")
+    record = run.record
+    config = record["config"]
+    done = (checkpoint.read_meta(run.last)["progress"]
+            if checkpoint.resolve(run.last) is not None else {"epoch": 0, "stale": 0})
+    if "morec" in record:  # continued training: a fixed number of epochs
+        total, stopped = record["morec"]["epochs"], False
+    else:  # a backbone: until early stop or max_epochs
+        total, stopped = config["max_epochs"], done["stale"] >= config["patience"]
+    if is_main and done["epoch"] < total and not stopped:
+        print(f"morec-rec: warning: {root}: unfinished run ({done['epoch']} of {total} "
+              "epochs): evaluating its best checkpoint so far", file=sys.stderr)
+    return run
+
+
+def format_comparison(a: str, b: str, split: str, users: int, result: PairedBootstrap,
+                      as_json: bool) -> str:
+    """The paired comparison of run ``a`` with run ``b``: a table, or one JSON object."""
+    if as_json:
+        return json.dumps({"run": a, "against": b, "split": split, "users": users,
+                           **dataclasses.asdict(result)})
+    percent = round(100 * result.level)
+    lines = [f"{a} against {b} on {split} ({users:,} users; {result.resamples:,} paired "
+             f"resamples of the users, {percent}% intervals)",
+             f"  {'metric':<12}{'A':>10}{'B':>10}{'A - B':>10}   interval"]
+    for key, difference in result.difference.items():
+        low, high = result.interval[key]
+        lines.append(f"  {key:<12}{result.a[key]:>10.4f}{result.b[key]:>10.4f}"
+                     f"{difference:>+10.4f}   [{low:+.4f}, {high:+.4f}]")
+    imp = "undefined" if result.imp is None else f"{100 * result.imp:+.2f}%"
+    low, high = result.imp_interval
+    lines.append(f"  Imp of A over B {imp} [{100 * low:+.2f}%, {100 * high:+.2f}%]; "
+                 f"> 0 in {100 * result.imp_positive:.1f}% of the resamples")
+    return "\n".join(lines)
+
+
+def format_metrics(name: str, split: str, users: int, metrics: dict[str, float],
+                   as_json: bool) -> str:
+    """The metric table of one model, or one JSON object."""
+    if as_json:
+        return json.dumps({"model": name, "split": split, "users": users, **metrics})
+    rows = "\n".join(f"  {key:<12}{value:.4f}" for key, value in metrics.items())
+    return f"{name} on {split} ({users:,} users)\n{rows}"
+
+
+def _run(args: argparse.Namespace) -> None:
+    from morec_rec.data.prepare import check_writable
+    from morec_rec.jobs.job import read_job, run_job
+
+    if not args.resume:
+        if args.data is None:
+            raise MorecError("run needs --data (or --resume)")
+        train, sampler, morec = _job_configs(args)
+        dataset = PreparedDataset.open(args.data)
+        _check_job(dataset, args.base, train, sampler)
+        check_writable(args.out)
+        _print_results(run_job(dataset, args.out, train, sampler, morec, base=args.base,
+                               with_continued=args.continued), args.out)
+        return
+    if args.data is not None or args.base is not None or args.config is not None:
+        raise MorecError("--resume continues the job's own data, base and settings: "
+                         "drop --data, --base and --config")
+    job = read_job(args.out)
+    train = build(TrainConfig, job["train"], args)
+    sampler = build(SamplerConfig, {**job["sampler"], "seed": train.seed}, args)
+    morec = build(MoRecConfig, job["morec"], args)
+    dataset = PreparedDataset.open(job["data"])
+    _check_job(dataset, job["base"], train, sampler)
+    _recover(*(args.out / stage for stage in ("base", "morec", "continued")))
+    _print_results(run_job(dataset, args.out, train, sampler, morec, base=job["base"],
+                           with_continued=job["continued"] or args.continued, resume=True),
+                   args.out)
+
+
+def _check_batch(dataset: PreparedDataset, config: TrainConfig, world_size: int) -> None:
+    """Raises :class:`MorecError` unless a batch of ``config`` fits each loader stream."""
+    dataset.check_batch(config.batch_size, world_size * max(config.num_workers, 1),
+                        f"batch_size = {config.batch_size}")
+
+
+def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainConfig,
+               sampler: SamplerConfig) -> None:
+    """Checks, before a job writes anything, what would fail it later: its batches fit the
+    data's loader streams, and a given ``base`` is a run of the same model on the same
+    data with a best checkpoint. (The job checks its objectives and controllers itself.)"""
+    from morec_rec.jobs import checkpoint, distributed
+    from morec_rec.jobs.run import Run
+    from morec_rec.jobs.train import model_identity
+
+    world_size = distributed.init().world_size
+    if base is None:
+        _check_batch(dataset, train, world_size)
+    else:
+        run = Run.open(Path(base))
+        data = Path(run.record["data"]).resolve()
+        if data != dataset.root.resolve():
+            raise MorecError(f"{base}: a base trained on {data}, not on {dataset.root}")
+        if checkpoint.resolve(run.best) is None:
+            raise MorecError(f"{base}: a base without a best checkpoint: nothing to continue")
+        meta = checkpoint.read_meta(run.best)
+        wrong = [f"{key} = {value!r} (the base's: {meta.get(key)!r})"
+                 for key, value in model_identity(train, dataset).items()
+                 if meta.get(key) != value]
+        if wrong:
+            raise MorecError(f"{base}: the base's model differs from the settings: "
+                             f"{', '.join(wrong)}")
+    objectives = len(sampler.objectives)
+    dataset.check_batch(sampler.sub_batch_size * objectives,
+                        world_size * max(train.num_workers, 1),
+                        f"sub_batch_size = {sampler.sub_batch_size} × {objectives} objective(s)")
+
+
+def _recover(*runs: Path) -> None:
+    """Completes the checkpoint saves that a kill interrupted in the run directories
+    ``runs`` (rank 0; every rank waits), before a resumed run looks for its checkpoints."""
+    import torch.distributed as dist
+
+    from morec_rec.jobs import checkpoint, distributed
+    from morec_rec.jobs.run import Run
+
+    if distributed.init().is_main:
+        for run in map(Run, runs):
+            checkpoint.recover(run.last)
+            checkpoint.recover(run.best)
+    dist.barrier()
+
+
+def _print_results(results: dict[str, Any], out: Path) -> None:
+    from morec_rec.jobs import distributed
+
+    if not distributed.init().is_main:
+        return
+    rows = [name for name in ("base", "continued", "morec") if name in results]
+    keys = list(results["base"])
+    print(f"{'':<12}" + "".join(f"{key:>12}" for key in keys))
+    for name in rows:
+        print(f"{name:<12}" + "".join(f"{results[name][key]:>12.4f}" for key in keys))
+    print(f"MoRec against the base on test: {results['imp_text']}, "
+          f"{'valid' if results['valid'] else 'INVALID'} (hit@10 >= 97% of the base's)")
+    for name, held in results["control"].items():
+        print(f"controller of {name}, last fifth of training: mean "
+              f"{held['mean']:.4f} against target {held['target']:.4f} "
+              f"({100 * held['relative_error']:+.1f}%), β at a bound in "
+              f"{100 * held['share_at_bound']:.0f}% of the steps")
+    print(f"results and plots in {out}")
+
+
+#: The demo's settings beside the defaults: small enough for a few minutes on 2 CPU cores.
+DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2}}
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from morec_rec.data.prepare import check_writable
+    from morec_rec.jobs.job import JOB, RESULTS, run_job
+
+    train, sampler, morec = _job_configs(args, DEMO_SETTINGS)
+    data = args.out / "data"
+    check_writable(args.out)
+    config = PrepareConfig(seed=train.seed)
+    if (data / MANIFEST).is_file():  # a rerun reuses the data it prepared before
+        manifest = PreparedDataset.open(data).manifest
+        if manifest["source"].get("profile") != DEMO_PROFILE or manifest["parameters"] != (
+            dataclasses.asdict(config)
+        ):
+            raise MorecError(f"{data}: holds other data than the demo's (seed {train.seed}); "
+                             "choose another --out")
+    else:
+        manifest = synthesize(DEMO_PROFILE, data, config)
+    print(summary(data, manifest))
+    if (args.out / RESULTS).is_file():  # a finished demo: show its results again
+        _print_results(json.loads((args.out / RESULTS).read_text()), args.out)
+        return
+    # An interrupted demo continues where it stopped.
+    dataset = PreparedDataset.open(data)
+    _check_job(dataset, None, train, sampler)
+    resume = (args.out / JOB).is_file()
+    if resume:
+        _recover(*(args.out / stage for stage in ("base", "morec")))
+    _print_results(run_job(dataset, args.out, train, sampler, morec, resume=resume), args.out)
+
+
+def synthesize(profile: str, out: Path, config: PrepareConfig) -> dict[str, Any]:
+    """Generates the synthetic ``profile`` with seed ``config.seed`` and prepares it."""
+    from morec_rec.data.prepare import prepare
+    from morec_rec.data.synth import PROFILES, generate
+
+    if profile not in PROFILES:
+        raise MorecError(f"unknown profile {profile!r} (expected one of {', '.join(PROFILES)})")
+    return prepare(generate(PROFILES[profile], config.seed), out, config)
+
+
+def summary(out: Path, manifest: dict[str, Any]) -> str:
+    """A few lines describing a prepared dataset."""
+    n = manifest["num_interactions"]
+    groups = manifest["groups"]
+    return (
+        f"prepared {out}: {manifest['num_users']:,} users, {manifest['num_items']:,} items, "
+        f"{sum(n.values()):,} interactions (train {n['train']:,}, valid {n['valid']:,}, "
+        f"test {n['test']:,})\n"
+        f"  {len(groups['fairness']['names'])} fairness groups, "
+        f"{len(groups['popularity']['num_items'])} popularity groups, "
+        f"{len(manifest['shards'])} train shard(s), "
+        f"mean item price {manifest['price']['item_mean']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

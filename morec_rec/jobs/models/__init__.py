@@ -1,0 +1,72 @@
+"""Reference backbones on TorchRec modules (the paper's training protocol): MF-BPR, SASRec.
+
+A backbone is an ``nn.Module`` whose embedding tables live in one ``EmbeddingCollection``
+(so DistributedModelParallel can shard them) and which offers:
+
+* ``feature_names``: the KJT keys it reads (see :class:`~morec_rec.jobs.collate.Collator`);
+* ``forward(batch: TrainBatch) -> (loss, ModelOutput)``: what ``TrainPipelineSparseDist``
+  calls; the loss is the mean of ``ModelOutput.per_row_loss``. The pipeline FX-traces it
+  to find the EmbeddingCollection's input (``batch.features``), so it holds no Python
+  control flow on tensors outside leaf submodules;
+* ``user_vectors(features) -> (B, D)`` and ``item_vectors(features) -> (N, D)``: full-ranking
+  scores are ``user_vectors @ item_vectors.T``. Each call runs the EmbeddingCollection
+  once, which is a collective once sharded: every rank must call it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from morec_rec.errors import MorecError
+
+#: Negatives per training row (the paper's training protocol).
+NEGATIVES = {"mf": 10, "sasrec": 3}
+
+
+class ModelOutput(NamedTuple):
+    """What a backbone's forward returns beside the loss (a NamedTuple so FX can trace it).
+
+    Attributes:
+        per_row_loss: float (B,), each row's training loss; the returned loss is its mean.
+    """
+
+    per_row_loss: torch.Tensor
+
+
+def per_row_loss(batch: object, output: ModelOutput) -> torch.Tensor:
+    """A backbone's per-row losses (MoRec's ``rows``)."""
+    return output.per_row_loss
+
+
+def build_model(name: str, num_users: int, num_items: int, history_length: int, *,
+                embedding_dim: int = 64, dropout: float = 0.2,
+                device: torch.device | None = None) -> nn.Module:
+    """A backbone by name (``mf`` or ``sasrec``) with default hyper-parameters.
+
+    ``history_length`` is the prepared dataset's (SASRec's maximum sequence length);
+    ``dropout`` is SASRec's (MF has none).
+    ``device`` is where the tables are created (CPU by default; create the model alike on
+    every rank, with the same seed): ``meta`` leaves their allocation to row-wise
+    sharding (see :func:`morec_rec.jobs.sharding.shard`).
+    """
+    # Imported here: the backbones import ModelOutput from this module.
+    from morec_rec.jobs.models.mf import MatrixFactorization
+    from morec_rec.jobs.models.sasrec import SASRec
+
+    if name == "mf":
+        return MatrixFactorization(num_users, num_items, embedding_dim, device=device)
+    if name == "sasrec":
+        if history_length < 1:
+            raise MorecError("sasrec needs histories: the dataset has history_length 0")
+        return SASRec(num_items, history_length, embedding_dim, dropout=dropout, device=device)
+    raise MorecError(f"unknown model {name!r} (expected one of {', '.join(NEGATIVES)})")
+
+
+def num_negatives(name: str) -> int:
+    """Negatives per training row for the backbone ``name``."""
+    if name not in NEGATIVES:
+        raise MorecError(f"unknown model {name!r} (expected one of {', '.join(NEGATIVES)})")
+    return NEGATIVES[name]

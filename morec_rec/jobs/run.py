@@ -1,0 +1,122 @@
+"""A run directory: its record (config, data, versions), its log, and its checkpoints.
+
+    RUN/run.json            what was run: config, dataset, versions, world size
+    RUN/log.jsonl           one JSON object per line: "step" and "eval" records
+    RUN/checkpoints/last    the end of the latest epoch (resume continues from it)
+    RUN/checkpoints/best    the best validation Hit@10 so far
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from morec_rec.errors import MorecError
+from morec_rec.version import __version__
+
+RECORD = "run.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    root: Path
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best"
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """What was run (``run.json``); MorecError naming the file if it is not JSON."""
+        try:
+            return json.loads((self.root / RECORD).read_text())
+        except json.JSONDecodeError as error:
+            raise MorecError(f"{self.root / RECORD}: not JSON ({error.msg})") from None
+
+    @classmethod
+    def create(cls, root: Path, record: Mapping[str, Any]) -> "Run":
+        """A new run at ``root`` (absent or empty); rank 0 writes its record."""
+        root = Path(root)
+        if (root / RECORD).exists():
+            raise MorecError(f"{root}: a run exists here; pass --resume to continue it")
+        if root.exists() and any(root.iterdir()):
+            raise MorecError(f"{root}: output exists and is not an empty directory")
+        dist.barrier()  # every rank has checked before rank 0 writes
+        if dist.get_rank() == 0:
+            (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            partial = root / (RECORD + ".partial")
+            partial.write_text(json.dumps({**record, "versions": versions()}, indent=2) + "\n")
+            partial.rename(root / RECORD)
+        dist.barrier()
+        return cls(root)
+
+    @classmethod
+    def open(cls, root: Path) -> "Run":
+        root = Path(root)
+        if not (root / RECORD).is_file():
+            raise MorecError(f"{root}: not a run directory (no {RECORD})")
+        return cls(root)
+
+    def truncate_log(self, step: int | None) -> None:
+        """Drops the log's records of steps after ``step`` (all of them for None), so that
+        a resumed run logs those steps once (rank 0 rewrites the log; others wait)."""
+        if dist.get_rank() == 0 and (self.root / "log.jsonl").exists():
+            records = (self.root / "log.jsonl").read_text().splitlines(keepends=True)
+            kept = [] if step is None else [
+                line for line in records if json.loads(line).get("step", 0) <= step]
+            partial = self.root / "log.jsonl.partial"
+            partial.write_text("".join(kept))
+            partial.rename(self.root / "log.jsonl")
+        dist.barrier()
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Appends one record to ``log.jsonl`` (rank 0 only; other ranks do nothing)."""
+        if dist.get_rank() == 0:
+            with open(self.root / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def versions() -> dict[str, str]:
+    import torchrec
+
+    return {
+        "morec_rec": __version__, "python": platform.python_version(),
+        "torch": torch.__version__, "torchrec": torchrec.__version__,
+        "numpy": np.__version__, "pyarrow": pa.__version__,
+    }
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl``, in file order; blank lines are skipped.
+
+    Raises:
+        MorecError: the file is missing, or a line is not a JSON object (names file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MorecError(f"{path}: no such log file")
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MorecError(f"{path}, line {number}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise MorecError(f"{path}, line {number}: not a JSON object")
+            records.append(record)
+    return records

@@ -1,0 +1,99 @@
+"""DistributedModelParallel and its optimizer for a backbone, on CPU (gloo) or CUDA (NCCL).
+
+Tables are row-wise sharded and trained by FBGEMM's fused optimizer, in the backward
+pass; every other parameter is data-parallel (DDP) and trained by ``torch.optim.Adam``.
+
+FBGEMM's CPU kernels have no Adam (its fused CPU optimizers are SGD and the Adagrad
+variants), and its dense CPU kernel pools sequences, so no sharded EmbeddingCollection
+can train with Adam on CPU. There, with the default ``table_optimizer=ADAM`` the tables
+stay unsharded: replicated on every rank, their gradients all-reduced by DDP, and trained
+by the same ``torch.optim.Adam`` as the dense parameters: the training protocol's
+optimizer (the paper's training protocol) on every device, sharded where FBGEMM allows it.
+Adam's two differ in one way: FBGEMM's updates only the rows a batch touches, torch's
+updates every row at every step (moments decay, weight decay applies everywhere).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from morec_rec.errors import MorecError
+
+logger = logging.getLogger(__name__)
+
+#: Fused table optimizers that FBGEMM's CPU kernels implement.
+CPU_FUSED = (EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ADAGRAD,
+             EmbOptimType.EXACT_ROWWISE_ADAGRAD)
+
+
+def shard(model: nn.Module, device: torch.device, lr: float = 1e-3, weight_decay: float = 0.0,
+          *, table_optimizer: EmbOptimType = EmbOptimType.ADAM,
+          ) -> tuple[DistributedModelParallel, KeyedOptimizer]:
+    """Wraps ``model`` in DistributedModelParallel over the default process group.
+
+    Args:
+        model: a backbone whose tables are in ``EmbeddingCollection`` modules, created
+            alike on every rank (same seed); sharded tables may be on the ``meta`` device.
+        device: this rank's device.
+        lr, weight_decay: of every optimizer (weight decay as an L2 term in the gradient,
+            as ``torch.optim.Adam``'s).
+        table_optimizer: FBGEMM's fused optimizer for the sharded tables. On CPU it must
+            be one of :data:`CPU_FUSED`, or ADAM, which keeps the tables unsharded (see
+            the module docstring).
+
+    Returns:
+        The DMP model and the optimizer to hand to ``TrainPipelineSparseDist``: the tables'
+        fused optimizer (in DMP's ``fused_optimizer``; its ``step`` does nothing, the
+        update happens in the backward pass) combined with Adam over every other
+        parameter. Call ``pipeline.detach()`` before scoring with ``model.module``: the
+        pipeline replaces the sharded modules' forward while attached.
+    """
+    replicate = device.type == "cpu" and table_optimizer == EmbOptimType.ADAM
+    if device.type == "cpu" and not replicate and table_optimizer not in CPU_FUSED:
+        raise MorecError(f"table optimizer {table_optimizer.value} has no FBGEMM CPU kernel; "
+                         f"use adam or one of {', '.join(o.value for o in CPU_FUSED)}")
+    if replicate and any(p.is_meta for p in model.parameters()):
+        raise MorecError("unsharded tables need a model created on CPU, not on the meta device")
+    sharder = EmbeddingCollectionSharder(fused_params={
+        "optimizer": table_optimizer, "learning_rate": lr,
+        "weight_decay": weight_decay, "weight_decay_mode": WeightDecayMode.L2,
+    })
+    if replicate:
+        logger.info("FBGEMM has no fused Adam on CPU: embedding tables stay unsharded")
+    plan = ShardingPlan({} if replicate else _row_wise_plan(model, sharder, device))
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                   device=device, plan=plan, sharders=[sharder])
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    optimizers: list[KeyedOptimizer] = [dmp.fused_optimizer]
+    if dense:  # a torch optimizer refuses an empty parameter list
+        optimizers.append(KeyedOptimizerWrapper(
+            dense, lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)))
+    return dmp, CombinedOptimizer(optimizers)
+
+
+def _row_wise_plan(model: nn.Module, sharder: EmbeddingCollectionSharder,
+                   device: torch.device) -> dict[str, Any]:
+    """Every table of every EmbeddingCollection row-wise over all ranks, fused kernel."""
+    fused = EmbeddingComputeKernel.FUSED.value
+    return {
+        path: construct_module_sharding_plan(
+            module, {table.name: row_wise(compute_kernel=fused)
+                     for table in module.embedding_configs()},
+            sharder=sharder, device_type=device.type)
+        for path, module in model.named_modules() if isinstance(module, EmbeddingCollection)
+    }

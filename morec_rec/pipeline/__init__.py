@@ -1,1 +1,0 @@
-"""The TorchRec glue: batches, the training job, checkpoints."""

@@ -1,0 +1,1 @@
+"""Full-ranking evaluation and its metrics: what validation control and alignment read."""

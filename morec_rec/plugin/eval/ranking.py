@@ -1,0 +1,199 @@
+"""Full-ranking evaluation: every user's top K over all items, chunked and distributed.
+
+For each user of the validation or test split, every item is scored; the user's training
+items (and, for test, the validation item) are excluded; the top K (ties broken by the
+lower item id) are compared with the held-out item. Users are scored in chunks of
+``chunk_users`` so memory stays at one (chunk × items) score matrix; under
+``torch.distributed`` each rank scores a contiguous slice of the users, and the metrics'
+additive sums are all-reduced, so any number of ranks gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from morec_rec.collectives import all_reduce, is_distributed
+from morec_rec.data import arrays
+from morec_rec.data.format import PreparedDataset, read_parquet
+from morec_rec.errors import MorecError
+from morec_rec.plugin.eval.metrics import RankingMetrics, RankingMetricSums, user_rows
+
+K = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingTask:
+    """The users of a split, what each must not be recommended, and the item attributes.
+
+    Attributes:
+        user_id, held_out: int64 (U,), one row per user (in user order).
+        history_offsets, history_values: the users' histories, jagged: int64 (U+1,), (H,).
+        exclude_offsets, exclude_items: the items excluded per user, jagged, the same way.
+        price, fairness_group, popularity_group: per item id, shape (num_items,).
+        q: float64 (num_popularity_groups,), the training share of each popularity group.
+    """
+
+    user_id: np.ndarray
+    held_out: np.ndarray
+    history_offsets: np.ndarray
+    history_values: np.ndarray
+    exclude_offsets: np.ndarray
+    exclude_items: np.ndarray
+    price: np.ndarray
+    fairness_group: np.ndarray
+    num_fairness_groups: int
+    popularity_group: np.ndarray
+    num_popularity_groups: int
+    q: np.ndarray
+
+    @property
+    def num_items(self) -> int:
+        return len(self.price)
+
+    def __len__(self) -> int:
+        return len(self.user_id)
+
+    def rows(self, begin: int, end: int) -> "RankingTask":
+        """Users ``begin`` to ``end`` (clipped); item attributes are shared, not copied."""
+        end = min(end, len(self))
+        begin = min(begin, end)
+        history, history_offsets = _jagged_slice(self.history_offsets, begin, end)
+        exclude, exclude_offsets = _jagged_slice(self.exclude_offsets, begin, end)
+        return dataclasses.replace(
+            self,
+            user_id=self.user_id[begin:end],
+            held_out=self.held_out[begin:end],
+            history_offsets=history_offsets,
+            history_values=self.history_values[history],
+            exclude_offsets=exclude_offsets,
+            exclude_items=self.exclude_items[exclude],
+        )
+
+
+def _jagged_slice(offsets: np.ndarray, begin: int, end: int) -> tuple[slice, np.ndarray]:
+    return slice(offsets[begin], offsets[end]), offsets[begin : end + 1] - offsets[begin]
+
+
+def load_task(dataset: PreparedDataset, split: str) -> RankingTask:
+    """The ranking task of ``split`` (``valid`` or ``test``) of a prepared dataset."""
+    if split not in ("valid", "test"):
+        raise MorecError(f"evaluation split must be 'valid' or 'test', got {split!r}")
+    held = dataset.split(split)
+    user_id = held["user_id"].to_numpy().astype(np.int64)
+    history = held["history"].combine_chunks()
+
+    # Training items per user (CSR), plus the validation item when ranking for test.
+    train = [read_parquet(path, ["user_id", "item_id"]) for path in dataset.train_files]
+    seen_user = np.concatenate([t["user_id"].to_numpy() for t in train]).astype(np.int64)
+    seen_item = np.concatenate([t["item_id"].to_numpy() for t in train]).astype(np.int64)
+    if split == "test":
+        valid = read_parquet(dataset.root / "valid.parquet", ["user_id", "item_id"])
+        seen_user = np.concatenate([seen_user, valid["user_id"].to_numpy()])
+        seen_item = np.concatenate([seen_item, valid["item_id"].to_numpy()])
+    order = np.argsort(seen_user, kind="stable")
+    num_users = dataset.manifest["num_users"]
+    count = np.bincount(seen_user, minlength=num_users)
+    starts = np.cumsum(count) - count
+    gather, exclude_offsets = arrays.ranges(starts[user_id], count[user_id])
+
+    items = dataset.items()
+    groups = dataset.manifest["groups"]
+    return RankingTask(
+        user_id=user_id,
+        held_out=held["item_id"].to_numpy().astype(np.int64),
+        history_offsets=history.offsets.to_numpy().astype(np.int64),
+        history_values=history.values.to_numpy().astype(np.int64),
+        exclude_offsets=exclude_offsets.astype(np.int64),
+        exclude_items=seen_item[order][gather],
+        price=items["price"].to_numpy(),
+        fairness_group=items["fairness_group"].to_numpy().astype(np.int64),
+        num_fairness_groups=len(groups["fairness"]["names"]),
+        popularity_group=items["popularity_group"].to_numpy().astype(np.int64),
+        num_popularity_groups=len(groups["popularity"]["q"]),
+        q=np.asarray(groups["popularity"]["q"], dtype=np.float64),
+    )
+
+
+#: Scores every item for a chunk of users: float (len(users), num_items), on any device,
+#: a tensor that evaluation may overwrite. A collective call under ``torch.distributed``
+#: for a scorer backed by a sharded model (every rank calls it the same number of times).
+Scorer = Callable[[RankingTask], torch.Tensor]
+
+
+class PopularityScorer:
+    """The most-popular baseline: every user gets the items by training count."""
+
+    def __init__(self, train_count: np.ndarray) -> None:
+        self._scores = torch.tensor(train_count, dtype=torch.float32)
+
+    def __call__(self, users: RankingTask) -> torch.Tensor:
+        return self._scores.expand(len(users), -1).clone()
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 (C, k) item ids by descending score, equal scores by ascending item id."""
+    k = min(k, scores.shape[1])
+    values, items = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1)
+    # Rows with equal adjacent scores in their top k+1 take the exact, stable order.
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
+    if tied.any():
+        order = torch.sort(scores[tied], dim=1, descending=True, stable=True).indices
+        items[tied] = order[:, : items.shape[1]]
+    return items[:, :k]
+
+
+def evaluate(scorer: Scorer, task: RankingTask, *, k: int = K,
+             chunk_users: int = 1024) -> RankingMetrics:
+    """Metrics of ``scorer`` on ``task``; under ``torch.distributed`` every rank must call it."""
+    sums = RankingMetricSums.from_topk(np.zeros((0, k), dtype=np.int64),
+                                       np.zeros(0, dtype=np.int64), *_item_groups(task))
+    for users, top in _top_lists(scorer, task, k, chunk_users):
+        sums = sums + RankingMetricSums.from_topk(top, users.held_out, *_item_groups(task))
+    if is_distributed():
+        flat = all_reduce(torch.from_numpy(sums.to_array()))
+        sums = RankingMetricSums.from_array(flat.numpy(), k=k,
+                                            num_fairness_groups=task.num_fairness_groups)
+    return sums.finalize(task.q)
+
+
+def evaluate_users(scorer: Scorer, task: RankingTask, *, k: int = K,
+                   chunk_users: int = 1024) -> np.ndarray:
+    """float64 (U, D): every user's :func:`~morec_rec.plugin.eval.metrics.user_rows`, in task order,
+    for paired comparisons (:mod:`morec_rec.jobs.bootstrap`). One process: U·D floats."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise MorecError("per-user evaluation runs in one process, not under torchrun")
+    empty = np.zeros((0, 3 + 2 * task.num_fairness_groups + task.num_popularity_groups))
+    return np.concatenate([empty, *(user_rows(top, users.held_out, *_item_groups(task))
+                                    for users, top in _top_lists(scorer, task, k, chunk_users))])
+
+
+def _item_groups(task: RankingTask) -> tuple[Any, ...]:
+    """The item tables that ``from_topk`` and ``user_rows`` take after the held-out items."""
+    return (task.price, task.fairness_group, task.num_fairness_groups, task.popularity_group,
+            task.num_popularity_groups)
+
+
+def _top_lists(scorer: Scorer, task: RankingTask, k: int,
+               chunk_users: int) -> Iterator[tuple[RankingTask, np.ndarray]]:
+    """This rank's users a chunk at a time, with their top-``k`` items (U, k) (a
+    collective: every rank makes the same number of scorer calls)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    per_rank = -(-len(task) // world)
+    local = task.rows(rank * per_rank, (rank + 1) * per_rank)
+    for begin in range(0, per_rank, chunk_users):
+        users = local.rows(begin, begin + chunk_users)
+        # A rank whose slice has run out still takes part in the scorer's collective.
+        padding = len(users) == 0
+        scores = scorer(task.rows(0, 1) if padding else users)
+        if padding:
+            continue
+        excluded = torch.from_numpy(np.repeat(np.arange(len(users)),
+                                              np.diff(users.exclude_offsets)))
+        scores[excluded.to(scores.device),
+               torch.from_numpy(users.exclude_items).to(scores.device)] = -torch.inf
+        yield users, top_k(scores, k).cpu().numpy()

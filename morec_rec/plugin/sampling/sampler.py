@@ -1,0 +1,351 @@
+"""The weighted streaming sampler: MoRec's middle level as an ``IterableDataset``.
+
+Each (rank, loader worker) reads its own stream of training rows (see
+:mod:`~morec_rec.plugin.sampling.partition`) one *window* at a time: ``window_batches`` batches'
+worth of rows, shuffled. Batch ``k`` of a window *visits* the next ``batch_size`` rows of
+the shuffled window, cut into one chunk per objective, each as long as the objective's
+share of the batch (the masses of :data:`BATCH`, equal unless published otherwise). A
+uniform objective (accuracy) keeps its chunk, so an epoch of uniform objectives sees
+every row of the stream exactly once; any other objective replaces its chunk by a draw
+from the whole window by its distribution (group masses, then rows within a group
+uniformly or by weight).
+
+Masses come from the weight store: every published version carries the loader batch
+index from which it applies, and the sampler polls the store before each batch, so every
+worker of every rank switches at the same batch. A worker starts from the initial masses
+and replays every version published so far, so the masses in force at a batch are a
+function of the store's versions and the batch index alone; a version that reaches a
+worker after it drew a batch the version should have applied to raises rather than apply
+late. Memory is bounded by two windows (the one being sampled and the next, read in a
+background thread) plus one Parquet row group, whatever the size of the log. Randomness
+is derived from (seed, epoch, stream, window or batch), so no RNG state needs saving: an
+epoch and a position within it (:meth:`WeightedStreamSampler.set_epoch`) resume the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Collection, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from morec_rec.config import SamplerConfig
+from morec_rec.data import arrays
+from morec_rec.data.format import PreparedDataset
+from morec_rec.errors import MorecError
+from morec_rec.plugin.sampling.draw import GroupIndex, draw, largest_remainder
+from morec_rec.plugin.sampling.objectives import Objective, check_masses
+from morec_rec.plugin.sampling.partition import (
+    Segment,
+    list_row_groups,
+    min_stream_rows,
+    stream_segments,
+)
+from morec_rec.plugin.sampling.sampled import SampledBatch
+from morec_rec.plugin.sampling.store import Masses, StoreSpec, WeightStore
+
+logger = logging.getLogger(__name__)
+
+#: Row columns every batch carries.
+ID_COLUMNS = ("user_id", "item_id")
+#: Row columns a batch carries where the job's collate asks for them (``columns``).
+OPTIONAL_COLUMNS = ("price", "fairness_group", "popularity_group", "history")
+
+#: The name under which masses give the objectives' shares of a batch, one per objective
+#: in order: a draw at the level above the groups, published and checkpointed as theirs.
+BATCH = "batch"
+
+
+class WeightedStreamSampler(IterableDataset):
+    """Yields :class:`SampledBatch` es of one epoch, in a plain or stateful ``DataLoader``.
+
+    Use it with ``batch_size=None``. Every worker of every rank yields the same number of
+    batches per epoch (:meth:`batches_per_epoch`), so no rank waits for another, and a
+    DataLoader's round robin over its workers yields the batches in ``batch_index`` order:
+    ``batch_index = epoch · batches_per_epoch + position`` on every rank. Call
+    :meth:`set_epoch` before each epoch; a resume needs the same world size and number of
+    workers.
+
+    Args:
+        dataset: a prepared dataset (its ``train/`` shards are read).
+        objectives: one sub-batch each, in this order (the batch's segment ids).
+        config: sizes, draw mode and seed.
+        rank, world_size: this process's place in the data-parallel job.
+        store: where published masses come from; None keeps the initial masses.
+        masses: initial masses by objective name (default: each objective's own), and
+            the objectives' shares of a batch under :data:`BATCH` (default: equal).
+        columns: the :data:`OPTIONAL_COLUMNS` that batches carry (default: all of them);
+            the sampler reads those, the ids, and the columns its objectives read.
+    """
+
+    def __init__(
+        self,
+        dataset: PreparedDataset,
+        objectives: Sequence[Objective],
+        config: SamplerConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        store: StoreSpec | None = None,
+        masses: Mapping[str, np.ndarray] | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise MorecError(f"sampler: rank {rank} is outside world size {world_size}")
+        self.files: list[Path] = dataset.train_files
+        self.row_groups = list_row_groups(self.files)
+        self.objectives = list(objectives)
+        self._num_groups = {o.name: o.num_groups for o in self.objectives}
+        self._num_groups[BATCH] = len(self.objectives)
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.store = store
+        self.carried = tuple(OPTIONAL_COLUMNS if columns is None else columns)
+        unknown = sorted(set(self.carried) - set(OPTIONAL_COLUMNS))
+        if unknown:
+            raise MorecError(f"sampler: columns {unknown} are not among "
+                             f"{', '.join(OPTIONAL_COLUMNS)}")
+        self.columns = sorted(
+            {*ID_COLUMNS, *self.carried}.union(*(o.columns for o in self.objectives))
+        )
+        masses = dict(masses or {})
+        unknown = set(masses) - set(self._num_groups)
+        if unknown:
+            raise MorecError(f"sampler: masses given for unknown objective(s) {sorted(unknown)}")
+        initial = {o.name: o.initial_masses() for o in self.objectives}
+        initial[BATCH] = np.ones(len(self.objectives))
+        self._initial = {name: check_masses(name, masses.get(name, initial[name]), size)
+                         for name, size in self._num_groups.items()}
+        self._masses = dict(self._initial)
+        self._version = 0
+        self._epoch = 0
+        self._start = 0  # the rank loader's first position of the epoch
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.sub_batch_size * len(self.objectives)
+
+    def batches_per_epoch(self, num_workers: int = 0) -> int:
+        """Batches one rank's loader yields per epoch with ``num_workers`` workers."""
+        streams = max(num_workers, 1)
+        per_stream = min_stream_rows(self.row_groups, self.world_size * streams) // self.batch_size
+        return per_stream * streams
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Starts ``epoch`` at ``start``: the number of its batches that this rank's loader
+        has already yielded (0 for a new epoch; a resumed run's position)."""
+        if epoch < 0 or start < 0:
+            raise MorecError(f"sampler: epoch {epoch} and start {start} must be >= 0")
+        self._epoch, self._start = epoch, start
+
+    @property
+    def masses(self) -> dict[str, np.ndarray]:
+        """The masses in force, by objective name (in this process)."""
+        return {k: v.copy() for k, v in self._masses.items()}
+
+    def __iter__(self) -> Iterator[SampledBatch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # Worker ``worker`` plays role ``r``: it draws positions r, r + W, ... of the epoch,
+        # so that a loader's round robin, which starts at worker 0, yields position
+        # ``start`` first.
+        role = (worker + self._start) % num_workers
+        num_streams = self.world_size * num_workers
+        stream = self.rank * num_workers + role
+        per_stream = min_stream_rows(self.row_groups, num_streams) // self.batch_size
+        first = (self._start - role + num_workers - 1) // num_workers
+        # Every pass starts from the initial masses and replays the store's versions.
+        self._masses, self._version = dict(self._initial), 0
+        weights = _MassesFeed(WeightStore.connect(self.store)) if self.store else None
+        per_window = self.config.window_batches
+        windows = self._windows(stream, num_streams, per_stream, first=first // per_window)
+        for k in range(first, per_stream):
+            if k == first or k % per_window == 0:
+                window = next(windows)
+            batch_index = (self._epoch * per_stream + k) * num_workers + role
+            if weights is not None:
+                self._apply(weights.due(batch_index))
+            rng = np.random.default_rng([self.config.seed, self._epoch, stream, k, 1])
+            rows, starved = window.sample(k % per_window, self._masses, self.config, rng)
+            yield window.batch(rows, starved, batch_index, self._epoch, self._version)
+
+    def _windows(self, stream: int, num_streams: int, per_stream: int,
+                 first: int) -> Iterator[_Window]:
+        """The stream's windows from ``first`` on, each read in a background thread while
+        the one before it is sampled (Parquet decoding releases the GIL)."""
+        reader = _StreamReader(
+            self.files,
+            stream_segments(self.row_groups, self.config.seed, self._epoch, stream, num_streams),
+            self.columns,
+        )
+        window_rows = self.config.window_batches * self.batch_size
+        end = per_stream * self.batch_size
+
+        def build(number: int) -> _Window:
+            begin = number * window_rows
+            return _Window(reader.read(begin, min(begin + window_rows, end)), self.objectives,
+                           {*ID_COLUMNS, *self.carried},
+                           np.random.default_rng([self.config.seed, self._epoch, stream, number]))
+
+        last = -(-end // window_rows) - 1
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(build, first)
+            for number in range(first, last + 1):
+                window = pending.result()
+                if number < last:
+                    pending = pool.submit(build, number + 1)
+                yield window
+
+    def _apply(self, published: list[Masses]) -> None:
+        for masses in published:
+            for name, values in masses.values.items():
+                if name in self._num_groups:
+                    self._masses[name] = check_masses(name, values, self._num_groups[name])
+            self._version = masses.version
+
+
+class _MassesFeed:
+    """Published masses not yet in force, read from the store as they appear.
+
+    The first poll reads every version published so far (a replay: they apply from the
+    batches their ``effective_from`` names); a version first seen later must apply from a
+    batch this worker has not drawn yet.
+    """
+
+    def __init__(self, store: WeightStore) -> None:
+        self._store = store
+        self._seen = 0
+        self._drawn: int | None = None  # the last batch index this worker drew
+        self._pending: list[Masses] = []
+
+    def due(self, batch_index: int) -> list[Masses]:
+        """The versions that apply from ``batch_index`` on, oldest first (polls the store).
+
+        Raises MorecError for a version that should have applied to a batch already drawn.
+        """
+        latest = self._store.latest_version()
+        if latest > self._seen:
+            new = (self._store.history()[self._seen:] if self._drawn is None
+                   else [self._store.read(v) for v in range(self._seen + 1, latest + 1)])
+            late = [m for m in new if self._drawn is not None and m.effective_from <= self._drawn]
+            if late:
+                raise MorecError(
+                    f"weight version {late[0].version} applies from batch "
+                    f"{late[0].effective_from}, but reached a loader worker after it drew "
+                    f"batch {self._drawn}: publish from past the batches the loader holds")
+            self._pending.extend(new)
+            self._seen = latest
+        self._drawn = batch_index
+        due = [m for m in self._pending if m.effective_from <= batch_index]
+        self._pending = [m for m in self._pending if m.effective_from > batch_index]
+        return due
+
+
+class _StreamReader:
+    """Reads row ranges of one stream, keeping the last row group for the next range."""
+
+    def __init__(self, files: Sequence[Path], segments: Sequence[Segment],
+                 columns: Sequence[str]) -> None:
+        self._files = [pq.ParquetFile(f) for f in files]
+        self._segments = segments
+        self._sizes = np.array([s.rows for s in segments], dtype=np.int64)
+        self._ends = np.cumsum(self._sizes)
+        self._columns = list(columns)
+        self._cached: tuple[Any, pa.Table] | None = None
+
+    def read(self, begin: int, end: int) -> pa.Table:
+        """Rows ``[begin, end)`` of the stream."""
+        parts = []
+        for i in np.flatnonzero((self._ends > begin) & (self._ends - self._sizes < end)):
+            segment = self._segments[i]
+            first = int(self._ends[i]) - segment.rows  # stream position of the segment
+            lo = segment.start + max(begin - first, 0)
+            hi = segment.start + min(end - first, segment.rows)
+            parts.append(self._row_group(segment).slice(lo, hi - lo))
+        return pa.concat_tables(parts)
+
+    def _row_group(self, segment: Segment) -> pa.Table:
+        key = (segment.group.file, segment.group.index)
+        if self._cached is None or self._cached[0] != key:
+            table = self._files[key[0]].read_row_group(key[1], columns=self._columns)
+            self._cached = (key, table)
+        return self._cached[1]
+
+
+class _Window:
+    """The rows of one window as numpy columns, shuffled, with each objective's index."""
+
+    def __init__(self, table: pa.Table, objectives: Sequence[Objective],
+                 carried: Collection[str], rng: np.random.Generator) -> None:
+        self.objectives = objectives
+        self.columns = {name: table[name].to_numpy() for name in table.column_names
+                        if name != "history"}
+        # Converted to the batch's dtypes once per window.
+        self.carried = {name: self.columns[name].astype(np.float32 if name == "price"
+                                                        else np.int64)
+                        for name in (*ID_COLUMNS, *OPTIONAL_COLUMNS) if name in carried
+                        and name != "history"}
+        self.history: tuple[np.ndarray, np.ndarray] | None = None  # offsets, values
+        if "history" in carried:
+            history = table["history"].combine_chunks()
+            self.history = (history.offsets.to_numpy(),
+                            history.values.to_numpy().astype(np.int64))
+        self.visit_order = rng.permutation(table.num_rows)
+        self.indexes = {
+            o.name: GroupIndex.build(o.groups(self.columns), o.weights(self.columns),
+                                     o.num_groups, table.num_rows)
+            for o in objectives if not o.is_uniform
+        }
+        self._warned: set[str] = set()  # objectives already reported starved in this window
+
+    def sample(self, k: int, masses: Mapping[str, np.ndarray], config: SamplerConfig,
+               rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+        """The window rows of batch ``k`` of this window, one array per objective, each as
+        long as the objective's share of the batch (largest-remainder rounding)."""
+        batch_size = config.sub_batch_size * len(self.objectives)
+        visited = self.visit_order[k * batch_size:][:batch_size]
+        sizes = largest_remainder(masses[BATCH] * batch_size, batch_size)
+        starts = np.cumsum(sizes) - sizes
+        rows, starved = [], np.zeros(len(self.objectives), dtype=np.int64)
+        for position, (objective, start, size) in enumerate(zip(self.objectives, starts, sizes)):
+            if objective.is_uniform:
+                rows.append(visited[start : start + size])
+                continue
+            drawn, lost = draw(self.indexes[objective.name], masses[objective.name], size, rng,
+                               config.draw)
+            rows.append(drawn)
+            starved[position] = lost.sum()
+            if lost.any() and objective.name not in self._warned:
+                self._warned.add(objective.name)
+                logger.warning("objective %s: groups %s have mass but no row in this window; "
+                               "their draws are re-drawn from the other groups and counted "
+                               "in SampledBatch.starved", objective.name,
+                               np.flatnonzero(lost).tolist())
+        return rows, starved
+
+    def batch(self, rows: list[np.ndarray], starved: np.ndarray, batch_index: int,
+              epoch: int, version: int) -> SampledBatch:
+        index = np.concatenate(rows)
+        columns = {name: torch.from_numpy(values[index]) for name, values in self.carried.items()}
+        if self.history is not None:
+            offsets, values = self.history
+            starts = offsets[index]
+            lengths = offsets[index + 1] - starts
+            gather, _ = arrays.ranges(starts, lengths)
+            columns["history_values"] = torch.from_numpy(values[gather])
+            columns["history_lengths"] = torch.from_numpy(lengths.astype(np.int64))
+        return SampledBatch(
+            **columns,
+            objective=torch.from_numpy(np.repeat(np.arange(len(rows)), [len(r) for r in rows])),
+            starved=torch.from_numpy(starved),
+            batch_index=batch_index,
+            epoch=epoch,
+            masses_version=version,
+        )

@@ -1,0 +1,115 @@
+"""A job's own batch, with the objective that drew each of its rows.
+
+MoRec's loader wraps whatever the job's collate returns in a :class:`SegmentedBatch`; the
+hook unwraps it, so the model sees the job's batch and nothing else. Attribute access
+falls through to the job's batch, which is how TorchRec's pipeline finds the sparse
+features its traced model reads (``batch.sparse_features``, ...). ``to``, ``pin_memory``
+and ``record_stream`` move both parts, so a :class:`SegmentedBatch` is ``Pipelineable``
+(registered as one when TorchRec is loaded: :mod:`morec_rec.plugin.adapters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, SupportsIndex
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_map
+
+from morec_rec.errors import MorecError
+
+_OWN = frozenset(("batch", "segment", "index"))
+
+
+class ExampleLayout(enum.Enum):
+    """How a job's collate lays out the examples it makes from B sampled rows.
+
+    ``ROWS``: one example per row, in row order (E = B). ``BLOCKED``: r blocks of the B
+    rows, e.g. every row's positive, then every row's sampled negative (E = r·B).
+    ``INTERLEAVED``: each row's r examples together (E = r·B).
+    """
+
+    ROWS = "rows"
+    BLOCKED = "blocked"
+    INTERLEAVED = "interleaved"
+
+    def example_rows(self, num_examples: int, num_rows: int,
+                     device: torch.device) -> torch.Tensor:
+        """int64 (E,): the sampled row of each of ``num_examples`` examples."""
+        if num_examples == num_rows:
+            return torch.arange(num_rows, device=device)
+        if self is ExampleLayout.ROWS or num_rows == 0 or num_examples % num_rows:
+            raise MorecError(
+                f"{num_examples} per-example losses for {num_rows} sampled rows: "
+                + ("give the examples' layout (ExampleLayout.BLOCKED or INTERLEAVED)"
+                   if self is ExampleLayout.ROWS and num_rows and not num_examples % num_rows
+                   else "expected one loss per row or the same number per row"))
+        examples = torch.arange(num_examples, device=device)
+        if self is ExampleLayout.BLOCKED:
+            return examples % num_rows
+        return examples // (num_examples // num_rows)
+
+
+@dataclasses.dataclass
+class SegmentedBatch:
+    """The job's batch and the segment id of each sampled row.
+
+    Attributes:
+        batch: what the job's collate made of the sampled rows.
+        segment: int64 (B,), the objective (its position in MoRec's objectives) that drew
+            each sampled row.
+        index: the loader batch index, ``epoch · batches_per_epoch + position``.
+    """
+
+    batch: Any
+    segment: torch.Tensor
+    index: int
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names this class lacks; its own fields never fall through
+        # (pickle looks them up before they are set).
+        if name in _OWN or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.batch, name)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        """Pickles the segment ids by value: a loader worker sends them through its pipe
+        rather than share a small tensor (a handshake per tensor)."""
+        if self.segment.device.type != "cpu":
+            return super().__reduce_ex__(protocol)
+        return (_segmented, (self.batch, self.segment.numpy(), self.index))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> SegmentedBatch:
+        return SegmentedBatch(move(self.batch, device, non_blocking),
+                              self.segment.to(device, non_blocking=non_blocking), self.index)
+
+    def pin_memory(self) -> SegmentedBatch:
+        return SegmentedBatch(_apply(self.batch, "pin_memory"), self.segment.pin_memory(),
+                              self.index)
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        if hasattr(self.batch, "record_stream"):
+            self.batch.record_stream(stream)
+        else:
+            tree_map(lambda t: t.record_stream(stream) if isinstance(t, torch.Tensor) else t,
+                     self.batch)
+        self.segment.record_stream(stream)
+
+
+def move(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """A job's batch on ``device``: its own ``to``, or each tensor of a container moved."""
+    return _apply(batch, "to", device, non_blocking=non_blocking)
+
+
+def _apply(batch: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    """``batch.method(...)`` where the batch has it, else on each tensor of a container."""
+    if hasattr(batch, method):
+        return getattr(batch, method)(*args, **kwargs)
+    return tree_map(lambda t: getattr(t, method)(*args, **kwargs)
+                    if isinstance(t, torch.Tensor) else t, batch)
+
+
+def _segmented(batch: Any, segment: np.ndarray, index: int) -> SegmentedBatch:
+    return SegmentedBatch(batch, torch.from_numpy(segment), index)

@@ -1,0 +1,62 @@
+"""The experiment records under experiments/: every committed table is what its JSON gives."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "experiments"
+RECORDS = sorted(p.parent for p in ROOT.glob("*/results.json"))
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_generator_changes_nothing(tmp_path):
+    copy = tmp_path / "experiments"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = _snapshot(copy)
+    done = subprocess.run([sys.executable, str(copy / "tables.py"), "--root", str(copy)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    after = _snapshot(copy)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"generated files out of date: {changed} (run `make tables`)"
+
+
+def test_records_are_complete():
+    names = {p.name for p in RECORDS}
+    assert {"tafeng-base", "tafeng-mf-morec", "tafeng-sasrec-morec", "control-quantity",
+            "coefficients", "bootstrap"} <= names
+    for record in RECORDS:
+        readme = (record / "README.md").read_text(encoding="utf-8")
+        assert "## Commands" in readme and "```bash" in readme, record
+        assert (record / "config.toml").is_file(), record
+        results = json.loads((record / "results.json").read_text(encoding="utf-8"))
+        assert len(results["code_version"]) >= 7, record
+        assert results["source"].startswith(("transcribed from README at ", "run at ")), record
+        assert results["tables"], record
+        for name, table in results["tables"].items():
+            assert table["code_version"] and table["rows"], (record, name)
+            assert f"<!-- table:{name}:start -->" in readme, (record, name)
+            assert (record / "tables" / f"{name}.md").is_file(), (record, name)
+
+
+def test_tables_py_reproduces_numbers():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import tables
+    finally:
+        sys.path.remove(str(ROOT))
+    row = {"seed": 1, "imp": {"pct": 0.76, "defined_terms_only": True},
+           "valid": {"valid": False, "test_hit_vs_base_pct": 96.3},
+           "c": {"measure": 0.9897, "target": 0.99, "deviation_pct": -0.0}}
+    table = {"columns": [{"key": "seed", "label": "seed", "format": "g"},
+                         {"key": "imp", "label": "Imp", "format": "imp2"},
+                         {"key": "valid", "label": "valid", "format": "valid"},
+                         {"key": "c", "label": "controlled", "format": "controlled"}],
+             "rows": [row]}
+    assert tables.render_table(table).splitlines()[2] == (
+        "| 1 | +0.76%\\* | **no** (96.3%) | 0.9897 vs 0.99 (\u22120.0%) |")
