@@ -101,3 +101,15 @@ def cascade() -> RawData:
     items = {i: (10.0 * (n + 1), "cat-x" if i in "ab" else "cat-y")
              for n, i in enumerate("abcdefg")}
     return raw_data(rows, items)
+
+
+#: The reference MF settings of the job tests: small, one process, no loader worker.
+TRAIN = ["--model", "mf", "--num-workers", "0", "--embedding-dim", "16"]
+
+
+def pretrained(data: Path, out: Path, max_epochs: int) -> Path:
+    """A base run of MF on ``data`` (batches of 128) in ``out``, pretrained by the CLI."""
+    done = run_cli("train", "--data", str(data), "--out", str(out), *TRAIN,
+                   "--batch-size", "128", "--max-epochs", str(max_epochs))
+    assert done.returncode == 0, done.stderr
+    return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, run_torchrun
+from conftest import TRAIN, pretrained, run_cli, run_torchrun
 
 from morec_rec.config import MoRecConfig, SamplerConfig
 from morec_rec.data.format import PreparedDataset
@@ -22,7 +22,6 @@ from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.morec import check_settings
 from morec_rec.plugin.sampling.objectives import OneGroup
 
-TRAIN = ["--model", "mf", "--num-workers", "0", "--embedding-dim", "16"]
 MOREC = [*TRAIN, "--sub-batch-size", "32", "--epochs", "2", "--updates-per-epoch", "3",
          "--ki", "5"]
 METRICS = {"hit@10", "rhit@10", "pop_kl@10", "min_hit@10"}
@@ -30,11 +29,7 @@ METRICS = {"hit@10", "rhit@10", "pop_kl@10", "min_hit@10"}
 
 @pytest.fixture(scope="module")
 def base(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("base") / "run"
-    done = run_cli("train", "--data", str(tiny), "--out", str(run), *TRAIN,
-                   "--batch-size", "128", "--max-epochs", "4")
-    assert done.returncode == 0, done.stderr
-    return run
+    return pretrained(tiny, tmp_path_factory.mktemp("base") / "run", max_epochs=4)
 
 
 def _log(run: Path) -> list[dict]:

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, free_port, run_cli, run_torchrun
+from conftest import ROOT, TRAIN, free_port, pretrained, run_cli, run_torchrun
 
-TRAIN = ["--model", "mf", "--num-workers", "0", "--embedding-dim", "16"]
 # 25 batches an epoch; a validation pass (and a mass update) every 8 steps, a checkpoint
 # right after it: the update applies from batches that the checkpoint has not trained.
 MOREC = [*TRAIN, "--sub-batch-size", "32", "--epochs", "2", "--updates-per-epoch", "3",
@@ -34,11 +33,7 @@ IGNORED = ("samples_per_s", "version")
 
 @pytest.fixture(scope="module")
 def base(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("base") / "run"
-    done = run_cli("train", "--data", str(tiny), "--out", str(run), *TRAIN,
-                   "--batch-size", "128", "--max-epochs", "3")
-    assert done.returncode == 0, done.stderr
-    return run
+    return pretrained(tiny, tmp_path_factory.mktemp("base") / "run", max_epochs=3)
 
 
 @pytest.fixture(scope="module")
