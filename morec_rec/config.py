@@ -20,14 +20,23 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from morec_rec.errors import MorecError
 
 C = TypeVar("C")
 
-#: FBGEMM optimizer names (``EmbOptimType`` values) that ``TrainConfig.table_optimizer`` takes.
-_TABLE_OPTIMIZERS = ("adam", "exact_sgd", "exact_adagrad", "exact_row_wise_adagrad")
+# The options of the fields that take one of a few words (checked by every __post_init__).
+PopularityRule = Literal["equal_items", "equal_interactions"]
+Missing = Literal["impute", "error"]
+Draw = Literal["multinomial", "exact"]
+UpdateRule = Literal["additive", "multiplicative"]
+FairnessSignal = Literal["loss", "hit"]
+Model = Literal["mf", "sasrec"]
+#: FBGEMM optimizer names (``EmbOptimType`` values).
+TableOptimizer = Literal["adam", "exact_sgd", "exact_adagrad", "exact_row_wise_adagrad"]
+Control = Literal["training", "validation"]
+Coefficients = Literal["sampling", "loss"]
 
 
 @dataclasses.dataclass
@@ -55,6 +64,7 @@ class SourceConfig:
     category_prefix: int = 2
 
     def __post_init__(self) -> None:
+        _check_options(self)
         _check(len(self.delimiter) == 1, "delimiter", self.delimiter, "one character")
         _check(1 <= self.category_prefix <= 6, "category_prefix", self.category_prefix, "1..6")
 
@@ -75,14 +85,14 @@ class PrepareConfig:
     popularity_groups: int = 10
     #: ``equal_items``: each group holds the same number of items; ``equal_interactions``:
     #: each holds about the same number of training interactions.
-    popularity_rule: str = "equal_items"
+    popularity_rule: PopularityRule = "equal_items"
     #: Smallest categories fold into "other" until every fairness group holds at least
     #: this share of the held-out items of the validation and of the test split; in
     #: [0, 0.5).
     min_group_share: float = 0.02
     #: Items without a price or category: ``impute`` (price = category median, category
     #: "unknown") or ``error``.
-    missing: str = "impute"
+    missing: Missing = "impute"
     #: Rows per Parquet row group (the unit whose order the sampler shuffles each epoch).
     row_group_size: int = 16_384
     #: Rows per ``train/part-*.parquet`` shard; at least ``row_group_size``.
@@ -92,17 +102,11 @@ class PrepareConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_options(self)
         _check(self.k_core >= 3, "k_core", self.k_core, ">= 3: leave-one-out needs 3 per user")
         _check(self.history_length >= 0, "history_length", self.history_length, ">= 0")
         _check(self.popularity_groups >= 1, "popularity_groups", self.popularity_groups, ">= 1")
-        _check(
-            self.popularity_rule in ("equal_items", "equal_interactions"),
-            "popularity_rule",
-            self.popularity_rule,
-            "equal_items or equal_interactions",
-        )
         _check(0 <= self.min_group_share < 0.5, "min_group_share", self.min_group_share, "[0, 0.5)")
-        _check(self.missing in ("impute", "error"), "missing", self.missing, "impute or error")
         _check(self.row_group_size >= 1, "row_group_size", self.row_group_size, ">= 1")
         _check(
             self.rows_per_shard >= self.row_group_size,
@@ -127,7 +131,7 @@ class SamplerConfig:
     window_batches: int = 64
     #: Group counts of a sub-batch: ``multinomial`` draws, or ``exact`` (largest-remainder
     #: rounding of mass × sub-batch size, as in FairBatch).
-    draw: str = "multinomial"
+    draw: Draw = "multinomial"
     #: Step α of the adaptive objectives' mass update, per validation pass (> 0). 0.025 at
     #: 16 passes an epoch moves a mass as far per epoch as the paper's 0.1 at about 4.
     step: float = 0.025
@@ -135,27 +139,22 @@ class SamplerConfig:
     floor: float = 1e-3
     #: Mass update: ``additive`` (m + α·s) or ``multiplicative`` (m·exp(α·s)), then the
     #: floor and renormalisation.
-    update_rule: str = "additive"
+    update_rule: UpdateRule = "additive"
     #: Fairness's most miserable group, the one that gains α: the largest validation
     #: ``loss`` (the method's rule) or the lowest validation ``hit`` (Hit@10, the group that
     #: min-Hit@10 measures).
-    fairness_signal: str = "loss"
+    fairness_signal: FairnessSignal = "loss"
     #: Seeds the sampler's draws (the jobs of ``run`` and ``demo`` use ``--seed`` of
     #: training instead: it is no flag there).
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_options(self)
         _check(len(self.objectives) >= 1, "objectives", self.objectives, "at least one")
         _check(self.sub_batch_size >= 1, "sub_batch_size", self.sub_batch_size, ">= 1")
         _check(self.window_batches >= 1, "window_batches", self.window_batches, ">= 1")
-        _check(self.draw in ("multinomial", "exact"), "draw", self.draw,
-               "multinomial or exact")
         _check(self.step > 0, "step", self.step, "> 0")
         _check(0 <= self.floor < 1, "floor", self.floor, "[0, 1)")
-        _check(self.update_rule in ("additive", "multiplicative"), "update_rule",
-               self.update_rule, "additive or multiplicative")
-        _check(self.fairness_signal in ("loss", "hit"), "fairness_signal",
-               self.fairness_signal, "loss or hit")
 
 
 @dataclasses.dataclass
@@ -163,7 +162,7 @@ class TrainConfig:
     """Training of a backbone and its early stopping (``train``; the base of ``run``)."""
 
     #: Backbone: ``mf`` (MF-BPR, 10 negatives) or ``sasrec`` (SASRec, 3 negatives).
-    model: str = "mf"
+    model: Model = "mf"
     #: Size of the user and item embeddings.
     embedding_dim: int = 64
     #: Learning rate of every optimizer (tables and dense parameters); > 0.
@@ -173,7 +172,7 @@ class TrainConfig:
     #: The tables' optimizer, as FBGEMM names it: ``adam``, ``exact_sgd``,
     #: ``exact_adagrad`` or ``exact_row_wise_adagrad``. FBGEMM's CPU kernels have no Adam:
     #: on CPU, ``adam`` keeps the tables unsharded and trains them with torch's Adam.
-    table_optimizer: str = "adam"
+    table_optimizer: TableOptimizer = "adam"
     #: Training rows per batch on each rank.
     batch_size: int = 1024
     #: Negatives are drawn ∝ training count^beta (0: uniform), never the positive.
@@ -198,12 +197,10 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.model in ("mf", "sasrec"), "model", self.model, "mf or sasrec")
+        _check_options(self)
         _check(self.embedding_dim >= 1, "embedding_dim", self.embedding_dim, ">= 1")
         _check(self.lr > 0, "lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        _check(self.table_optimizer in _TABLE_OPTIMIZERS, "table_optimizer",
-               self.table_optimizer, " or ".join(_TABLE_OPTIMIZERS))
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _check(self.negative_beta >= 0, "negative_beta", self.negative_beta, ">= 0")
         _check(0 <= self.dropout < 1, "dropout", self.dropout, "0 <= dropout < 1")
@@ -215,10 +212,6 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
 
 
-#: What MoRec's controllers may hold (``MoRecConfig.control``).
-CONTROLS = ("training", "validation")
-#: Where the coefficients q act (``MoRecConfig.coefficients``).
-COEFFICIENTS = ("sampling", "loss")
 
 
 @dataclasses.dataclass
@@ -242,7 +235,7 @@ class MoRecConfig:
     #: at each validation pass; or ``training``, its mean training loss, stepped every
     #: batch (the paper's). On Ta-Feng only validation control moved validation Hit@10,
     #: which decides validity.
-    control: str = "validation"
+    control: Control = "validation"
     #: Where the coefficients q act: ``loss``, as the weights of ``Σ_o q_o · ℓ_o`` over
     #: equal sub-batches (the paper's); or ``sampling``, as each objective's share of the
     #: batch's rows (``q / Σ q``), the loss being the batch's plain mean. Both have the same
@@ -250,7 +243,7 @@ class MoRecConfig:
     #: that the other objectives alone touch. ``sampling`` needs ``validation`` control:
     #: the loaders draw batches ahead, so the shares follow the controllers at validation
     #: passes, not at every step.
-    coefficients: str = "sampling"
+    coefficients: Coefficients = "sampling"
     #: Objectives held by a PI controller, each ``name=target``. The target is a value of
     #: the controlled quantity, ``auto`` (its value at the base model: under ``training``
     #: control, the base's mean loss on that objective's sub-batches, measured before
@@ -283,13 +276,11 @@ class MoRecConfig:
     continued_lr: float = 1e-4
 
     def __post_init__(self) -> None:
+        _check_options(self)
         _check(all(p >= 0 for p in self.preference)
                and (not self.preference or abs(sum(self.preference) - 1) < 1e-6),
                "preference", self.preference, "entries >= 0 that sum to 1")
         _check(self.scale > 0, "scale", self.scale, "> 0")
-        _check(self.control in CONTROLS, "control", self.control, " or ".join(CONTROLS))
-        _check(self.coefficients in COEFFICIENTS, "coefficients", self.coefficients,
-               " or ".join(COEFFICIENTS))
         _check(self.coefficients == "loss" or self.control == "validation", "coefficients",
                self.coefficients, "loss under control = training")
         for item in self.hold:
@@ -339,6 +330,21 @@ def parse_hold(item: str) -> tuple[str, float | None, float] | None:
         return None
 
 
+def _check_options(config: Any) -> None:
+    """MorecError naming the first field whose value is not among its options."""
+    for field in dataclasses.fields(config):
+        options = _options(type(config), field.name)
+        if options:
+            value = getattr(config, field.name)
+            _check(value in options, field.name, value, " or ".join(options))
+
+
+def _options(cls: type, name: str) -> tuple[str, ...]:
+    """The words a ``Literal`` field takes (empty for any other field)."""
+    kind = typing.get_type_hints(cls)[name]
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+
+
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
     if not ok:
         raise MorecError(f"config: {field} = {value!r} is out of range (expected {expected})")
@@ -363,6 +369,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type,
         elif kind is tuple:
             group.add_argument(flag, dest=field.name, type=_comma_list,
                                default=argparse.SUPPRESS, metavar="A,B,...", help=help)
+        elif _options(cls, field.name):  # checked by the dataclass: a one-line error
+            group.add_argument(flag, dest=field.name, default=argparse.SUPPRESS,
+                               metavar="{" + ",".join(_options(cls, field.name)) + "}",
+                               help=help)
         else:
             group.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS,
                                metavar=kind.__name__.upper(), help=help)
@@ -420,7 +430,8 @@ def reference() -> str:
         for field in dataclasses.fields(cls):
             default = _default_text(field, toml=True)
             doc = _markdown(docs[field.name]).replace("|", "\\|")
-            out.append(f"| `{field.name}` | `{field.type}` | `{default}` | {doc} |")
+            kind = " \\| ".join(f'"{o}"' for o in _options(cls, field.name)) or field.type
+            out.append(f"| `{field.name}` | `{kind}` | `{default}` | {doc} |")
     return "\n".join(out) + "\n"
 
 
@@ -490,6 +501,8 @@ def load_file(path: Path | None, sections: tuple[str, ...]) -> dict[str, dict[st
 def _field_type(cls: type, name: str) -> type:
     """The type a field's values must have: ``X | None`` → X, ``tuple[str, ...]`` → tuple."""
     kind = typing.get_type_hints(cls)[name]
+    if typing.get_origin(kind) is Literal:
+        return str
     if isinstance(kind, types.UnionType):
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
     return typing.get_origin(kind) or kind

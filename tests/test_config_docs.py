@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
+import typing
 
 import pytest
 from conftest import ROOT
 
 from morec_rec import config
+from morec_rec.errors import MorecError
 from morec_rec.jobs.cli import _parser, main
 
 REFERENCE = ROOT / "docs" / "configuration.md"
@@ -57,7 +58,18 @@ def test_the_reference_has_a_row_per_field() -> None:
     for cls, (section, _) in config.SECTIONS.items():
         assert f"## `[{section}]`: {cls.__name__}" in text
         for field in dataclasses.fields(cls):
-            assert f"| `{field.name}` | `{field.type}` |" in text
+            options = typing.get_args(typing.get_type_hints(cls)[field.name])
+            kind = field.type
+            if options and all(isinstance(o, str) for o in options):  # a Literal: its words
+                kind = " \\| ".join(f'"{o}"' for o in options)
+            assert f"| `{field.name}` | `{kind}` |" in text
+
+
+def test_option_fields_list_their_words_and_refuse_others() -> None:
+    assert typing.get_args(config.Control) == ("training", "validation")
+    with pytest.raises(MorecError, match="config: draw = 'some' is out of range "
+                                         "\\(expected multinomial or exact\\)"):
+        config.SamplerConfig(draw="some")
 
 
 def _help(command: str, capsys: pytest.CaptureFixture[str],
