@@ -7,7 +7,7 @@ every few hundred steps. Objectives are :class:`Objective` s: the four built-ins
 job's own subclass.
 """
 
-from morec_rec.config import MoRecConfig, SamplerConfig
+from morec_rec.config import HoldTarget, MoRecConfig, SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.plugin.control.coordinator import Coordinator
@@ -35,6 +35,7 @@ __all__ = [
     "Coordinator",
     "ExampleLayout",
     "Fairness",
+    "HoldTarget",
     "MoRec",
     "MoRecConfig",
     "MoRecLoader",

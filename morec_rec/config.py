@@ -39,6 +39,31 @@ Control = Literal["training", "validation"]
 Coefficients = Literal["sampling", "loss"]
 
 
+@dataclasses.dataclass(frozen=True)
+class HoldTarget:
+    """Where a PI controller holds an objective's controlled quantity: ``relative`` times
+    its value at the base model, or the absolute ``value``. Exactly one is set, and > 0.
+
+    Under ``validation`` control the quantity is itself relative to the base (1 there), so
+    the two coincide; under ``training`` control it is a mean training loss, and a
+    ``relative`` target needs the base's loss measured first.
+    """
+
+    relative: float | None = None
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [(k, v) for k, v in (("relative", self.relative), ("value", self.value))
+                 if v is not None]
+        if len(given) != 1 or not given[0][1] > 0:
+            raise MorecError(f"hold target {self._text()} is out of range (expected exactly "
+                             "one of relative, value, > 0)")
+
+    def _text(self) -> str:
+        return "{" + ", ".join(f"{k} = {v}" for k, v in dataclasses.asdict(self).items()
+                               if v is not None) + "}"
+
+
 @dataclasses.dataclass
 class SourceConfig:
     """How a source reader finds its fields in the raw files (``prepare`` only; each reader
@@ -244,12 +269,15 @@ class MoRecConfig:
     #: the loaders draw batches ahead, so the shares follow the controllers at validation
     #: passes, not at every step.
     coefficients: Coefficients = "sampling"
-    #: Objectives held by a PI controller, each ``name=target``. The target is a value of
-    #: the controlled quantity, ``auto`` (its value at the base model: under ``training``
-    #: control, the base's mean loss on that objective's sub-batches, measured before
-    #: continued training; under ``validation`` control, 1) or ``auto*F`` (F times it).
-    #: ``accuracy=auto*1.01`` holds validation Hit@10 1% short of the base's.
-    hold: tuple[str, ...] = ("accuracy=auto*1.01",)
+    #: Objectives held by a PI controller: objective name -> its target, ``relative`` to
+    #: the controlled quantity's value at the base model (under ``training`` control the
+    #: base's mean loss on that objective's sub-batches, measured before continued
+    #: training; under ``validation`` control, 1) or an absolute ``value``. In TOML a
+    #: table, ``[morec.hold]`` with ``accuracy = { relative = 1.01 }``; as a flag, TOML's
+    #: dotted keys, ``--hold accuracy.relative=1.01,revenue.value=0.2`` (``--hold ''``:
+    #: none). The default holds validation Hit@10 1% short of the base's.
+    hold: dict[str, HoldTarget] = dataclasses.field(
+        default_factory=lambda: {"accuracy": HoldTarget(relative=1.01)})
     #: Proportional gain of every controller, >= 0: the proportional term lies in (0, kp).
     kp: float = 0.01
     #: Integral gain of every controller, >= 0, per controller step (a batch or a
@@ -283,9 +311,8 @@ class MoRecConfig:
         _check(self.scale > 0, "scale", self.scale, "> 0")
         _check(self.coefficients == "loss" or self.control == "validation", "coefficients",
                self.coefficients, "loss under control = training")
-        for item in self.hold:
-            _check(parse_hold(item) is not None, "hold", item,
-                   "name=auto, name=auto*F or name=VALUE with F, VALUE > 0")
+        _check(all(isinstance(t, HoldTarget) for t in self.hold.values()), "hold", self.hold,
+               "objective name -> HoldTarget")
         _check(self.kp >= 0, "kp", self.kp, ">= 0")
         _check(self.ki >= 0, "ki", self.ki, ">= 0")
         _check(0 <= self.beta_min <= self.beta_max, "beta_min", self.beta_min,
@@ -307,27 +334,6 @@ SECTIONS: dict[type, tuple[str, str]] = {
     SamplerConfig: ("sampler", "run, demo"),
     MoRecConfig: ("morec", "run, demo"),
 }
-
-
-def parse_hold(item: str) -> tuple[str, float | None, float] | None:
-    """``name=target`` -> (name, value, factor): value None means ``auto`` times factor.
-
-    None when malformed (no ``=``, a target that is not ``auto``, ``auto*F`` or a number,
-    a non-positive number).
-    """
-    name, sep, target = (part.strip() for part in item.partition("="))
-    if not (name and sep):
-        return None
-    try:
-        if target == "auto":
-            return name, None, 1.0
-        if target.startswith("auto*"):
-            factor = float(target[len("auto*"):])
-            return (name, None, factor) if factor > 0 else None
-        value = float(target)
-        return (name, value, 1.0) if value > 0 else None
-    except ValueError:
-        return None
 
 
 def _check_options(config: Any) -> None:
@@ -369,6 +375,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type,
         elif kind is tuple:
             group.add_argument(flag, dest=field.name, type=_comma_list,
                                default=argparse.SUPPRESS, metavar="A,B,...", help=help)
+        elif kind is dict:
+            group.add_argument(flag, dest=field.name, type=_dotted_keys,
+                               default=argparse.SUPPRESS, metavar="K.F=V,...", help=help)
         elif _options(cls, field.name):  # checked by the dataclass: a one-line error
             group.add_argument(flag, dest=field.name, default=argparse.SUPPRESS,
                                metavar="{" + ",".join(_options(cls, field.name)) + "}",
@@ -419,7 +428,7 @@ def reference() -> str:
         "command line, an array in TOML). Flags override the file, the file overrides the",
         "defaults. Unknown keys and out-of-range values are errors that name the key.",
         "In a Python job the same dataclasses are built directly, e.g.",
-        "`MoRecConfig(hold=(\"accuracy=auto*1.02\",))`.",
+        "`MoRecConfig(hold={\"accuracy\": HoldTarget(relative=1.02)})`.",
     ]
     for cls, (section, commands) in SECTIONS.items():
         docs = field_docs(cls)
@@ -436,9 +445,18 @@ def reference() -> str:
 
 
 def _default_text(field: dataclasses.Field[Any], toml: bool = False) -> str:
-    """A field's default as a flag (``a,b``, ``'x'``) or as TOML (``["a", "b"]``, ``"x"``)
-    writes it."""
-    value = field.default
+    """A field's default as a flag (``a,b``, ``'x'``, ``k.f=1``) or as TOML (``["a", "b"]``,
+    ``"x"``, ``{ k = { f = 1 } }``) writes it."""
+    value = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+    if isinstance(value, dict):
+        entries = {key: {f: v for f, v in dataclasses.asdict(target).items() if v is not None}
+                   for key, target in value.items()}
+        if toml:
+            return "{ " + ", ".join(
+                f"{key} = {{ " + ", ".join(f"{f} = {v}" for f, v in fields.items()) + " }"
+                for key, fields in entries.items()) + " }"
+        return ",".join(f"{key}.{f}={v}" for key, fields in entries.items()
+                        for f, v in fields.items()) or "(none)"
     if isinstance(value, tuple):
         if toml:
             return "[" + ", ".join(json.dumps(v) for v in value) + "]"
@@ -474,6 +492,8 @@ def build(cls: type[C], file_values: dict[str, Any], args: argparse.Namespace | 
         kind = _field_type(cls, name)
         if kind is tuple and isinstance(value, (list, tuple)):  # TOML arrays, comma lists
             value = values[name] = _tuple_of(cls, name, value)
+        if kind is dict and isinstance(value, dict):  # TOML tables, dotted-key flags
+            value = values[name] = _dict_of(cls, name, value)
         if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
             raise MorecError(f"config: {name} = {value!r} is not a {kind.__name__}")
         if kind is float:
@@ -516,6 +536,38 @@ def _tuple_of(cls: type, name: str, value: list | tuple) -> tuple:
     except (TypeError, ValueError):
         raise MorecError(f"config: {name} = {value!r} is not a list of "
                          f"{element.__name__}") from None
+
+
+def _dict_of(cls: type, name: str, value: dict) -> dict:
+    """``value``'s tables as the field's value dataclass (``{"a": {"relative": 1}}`` ->
+    ``{"a": HoldTarget(relative=1.0)}``)."""
+    (_, element) = typing.get_args(typing.get_type_hints(cls)[name])
+    fields = {f.name for f in dataclasses.fields(element)}
+    out = {}
+    for key, entry in value.items():
+        if isinstance(entry, element):
+            out[key] = entry
+            continue
+        if not isinstance(entry, dict) or not entry.keys() <= fields:
+            raise MorecError(f"config: {name}.{key} = {entry!r} is not a table of "
+                             f"{', '.join(sorted(fields))}")
+        given = {k: v for k, v in entry.items() if v is not None}  # a record's JSON nulls
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                   for v in given.values()):
+            raise MorecError(f"config: {name}.{key} = {entry!r} needs numbers")
+        try:
+            out[key] = element(**{k: float(v) for k, v in given.items()})
+        except MorecError as error:
+            raise MorecError(f"config: {name}.{key}: {error}") from None
+    return out
+
+
+def _dotted_keys(text: str) -> dict[str, Any]:
+    """``a.f=1,b.g=2`` -> ``{"a": {"f": 1}, "b": {"g": 2}}``: TOML dotted keys, comma-joined."""
+    try:
+        return tomllib.loads("\n".join(text.split(",")))
+    except tomllib.TOMLDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY.FIELD=NUMBER,... ({error})")
 
 
 def _comma_list(text: str) -> tuple[str, ...]:

@@ -115,7 +115,7 @@ def test_the_run_help_shows_a_fields_doc_and_default(capsys: pytest.CaptureFixtu
     assert len(entries) > 40  # the job's flags and every field of three configs
     assert entries["--ki"].startswith("Integral gain of every controller")
     assert entries["--ki"].endswith("(default: 60.0)")
-    assert "(default: accuracy=auto*1.01)" in entries["--hold"]
+    assert "(default: accuracy.relative=1.01)" in entries["--hold"]
     assert "--seed" in entries and "--sub-batch-size" in entries
 
 

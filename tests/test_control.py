@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from morec_rec.config import MoRecConfig
+from morec_rec.config import HoldTarget, MoRecConfig
 from morec_rec.errors import MorecError
 from morec_rec.plugin.control.coordinator import Coordinator, needs_base_losses
 from morec_rec.plugin.control.measures import METRICS, relative_measures
@@ -241,7 +241,9 @@ def test_from_config() -> None:
     config = MoRecConfig(control="training", coefficients="loss",
                          preference=(0.5, 0.25, 0.25), scale=0.3, kp=0.02, ki=0.003,
                          beta_min=0.5, beta_max=1.5,
-                         hold=("accuracy=auto", "revenue=auto*1.1", "fairness=0.7"))
+                         hold={"accuracy": HoldTarget(relative=1.0),
+                               "revenue": HoldTarget(relative=1.1),
+                               "fairness": HoldTarget(value=0.7)})
     base = {"accuracy": 0.2, "revenue": 0.5, "fairness": 0.9, "alignment": 0.4}
     coordinator = Coordinator.from_config(config, OBJECTIVES, base)
     assert coordinator.objectives == OBJECTIVES
@@ -257,11 +259,12 @@ def test_from_config() -> None:
 
 def test_needs_base_losses() -> None:
     training = functools.partial(MoRecConfig, control="training", coefficients="loss")
-    assert needs_base_losses(training())  # accuracy=auto
-    assert not needs_base_losses(MoRecConfig(control="validation"))  # auto is 1 there
-    assert not needs_base_losses(training(hold=("accuracy=0.2",)))
-    assert needs_base_losses(training(hold=("accuracy=0.2", "revenue=auto*2")))
-    assert not needs_base_losses(training(hold=()))
+    assert needs_base_losses(training())  # accuracy relative to the base
+    assert not needs_base_losses(MoRecConfig(control="validation"))  # the base is 1 there
+    assert not needs_base_losses(training(hold={"accuracy": HoldTarget(value=0.2)}))
+    assert needs_base_losses(training(hold={"accuracy": HoldTarget(value=0.2),
+                                            "revenue": HoldTarget(relative=2.0)}))
+    assert not needs_base_losses(training(hold={}))
 
 
 @pytest.mark.parametrize("preference, scale, targets, message", [
@@ -287,13 +290,14 @@ def test_repeated_objective() -> None:
         Coordinator(("accuracy", "revenue", "revenue"), (0.5, 0.5), 0.2, {}, PAPER)
 
 
-@pytest.mark.parametrize("hold, base, message", [
-    (("accuracy=auto",), None, "hold 'accuracy=auto' needs the base model's loss"),
-    (("revenue=auto*1.1",), {"accuracy": 0.2}, "hold 'revenue=auto\\*1.1' needs the base"),
-    (("price=auto",), {"price": 0.3}, "hold: 'price' is not among the objectives"),
-    (("accuracy=0.2", "accuracy=auto"), {"accuracy": 0.2}, "'accuracy' is held twice"),
+@pytest.mark.parametrize("relative, base, message", [
+    ({"accuracy": 1.0}, None, r"hold accuracy \(relative = 1.0\) needs the base model's loss"),
+    ({"revenue": 1.1}, {"accuracy": 0.2}, r"hold revenue \(relative = 1.1\) needs the base"),
+    ({"price": 1.0}, {"price": 0.3}, "hold: 'price' is not among the objectives"),
 ])
-def test_bad_hold(hold: tuple[str, ...], base: dict[str, float] | None, message: str) -> None:
+def test_bad_hold(relative: dict[str, float], base: dict[str, float] | None,
+                  message: str) -> None:
+    hold = {name: HoldTarget(relative=r) for name, r in relative.items()}
     with pytest.raises(MorecError, match=message):
         Coordinator.from_config(MoRecConfig(control="training", coefficients="loss", hold=hold),
                                 OBJECTIVES, base)
@@ -347,7 +351,8 @@ def test_relative_measures_refuse_what_they_cannot_measure() -> None:
 
 def test_validation_control_targets_observe_and_q() -> None:
     config = MoRecConfig(control="validation", scale=0.2, kp=0.01, ki=0.001, beta_min=0.6,
-                         beta_max=1.3, hold=("accuracy=auto*1.02", "revenue=auto"))
+                         beta_max=1.3, hold={"accuracy": HoldTarget(relative=1.02),
+                               "revenue": HoldTarget(relative=1.0)})
     coordinator = Coordinator.from_config(config, OBJECTIVES, None)  # no base losses needed
     assert coordinator.targets == pytest.approx({"accuracy": 1.02, "revenue": 1.0})
     q = coordinator.q  # before any observation: β = kp/2 + β_min = 0.605 for both
@@ -363,6 +368,6 @@ def test_validation_control_targets_observe_and_q() -> None:
 
 
 def test_validation_control_needs_a_metric() -> None:
-    config = MoRecConfig(control="validation", preference=(1.0,), hold=("novelty=auto",))
+    config = MoRecConfig(control="validation", preference=(1.0,), hold={"novelty": HoldTarget(relative=1.0)})
     with pytest.raises(MorecError, match="'novelty' has no validation metric to control on"):
         Coordinator.from_config(config, ("accuracy", "novelty"), None)

@@ -116,7 +116,7 @@ def test_training_control(tiny: Path, base: Path, tmp_path: Path) -> None:
     out = tmp_path / "job"
     done = run_cli("run", "--data", str(tiny), "--base", str(base), "--out", str(out), *MOREC,
                    "--control", "training", "--coefficients", "loss",
-                   "--hold", "accuracy=auto*1.1", "--ki", "0.1")
+                   "--hold", "accuracy.relative=1.1", "--ki", "0.1")
     assert done.returncode == 0, done.stderr
     log = _log(out / "morec")
     # The target is 1.1 times the base's calibrated accuracy loss.
@@ -203,9 +203,14 @@ def test_resume_needs_a_job(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--preference", "0.5,0.5"], "preference (0.5, 0.5) has 2 entries for 3 objectives"),
     (["--preference", "1.2,-0.1,-0.1"], "config: preference = (1.2, -0.1, -0.1) is out of range"),
-    (["--hold", "accuracy=0"], "config: hold = 'accuracy=0' is out of range"),
-    (["--hold", "accuracy=-0.3"], "config: hold = 'accuracy=-0.3' is out of range"),
-    (["--hold", "novelty=auto"], "hold: 'novelty' is not among the objectives"),
+    (["--hold", "accuracy.relative=0"], "config: hold.accuracy: hold target {relative = 0.0} "
+                                        "is out of range"),
+    (["--hold", "accuracy.value=-0.3"], "config: hold.accuracy: hold target {value = -0.3}"),
+    (["--hold", "accuracy.factor=2"], "config: hold.accuracy = {'factor': 2} is not a table of "
+                                      "relative, value"),
+    (["--hold", "accuracy=auto*1.01"], "argument --hold: 'accuracy=auto*1.01' is not "
+                                       "KEY.FIELD=NUMBER"),
+    (["--hold", "novelty.relative=1"], "hold: 'novelty' is not among the objectives"),
     (["--control", "sometimes"], "config: control = 'sometimes' is out of range"),
     (["--coefficients", "weights"], "config: coefficients = 'weights' is out of range"),
     (["--fairness-signal", "ndcg"], "config: fairness_signal = 'ndcg' is out of range"),

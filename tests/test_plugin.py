@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from morec_rec import MoRec, MoRecConfig, MorecError, Objective, SamplerConfig, SegmentedBatch
+from morec_rec import (
+    HoldTarget,
+    MoRec,
+    MoRecConfig,
+    MorecError,
+    Objective,
+    SamplerConfig,
+    SegmentedBatch,
+)
 from morec_rec.plugin.sampling.sampler import BATCH
 
 
@@ -124,7 +132,8 @@ def test_a_jobs_objective_and_rows_go_through_every_call(tiny: Path, manifest: d
     # Training control with an auto target: loss() calibrates through rows and collate.
     morec = make(tiny, manifest, model, config=MoRecConfig(
         preference=(0.25,) * 4, control="training", coefficients="loss",
-        hold=("accuracy=auto*1.1", "cheap=auto"), calibration_batches=2))
+        hold={"accuracy": HoldTarget(relative=1.1), "cheap": HoldTarget(relative=1.0)},
+        calibration_batches=2))
     hook = morec.loss(model)
     targets = hook.coordinator.targets
     assert set(targets) == {"accuracy", "cheap"} and all(t > 0 for t in targets.values())
@@ -159,7 +168,7 @@ def test_settings_that_need_a_scorer_say_so(tiny: Path, manifest: dict) -> None:
         MoRec(tiny, Collate(manifest["num_items"]), rows=rows)
     with pytest.raises(MorecError, match="objective 'alignment' .its top-K exposure. needs"):
         MoRec(tiny, Collate(manifest["num_items"]), rows=rows, config=MoRecConfig(
-            control="training", coefficients="loss", hold=("accuracy=1",)))
+            control="training", coefficients="loss", hold={"accuracy": HoldTarget(value=1.0)}))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -7,12 +7,12 @@ accuracy, may be held at a target by its own :class:`PIController`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from morec_rec.config import MoRecConfig, parse_hold
+from morec_rec.config import MoRecConfig
 from morec_rec.errors import MorecError
 from morec_rec.plugin.control.measures import check_measurable
 from morec_rec.plugin.control.pi import PIController, PIGains
@@ -81,27 +81,25 @@ class Coordinator:
         """The coordinator that ``config`` describes over the sampler's ``objectives``.
 
         Args:
-            config: preference, scale, gains, ``control`` and ``hold`` (each ``name=VALUE``,
-                ``name=auto`` or ``name=auto*F``).
+            config: preference, scale, gains, ``control`` and ``hold``.
             objectives: as for the constructor.
             base_losses: objective name -> the base model's mean loss on its sub-batches;
-                under ``training`` control an ``auto*F`` target is F times it. Needed only
+                under ``training`` control a ``relative`` target is relative to it. Needed only
                 where :func:`needs_base_losses` says so; None otherwise. (Under
                 ``validation`` control every measure is 1 at the base.)
         """
         if config.control == "validation":
             base_losses = dict.fromkeys(objectives, 1.0)
         targets: dict[str, float] = {}
-        for item, name, value, factor in _holds(config):
+        for name, target in config.hold.items():
             _check_held(name, objectives, "hold")
-            if name in targets:
-                raise MorecError(f"hold {config.hold}: {name!r} is held twice")
-            if value is None:
-                if base_losses is None or name not in base_losses:
-                    raise MorecError(f"hold {item!r} needs the base model's loss on {name!r}, "
-                                     f"which was not measured")
-                value = factor * base_losses[name]
-            targets[name] = value
+            if target.value is not None:
+                targets[name] = target.value
+            elif base_losses is None or name not in base_losses:
+                raise MorecError(f"hold {name} (relative = {target.relative}) needs the base "
+                                 f"model's loss on {name!r}, which was not measured")
+            else:
+                targets[name] = target.relative * base_losses[name]
         if config.control == "validation":
             check_measurable(targets)
         gains = PIGains(config.kp, config.ki, config.beta_min, config.beta_max)
@@ -194,19 +192,10 @@ class Coordinator:
 
 
 def needs_base_losses(config: MoRecConfig) -> bool:
-    """Whether a ``hold`` target is ``auto`` under ``training`` control, so the base
+    """Whether a ``hold`` target is ``relative`` under ``training`` control, so the base
     model's training losses must be measured."""
-    return config.control == "training" and any(value is None
-                                                for _, _, value, _ in _holds(config))
-
-
-def _holds(config: MoRecConfig) -> Iterator[tuple[str, str, float | None, float]]:
-    """(item, name, value, factor) for each ``config.hold`` item; see :func:`parse_hold`."""
-    for item in config.hold:
-        parsed = parse_hold(item)
-        if parsed is None:  # MoRecConfig checks this, but its fields stay assignable
-            raise MorecError(f"hold {item!r} is not name=auto, name=auto*F or name=VALUE")
-        yield (item, *parsed)
+    return config.control == "training" and any(target.relative is not None
+                                                for target in config.hold.values())
 
 
 def _check_held(name: str, objectives: Sequence[str], field: str) -> None:

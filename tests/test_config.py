@@ -1,0 +1,51 @@
+"""Config tables: ``hold`` from TOML, from its flag and from a run's JSON record, alike."""
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from morec_rec.config import HoldTarget, MoRecConfig, add_arguments, build, load_file
+from morec_rec.errors import MorecError
+
+HOLD = {"accuracy": HoldTarget(relative=1.02), "revenue": HoldTarget(value=0.2)}
+
+
+def _flags(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, MoRecConfig)
+    return parser.parse_args(argv)
+
+
+def test_hold_from_toml_flag_and_record_agree(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text("[morec]\nki = 20\n\n[morec.hold]\naccuracy = { relative = 1.02 }\n"
+                    "revenue.value = 0.2\n")
+    from_file = build(MoRecConfig, load_file(path, ("morec",))["morec"], None)
+    from_flag = build(MoRecConfig, {"ki": 20}, _flags("--hold",
+                                                      "accuracy.relative=1.02,revenue.value=0.2"))
+    record = json.loads(json.dumps(dataclasses.asdict(from_file)))  # as run.json keeps it
+    assert from_file.hold == from_flag.hold == build(MoRecConfig, record, None).hold == HOLD
+    assert from_file == from_flag
+
+
+def test_hold_flag_replaces_the_files_table() -> None:
+    file_values = {"hold": {"accuracy": {"relative": 1.5}}}
+    assert build(MoRecConfig, file_values, _flags("--hold", "")).hold == {}
+    assert build(MoRecConfig, file_values, _flags()).hold == {"accuracy": HoldTarget(relative=1.5)}
+    assert MoRecConfig().hold == {"accuracy": HoldTarget(relative=1.01)}
+    assert MoRecConfig().hold is not MoRecConfig().hold  # no default shared between configs
+
+
+@pytest.mark.parametrize(("hold", "message"), [
+    ({"accuracy": {"relative": 1.0, "value": 0.2}}, "exactly one of relative, value"),
+    ({"accuracy": {}}, "hold.accuracy: hold target {} is out of range"),
+    ({"accuracy": {"relative": -1}}, "hold.accuracy: hold target {relative = -1.0}"),
+    ({"accuracy": {"relative": "1.01"}}, "hold.accuracy = {'relative': '1.01'} needs numbers"),
+    ({"accuracy": 1.01}, "hold.accuracy = 1.01 is not a table of relative, value"),
+])
+def test_bad_hold_names_the_entry(hold: dict, message: str) -> None:
+    with pytest.raises(MorecError, match=message.replace("{", r"\{").replace("(", r"\(")):
+        build(MoRecConfig, {"hold": hold}, None)
