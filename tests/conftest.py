@@ -6,15 +6,19 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
+from typing import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import torch.distributed as dist
 
 from morec_rec.data.raw import RawData
 from morec_rec.jobs.cli import main
+from morec_rec.plugin.sampling.store import StoreSpec
 
 # One intra-op thread: tests run beside torchrun jobs and loader workers on 2 cores.
 torch.set_num_threads(1)
@@ -30,6 +34,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "data"
     assert main(["synth", "--profile", "tiny", "--seed", "0", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def tcp_store() -> Iterator[Callable[..., StoreSpec]]:
+    """A TCPStore hosted on a free local port for the test; yields a factory of specs to
+    it, ``tcp_store(prefix="morec", timeout_s=5)``, one namespace per prefix."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=30))
+
+    def spec(prefix: str = "morec", timeout_s: float = 5) -> StoreSpec:
+        return StoreSpec(kind="tcp", host="127.0.0.1", port=server.port, prefix=prefix,
+                         timeout_s=timeout_s)
+
+    yield spec  # the server lives as long as the factory that refers to it
 
 
 def free_port() -> int:

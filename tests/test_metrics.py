@@ -17,8 +17,15 @@ from morec_rec.plugin.eval.metrics import (
     is_valid,
     merge,
     pop_kl,
-    ranking_metrics,
 )
+
+
+def ranking_metrics(top_k, held_out, price, fairness_group, num_fairness_groups,
+                    popularity_group, num_popularity_groups, q) -> RankingMetrics:
+    """The metrics of one pass: :meth:`RankingMetricSums.from_topk`, finalized against ``q``."""
+    return RankingMetricSums.from_topk(top_k, held_out, price, fairness_group,
+                                       num_fairness_groups, popularity_group,
+                                       num_popularity_groups).finalize(q)
 
 # Case A: K = 3, 5 users, 8 items, 3 fairness groups (group 2 holds no held-out item),
 # 3 popularity groups. Prices are dyadic, so every float sum below is exact.

@@ -7,7 +7,7 @@ fails one with probability 1/1000 for a random seed, and never for the fixed one
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -177,15 +177,15 @@ def test_a_start_position_replays_the_rest_of_the_stream(dataset: PreparedDatase
     _compare(uninterrupted[start:], list(loader(start)))
 
 
-def test_a_restarted_loader_replays_the_published_masses(dataset: PreparedDataset,
-                                                          tmp_path: Path) -> None:
+def test_a_restarted_loader_replays_the_published_masses(
+        dataset: PreparedDataset, tcp_store: Callable[..., StoreSpec]) -> None:
     # Both runs publish the same versions at the same consumed counts; the second stops
     # at batch 13 and a new loader goes on from there over the same store: it replays
     # version 1 (in force from batch 9) and takes version 2 as it appears.
     publishes = {5: (np.eye(5)[4], 9), 20: (np.eye(5)[2], 24)}
 
-    def run(store: Path, start: int, stop: int | None = None) -> list:
-        spec = StoreSpec(kind="file", path=str(store))
+    def run(store: str, start: int, stop: int | None = None) -> list:
+        spec = tcp_store(store)
         weights = WeightStore.connect(spec)
         s = sampler(dataset, store=spec, sub_batch_size=16)
         s.set_epoch(0, start)
@@ -200,19 +200,19 @@ def test_a_restarted_loader_replays_the_published_masses(dataset: PreparedDatase
                 break
         return batches
 
-    uninterrupted = run(tmp_path / "a", 0)
+    uninterrupted = run("a", 0)
     assert len(uninterrupted) == 66  # 2 streams × 2160 rows // 64
-    head = run(tmp_path / "b", 0, stop=13)
-    _compare(uninterrupted, head + run(tmp_path / "b", 13))
+    head = run("b", 0, stop=13)
+    _compare(uninterrupted, head + run("b", 13))
     versions = [b.masses_version for b in uninterrupted]
     assert versions[:9] == [0] * 9 and versions[9:24] == [1] * 15 and set(versions[24:]) == {2}
     late = uninterrupted[30]
     assert set(late.fairness_group[late.objective == ALL.index("fairness")].tolist()) == {2}
 
 
-def test_a_version_published_after_its_batch_was_drawn_raises(dataset: PreparedDataset,
-                                                              tmp_path: Path) -> None:
-    spec = StoreSpec(kind="file", path=str(tmp_path / "store"))
+def test_a_version_published_after_its_batch_was_drawn_raises(
+        dataset: PreparedDataset, tcp_store: Callable[..., StoreSpec]) -> None:
+    spec = tcp_store()
     weights = WeightStore.connect(spec)
     batches = iter(sampler(dataset, store=spec))
     next(batches), next(batches)  # batches 0 and 1 drawn
@@ -222,14 +222,14 @@ def test_a_version_published_after_its_batch_was_drawn_raises(dataset: PreparedD
         next(batches)
 
 
-def test_published_masses_show_in_every_workers_frequencies(dataset: PreparedDataset,
-                                                            tmp_path: Path) -> None:
+def test_published_masses_show_in_every_workers_frequencies(
+        dataset: PreparedDataset, tcp_store: Callable[..., StoreSpec]) -> None:
     # Published after 10 consumed batches, in force from batch 14 (2 workers × prefetch 2
     # past the consumed ones): each worker's group frequencies match the old masses before
     # and the new ones after, and the new frequencies reject the old masses.
     before = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
     after = before[::-1].copy()
-    spec = StoreSpec(kind="file", path=str(tmp_path / "store"))
+    spec = tcp_store()
     weights = WeightStore.connect(spec)
     s = sampler(dataset, ("fairness",), masses={"fairness": before}, store=spec)
     batches = []
@@ -249,12 +249,12 @@ def test_published_masses_show_in_every_workers_frequencies(dataset: PreparedDat
         assert chi_square_p(observed, before * len(drawn)) < ALPHA  # the change shows
 
 
-def test_shares_of_the_batch_set_each_objectives_rows(dataset: PreparedDataset,
-                                                       tmp_path: Path) -> None:
+def test_shares_of_the_batch_set_each_objectives_rows(
+        dataset: PreparedDataset, tcp_store: Callable[..., StoreSpec]) -> None:
     # Batches of 4 × 64 = 256 rows. Initial shares (4, 2, 1, 1)/8: 128, 64, 32, 32 rows.
     # Published for batch 5 on: (0.7, 0.1, 0.1, 0.1) × 256 = 179.2, 25.6, 25.6, 25.6,
     # rounded by largest remainder (ties to the lower index): 179, 26, 26, 25.
-    spec = StoreSpec(kind="file", path=str(tmp_path / "store"))
+    spec = tcp_store()
     WeightStore.connect(spec).publish({BATCH: np.array([0.7, 0.1, 0.1, 0.1])},
                                       effective_from=5)
     s = sampler(dataset, masses={BATCH: np.array([4.0, 2, 1, 1])}, store=spec)

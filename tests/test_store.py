@@ -9,7 +9,7 @@ import pickle
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -29,11 +29,12 @@ EXACT = {
 }
 
 
-@pytest.fixture(params=["hash", "file"])
-def spec(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
+@pytest.fixture(params=["hash", "tcp"])
+def spec(request: pytest.FixtureRequest, tmp_path: Path,
+         tcp_store: Callable[..., StoreSpec]) -> StoreSpec:
     if request.param == "hash":  # the registry is per process: one prefix per test
         return StoreSpec(kind="hash", prefix=f"test/{tmp_path.name}", timeout_s=5)
-    return StoreSpec(kind="file", path=str(tmp_path / "store"), timeout_s=5)
+    return tcp_store()
 
 
 def test_round_trip_is_exact(spec: StoreSpec) -> None:
@@ -53,8 +54,7 @@ def test_round_trip_is_exact(spec: StoreSpec) -> None:
     assert list(reader.history()[0].values) == ["accuracy", "revenue"]
 
 
-def test_nothing_published_does_not_block(tmp_path: Path) -> None:
-    spec = StoreSpec(kind="file", path=str(tmp_path / "store"), timeout_s=5)
+def test_nothing_published_does_not_block(spec: StoreSpec) -> None:
     weights = WeightStore.connect(spec)
     start = time.monotonic()
     assert weights.latest_version() == 0
@@ -63,18 +63,19 @@ def test_nothing_published_does_not_block(tmp_path: Path) -> None:
     assert time.monotonic() - start < 1  # a blocking get would wait the 5 s timeout
 
 
-def test_polling_does_not_write(tmp_path: Path) -> None:
-    # A FileStore appends every write to its file; loaders poll before every batch.
-    spec = StoreSpec(kind="file", path=str(tmp_path / "store"))
+def test_polling_does_not_write() -> None:
+    # Loaders poll before every batch: a poll must not touch the store's keys.
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=5))
+    spec = StoreSpec(kind="tcp", host="127.0.0.1", port=server.port, timeout_s=5)
     writer, reader = WeightStore.connect(spec), WeightStore.connect(spec)
     for published in (False, True):
         if published:
             writer.publish(EXACT, effective_from=0)
-        size = Path(spec.path).stat().st_size
+        keys = server.num_keys()
         for _ in range(100):
             reader.latest_version()
             reader.read()
-        assert Path(spec.path).stat().st_size == size
+        assert server.num_keys() == keys
 
 
 def test_read_of_unpublished_version(spec: StoreSpec) -> None:
@@ -148,9 +149,9 @@ def _assert_consistent(masses: Masses) -> None:
     assert masses.values["b"].tolist() == [v] * 5
 
 
-def test_reader_never_sees_a_torn_write(tmp_path: Path) -> None:
+def test_reader_never_sees_a_torn_write(tcp_store: Callable[..., StoreSpec]) -> None:
     count = 300
-    spec = StoreSpec(kind="file", path=str(tmp_path / "store"), timeout_s=10)
+    spec = tcp_store(timeout_s=10)
     writer = mp.get_context("spawn").Process(target=_publish_versions, args=(spec, count))
     writer.start()
     store, seen = spec.connect(), [0]
@@ -162,7 +163,6 @@ def test_reader_never_sees_a_torn_write(tmp_path: Path) -> None:
         if masses.version > seen[-1]:
             _assert_consistent(masses)
             seen.append(masses.version)
-        time.sleep(1e-4)  # FileStore's flock favours readers: a tight loop starves the writer
     writer.join(10)
     assert writer.exitcode == 0
     assert len(seen) > 10  # the reader ran while the writer was publishing
@@ -213,7 +213,7 @@ def test_hash_store_from_another_process(monkeypatch: pytest.MonkeyPatch, contex
     errors = ctx.Queue()
     child = ctx.Process(target=_connect, args=(None if own_spec else spec, errors))
     child.start()
-    assert "use a 'tcp' or 'file' store" in errors.get(timeout=30)
+    assert "use a 'tcp' store" in errors.get(timeout=30)
     child.join(10)
 
 
@@ -233,12 +233,12 @@ def test_hash_store_in_loader_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     # spawn: the worker has no registry entry and its own spec; only being a worker tells.
     workers = DataLoader(_Connects(), batch_size=None, num_workers=1,
                          multiprocessing_context="spawn")
-    with pytest.raises(MorecError, match="use a 'tcp' or 'file' store"):
+    with pytest.raises(MorecError, match="use a 'tcp' store"):
         list(workers)
 
 
-def test_weight_store_cannot_cross_a_fork(tmp_path: Path) -> None:
-    weights = WeightStore.connect(StoreSpec(kind="file", path=str(tmp_path / "store")))
+def test_weight_store_cannot_cross_a_fork(tcp_store: Callable[..., StoreSpec]) -> None:
+    weights = WeightStore.connect(tcp_store())
     child = mp.get_context("fork").Process(target=weights.latest_version)
     child.start()
     child.join(10)
@@ -260,17 +260,11 @@ def test_spec_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(("fields", "problem"), [
     ({"kind": "redis"}, "kind 'redis'"),
     ({"kind": "tcp", "host": "h"}, "needs a host and a port"),
-    ({"kind": "file"}, "needs a path"),
     ({"kind": "hash", "timeout_s": 0}, "timeout must be positive"),
 ])
 def test_bad_spec(fields: dict, problem: str) -> None:
     with pytest.raises(MorecError, match=problem):
         StoreSpec(**fields)
-
-
-def test_file_store_in_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(MorecError, match="does not exist"):
-        StoreSpec(kind="file", path=str(tmp_path / "nowhere" / "store")).connect()
 
 
 def test_publish_and_sync_without_process_group(spec: StoreSpec) -> None:

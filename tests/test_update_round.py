@@ -12,6 +12,7 @@ sampler fails one with probability 1/1000 for a random seed, and never for the f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -88,10 +89,10 @@ def frequencies(batches: list, position: int, column: str, groups: int) -> np.nd
 
 
 @pytest.mark.parametrize(("rule", "step", "kind"), [("additive", 0.1, "hash"),
-                                                    ("multiplicative", 0.5, "file")])
-def test_update_round_reaches_the_sampler_from_batch_k(dataset: PreparedDataset, tmp_path: Path,
-                                                       rule: str, step: float,
-                                                       kind: str) -> None:
+                                                    ("multiplicative", 0.5, "tcp")])
+def test_update_round_reaches_the_sampler_from_batch_k(
+        dataset: PreparedDataset, tmp_path: Path, tcp_store: Callable[..., StoreSpec],
+        rule: str, step: float, kind: str) -> None:
     groups = dataset.manifest["groups"]
     objectives = build_objectives(NAMES, dataset.manifest, step=step, rule=rule)
     fairness, alignment = objectives
@@ -108,7 +109,7 @@ def test_update_round_reaches_the_sampler_from_batch_k(dataset: PreparedDataset,
         assert new[name].sum() == pytest.approx(1, abs=1e-12) and new[name].min() >= 1e-3
 
     spec = (StoreSpec(kind="hash", prefix=f"test/{tmp_path.name}", timeout_s=5) if kind == "hash"
-            else StoreSpec(kind="file", path=str(tmp_path / "store"), timeout_s=5))
+            else tcp_store())
     store = WeightStore.connect(spec)
     config = SamplerConfig(objectives=NAMES, sub_batch_size=SUB_BATCH, window_batches=8)
     sampler = WeightedStreamSampler(dataset, objectives, config, store=spec)

@@ -247,16 +247,6 @@ def merge(parts: Sequence[RankingMetricSums]) -> RankingMetricSums:
     return functools.reduce(operator.add, parts)
 
 
-def ranking_metrics(top_k: npt.ArrayLike, held_out: npt.ArrayLike, price: npt.ArrayLike,
-                    fairness_group: npt.ArrayLike, num_fairness_groups: int,
-                    popularity_group: npt.ArrayLike, num_popularity_groups: int,
-                    q: npt.ArrayLike) -> RankingMetrics:
-    """The metrics of one pass; arguments as :meth:`RankingMetricSums.from_topk`, plus ``q``."""
-    return RankingMetricSums.from_topk(top_k, held_out, price, fairness_group,
-                                       num_fairness_groups, popularity_group,
-                                       num_popularity_groups).finalize(q)
-
-
 def pop_kl(q: npt.ArrayLike, exposure: npt.ArrayLike, epsilon: float = POP_KL_EPSILON) -> float:
     """KL(Q‖P̃) in nats, P̃ = (P + ε) / (1 + G·ε); ``q`` and ``exposure`` (G,) each sum to 1.
 

@@ -3,9 +3,9 @@
 Built on ``torch.distributed``'s key-value stores, always under a
 :class:`~torch.distributed.PrefixStore` so that our keys never meet torch's:
 
-- ``tcp``: the TCPStore that torchrun's agent hosts at ``MASTER_ADDR:MASTER_PORT``; every
-  trainer and every DataLoader worker process connects to it as a client.
-- ``file``: a FileStore, for several processes on one host without torchrun.
+- ``tcp``: a TCPStore, every trainer and every DataLoader worker process a client: under
+  torchrun the one its agent hosts at ``MASTER_ADDR:MASTER_PORT``; without, one that the
+  trainer hosts on a free local port (:meth:`StoreSpec.for_loader`).
 - ``hash``: a HashStore, for one process (a ``num_workers=0`` loader beside the trainer).
 
 Layout, under the prefix: ``masses/<v>`` holds the whole payload of version ``v`` (JSON,
@@ -23,8 +23,7 @@ import os
 import socket
 import time
 from datetime import timedelta
-from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping, get_args
 
 import numpy as np
 import torch.distributed as dist
@@ -33,8 +32,9 @@ from torch.utils.data import get_worker_info
 from morec_rec.errors import MorecError
 
 _VERSION_KEY = "version"
-_KINDS = ("tcp", "file", "hash")
 _PROBE_INTERVAL_S = 0.1
+
+StoreKind = Literal["tcp", "hash"]
 
 #: prefix -> (pid of the creating process, its HashStore).
 _HASH_STORES: dict[str, tuple[int, dist.HashStore]] = {}
@@ -48,21 +48,19 @@ class StoreSpec:
     store cannot be reached from any other process.
     """
 
-    kind: str  # "tcp" | "file" | "hash"
+    kind: StoreKind
     host: str = ""
     port: int = 0
-    path: str = ""
     prefix: str = "morec"
     timeout_s: float = 30.0
     owner_pid: int = dataclasses.field(default_factory=os.getpid, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise MorecError(f"weight store kind {self.kind!r} is not one of {', '.join(_KINDS)}")
+        kinds = get_args(StoreKind)
+        if self.kind not in kinds:
+            raise MorecError(f"weight store kind {self.kind!r} is not one of {', '.join(kinds)}")
         if self.kind == "tcp" and not (self.host and 0 < self.port < 2**16):
             raise MorecError(f"weight store tcp://{self.host}:{self.port} needs a host and a port")
-        if self.kind == "file" and not self.path:
-            raise MorecError("weight store of kind 'file' needs a path")
         if not self.timeout_s > 0:
             raise MorecError(f"weight store timeout must be positive, got {self.timeout_s} s")
 
@@ -106,8 +104,6 @@ class StoreSpec:
         """
         if self.kind == "tcp":
             store = _tcp_client(self.host, self.port, self.timeout_s)
-        elif self.kind == "file":
-            store = _file_store(Path(self.path), self.timeout_s)
         else:
             store = _hash_store(self.prefix, self.owner_pid, self.timeout_s)
         return dist.PrefixStore(self.prefix, store)
@@ -138,21 +134,13 @@ def _wait_until_listening(host: str, port: int, timeout_s: float, unreachable: s
             time.sleep(min(_PROBE_INTERVAL_S, remaining))
 
 
-def _file_store(path: Path, timeout_s: float) -> dist.FileStore:
-    if not path.parent.is_dir():
-        raise MorecError(f"weight store file://{path}: directory {path.parent} does not exist")
-    store = dist.FileStore(str(path), -1)  # -1: no process ever deletes the file
-    store.set_timeout(timedelta(seconds=timeout_s))
-    return store
-
-
 def _hash_store(prefix: str, owner_pid: int, timeout_s: float) -> dist.HashStore:
     pid = os.getpid()
     creator = _HASH_STORES[prefix][0] if prefix in _HASH_STORES else pid
     if pid != owner_pid or pid != creator or get_worker_info() is not None:
         raise MorecError(
             f"a 'hash' weight store works within the one process that made it, and pid {pid} "
-            "is another one (a DataLoader worker?): use a 'tcp' or 'file' store when the "
+            "is another one (a DataLoader worker?): use a 'tcp' store when the "
             "DataLoader has num_workers > 0"
         )
     if prefix not in _HASH_STORES:
@@ -236,8 +224,8 @@ class WeightStore:
     def latest_version(self) -> int:
         """The latest published version, 0 if none. Never blocks, never writes.
 
-        (``add(key, 0)`` would also not block, but a FileStore appends every write to its
-        file, and loaders poll this before every batch.)
+        (Loaders poll this before every batch: ``check`` rather than ``add(key, 0)``, which
+        would count as a write.)
         """
         if not self._pointer_seen:
             if not self._store.check([_VERSION_KEY]):
