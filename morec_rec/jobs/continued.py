@@ -20,13 +20,12 @@ the same base: the row every MoRec result must beat.
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from tqdm import tqdm
 
 from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
@@ -35,8 +34,9 @@ from morec_rec.jobs.collate import Collator
 from morec_rec.jobs.models import num_negatives, per_row_loss
 from morec_rec.jobs.models.negatives import NegativeSampler
 from morec_rec.jobs.models.scorer import ModelScorer
+from morec_rec.jobs.loop import Progress, fit
 from morec_rec.jobs.run import Run
-from morec_rec.jobs.train import LOG_EVERY, build_sharded, model_identity
+from morec_rec.jobs.train import build_sharded, model_identity
 from morec_rec.plugin.control.coordinator import Coordinator
 from morec_rec.plugin.eval.metrics import VALIDITY_THRESHOLD, improvement, is_valid
 from morec_rec.plugin.eval.ranking import K
@@ -44,15 +44,12 @@ from morec_rec.plugin.morec import MoRec
 
 
 @dataclasses.dataclass
-class MoRecProgress:
+class MoRecProgress(Progress):
     """Where continued training stands; saved in every checkpoint's metadata."""
 
-    epoch: int = 0
-    step: int = 0
     #: Validation metrics of the base (the reference of validity and Imp).
     base: dict[str, float] | None = None
-    #: The selected pass: its step, [valid (0/1), Imp or Hit] and validation metrics.
-    best_step: int = -1
+    #: The selected pass: [valid (0/1), Imp or Hit] and its validation metrics.
     best_key: list[float] | None = None
     best: dict[str, Any] | None = None
 
@@ -96,62 +93,16 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
     hook = morec.loss(model)
     if meta:
         morec.load_state_dict(meta["morec"])
-    coordinator = hook.coordinator
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device, custom_model_fwd=hook)
-    batches = morec.batches_per_epoch
-    update_every = max(1, batches // config.updates_per_epoch)
-
-    def save(path: Any) -> None:
-        checkpoint.save(path, model, optimizer,
-                        {**identity, "progress": dataclasses.asdict(progress),
-                         "morec": morec.state_dict()})
-
-    def validate() -> None:
-        """One validation round: the selection, the controllers, a mass update."""
-        record = morec.validate(pipeline.detach())
-        selection = select(progress, record["metrics"], config.select_hit)
-        if selection["selected"]:
-            save(run.best)
-        run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
-                 "step": progress.step, **selection, "controlled": record["measures"],
-                 "group_loss": record["group_loss"]})
-        if "version" in record:
-            run.log({"kind": "update", "epoch": progress.epoch, "step": progress.step,
-                     **{k: record[k] for k in ("version", "effective_from", "masses")}})
-
+    stage = _ContinuedTraining(morec, hook.coordinator, model, optimizer, identity, progress,
+                               config, run, env)
     if progress.base is None:
         run.log({"kind": "update", "epoch": 0, "step": 0, "version": 0, "effective_from": 0,
                  "masses": {name: morec.masses[name].tolist() for name in _adaptive(morec)}})
-        run.log({"kind": "targets", "target": coordinator.targets,
+        run.log({"kind": "targets", "target": hook.coordinator.targets,
                  "base_loss": morec.state_dict()["base_losses"]})
-        validate()
-
-    records = _StepRecords(coordinator, config, run, morec, samples_per_step=(
-        morec.loader.sampler.batch_size * env.world_size))
-    while progress.epoch < config.epochs:
-        morec.set_epoch(progress.epoch)
-        batches_iter = iter(morec.loader)
-        done = morec.position - progress.epoch * batches
-        bar = tqdm(total=batches, initial=done, desc=f"morec epoch {progress.epoch}",
-                   unit="batch", leave=False, disable=None if env.is_main else True)
-        while True:
-            try:
-                pipeline.progress(batches_iter)
-            except StopIteration:
-                break
-            progress.step += 1
-            done += 1
-            records.step(progress, bar)
-            if done % update_every == 0 and batches - done >= update_every // 2:
-                validate()
-            if train_config.checkpoint_every and progress.step % train_config.checkpoint_every == 0:
-                records.flush(progress)
-                save(run.last)
-        bar.close()
-        validate()
-        progress.epoch += 1
-        records.flush(progress)
-        save(run.last)
+        stage.validate(model)
+    fit(pipeline, stage, run, env, train_config.checkpoint_every)
     return progress
 
 
@@ -195,52 +146,86 @@ def saturated(beta: float, config: MoRecConfig) -> bool:
     return not config.beta_min + tolerance < beta < config.beta_max - tolerance
 
 
-class _StepRecords:
-    """A "step" record every ``LOG_EVERY`` steps and at every checkpoint: the steps' mean
-    per-objective losses (one collective), each held objective's β, target and mean
-    controlled value over the steps (its loss, or its last validation measure, by
-    ``config.control``), and the share of the steps at which β sat at a bound of its
-    range (see :func:`saturated`). A record covers the steps since the one before, so a
-    run resumed from a checkpoint logs what an uninterrupted one does."""
+class _ContinuedTraining:
+    """Continued training as a :class:`~morec_rec.jobs.loop.Stage`: MoRec's loader, its
+    validation rounds ``updates_per_epoch`` times an epoch (the selection, the
+    controllers, a mass update), ``epochs`` epochs.
 
-    def __init__(self, coordinator: Coordinator, config: MoRecConfig, run: Run, morec: MoRec,
-                 samples_per_step: int) -> None:
-        self.coordinator, self.config, self.run, self.morec = coordinator, config, run, morec
-        self.samples_per_step = samples_per_step
+    A step record holds the steps' mean per-objective losses (one collective), each held
+    objective's β, target and mean controlled value over the steps (its loss, or its last
+    validation measure, by ``config.control``), and the share of the steps at which β sat
+    at a bound of its range (see :func:`saturated`).
+    """
+
+    name = "morec epoch"
+
+    def __init__(self, morec: MoRec, coordinator: Coordinator, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, identity: dict[str, Any],
+                 progress: MoRecProgress, config: MoRecConfig, run: Run,
+                 env: distributed.Environment) -> None:
+        self.morec, self.coordinator = morec, coordinator
+        self.model, self.optimizer, self.identity = model, optimizer, identity
+        self.progress, self.config, self.run = progress, config, run
+        self.batches_per_epoch = morec.batches_per_epoch
+        self.samples_per_step = morec.loader.sampler.batch_size * env.world_size
+        self.update_every = max(1, self.batches_per_epoch // config.updates_per_epoch)
         self.at_bound: list[dict[str, bool]] = []
         self.controlled: list[dict[str, float]] = []
-        self.started, self.steps = time.perf_counter(), 0
 
-    def step(self, progress: MoRecProgress, bar: tqdm) -> None:
-        """Notes a step; logs the record when it is due."""
+    def finished(self) -> bool:
+        return self.progress.epoch >= self.config.epochs
+
+    def epoch_batches(self) -> Iterator[Any]:
+        self.morec.set_epoch(self.progress.epoch)
+        return iter(self.morec.loader)
+
+    def step(self, output: Any) -> dict[str, str]:
         coefficients = self.coordinator.coefficients
         self.at_bound.append({k: saturated(v, self.config) for k, v in coefficients.items()})
         self.controlled.append(self.coordinator.measured)
-        self.steps += 1
-        bar.set_postfix(samples_per_s=f"{self.rate:,.0f}",
-                        **{f"beta_{k}": f"{v:.3f}" for k, v in coefficients.items()})
-        bar.update()
-        if progress.step % LOG_EVERY == 0:
-            self.flush(progress)
+        return {f"beta_{k}": f"{v:.3f}" for k, v in coefficients.items()}
 
-    @property
-    def rate(self) -> float:
-        return self.steps * self.samples_per_step / (time.perf_counter() - self.started)
-
-    def flush(self, progress: MoRecProgress) -> None:
-        """Logs the record of the steps since the last one (a collective), if any."""
-        if not self.controlled:
-            return
+    def record(self) -> dict[str, Any]:
         losses = self.morec.objective_losses()
         shares = self.coordinator.q / self.coordinator.q.sum()
         defined = [(s, v) for s, v in zip(shares, losses.values()) if v is not None]
         coefficients = self.coordinator.coefficients
-        self.run.log({
-            "kind": "step", "epoch": progress.epoch, "step": progress.step,
+        record = {
             "loss": float(sum(s * v for s, v in defined) / sum(s for s, _ in defined)),
-            "samples_per_s": self.rate, "objective_loss": losses, "coefficient": coefficients,
+            "objective_loss": losses, "coefficient": coefficients,
             "target": self.coordinator.targets,
             "controlled": {k: float(np.mean([c[k] for c in self.controlled]))
                            for k in coefficients},
-            "at_bound": {k: float(np.mean([b[k] for b in self.at_bound])) for k in coefficients}})
+            "at_bound": {k: float(np.mean([b[k] for b in self.at_bound])) for k in coefficients}}
         self.at_bound, self.controlled = [], []
+        return record
+
+    def validation_due(self, done: int) -> bool:
+        # Not within half an interval of the epoch's end, where the epoch's own pass falls.
+        return (done % self.update_every == 0
+                and self.batches_per_epoch - done >= self.update_every // 2)
+
+    def validate(self, model: torch.nn.Module) -> None:
+        """One validation round: the selection, the controllers, a mass update."""
+        progress = self.progress
+        record = self.morec.validate(model)
+        selection = select(progress, record["metrics"], self.config.select_hit)
+        if selection["selected"]:
+            self._save(self.run.best)
+        self.run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
+                      "step": progress.step, **selection, "controlled": record["measures"],
+                      "group_loss": record["group_loss"]})
+        if "version" in record:
+            self.run.log({"kind": "update", "epoch": progress.epoch, "step": progress.step,
+                          **{k: record[k] for k in ("version", "effective_from", "masses")}})
+
+    def end_epoch(self) -> None:
+        """Nothing: a run's epochs are its validation rounds' business."""
+
+    def save(self) -> None:
+        self._save(self.run.last)
+
+    def _save(self, path: Any) -> None:
+        checkpoint.save(path, self.model, self.optimizer,
+                        {**self.identity, "progress": dataclasses.asdict(self.progress),
+                         "morec": self.morec.state_dict()})

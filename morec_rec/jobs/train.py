@@ -13,15 +13,13 @@ after the last one trained (a batch's rows and negatives derive from its index).
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch.utils.data import DataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from tqdm import tqdm
 
 from morec_rec.config import SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
@@ -29,6 +27,7 @@ from morec_rec.jobs import checkpoint, distributed
 from morec_rec.jobs.collate import Collator, TrainBatch
 from morec_rec.jobs.models import build_model, num_negatives
 from morec_rec.jobs.models.negatives import NegativeSampler
+from morec_rec.jobs.loop import Progress, fit
 from morec_rec.jobs.models.scorer import ModelScorer
 from morec_rec.jobs.run import Run
 from morec_rec.jobs.sharding import shard
@@ -37,24 +36,15 @@ from morec_rec.plugin.loader import die_with_parent
 from morec_rec.plugin.sampling.objectives import Accuracy
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
-#: Steps between two "step" records of the log.
-LOG_EVERY = 10
-
 
 @dataclasses.dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint's metadata."""
+class PretrainingProgress(Progress):
+    """Where pretraining stands; saved in every checkpoint's metadata."""
 
-    epoch: int = 0  # epochs completed
-    step: int = 0
-    #: Sum of the current epoch's per-step losses so far (its mean is the epoch's loss).
+    #: Sum of the current epoch's per-step mean losses so far, as of its last step record.
     epoch_loss_sum: float = 0.0
     best_hit: float = -1.0
-    best_step: int = -1
     stale: int = 0  # validations since the best
-    #: Mean training loss of the epoch of the best validation, up to it: the converged
-    #: training loss, from which MoRec's controller takes its default expected loss.
-    best_train_loss: float | None = None
 
 
 def model_identity(config: TrainConfig, dataset: PreparedDataset) -> dict[str, Any]:
@@ -97,94 +87,93 @@ def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distribu
 
 
 def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
-          resume: bool = False) -> Progress:
+          resume: bool = False) -> PretrainingProgress:
     """Trains until early stop or ``max_epochs``; returns the final progress."""
     env = distributed.init()
     model, optimizer = build_sharded(config, dataset, env)
     identity = model_identity(config, dataset)
-    progress = Progress()
+    progress = PretrainingProgress()
     if resume and checkpoint.resolve(run.last):
         meta = checkpoint.load(run.last, model, optimizer, identity)
-        progress = Progress(**meta["progress"])
+        progress = PretrainingProgress(**meta["progress"])
         run.truncate_log(progress.step)  # records after the checkpoint go
     else:
         run.truncate_log(None)  # a new run, or one stopped before its first checkpoint
     sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
-    task = load_task(dataset, "valid")
-    batches = sampler.batches_per_epoch(config.num_workers)
-
-    def save(path: Any) -> None:
-        checkpoint.save(path, model, optimizer,
-                        {**identity, "progress": dataclasses.asdict(progress)})
-
-    def validate() -> None:
-        pipeline.detach()
-        model.eval()
-        with torch.no_grad():
-            metrics = evaluate(ModelScorer(model.module, env.device), task,
-                               chunk_users=config.eval_chunk_users)
-        model.train()
-        better = metrics.hit > progress.best_hit
-        if better:
-            done = progress.step - progress.epoch * batches
-            progress.best_hit, progress.best_step, progress.stale = metrics.hit, progress.step, 0
-            progress.best_train_loss = progress.epoch_loss_sum / done if done else None
-            save(run.best)
-        else:
-            progress.stale += 1
-        run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
-                 "step": progress.step, **metrics.as_dict(), "best": better})
-
-    while progress.epoch < config.max_epochs and progress.stale < config.patience:
-        done = progress.step - progress.epoch * batches
-        sampler.set_epoch(progress.epoch, done)
-        _train_epoch(pipeline, iter(loader), progress, run, config, batches, done,
-                     validate, lambda: save(run.last), env)
-        epoch_loss = progress.epoch_loss_sum / batches if batches else None
-        if not config.eval_every or progress.step % config.eval_every:
-            validate()
-        progress.epoch += 1
-        progress.epoch_loss_sum = 0.0
-        run.log({"kind": "epoch", "epoch": progress.epoch, "step": progress.step,
-                 "train_loss": epoch_loss})
-        save(run.last)
+    stage = _Pretraining(model, optimizer, identity, dataset, sampler, loader, progress,
+                         config, run, env)
+    fit(pipeline, stage, run, env, config.checkpoint_every)
     return progress
 
 
-def _train_epoch(pipeline: TrainPipelineSparseDist, batches_iter: Iterator[TrainBatch],
-                 progress: Progress, run: Run, config: TrainConfig, total: int, done: int,
-                 validate: Callable[[], None], save: Callable[[], None],
+class _Pretraining:
+    """Pretraining as a :class:`~morec_rec.jobs.loop.Stage`: the accuracy-only loader,
+    validation Hit@10 for early stopping and the ``best`` checkpoint, an "epoch" record
+    with the epoch's mean training loss."""
+
+    name = "epoch"
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 identity: dict[str, Any], dataset: PreparedDataset,
+                 sampler: WeightedStreamSampler, loader: DataLoader,
+                 progress: PretrainingProgress, config: TrainConfig, run: Run,
                  env: distributed.Environment) -> None:
-    """The rest of an epoch from its step ``done`` on: pipeline steps, the epoch's loss
-    summed into ``progress``, validations and checkpoints at their intervals. A "step"
-    record every ``LOG_EVERY`` steps and at every checkpoint covers the steps since the
-    last one, so a resumed run logs what an uninterrupted one does."""
-    losses: list[float] = []
-    unlogged: list[float] = []
-    started = time.perf_counter()
-    # Rank 0 shows a bar when writing to a terminal (tqdm's disable=None); others never.
-    bar = tqdm(total=total, initial=done, desc=f"epoch {progress.epoch}", unit="batch",
-               leave=False, disable=None if env.is_main else True)
-    while True:
-        try:
-            output = pipeline.progress(batches_iter)  # the model's ModelOutput
-        except StopIteration:
-            break
-        progress.step += 1
-        losses.append(float(output.per_row_loss.detach().mean()))
-        unlogged.append(losses[-1])
-        progress.epoch_loss_sum += losses[-1]
-        rate = len(losses) * config.batch_size * env.world_size / (time.perf_counter() - started)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_per_s=f"{rate:,.0f}")
-        bar.update()
-        checkpoint = config.checkpoint_every and progress.step % config.checkpoint_every == 0
-        if progress.step % LOG_EVERY == 0 or checkpoint:
-            run.log({"kind": "step", "epoch": progress.epoch, "step": progress.step,
-                     "loss": float(np.mean(unlogged)), "samples_per_s": rate})
-            unlogged = []
-        if config.eval_every and progress.step % config.eval_every == 0:
-            validate()
-        if checkpoint:
-            save()
-    bar.close()
+        self.model, self.optimizer, self.identity = model, optimizer, identity
+        self.sampler, self.loader = sampler, loader
+        self.progress, self.config, self.run, self.env = progress, config, run, env
+        self.batches_per_epoch = sampler.batches_per_epoch(config.num_workers)
+        self.samples_per_step = config.batch_size * env.world_size
+        self.task = load_task(dataset, "valid")
+        self.unlogged: list[torch.Tensor] = []  # per-step mean losses, on the device
+
+    def finished(self) -> bool:
+        return (self.progress.epoch >= self.config.max_epochs
+                or self.progress.stale >= self.config.patience)
+
+    def epoch_batches(self) -> Iterator[TrainBatch]:
+        done = self.progress.step - self.progress.epoch * self.batches_per_epoch
+        self.sampler.set_epoch(self.progress.epoch, done)
+        return iter(self.loader)
+
+    def step(self, output: Any) -> dict[str, str]:
+        self.unlogged.append(output.per_row_loss.detach().mean())
+        return {}
+
+    def record(self) -> dict[str, Any]:
+        losses = torch.stack(self.unlogged).tolist()  # one read of the device per record
+        self.unlogged = []
+        self.progress.epoch_loss_sum += sum(losses)
+        return {"loss": float(np.mean(losses))}
+
+    def validation_due(self, done: int) -> bool:
+        return bool(self.config.eval_every) and self.progress.step % self.config.eval_every == 0
+
+    def validate(self, model: torch.nn.Module) -> None:
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate(ModelScorer(model.module, self.env.device), self.task,
+                               chunk_users=self.config.eval_chunk_users)
+        model.train()
+        progress = self.progress
+        better = metrics.hit > progress.best_hit
+        if better:
+            progress.best_hit, progress.best_step, progress.stale = metrics.hit, progress.step, 0
+            self._save(self.run.best)
+        else:
+            progress.stale += 1
+        self.run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
+                      "step": progress.step, **metrics.as_dict(), "best": better})
+
+    def end_epoch(self) -> None:
+        progress = self.progress
+        self.run.log({"kind": "epoch", "epoch": progress.epoch, "step": progress.step,
+                      "train_loss": progress.epoch_loss_sum / self.batches_per_epoch})
+        progress.epoch_loss_sum = 0.0
+
+    def save(self) -> None:
+        self._save(self.run.last)
+
+    def _save(self, path: Any) -> None:
+        checkpoint.save(path, self.model, self.optimizer,
+                        {**self.identity, "progress": dataclasses.asdict(self.progress)})

@@ -1,0 +1,140 @@
+"""The training loop of both stages: epochs of pipeline steps, with step records,
+validations and checkpoints at their intervals.
+
+A :class:`Stage` (pretraining, MoRec continued training) says where an epoch starts, what
+its step records hold, when it validates and when it stops; :func:`fit` does the rest, the
+same way for both. Step records fall at fixed steps (every :data:`LOG_EVERY` and at every
+checkpoint), so a run resumed from a checkpoint logs what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Iterator, Protocol
+
+import torch
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
+
+from morec_rec.jobs import distributed
+from morec_rec.jobs.run import Run
+
+#: Steps between two "step" records of the log.
+LOG_EVERY = 10
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint's metadata (with a stage's own
+    fields, in a subclass)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # batches trained, over all epochs
+    best_step: int = -1  # the step of the ``best`` checkpoint (-1: none yet)
+
+
+class Stage(Protocol):
+    """What :func:`fit` asks of a training stage."""
+
+    progress: Progress
+    batches_per_epoch: int
+    #: Training rows per step over all ranks.
+    samples_per_step: int
+    #: The progress bar's label.
+    name: str
+
+    def finished(self) -> bool:
+        """Whether training is over (checked before each epoch)."""
+
+    def epoch_batches(self) -> Iterator[Any]:
+        """The batches of epoch ``progress.epoch`` from step ``progress.step`` on."""
+
+    def step(self, output: Any) -> dict[str, str]:
+        """Notes a step's model output without reading it on the host; returns the
+        progress bar's fields."""
+
+    def record(self) -> dict[str, Any]:
+        """The fields of a step record over the steps noted since the last one (a
+        collective where the stage reduces over ranks)."""
+
+    def validation_due(self, done: int) -> bool:
+        """Whether to validate after ``done`` steps of the current epoch."""
+
+    def validate(self, model: torch.nn.Module) -> None:
+        """A validation pass over ``model``, the pipeline detached (and what the stage
+        does with the pass)."""
+
+    def end_epoch(self) -> None:
+        """After an epoch's last validation, once ``progress.epoch`` counts it."""
+
+    def save(self) -> None:
+        """The ``last`` checkpoint."""
+
+
+def fit(pipeline: TrainPipelineSparseDist, stage: Stage, run: Run,
+        env: distributed.Environment, checkpoint_every: int) -> None:
+    """Trains ``stage`` until it is finished: each epoch's steps through ``pipeline``, a
+    step record every :data:`LOG_EVERY` steps and at every checkpoint (``last``, every
+    ``checkpoint_every`` steps, 0 for none, and at every epoch's end), a validation where
+    the stage says so and at every epoch's end unless its last step had one."""
+    progress = stage.progress
+    while not stage.finished():
+        batches = stage.epoch_batches()
+        done = progress.step - progress.epoch * stage.batches_per_epoch
+        records = _StepRecords(run, stage)
+        # Rank 0 shows a bar when writing to a terminal (tqdm's disable=None); others never.
+        bar = tqdm(total=stage.batches_per_epoch, initial=done,
+                   desc=f"{stage.name} {progress.epoch}", unit="batch", leave=False,
+                   disable=None if env.is_main else True)
+        validated = False
+        while True:
+            try:
+                output = pipeline.progress(batches)
+            except StopIteration:
+                break
+            progress.step += 1
+            done += 1
+            bar.set_postfix(samples_per_s=f"{records.rate:,.0f}", **stage.step(output))
+            bar.update()
+            records.steps += 1
+            checkpoint = checkpoint_every and progress.step % checkpoint_every == 0
+            if progress.step % LOG_EVERY == 0 or checkpoint:
+                records.log()
+            validated = stage.validation_due(done)
+            if validated:
+                stage.validate(pipeline.detach())
+            if checkpoint:
+                stage.save()
+        bar.close()
+        records.log()
+        if not validated:
+            stage.validate(pipeline.detach())
+        progress.epoch += 1
+        stage.end_epoch()
+        stage.save()
+
+
+class _StepRecords:
+    """The "step" records of one epoch: each covers the steps since the one before."""
+
+    def __init__(self, run: Run, stage: Stage) -> None:
+        self.run, self.stage = run, stage
+        self.started = time.perf_counter()
+        self.steps = 0  # this epoch's, so far
+        self.logged = 0
+
+    @property
+    def rate(self) -> float:
+        """Samples per second over this epoch's steps so far."""
+        elapsed = time.perf_counter() - self.started
+        return self.steps * self.stage.samples_per_step / elapsed if elapsed > 0 else 0.0
+
+    def log(self) -> None:
+        """Logs the record of the steps since the last one, if any."""
+        if self.steps == self.logged:
+            return
+        progress = self.stage.progress
+        self.run.log({"kind": "step", "epoch": progress.epoch, "step": progress.step,
+                      **self.stage.record(), "samples_per_s": self.rate})
+        self.logged = self.steps
