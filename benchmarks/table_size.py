@@ -1,0 +1,170 @@
+"""MF-BPR training samples/s against table size: this project over plain PyTorch loops.
+
+    python benchmarks/table_size.py --out benchmarks/results/table_size.json [--steps 100]
+
+At each table size (users + items; the demo profile, Ta-Feng, the paper's Xbox, ten
+times Xbox), in one process on CPU, batch 1,024, 10 negatives, embedding dimension 64:
+
+- **project**: ``morec-rec train``'s step with the default ``TrainConfig`` (table
+  optimizer ``adam``): the synthetic ``demo`` log through its loader (one worker),
+  sampler and collate, into ``TrainPipelineSparseDist`` over the DMP-wrapped backbone,
+  whose tables have the size named (the log's ids fall in their first rows);
+- **plain loops**: two ``nn.Embedding`` tables of that size, uniform random ids, the same
+  BPR loss, no data loading at all (an upper bound of the model step), trained by
+  ``torch.optim.Adam``, ``Adam(fused=True)`` and ``SparseAdam`` (sparse gradients).
+
+Each rate is the median of ``--repeats`` timings of ``--steps`` steps after warm-up, the
+four timed in turn within each repeat; ``ratio`` is the project's over the best plain
+loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torch.utils.data import DataLoader
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from morec_rec.config import TrainConfig
+from morec_rec.data.format import PreparedDataset
+from morec_rec.jobs import distributed
+from morec_rec.jobs.models import build_model
+from morec_rec.jobs.sharding import shard
+from morec_rec.jobs.train import training_loader
+from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
+
+#: users, items of each size: the demo profile, Ta-Feng after its 5-core, Xbox, 10× Xbox.
+SIZES = {"demo": (10_000, 2_000), "tafeng": (26_000, 15_000), "xbox": (154_000, 5_000),
+         "10x_xbox": (1_540_000, 52_000)}
+BATCH, NEGATIVES, DIM, WARMUP = 1024, 10, 64, 10
+PLAIN = ("adam", "fused_adam", "sparse_adam")
+
+
+def interleaved(steps_of: dict[str, Callable[[], object]], steps: int,
+                repeats: int) -> dict[str, float]:
+    """Median samples/s of each step function over ``repeats`` rounds; each round times
+    ``steps`` calls of every function in turn (after ``WARMUP`` calls of each), so that a
+    drift of the machine's speed weighs on all of them alike."""
+    for step in steps_of.values():
+        for _ in range(WARMUP):
+            step()
+    rates: dict[str, list[float]] = {name: [] for name in steps_of}
+    for _ in range(repeats):
+        for name, step in steps_of.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            rates[name].append(steps * BATCH / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def project_step(dataset: PreparedDataset, users: int, items: int,
+                 env: distributed.Environment) -> Callable[[], None]:
+    config = TrainConfig(model="mf", num_workers=1)
+    torch.manual_seed(0)
+    model = build_model("mf", users, items, 0, embedding_dim=DIM)
+    model, optimizer = shard(model, env.device, lr=config.lr,
+                             table_optimizer=EmbOptimType(config.table_optimizer))
+    sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
+    pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
+    state = {"epoch": 0, "batches": iter(loader)}
+    return lambda: _progress(pipeline, state, sampler, loader)
+
+
+def _progress(pipeline: TrainPipelineSparseDist, state: dict, sampler: WeightedStreamSampler,
+              loader: DataLoader) -> None:
+    """One pipeline step; a new epoch of the loader when the last one ends."""
+    try:
+        pipeline.progress(state["batches"])
+    except StopIteration:
+        state["epoch"] += 1
+        sampler.set_epoch(state["epoch"])
+        state["batches"] = iter(loader)
+        pipeline.progress(state["batches"])
+
+
+def plain_step(users: int, items: int, optimizer: str) -> Callable[[], None]:
+    torch.manual_seed(0)
+    sparse = optimizer == "sparse_adam"
+    user = nn.Embedding(users, DIM, sparse=sparse)
+    item = nn.Embedding(items, DIM, sparse=sparse)
+    params = [user.weight, item.weight]
+    opt = {"adam": lambda: torch.optim.Adam(params, lr=1e-3),
+           "fused_adam": lambda: torch.optim.Adam(params, lr=1e-3, fused=True),
+           "sparse_adam": lambda: torch.optim.SparseAdam(params, lr=1e-3)}[optimizer]()
+
+    def step() -> None:
+        u = user(torch.randint(users, (BATCH,)))
+        positive = (u * item(torch.randint(items, (BATCH,)))).sum(-1)
+        negatives = item(torch.randint(items, (BATCH, NEGATIVES)))
+        negative = (negatives @ u.unsqueeze(-1)).squeeze(-1)
+        loss = F.softplus(negative - positive.unsqueeze(-1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    env = distributed.init()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "demo"
+        subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
+                        "demo", "--seed", "0", "--out", str(data)], check=True)
+        dataset = PreparedDataset.open(data)
+        for size in args.sizes:
+            users, items = SIZES[size]
+            steps_of = {name: plain_step(users, items, name) for name in PLAIN}
+            steps_of["project"] = project_step(dataset, users, items, env)
+            plain = interleaved(steps_of, args.steps, args.repeats)
+            project = plain.pop("project")
+            del steps_of  # frees the tables and stops the loader's worker
+            best = max(plain, key=plain.get)
+            row = {"size": size, "users": users, "items": items,
+                   "project_samples_per_s": project,
+                   "plain_samples_per_s": plain, "best_plain": best,
+                   "ratio": project / plain[best]}
+            results.append(row)
+            print(f"{size:9} project {project:9,.0f}/s  " + "  ".join(
+                f"{k} {v:9,.0f}/s" for k, v in plain.items()) + f"  ratio {row['ratio']:.2f}",
+                flush=True)
+    demo = next((r for r in results if r["size"] == "demo"), None)
+    xbox = next((r for r in results if r["size"] == "xbox"), None)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "results": results,
+        "xbox_over_demo": (xbox["project_samples_per_s"] / demo["project_samples_per_s"]
+                           if demo and xbox else None),
+        "steps": args.steps, "repeats": args.repeats, "warmup_steps": WARMUP,
+        "batch_size": BATCH, "negatives": NEGATIVES, "embedding_dim": DIM,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                        "device": str(env.device)},
+    }, indent=2) + "\n")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
