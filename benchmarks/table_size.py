@@ -21,6 +21,7 @@ loop's.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -140,7 +141,8 @@ def main() -> None:
             steps_of["project"] = project_step(dataset, users, items, env)
             plain = interleaved(steps_of, args.steps, args.repeats)
             project = plain.pop("project")
-            del steps_of  # frees the tables and stops the loader's worker
+            del steps_of  # the tables, the pipeline and the loader's worker: a sharded
+            gc.collect()  # model is a reference cycle, freed by the collector only
             best = max(plain, key=plain.get)
             row = {"size": size, "users": users, "items": items,
                    "project_samples_per_s": project,
