@@ -5,12 +5,14 @@ pass; every other parameter is data-parallel (DDP) and trained by ``torch.optim.
 
 FBGEMM's CPU kernels have no Adam (its fused CPU optimizers are SGD and the Adagrad
 variants), and its dense CPU kernel pools sequences, so no sharded EmbeddingCollection
-can train with Adam on CPU. There, with the default ``table_optimizer=ADAM``, the tables
-stay unsharded (replicated on every rank), their lookups give sparse gradients (the rows
-a batch touches, all-gathered by DDP), and :class:`RowWiseAdam` updates those rows only:
-the semantics of FBGEMM's fused Adam, at a per-step cost that does not grow with the
-tables.
+can train with Adam on CPU. There, with the default ``table_optimizer=ADAM`` the tables
+stay unsharded: replicated on every rank, their gradients all-reduced by DDP, and trained
+by the same ``torch.optim.Adam`` as the dense parameters: the training protocol's
+optimizer (the paper's training protocol) on every device, sharded where FBGEMM allows it.
+Adam's two differ in one way: FBGEMM's updates only the rows a batch touches, torch's
+updates every row at every step (moments decay, weight decay applies everywhere).
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,65 +73,17 @@ def shard(model: nn.Module, device: torch.device, lr: float = 1e-3, weight_decay
         "optimizer": table_optimizer, "learning_rate": lr,
         "weight_decay": weight_decay, "weight_decay_mode": WeightDecayMode.L2,
     })
-    tables: set[int] = set()  # ids of the unsharded tables' weights
     if replicate:
-        logger.info("FBGEMM has no fused Adam on CPU: embedding tables stay unsharded, "
-                    "trained row-wise by RowWiseAdam")
-        for module in model.modules():
-            if isinstance(module, EmbeddingCollection):
-                for table in module.embeddings.values():
-                    table.sparse = True  # set before DDP wraps it: DDP reads it then
-                    tables.add(id(table.weight))
+        logger.info("FBGEMM has no fused Adam on CPU: embedding tables stay unsharded")
     plan = ShardingPlan({} if replicate else _row_wise_plan(model, sharder, device))
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
                                    device=device, plan=plan, sharders=[sharder])
-    rest = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    groups = {"tables": {k: p for k, p in rest.items() if id(p) in tables},
-              "dense": {k: p for k, p in rest.items() if id(p) not in tables}}
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizers: list[KeyedOptimizer] = [dmp.fused_optimizer]
-    if groups["tables"]:
-        optimizers.append(_SparseKeyedOptimizer(
-            groups["tables"], lambda params: RowWiseAdam(params, lr=lr, weight_decay=weight_decay)))
-    if groups["dense"]:  # a torch optimizer refuses an empty parameter list
+    if dense:  # a torch optimizer refuses an empty parameter list
         optimizers.append(KeyedOptimizerWrapper(
-            groups["dense"], lambda params: torch.optim.Adam(params, lr=lr,
-                                                             weight_decay=weight_decay)))
+            dense, lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)))
     return dmp, CombinedOptimizer(optimizers)
-
-
-class _SparseKeyedOptimizer(KeyedOptimizerWrapper):
-    """A KeyedOptimizerWrapper over parameters whose gradients are sparse: its
-    ``init_state`` (the zero step that materialises lazy state before a checkpoint
-    loads into it) gives them sparse zero gradients."""
-
-    def init_state(self, sparse_grad_parameter_names: set[str] | None = None) -> None:
-        super().init_state(set(self.params))
-
-
-class RowWiseAdam(torch.optim.SparseAdam):
-    """Adam over the rows a sparse gradient holds (torch's ``SparseAdam``: the moments
-    and the weights of the other rows stay as they are), with L2 weight decay added to
-    those rows' gradients, as FBGEMM's fused Adam in its L2 mode does.
-
-    Only for parameters whose gradients are sparse (``nn.Embedding(sparse=True)``).
-    """
-
-    def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
-        super().__init__(params, lr=lr)
-        self.weight_decay = weight_decay
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        if self.weight_decay:
-            for group in self.param_groups:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        grad = param.grad.coalesce()
-                        rows = grad.indices()[0]
-                        param.grad = torch.sparse_coo_tensor(
-                            grad.indices(), grad.values() + self.weight_decay * param[rows],
-                            grad.shape)
-        return super().step(closure)
 
 
 def _row_wise_plan(model: nn.Module, sharder: EmbeddingCollectionSharder,
