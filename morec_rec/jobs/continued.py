@@ -31,10 +31,10 @@ from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.jobs import checkpoint, distributed
 from morec_rec.jobs.collate import Collator
+from morec_rec.jobs.loop import Progress, fit
 from morec_rec.jobs.models import num_negatives, per_row_loss
 from morec_rec.jobs.models.negatives import NegativeSampler
 from morec_rec.jobs.models.scorer import ModelScorer
-from morec_rec.jobs.loop import Progress, fit
 from morec_rec.jobs.run import Run
 from morec_rec.jobs.train import build_sharded, model_identity
 from morec_rec.plugin.control.coordinator import Coordinator

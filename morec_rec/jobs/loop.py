@@ -95,9 +95,10 @@ def fit(pipeline: TrainPipelineSparseDist, stage: Stage, run: Run,
                 break
             progress.step += 1
             done += 1
-            bar.set_postfix(samples_per_s=f"{records.rate:,.0f}", **stage.step(output))
+            fields = stage.step(output)
+            records.note()
+            bar.set_postfix(samples_per_s=f"{records.rate:,.0f}", **fields)
             bar.update()
-            records.steps += 1
             checkpoint = checkpoint_every and progress.step % checkpoint_every == 0
             if progress.step % LOG_EVERY == 0 or checkpoint:
                 records.log()
@@ -123,6 +124,10 @@ class _StepRecords:
         self.started = time.perf_counter()
         self.steps = 0  # this epoch's, so far
         self.logged = 0
+
+    def note(self) -> None:
+        """Counts a step."""
+        self.steps += 1
 
     @property
     def rate(self) -> float:

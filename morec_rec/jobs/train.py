@@ -25,9 +25,9 @@ from morec_rec.config import SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.jobs import checkpoint, distributed
 from morec_rec.jobs.collate import Collator, TrainBatch
+from morec_rec.jobs.loop import Progress, fit
 from morec_rec.jobs.models import build_model, num_negatives
 from morec_rec.jobs.models.negatives import NegativeSampler
-from morec_rec.jobs.loop import Progress, fit
 from morec_rec.jobs.models.scorer import ModelScorer
 from morec_rec.jobs.run import Run
 from morec_rec.jobs.sharding import shard
