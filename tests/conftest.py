@@ -39,10 +39,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tcp_store() -> Iterator[Callable[..., StoreSpec]]:
     """A TCPStore hosted on a free local port for the test; yields a factory of specs to
-    it, ``tcp_store(prefix="morec", timeout_s=5)``, one namespace per prefix."""
+    it, ``tcp_store(prefix="morec", timeout_s=30)``, one namespace per prefix (a client
+    connecting once took over 5 s in a CI run)."""
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=30))
 
-    def spec(prefix: str = "morec", timeout_s: float = 5) -> StoreSpec:
+    def spec(prefix: str = "morec", timeout_s: float = 30) -> StoreSpec:
         return StoreSpec(kind="tcp", host="127.0.0.1", port=server.port, prefix=prefix,
                          timeout_s=timeout_s)
 
