@@ -8,10 +8,14 @@ times Xbox), in one process on CPU, batch 1,024, 10 negatives, embedding dimensi
 - **project**: ``morec-rec train``'s step with the default ``TrainConfig`` (table
   optimizer ``adam``): the synthetic ``demo`` log through its loader (one worker),
   sampler and collate, into ``TrainPipelineSparseDist`` over the DMP-wrapped backbone,
-  whose tables have the size named (the log's ids fall in their first rows);
-- **plain loops**: two ``nn.Embedding`` tables of that size, uniform random ids, the same
-  BPR loss, no data loading at all (an upper bound of the model step), trained by
-  ``torch.optim.Adam``, ``Adam(fused=True)`` and ``SparseAdam`` (sparse gradients).
+  whose tables have the size named (the log's ids fall in their first rows), with the
+  intra-op threads ``morec-rec train`` sets (``distributed.share_cpus``: the cores less
+  the loader's worker);
+- **plain loops**: two ``nn.Embedding`` tables of that size, the same BPR loss, no data
+  loading at all (an upper bound of the model step), trained by ``torch.optim.Adam``,
+  ``Adam(fused=True)`` and ``SparseAdam`` (sparse gradients), with torch's default
+  threads (one a core). Their ids are drawn uniformly from the log's id ranges, so both
+  sides touch the same rows and only the tables' size differs.
 
 Each rate is the median of ``--repeats`` timings of ``--steps`` steps after warm-up, the
 four timed in turn within each repeat; ``ratio`` is the project's over the best plain
@@ -31,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,27 +59,36 @@ BATCH, NEGATIVES, DIM, WARMUP = 1024, 10, 64, 10
 PLAIN = ("adam", "fused_adam", "sparse_adam")
 
 
-def interleaved(steps_of: dict[str, Callable[[], object]], steps: int,
-                repeats: int) -> dict[str, float]:
+class Timed(NamedTuple):
+    """A step function and the intra-op threads it runs with."""
+
+    step: Callable[[], object]
+    threads: int
+
+
+def interleaved(steps_of: dict[str, Timed], steps: int, repeats: int) -> dict[str, float]:
     """Median samples/s of each step function over ``repeats`` rounds; each round times
     ``steps`` calls of every function in turn (after ``WARMUP`` calls of each), so that a
     drift of the machine's speed weighs on all of them alike."""
-    for step in steps_of.values():
+    for timed in steps_of.values():
+        torch.set_num_threads(timed.threads)
         for _ in range(WARMUP):
-            step()
+            timed.step()
     rates: dict[str, list[float]] = {name: [] for name in steps_of}
     for _ in range(repeats):
-        for name, step in steps_of.items():
+        for name, timed in steps_of.items():
+            torch.set_num_threads(timed.threads)
             start = time.perf_counter()
             for _ in range(steps):
-                step()
+                timed.step()
             rates[name].append(steps * BATCH / (time.perf_counter() - start))
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def project_step(dataset: PreparedDataset, users: int, items: int,
-                 env: distributed.Environment) -> Callable[[], None]:
+                 env: distributed.Environment) -> Timed:
     config = TrainConfig(model="mf", num_workers=1)
+    threads = distributed.share_cpus(config.num_workers)
     torch.manual_seed(0)
     model = build_model("mf", users, items, 0, embedding_dim=DIM)
     model, optimizer = shard(model, env.device, lr=config.lr,
@@ -83,7 +96,7 @@ def project_step(dataset: PreparedDataset, users: int, items: int,
     sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
     state = {"epoch": 0, "batches": iter(loader)}
-    return lambda: _progress(pipeline, state, sampler, loader)
+    return Timed(lambda: _progress(pipeline, state, sampler, loader), threads)
 
 
 def _progress(pipeline: TrainPipelineSparseDist, state: dict, sampler: WeightedStreamSampler,
@@ -98,7 +111,10 @@ def _progress(pipeline: TrainPipelineSparseDist, state: dict, sampler: WeightedS
         pipeline.progress(state["batches"])
 
 
-def plain_step(users: int, items: int, optimizer: str) -> Callable[[], None]:
+def plain_step(users: int, items: int, optimizer: str, id_range: tuple[int, int],
+               threads: int) -> Timed:
+    """A plain loop's step over tables of ``users`` and ``items`` rows, its user and item
+    ids drawn uniformly below ``id_range``."""
     torch.manual_seed(0)
     sparse = optimizer == "sparse_adam"
     user = nn.Embedding(users, DIM, sparse=sparse)
@@ -107,18 +123,19 @@ def plain_step(users: int, items: int, optimizer: str) -> Callable[[], None]:
     opt = {"adam": lambda: torch.optim.Adam(params, lr=1e-3),
            "fused_adam": lambda: torch.optim.Adam(params, lr=1e-3, fused=True),
            "sparse_adam": lambda: torch.optim.SparseAdam(params, lr=1e-3)}[optimizer]()
+    id_users, id_items = id_range
 
     def step() -> None:
-        u = user(torch.randint(users, (BATCH,)))
-        positive = (u * item(torch.randint(items, (BATCH,)))).sum(-1)
-        negatives = item(torch.randint(items, (BATCH, NEGATIVES)))
+        u = user(torch.randint(id_users, (BATCH,)))
+        positive = (u * item(torch.randint(id_items, (BATCH,)))).sum(-1)
+        negatives = item(torch.randint(id_items, (BATCH, NEGATIVES)))
         negative = (negatives @ u.unsqueeze(-1)).squeeze(-1)
         loss = F.softplus(negative - positive.unsqueeze(-1)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    return step
+    return Timed(step, threads)
 
 
 def main() -> None:
@@ -129,23 +146,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     env = distributed.init()
+    default_threads = torch.get_num_threads()  # torch's default, before share_cpus sets its own
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "demo"
         subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
                         "demo", "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
+        id_range = (dataset.manifest["num_users"], dataset.manifest["num_items"])
         for size in args.sizes:
             users, items = SIZES[size]
-            steps_of = {name: plain_step(users, items, name) for name in PLAIN}
+            steps_of = {name: plain_step(users, items, name, id_range, default_threads)
+                        for name in PLAIN}
             steps_of["project"] = project_step(dataset, users, items, env)
             plain = interleaved(steps_of, args.steps, args.repeats)
             project = plain.pop("project")
+            project_threads = steps_of["project"].threads
             del steps_of  # the tables, the pipeline and the loader's worker: a sharded
             gc.collect()  # model is a reference cycle, freed by the collector only
             best = max(plain, key=plain.get)
             row = {"size": size, "users": users, "items": items,
-                   "project_samples_per_s": project,
+                   "project_samples_per_s": project, "project_threads": project_threads,
                    "plain_samples_per_s": plain, "best_plain": best,
                    "ratio": project / plain[best]}
             results.append(row)
@@ -162,7 +183,7 @@ def main() -> None:
         "steps": args.steps, "repeats": args.repeats, "warmup_steps": WARMUP,
         "batch_size": BATCH, "negatives": NEGATIVES, "embedding_dim": DIM,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                        "cpus": os.cpu_count(), "plain_threads": default_threads,
                         "device": str(env.device)},
     }, indent=2) + "\n")
     distributed.shutdown()

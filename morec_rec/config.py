@@ -196,7 +196,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     #: The tables' optimizer, as FBGEMM names it: ``adam``, ``exact_sgd``,
     #: ``exact_adagrad`` or ``exact_row_wise_adagrad``. FBGEMM's CPU kernels have no Adam:
-    #: on CPU, ``adam`` keeps the tables unsharded and trains them with torch's Adam.
+    #: on CPU, ``adam`` keeps the tables unsharded and updates the rows each batch touches
+    #: with torch's SparseAdam, as FBGEMM's fused Adam does on CUDA.
     table_optimizer: TableOptimizer = "adam"
     #: Training rows per batch on each rank.
     batch_size: int = 1024

@@ -20,7 +20,9 @@ from morec_rec.data.raw import RawData
 from morec_rec.jobs.cli import main
 from morec_rec.plugin.sampling.store import StoreSpec
 
-# One intra-op thread: tests run beside torchrun jobs and loader workers on 2 cores.
+# One intra-op thread, here and in the jobs tests start: tests run beside torchrun jobs and
+# loader workers on 2 cores.
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]

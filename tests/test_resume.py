@@ -4,7 +4,9 @@ A MoRec job on the tiny profile kills itself with SIGKILL (``tests/dist/killed_j
 mid-step, between an update's publication and the batch it applies from, and between a
 checkpoint's renames; resumed in a new process (a new weight store), its log (every
 step record's losses, every validation pass, every mass update) and its test results
-are those of a run that never stopped. Loader workers die with a killed trainer.
+are those of a run that never stopped. Loader workers die with a killed trainer. Under
+``torchrun --max-restarts 1`` the restarted attempt resumes by itself, and the job on two
+launchers of one rank each (as on two machines) is the job on one launcher of two.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, TRAIN, free_port, pretrained, run_cli, run_torchrun
+
+from morec_rec.errors import MorecError
+from morec_rec.jobs import distributed
+from morec_rec.jobs.cli import _is_restart
 
 # 25 batches an epoch; a validation pass (and a mass update) every 8 steps, a checkpoint
 # right after it: the update applies from batches that the checkpoint has not trained.
@@ -105,6 +111,44 @@ def test_two_ranks_killed_resume_as_if_uninterrupted(tiny: Path, base: Path,
     assert_same_run(out, uninterrupted_on_two_ranks)
 
 
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(
+        tiny: Path, base: Path, uninterrupted_on_two_ranks: Path, tmp_path: Path) -> None:
+    # torchrun --max-restarts 1 reruns the same command: the restarted attempt finds the
+    # job's record in --out and resumes, and the fault only strikes the first attempt.
+    # The launch is the one README gives for restartable jobs.
+    out = tmp_path / "job"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "--max-restarts=1",
+               str(ROOT / "tests" / "dist" / "killed_job.py"), "--at-step", "20", "--",
+               "run", "--data", str(tiny), "--base", str(base), *MOREC, "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(exitcode: -9) local_rank: 0" in done.stderr  # the agent saw the first attempt die
+    assert_same_run(out, uninterrupted_on_two_ranks)
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_rank_run_the_job_of_one_node_of_two(
+        tiny: Path, base: Path, uninterrupted_on_two_ranks: Path, tmp_path: Path) -> None:
+    # Two launchers, as on two machines, meet at a c10d rendezvous on loopback.
+    out = tmp_path / "job"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+               "--nproc_per_node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=two-nodes",
+               str(ROOT / "integration" / "run.py"), "--data", str(tiny), "--base", str(base),
+               *MOREC, "--out", str(out)]
+    nodes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(2)]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    assert_same_run(out, uninterrupted_on_two_ranks)
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for status in Path("/proc").glob("[0-9]*/status"):
@@ -144,3 +188,24 @@ def test_loader_workers_die_with_a_killed_trainer(tiny: Path, base: Path,
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)]
+
+
+def test_a_restart_on_the_agents_shared_store_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    with pytest.raises(MorecError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        distributed._check_restart()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    distributed._check_restart()
+
+
+def test_a_restart_resumes_only_the_job_of_its_own_data(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    record = tmp_path / "job.json"
+    record.write_text(json.dumps({"data": str(tmp_path / "a")}))
+    assert not _is_restart(record, tmp_path / "a")  # a first attempt never resumes
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert _is_restart(record, tmp_path / "a")
+    assert not _is_restart(tmp_path / "none.json", tmp_path / "a")  # killed before its record
+    with pytest.raises(MorecError, match=f"{record}: torchrun restarted a job on .*a, not"):
+        _is_restart(record, tmp_path / "b")

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -179,11 +180,12 @@ def _synth(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from morec_rec.data.prepare import check_writable
     from morec_rec.jobs import distributed
-    from morec_rec.jobs.run import Run
+    from morec_rec.jobs.run import RECORD, Run
     from morec_rec.jobs.train import train
 
-    if args.resume:
-        if args.data is not None:
+    resume = args.resume or _is_restart(args.out / RECORD, args.data)
+    if resume:
+        if args.resume and args.data is not None:
             raise MorecError("--resume continues the run's own data and config: drop --data")
         run = Run.open(args.out)
         record = run.record
@@ -203,7 +205,7 @@ def _train(args: argparse.Namespace) -> None:
         run = Run.create(args.out, {"config": dataclasses.asdict(config),
                                     "data": str(dataset.root.resolve()),
                                     "world_size": env.world_size})
-    progress = train(dataset, config, run, resume=args.resume)
+    progress = train(dataset, config, run, resume=resume)
     if distributed.init().is_main:
         print(f"trained {config.model}: {progress.epoch} epoch(s), {progress.step} steps; best "
               f"validation hit@10 {progress.best_hit:.4f} at step {progress.best_step}; "
@@ -321,9 +323,9 @@ def format_metrics(name: str, split: str, users: int, metrics: dict[str, float],
 
 def _run(args: argparse.Namespace) -> None:
     from morec_rec.data.prepare import check_writable
-    from morec_rec.jobs.job import read_job, run_job
+    from morec_rec.jobs.job import JOB, read_job, run_job
 
-    if not args.resume:
+    if not (args.resume or _is_restart(args.out / JOB, args.data)):
         if args.data is None:
             raise MorecError("run needs --data (or --resume)")
         train, sampler, morec = _job_configs(args)
@@ -333,7 +335,8 @@ def _run(args: argparse.Namespace) -> None:
         _print_results(run_job(dataset, args.out, train, sampler, morec, base=args.base,
                                with_continued=args.continued), args.out)
         return
-    if args.data is not None or args.base is not None or args.config is not None:
+    if args.resume and (args.data is not None or args.base is not None
+                        or args.config is not None):
         raise MorecError("--resume continues the job's own data, base and settings: "
                          "drop --data, --base and --config")
     job = read_job(args.out)
@@ -346,6 +349,19 @@ def _run(args: argparse.Namespace) -> None:
     _print_results(run_job(dataset, args.out, train, sampler, morec, base=job["base"],
                            with_continued=job["continued"] or args.continued, resume=True),
                    args.out)
+
+
+def _is_restart(record: Path, data: Path | None) -> bool:
+    """Whether this process is a torchrun restart (``--max-restarts``) of the job whose
+    ``record`` (``run.json`` or ``job.json``) is there: it then resumes from the last
+    checkpoint, as ``--resume`` does. Raises :class:`MorecError` if that job's data is
+    not ``data``."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or not record.is_file():
+        return False
+    recorded = Path(json.loads(record.read_text())["data"])
+    if data is None or data.resolve() != recorded.resolve():
+        raise MorecError(f"{record}: torchrun restarted a job on {recorded}, not on --data {data}")
+    return True
 
 
 def _check_batch(dataset: PreparedDataset, config: TrainConfig, world_size: int) -> None:

@@ -9,6 +9,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from morec_rec.errors import MorecError
+
 
 @dataclasses.dataclass(frozen=True)
 class Environment:
@@ -32,6 +34,7 @@ def init() -> Environment:
     if not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
         if "RANK" in os.environ:
+            _check_restart()
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -40,6 +43,33 @@ def init() -> Environment:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     return Environment(dist.get_rank(), dist.get_world_size(), device)
+
+
+def share_cpus(num_workers: int) -> int:
+    """Sets this trainer's intra-op threads to the CPUs its rank may use less its loader's
+    ``num_workers`` worker processes (at least 1), unless ``OMP_NUM_THREADS`` is set
+    (torchrun sets 1 per rank by default); returns the threads in use.
+
+    torch's default, a thread per core, has the trainer's threads and the loader workers
+    contend for the same cores on a small machine.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(cpus - num_workers, 1))
+    return torch.get_num_threads()
+
+
+def _check_restart() -> None:
+    """Refuses a torchrun restart whose process group would meet on the agent's TCPStore,
+    which keeps the failed attempt's keys: the group's connections then go to the dead
+    ranks' addresses and time out (torch 2.13; pytorch/pytorch#135712). A c10d
+    rendezvous without that sharing gives every attempt a store of its own."""
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    if restarted and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise MorecError(
+            "torchrun restarted the job on its agent's store, where the process group "
+            "cannot reconnect: launch restartable jobs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "and --standalone (one machine) or --rdzv-backend c10d")
 
 
 def shutdown() -> None:

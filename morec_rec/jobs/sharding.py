@@ -5,12 +5,11 @@ pass; every other parameter is data-parallel (DDP) and trained by ``torch.optim.
 
 FBGEMM's CPU kernels have no Adam (its fused CPU optimizers are SGD and the Adagrad
 variants), and its dense CPU kernel pools sequences, so no sharded EmbeddingCollection
-can train with Adam on CPU. There, with the default ``table_optimizer=ADAM`` the tables
-stay unsharded: replicated on every rank, their gradients all-reduced by DDP, and trained
-by the same ``torch.optim.Adam`` as the dense parameters: the training protocol's
-optimizer (the paper's training protocol) on every device, sharded where FBGEMM allows it.
-Adam's two differ in one way: FBGEMM's updates only the rows a batch touches, torch's
-updates every row at every step (moments decay, weight decay applies everywhere).
+can train with Adam on CPU. There, with the default ``table_optimizer=ADAM``, the tables
+stay unsharded (replicated on every rank) and out of DDP; their lookups give sparse
+gradients, and :class:`~morec_rec.jobs.row_wise_adam.RowWiseAdam` averages the touched
+rows over the ranks and updates only those rows. That is what FBGEMM's fused Adam does on
+CUDA, and a step's cost does not grow with the tables.
 """
 
 from __future__ import annotations
@@ -25,7 +24,10 @@ from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import (
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+)
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingCollection
@@ -33,6 +35,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from morec_rec.errors import MorecError
+from morec_rec.jobs.row_wise_adam import RowWiseKeyedOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +76,35 @@ def shard(model: nn.Module, device: torch.device, lr: float = 1e-3, weight_decay
         "optimizer": table_optimizer, "learning_rate": lr,
         "weight_decay": weight_decay, "weight_decay_mode": WeightDecayMode.L2,
     })
-    if replicate:
-        logger.info("FBGEMM has no fused Adam on CPU: embedding tables stay unsharded")
+    tables = _replicate_tables(model) if replicate else set()
     plan = ShardingPlan({} if replicate else _row_wise_plan(model, sharder, device))
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                   device=device, plan=plan, sharders=[sharder])
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dmp = DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=device, plan=plan,
+        sharders=[sharder], data_parallel_wrapper=DefaultDataParallelWrapper(
+            params_to_ignore=sorted(tables)))
+    rest = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizers: list[KeyedOptimizer] = [dmp.fused_optimizer]
+    if tables:
+        optimizers.append(RowWiseKeyedOptimizer(
+            {name: p for name, p in rest.items() if name in tables}, lr, weight_decay))
+    dense = {name: p for name, p in rest.items() if name not in tables}
     if dense:  # a torch optimizer refuses an empty parameter list
         optimizers.append(KeyedOptimizerWrapper(
             dense, lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)))
     return dmp, CombinedOptimizer(optimizers)
+
+
+def _replicate_tables(model: nn.Module) -> set[str]:
+    """Makes every EmbeddingCollection's tables give sparse gradients; their weights' names."""
+    logger.info("FBGEMM has no fused Adam on CPU: embedding tables stay unsharded, "
+                "trained row-wise by RowWiseAdam")
+    names = set()
+    for path, module in model.named_modules():
+        if isinstance(module, EmbeddingCollection):
+            for name, table in module.embeddings.items():
+                table.sparse = True
+                names.add(f"{path}.embeddings.{name}.weight")
+    return names
 
 
 def _row_wise_plan(model: nn.Module, sharder: EmbeddingCollectionSharder,

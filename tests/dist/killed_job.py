@@ -6,7 +6,8 @@
 ``--at-step N``: in the middle of MoRec training step N + 1 (inside the loss hook, before
 the backward), so N steps are done. ``--between-renames N``: in the N-th checkpoint save
 of ``last``, right after the old ``last`` was renamed aside and before the new one takes
-its place.
+its place. Under torchrun only the first attempt is killed: a restart
+(``--max-restarts``) runs to its end.
 """
 
 import argparse
@@ -20,7 +21,8 @@ from morec_rec.plugin.hook import MoRecLoss
 
 
 def kill() -> None:
-    if os.environ.get("RANK", "0") == "0":
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if os.environ.get("RANK", "0") == "0" and first_attempt:
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -1,0 +1,46 @@
+"""RowWiseAdam's gradient averaging under torchrun (gloo, CPU).
+
+Run by ``tests/test_row_wise_adam.py``::
+
+    python -m torch.distributed.run --nproc_per_node=2 --master-port=PORT \\
+        tests/dist/row_gather_job.py --out DIR
+
+Rank r looks up rows ``IDS[r]`` of a 6×2 table (sparse gradient: 1 per use of a row,
+all-ones upstream), and writes ``rank<r>.json`` with the gradient ``all_gather_rows``
+returns (densified), and the table after one ``RowWiseAdam`` step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from morec_rec.jobs.row_wise_adam import RowWiseAdam, all_gather_rows
+
+#: Rank 0 touches rows 1 (twice) and 4; rank 1 touches rows 4 and 5, three rows in all.
+IDS = ([1, 1, 4], [4, 5])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    out = parser.parse_args().out
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    table = nn.Embedding.from_pretrained(torch.zeros(6, 2), freeze=False, sparse=True)
+    table(torch.tensor(IDS[rank])).sum().backward()
+    gathered = all_gather_rows(table.weight.grad)
+    RowWiseAdam(table.parameters(), lr=0.1).step()
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "gathered": gathered.to_dense().tolist(),
+        "table": table.weight.detach().tolist()}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""RowWiseAdam, the CPU tables' Adam: only the rows a batch touches move, by Adam's rule,
+with L2 weight decay on those rows, and under two ranks the mean of the ranks' rows."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_torchrun
+from torch import nn
+
+from morec_rec.jobs.row_wise_adam import RowWiseAdam
+
+LR, WD = 0.1, 0.5
+
+
+def _step(table: nn.Embedding, optimizer: torch.optim.Optimizer, ids: list[int]) -> None:
+    optimizer.zero_grad()
+    table(torch.tensor(ids)).sum().backward()  # d/dw of a row's sum: 1 per use
+    optimizer.step()
+
+
+def test_only_touched_rows_move_and_keep_their_own_moments() -> None:
+    torch.manual_seed(0)
+    table = nn.Embedding(4, 3, sparse=True)
+    start = table.weight.detach().clone()
+    optimizer = RowWiseAdam(table.parameters(), lr=LR)
+    _step(table, optimizer, [1, 3, 3])
+    # Adam's first step moves each coordinate by lr·m̂/(√v̂ + ε) = lr·g/(|g| + ε) ≈ lr·sign(g).
+    moved = start.clone()
+    moved[[1, 3]] -= LR
+    torch.testing.assert_close(table.weight.detach(), moved, rtol=0, atol=1e-6)
+    _step(table, optimizer, [1])
+    # Row 3 has no gradient at the second step: it stays, where dense Adam's momentum
+    # would have moved it again.
+    moved[1] -= LR
+    torch.testing.assert_close(table.weight.detach(), moved, rtol=0, atol=1e-6)
+
+    dense = nn.Embedding.from_pretrained(start.clone(), freeze=False)
+    adam = torch.optim.Adam(dense.parameters(), lr=LR)
+    _step(dense, adam, [1, 3, 3])
+    _step(dense, adam, [1])
+    assert not torch.allclose(dense.weight[3], table.weight[3])
+
+
+def test_weight_decay_is_added_to_the_touched_rows_gradients() -> None:
+    # Rows at -3 and +3, each used once: g = 1, and with decay g + wd·w = -0.5 and 2.5,
+    # so Adam's first step (≈ lr·sign) moves row 0 up and row 1 down; row 2 is untouched
+    # and keeps its value although decay would pull it.
+    table = nn.Embedding.from_pretrained(torch.tensor([[-3.0], [3.0], [3.0]]), freeze=False,
+                                         sparse=True)
+    _step(table, RowWiseAdam(table.parameters(), lr=LR, weight_decay=WD), [0, 1])
+    torch.testing.assert_close(table.weight.detach(), torch.tensor([[-3.0 + LR], [3.0 - LR],
+                                                                    [3.0]]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_average_their_touched_rows_and_stay_equal(tmp_path: Path) -> None:
+    run_torchrun("tests/dist/row_gather_job.py", "--out", str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # Per-rank gradients: rank 0 has 2 on row 1 and 1 on row 4, rank 1 has 1 on rows 4
+    # and 5; their mean is 1, 1, 0.5 on rows 1, 4, 5 and 0 elsewhere.
+    mean = [[0, 0], [1, 1], [0, 0], [0, 0], [1, 1], [0.5, 0.5]]
+    # Adam's first step moves a row with a positive gradient by -lr (the others stay).
+    moved = [[0, 0], [-LR, -LR], [0, 0], [0, 0], [-LR, -LR], [-LR, -LR]]
+    for rank in ranks:
+        assert rank["gathered"] == mean
+        np.testing.assert_allclose(rank["table"], moved, rtol=0, atol=1e-6)
