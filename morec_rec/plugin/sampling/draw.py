@@ -103,7 +103,9 @@ def draw(index: GroupIndex, masses: np.ndarray, total: int, rng: np.random.Gener
         counts = np.where(available, counts, 0) + group_counts(
             fallback, int(starved.sum()), rng, mode)
     group = np.repeat(np.arange(len(counts)), counts)
-    u = rng.random(total)
+    # Sorted, so that the positions below ascend: searchsorted and the gather from
+    # ``order`` then walk the window once (the rows' order within a batch is immaterial).
+    u = np.sort(rng.random(total))
     if index.cumulative is None:
         position = index.start[group] + (u * index.count[group]).astype(np.int64)
     else:

@@ -287,11 +287,14 @@ class _Window:
         self.objectives = objectives
         self.columns = {name: table[name].to_numpy() for name in table.column_names
                         if name != "history"}
-        # Converted to the batch's dtypes once per window.
-        self.carried = {name: self.columns[name].astype(np.float32 if name == "price"
-                                                        else np.int64)
-                        for name in (*ID_COLUMNS, *OPTIONAL_COLUMNS) if name in carried
-                        and name != "history"}
+        # Converted to the batch's dtypes once per window; the int64 columns stacked, so
+        # that a batch takes them in one gather.
+        names = [name for name in (*ID_COLUMNS, *OPTIONAL_COLUMNS)
+                 if name in carried and name not in ("history", "price")]
+        self.stacked = (names, np.stack([self.columns[name].astype(np.int64)
+                                         for name in names]))
+        self.price = (self.columns["price"].astype(np.float32) if "price" in carried
+                      else None)
         self.history: tuple[np.ndarray, np.ndarray] | None = None  # offsets, values
         if "history" in carried:
             history = table["history"].combine_chunks()
@@ -333,7 +336,10 @@ class _Window:
     def batch(self, rows: list[np.ndarray], starved: np.ndarray, batch_index: int,
               epoch: int, version: int) -> SampledBatch:
         index = np.concatenate(rows)
-        columns = {name: torch.from_numpy(values[index]) for name, values in self.carried.items()}
+        names, stacked = self.stacked
+        columns = dict(zip(names, torch.from_numpy(np.take(stacked, index, axis=1))))
+        if self.price is not None:
+            columns["price"] = torch.from_numpy(self.price[index])
         if self.history is not None:
             offsets, values = self.history
             starts = offsets[index]
