@@ -35,6 +35,14 @@ KILLED = -signal.SIGKILL
 #: Compared between runs: everything but the rate and the store's version numbers (a
 #: resumed job republishes the versions in force into its own store).
 IGNORED = ("samples_per_s", "version")
+#: The environment of every job these tests start: the repository importable.
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def torchrun(*launch: str, script: str, args: list[str]) -> list[str]:
+    """The command line of torchrun with the options ``launch``, running ``script`` (a
+    path in the repository) with ``args``."""
+    return [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / script), *args]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +61,7 @@ def uninterrupted(tiny: Path, base: Path, tmp_path_factory: pytest.TempPathFacto
 def killed(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "killed_job.py"),
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env=ENV)
 
 
 def assert_same_run(resumed: Path, whole: Path) -> None:
@@ -100,12 +108,12 @@ def test_two_ranks_killed_resume_as_if_uninterrupted(tiny: Path, base: Path,
                                                      uninterrupted_on_two_ranks: Path,
                                                      tmp_path: Path, kill: list[str]) -> None:
     out = tmp_path / "job"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               f"--master-port={free_port()}", str(ROOT / "tests" / "dist" / "killed_job.py"),
-               *kill, "--", "run", "--data", str(tiny), "--base", str(base), *MOREC,
-               "--out", str(out)]
+    command = torchrun("--nproc_per_node=2", f"--master-port={free_port()}",
+                       script="tests/dist/killed_job.py",
+                       args=[*kill, "--", "run", "--data", str(tiny), "--base", str(base),
+                             *MOREC, "--out", str(out)])
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env=ENV)
     assert done.returncode != 0 and not (out / "results.json").exists()
     run_torchrun("integration/run.py", "--out", str(out), "--resume", timeout=300)
     assert_same_run(out, uninterrupted_on_two_ranks)
@@ -118,13 +126,12 @@ def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(
     # job's record in --out and resumes, and the fault only strikes the first attempt.
     # The launch is the one README gives for restartable jobs.
     out = tmp_path / "job"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "--max-restarts=1",
-               str(ROOT / "tests" / "dist" / "killed_job.py"), "--at-step", "20", "--",
-               "run", "--data", str(tiny), "--base", str(base), *MOREC, "--out", str(out)]
+    command = torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                       script="tests/dist/killed_job.py",
+                       args=["--at-step", "20", "--", "run", "--data", str(tiny), "--base",
+                             str(base), *MOREC, "--out", str(out)])
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT),
-                               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+                          env={**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(exitcode: -9) local_rank: 0" in done.stderr  # the agent saw the first attempt die
     assert_same_run(out, uninterrupted_on_two_ranks)
@@ -135,14 +142,12 @@ def test_two_nodes_of_one_rank_run_the_job_of_one_node_of_two(
         tiny: Path, base: Path, uninterrupted_on_two_ranks: Path, tmp_path: Path) -> None:
     # Two launchers, as on two machines, meet at a c10d rendezvous on loopback.
     out = tmp_path / "job"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-               "--nproc_per_node=1", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=two-nodes",
-               str(ROOT / "integration" / "run.py"), "--data", str(tiny), "--base", str(base),
-               *MOREC, "--out", str(out)]
+    command = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                       f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=two-nodes",
+                       script="integration/run.py",
+                       args=["--data", str(tiny), "--base", str(base), *MOREC, "--out", str(out)])
     nodes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}) for _ in range(2)]
+                              stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(2)]
     for node in nodes:
         _, stderr = node.communicate(timeout=300)
         assert node.returncode == 0, stderr[-3000:]
@@ -177,7 +182,7 @@ def test_loader_workers_die_with_a_killed_trainer(tiny: Path, base: Path,
     command = [sys.executable, str(ROOT / "tests" / "dist" / "killed_job.py"), "--at-step",
                "30", "--", "run", "--data", str(tiny), "--base", str(base), "--out",
                str(tmp_path / "job"), *MOREC, "--num-workers", "2"]
-    trainer = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    trainer = subprocess.Popen(command, cwd=ROOT, env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: set[int] = set()
     while trainer.poll() is None:  # the loader workers, seen while the trainer lives

@@ -54,7 +54,9 @@ def share_cpus(num_workers: int) -> int:
     contend for the same cores on a small machine.
     """
     if "OMP_NUM_THREADS" not in os.environ:
-        cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count() or 1)  # no affinity masks on macOS
+        cpus = usable // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(cpus - num_workers, 1))
     return torch.get_num_threads()
 
