@@ -60,11 +60,13 @@ def shard(model: nn.Module, device: torch.device, lr: float = 1e-3, weight_decay
             the module docstring).
 
     Returns:
-        The DMP model and the optimizer to hand to ``TrainPipelineSparseDist``: the tables'
-        fused optimizer (in DMP's ``fused_optimizer``; its ``step`` does nothing, the
-        update happens in the backward pass) combined with Adam over every other
-        parameter. Call ``pipeline.detach()`` before scoring with ``model.module``: the
-        pipeline replaces the sharded modules' forward while attached.
+        The DMP model and the optimizer to hand to ``TrainPipelineSparseDist``, combining
+        the tables' fused optimizer (in DMP's ``fused_optimizer``; its ``step`` does
+        nothing, the update happens in the backward pass),
+        :class:`~morec_rec.jobs.row_wise_adam.RowWiseAdam` over unsharded tables (CPU
+        with ADAM) and Adam over every other parameter. Call ``pipeline.detach()`` before
+        scoring with ``model.module``: the pipeline replaces the sharded modules' forward
+        while attached.
     """
     replicate = device.type == "cpu" and table_optimizer == EmbOptimType.ADAM
     if device.type == "cpu" and not replicate and table_optimizer not in CPU_FUSED:
