@@ -321,6 +321,17 @@ def test_weighted_draw_never_takes_zero_weight_rows() -> None:
     assert chi_square_p(counts[[1, 3]], np.array([1000.0, 3000.0])) > ALPHA
 
 
+@pytest.mark.parametrize("weights", [None, np.ones(2000)], ids=["uniform", "weighted"])
+def test_rows_within_every_group_are_drawn_alike(weights: np.ndarray | None) -> None:
+    # Four groups of 500 rows at equal masses: every row of every group, the first
+    # group's low rows and the last group's high rows alike, is drawn 1/2000 of the time.
+    groups = np.repeat(np.arange(4), 500)
+    index = GroupIndex.build(groups, weights, 4, len(groups))
+    rows, _ = draw(index, np.full(4, 0.25), 200_000, np.random.default_rng(2), "multinomial")
+    deciles = np.bincount(rows // 50, minlength=40)  # 10 bins of 50 rows per group
+    assert chi_square_p(deciles, np.full(40, 200_000 / 40)) > ALPHA, deciles
+
+
 def test_largest_remainder() -> None:
     assert largest_remainder(np.array([0.5, 0.3, 0.2]) * 64, 64).tolist() == [32, 19, 13]
     assert largest_remainder(np.array([1 / 3] * 3) * 10, 10).tolist() == [4, 3, 3]

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -356,7 +355,9 @@ def _is_restart(record: Path, data: Path | None) -> bool:
     ``record`` (``run.json`` or ``job.json``) is there: it then resumes from the last
     checkpoint, as ``--resume`` does. Raises :class:`MorecError` if that job's data is
     not ``data``."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or not record.is_file():
+    from morec_rec.jobs import distributed
+
+    if not distributed.restart_count() or not record.is_file():
         return False
     recorded = Path(json.loads(record.read_text())["data"])
     if data is None or data.resolve() != recorded.resolve():

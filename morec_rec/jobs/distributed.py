@@ -61,13 +61,18 @@ def share_cpus(num_workers: int) -> int:
     return torch.get_num_threads()
 
 
+def restart_count() -> int:
+    """How many times torchrun (``--max-restarts``) has restarted this job's workers; 0
+    for a first attempt and outside torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def _check_restart() -> None:
     """Refuses a torchrun restart whose process group would meet on the agent's TCPStore,
     which keeps the failed attempt's keys: the group's connections then go to the dead
     ranks' addresses and time out (torch 2.13; pytorch/pytorch#135712). A c10d
     rendezvous without that sharing gives every attempt a store of its own."""
-    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
-    if restarted and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    if restart_count() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         raise MorecError(
             "torchrun restarted the job on its agent's store, where the process group "
             "cannot reconnect: launch restartable jobs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
