@@ -104,10 +104,6 @@ def draw(index: GroupIndex, masses: np.ndarray, total: int, rng: np.random.Gener
             fallback, int(starved.sum()), rng, mode)
     group = np.repeat(np.arange(len(counts)), counts)
     u = rng.random(total)
-    # Sorted within each group (``group`` ascends), so that the positions below ascend:
-    # searchsorted and the gather from ``order`` then walk the window once. A row's place
-    # in the batch is immaterial; which uniform goes to which group is not.
-    u = u[np.lexsort((u, group))]
     if index.cumulative is None:
         position = index.start[group] + (u * index.count[group]).astype(np.int64)
     else:
