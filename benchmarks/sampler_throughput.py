@@ -10,8 +10,9 @@ directory. In one run, on the same files, it measures:
 * ``sampler_rows_per_s``: one epoch of the weighted streaming sampler with the four
   objectives (rows yielded per second, in one process, no DataLoader workers);
 * ``peak_rss_mb``: peak resident memory of a process that runs the sampler over the
-  dataset (``1x``) and over a dataset listing every training shard four times (``4x``,
-  the same files linked, so four times the rows); each in a fresh process.
+  dataset (``1x``) and over a dataset listing every training shard ten times (``10x``,
+  the same files linked, so ten times the rows: about 57M at xbox); each in a fresh
+  process, whose rows/s over that epoch are recorded too (``memory_runs``).
 
 Scan and sampler are timed alternately ``--repeats`` times; the medians are reported.
 """
@@ -85,16 +86,18 @@ def replicate(dataset: PreparedDataset, factor: int, root: Path) -> PreparedData
 
 
 def peak_rss_mb(data: Path) -> dict[str, float]:
-    """Runs the sampler over ``data`` in a fresh process; its peak RSS and import baseline."""
+    """Runs the sampler over ``data`` in a fresh process: its rows, rows/s, peak RSS and
+    import baseline."""
     code = (
         "import json, resource, sys\n"
         "from benchmarks.sampler_throughput import sample\n"
         "from morec_rec.data.format import PreparedDataset\n"
+        "from benchmarks.sampler_throughput import timed\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "rows = sample(PreparedDataset.open(sys.argv[1]))\n"
+        "rows, seconds = timed(lambda: sample(PreparedDataset.open(sys.argv[1])))\n"
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print(json.dumps({'rows': rows, 'peak_rss_mb': peak / 1024, "
-        "'baseline_rss_mb': base / 1024}))\n"
+        "print(json.dumps({'rows': rows, 'rows_per_s': rows / seconds, "
+        "'peak_rss_mb': peak / 1024, 'baseline_rss_mb': base / 1024}))\n"
     )
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code, str(data)], check=True, cwd=root,
@@ -126,7 +129,7 @@ def main() -> None:
             rows, seconds = timed(lambda: sample(dataset))
             sampler_rates.append(rows / seconds)
         memory = {"1x": peak_rss_mb(data),
-                  "4x": peak_rss_mb(replicate(dataset, 4, Path(tmp) / "x4").root)}
+                  "10x": peak_rss_mb(replicate(dataset, 10, Path(tmp) / "x10").root)}
     result = {
         "dataset": str(args.data or "synth xbox, seed 0"),
         "train_rows": dataset.manifest["num_interactions"]["train"],

@@ -47,6 +47,9 @@ def test_run_writes_results_logs_and_plots(tiny: Path, base: Path, tmp_path: Pat
         assert set(results[row]) == METRICS
     assert isinstance(results["valid"], bool) and isinstance(results["imp"], float)
     assert results["valid"] == (results["morec"]["hit@10"] >= 0.97 * results["base"]["hit@10"])
+    # An existing base is not timed; the stages run here are.
+    assert set(results["wall_s"]) == {"morec", "continued", "test"}
+    assert all(seconds > 0 for seconds in results["wall_s"].values())
     assert {p.name for p in out.glob("*.png")} == {"controller.png", "masses.png", "metrics.png"}
 
     # The base row is the base run's own test evaluation.

@@ -5,7 +5,8 @@
     OUT/morec/         MoRec continued from the base's best checkpoint
     OUT/continued/     accuracy-only continued training, same base and steps (optional)
     OUT/results.json   test metrics of each, Imp and validity against the base, the
-                       controller's record over the last fifth of training, the settings
+                       controller's record over the last fifth of training, each stage's
+                       wall time in the attempt that finished the job, the settings
     OUT/*.png          the controller, the masses, the metrics side by side
 
 Every rank runs the whole job (each stage is a collective); rank 0 writes the results. A
@@ -15,11 +16,13 @@ left to do) and evaluates again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch.distributed as dist
@@ -134,6 +137,14 @@ def versus(base: Mapping[str, float], run: Mapping[str, float]) -> dict[str, Any
             "valid": is_valid(base["hit@10"], run["hit@10"])}
 
 
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the wall time of the ``with`` block, in seconds, to ``seconds[name]``."""
+    start = time.perf_counter()
+    yield
+    seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
 def read_job(out: Path) -> dict[str, Any]:
     """The settings a job in ``out`` was started with (see :func:`run_job`)."""
     if not (out / JOB).is_file():
@@ -168,15 +179,22 @@ def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
         out.mkdir(parents=True, exist_ok=True)
         (out / (JOB + ".partial")).write_text(json.dumps(settings, indent=2) + "\n")
         (out / (JOB + ".partial")).rename(out / JOB)
-    base_run = Run.open(base) if base is not None else pretrain(dataset, out / "base",
-                                                                train_config, resume)
-    runs = {"base": base_run,
-            "morec": continued(base_run, dataset, out / "morec", train_config, sampler_config,
-                               config, resume)}
+    wall_s: dict[str, float] = {}
+    if base is None:
+        with timed(wall_s, "base"):
+            base_run = pretrain(dataset, out / "base", train_config, resume)
+    else:
+        base_run = Run.open(base)
+    runs = {"base": base_run}
+    with timed(wall_s, "morec"):
+        runs["morec"] = continued(base_run, dataset, out / "morec", train_config,
+                                  sampler_config, config, resume)
     if with_continued:
-        runs["continued"] = continued(base_run, dataset, out / "continued", train_config,
-                                      *accuracy_only(sampler_config, config), resume)
-    test = {name: evaluate_run(run, "test", env).as_dict() for name, run in runs.items()}
+        with timed(wall_s, "continued"):
+            runs["continued"] = continued(base_run, dataset, out / "continued", train_config,
+                                          *accuracy_only(sampler_config, config), resume)
+    with timed(wall_s, "test"):
+        test = {name: evaluate_run(run, "test", env).as_dict() for name, run in runs.items()}
     results: dict[str, Any] = {
         "data": str(dataset.root.resolve()), "world_size": env.world_size,
         "base": test["base"], "morec": test["morec"], **versus(test["base"], test["morec"]),
@@ -190,6 +208,7 @@ def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
                            for name, run in runs.items() if name != "base"}
     results["control"] = control_record(morec_log)
     results["settings"] = {**settings, "base": str(base_run.root)}
+    results["wall_s"] = wall_s
     if env.is_main:
         partial = out / (RESULTS + ".partial")
         partial.write_text(json.dumps(results, indent=2) + "\n")
