@@ -15,7 +15,8 @@ model, data and batch size (1,024 rows, one loader worker):
   (4 × 256 rows), and the hook also steps the PI controller and weighs the means.
 
 Each pipeline trains ``--steps`` steps after 20 warm-up steps, ``--repeats`` times,
-alternating, from the same initial model; the medians are compared. Each is timed twice:
+in turn (the base first in even repeats, last in odd ones), from the same initial model;
+the medians are compared. Each is timed twice:
 end to end (its loader's worker process running beside it on the shared cores), and over
 batches drawn beforehand (the step alone: model, hook and optimizer). End to end, MoRec's
 rate over the base's in the same repeat is summarised too (median and a bootstrap
@@ -47,7 +48,7 @@ from torch.utils.data import DataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from train_throughput import WARMUP, StepTiming, timed_steps  # the script beside this one
 
-from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
+from morec_rec.config import HoldTarget, MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.jobs import distributed
 from morec_rec.jobs.collate import Collator
@@ -81,7 +82,7 @@ def rates(pipeline: TrainPipelineSparseDist, loader: DataLoader | MoRecLoader, s
 VARIANTS = {
     "morec": MoRecConfig(),
     "morec_training_control": MoRecConfig(control="training", coefficients="loss",
-                                          hold=("accuracy=0.5",)),
+                                          hold={"accuracy": HoldTarget(value=0.5)}),
 }
 
 
@@ -138,12 +139,18 @@ def main() -> None:
         runs: dict[str, list[tuple[StepTiming, StepTiming]]] = {
             "base": [], **{k: [] for k in VARIANTS}}
         for repeat in range(args.repeats):
-            runs["base"].append(rates(*base_parts(dataset, config, env), args.steps,
-                                      config.batch_size))
-            for name in reversed(VARIANTS):  # the defaults' parts are kept for the round
+            # The base goes first in even repeats and last in odd ones; the defaults' parts
+            # are kept for the validation round.
+            if repeat % 2 == 0:
+                runs["base"].append(rates(*base_parts(dataset, config, env), args.steps,
+                                          config.batch_size))
+            for name in reversed(VARIANTS):
                 morec, pipeline = morec_parts(dataset, config, env, name)
                 runs[name].append(rates(pipeline, morec.loader, args.steps,
                                         config.batch_size))
+            if repeat % 2 == 1:
+                runs["base"].append(rates(*base_parts(dataset, config, env), args.steps,
+                                          config.batch_size))
             print(f"repeat {repeat}: samples/s end to end, step alone: " + "; ".join(
                 f"{k} {v[-1][0].samples_per_s:,.0f}, {v[-1][1].samples_per_s:,.0f}"
                 for k, v in runs.items()))

@@ -3,18 +3,20 @@
     python benchmarks/sampler_throughput.py --out results/sampler.json [--data DIR]
 
 Without ``--data`` it generates the ``xbox`` synthetic profile (seed 0) into a temporary
-directory. In one run, on the same files, it measures:
+directory. In one run, on the same files, for the columns each backbone's batches carry
+(``mf``: the ids; ``sasrec``: the ids and the history), it measures:
 
 * ``scan_rows_per_s``: ``pyarrow.parquet`` reading every row group of ``train/`` (the
-  columns the sampler reads), the floor any Parquet-based loader pays;
+  columns the sampler reads: those carried and those the objectives read), the floor any
+  Parquet-based loader pays;
 * ``sampler_rows_per_s``: one epoch of the weighted streaming sampler with the four
-  objectives (rows yielded per second, in one process, no DataLoader workers);
-* ``peak_rss_mb``: peak resident memory of a process that runs the sampler over the
-  dataset (``1x``) and over a dataset listing every training shard ten times (``10x``,
-  the same files linked, so ten times the rows: about 57M at xbox); each in a fresh
-  process, whose rows/s over that epoch are recorded too (``memory_runs``).
+  objectives (rows yielded per second, in one process, no DataLoader workers).
 
-Scan and sampler are timed alternately ``--repeats`` times; the medians are reported.
+Scan and sampler are timed alternately ``--repeats`` times; the medians are reported. Then
+``peak_rss_mb``: peak resident memory of a process that runs the sampler (``sasrec``
+columns) over the dataset (``1x``) and over a dataset listing every training shard ten
+times (``10x``, the same files linked, so ten times the rows: about 57M at xbox); each in
+a fresh process, whose rows/s over that epoch are recorded too (``memory_runs``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from morec_rec.plugin.sampling.objectives import build_objectives
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
 OBJECTIVES = ("accuracy", "revenue", "fairness", "alignment")
+#: The optional columns each backbone's collate asks the sampler for.
+CARRIED = {"mf": [], "sasrec": ["history"]}
 
 
 def scan(dataset: PreparedDataset, columns: list[str]) -> int:
@@ -52,13 +56,17 @@ def scan(dataset: PreparedDataset, columns: list[str]) -> int:
     return rows
 
 
-def sample(dataset: PreparedDataset, epochs: int = 1) -> int:
-    objectives = build_objectives(OBJECTIVES, dataset.manifest)
-    sampler = WeightedStreamSampler(dataset, objectives, SamplerConfig(objectives=OBJECTIVES))
+def sampler(dataset: PreparedDataset, carried: list[str]) -> WeightedStreamSampler:
+    return WeightedStreamSampler(dataset, build_objectives(OBJECTIVES, dataset.manifest),
+                                 SamplerConfig(objectives=OBJECTIVES), columns=carried)
+
+
+def sample(dataset: PreparedDataset, carried: list[str], epochs: int = 1) -> int:
+    sampler_ = sampler(dataset, carried)
     rows = 0
     for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        rows += sum(len(batch) for batch in sampler)
+        sampler_.set_epoch(epoch)
+        rows += sum(len(batch) for batch in sampler_)
     return rows
 
 
@@ -90,11 +98,11 @@ def peak_rss_mb(data: Path) -> dict[str, float]:
     import baseline."""
     code = (
         "import json, resource, sys\n"
-        "from benchmarks.sampler_throughput import sample\n"
+        "from benchmarks.sampler_throughput import sample, timed\n"
         "from morec_rec.data.format import PreparedDataset\n"
-        "from benchmarks.sampler_throughput import timed\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "rows, seconds = timed(lambda: sample(PreparedDataset.open(sys.argv[1])))\n"
+        "rows, seconds = timed(lambda: sample(PreparedDataset.open(sys.argv[1]), "
+        "['history']))\n"
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(json.dumps({'rows': rows, 'rows_per_s': rows / seconds, "
         "'peak_rss_mb': peak / 1024, 'baseline_rss_mb': base / 1024}))\n"
@@ -116,29 +124,35 @@ def main() -> None:
         data = args.data
         if data is None:
             data = Path(tmp) / "xbox"
-            subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile", "xbox",
-                            "--seed", "0", "--out", str(data)], check=True)
+            subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
+                            "xbox", "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
-        columns = WeightedStreamSampler(
-            dataset, build_objectives(OBJECTIVES, dataset.manifest), SamplerConfig()
-        ).columns
-        scan_rates, sampler_rates = [], []
+        read = {backbone: sampler(dataset, carried).columns
+                for backbone, carried in CARRIED.items()}
+        rates: dict[str, dict[str, list[float]]] = {
+            backbone: {"scan_rows_per_s": [], "sampler_rows_per_s": []} for backbone in CARRIED}
         for _ in range(args.repeats):
-            rows, seconds = timed(lambda: scan(dataset, columns))
-            scan_rates.append(rows / seconds)
-            rows, seconds = timed(lambda: sample(dataset))
-            sampler_rates.append(rows / seconds)
+            for backbone, carried in CARRIED.items():
+                rows, seconds = timed(lambda: scan(dataset, read[backbone]))
+                rates[backbone]["scan_rows_per_s"].append(rows / seconds)
+                rows, seconds = timed(lambda: sample(dataset, carried))
+                rates[backbone]["sampler_rows_per_s"].append(rows / seconds)
         memory = {"1x": peak_rss_mb(data),
                   "10x": peak_rss_mb(replicate(dataset, 10, Path(tmp) / "x10").root)}
+    columns = {}
+    for backbone, runs in rates.items():
+        scan_rate, sampler_rate = (statistics.median(runs[k])
+                                   for k in ("scan_rows_per_s", "sampler_rows_per_s"))
+        columns[backbone] = {
+            "carried": CARRIED[backbone], "read": read[backbone],
+            "scan_rows_per_s": scan_rate, "sampler_rows_per_s": sampler_rate,
+            "sampler_over_scan": sampler_rate / scan_rate, "runs": runs}
     result = {
         "dataset": str(args.data or "synth xbox, seed 0"),
         "train_rows": dataset.manifest["num_interactions"]["train"],
         "objectives": list(OBJECTIVES),
         "batch_size": SamplerConfig().sub_batch_size * len(OBJECTIVES),
-        "scan_rows_per_s": statistics.median(scan_rates),
-        "sampler_rows_per_s": statistics.median(sampler_rates),
-        "sampler_over_scan": statistics.median(sampler_rates) / statistics.median(scan_rates),
-        "runs": {"scan_rows_per_s": scan_rates, "sampler_rows_per_s": sampler_rates},
+        "columns": columns,
         "peak_rss_mb": {size: m["peak_rss_mb"] for size, m in memory.items()},
         "memory_runs": memory,
         "environment": {
@@ -148,10 +162,10 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"scan {result['scan_rows_per_s']:,.0f} rows/s, sampler "
-          f"{result['sampler_rows_per_s']:,.0f} rows/s "
-          f"({result['sampler_over_scan']:.2f} of the scan); peak RSS "
-          + ", ".join(f"{k} {v:,.0f} MB" for k, v in result["peak_rss_mb"].items()))
+    for backbone, c in columns.items():
+        print(f"{backbone}: scan {c['scan_rows_per_s']:,.0f} rows/s, sampler "
+              f"{c['sampler_rows_per_s']:,.0f} rows/s ({c['sampler_over_scan']:.2f} of the scan)")
+    print("peak RSS " + ", ".join(f"{k} {v:,.0f} MB" for k, v in result["peak_rss_mb"].items()))
 
 
 if __name__ == "__main__":
