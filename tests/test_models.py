@@ -18,17 +18,19 @@ import torch
 from conftest import chi_square_p, run_torchrun
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-from morec_rec.config import PrepareConfig, SamplerConfig
+from morec_rec.config import PrepareConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.jobs import collate as batch_module
 from morec_rec.jobs.cli import synthesize
 from morec_rec.jobs.collate import Collator, TrainBatch, features_kjt
+from morec_rec.jobs.distributed import Environment
 from morec_rec.jobs.models import build_model, num_negatives, per_row_loss
 from morec_rec.jobs.models.mf import MatrixFactorization
 from morec_rec.jobs.models.negatives import NegativeSampler
 from morec_rec.jobs.models.sasrec import SASRec, right_aligned
 from morec_rec.jobs.sharding import shard
+from morec_rec.jobs.train import training_loader
 from morec_rec.plugin.sampling.objectives import Accuracy
 from morec_rec.plugin.sampling.sampled import SampledBatch
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
@@ -125,11 +127,23 @@ def test_collator_builds_the_mf_features_alone() -> None:
     assert (negatives != torch.tensor([1, 2, 3]).unsqueeze(1)).all()
     # The features and nothing else: segment ids travel beside the batch (SegmentedBatch).
     assert [f.name for f in dataclasses.fields(batch)] == ["features"]
+    assert collate.columns == ()  # the sampler need not read the history
+
+
+@pytest.mark.parametrize("model, columns", [(MatrixFactorization, ()),
+                                           (SASRec, ("history",))])
+def test_pretraining_reads_the_history_only_for_a_model_that_takes_it(
+        tiny: PreparedDataset, model: type, columns: tuple[str, ...]) -> None:
+    sampler, _ = training_loader(tiny, TrainConfig(num_workers=0),
+                                 Environment(0, 1, torch.device("cpu")), model.feature_names)
+    assert sampler.carried == columns
+    assert ("history" in sampler.columns) == bool(columns)
 
 
 def test_collator_builds_the_history_feature() -> None:
-    batch = Collator(SASREC_FEATURES, NegativeSampler(np.ones(12)), 3, seed=1)(sampled_batch())
-    history = batch.features.to_dict()["history"]
+    collate = Collator(SASREC_FEATURES, NegativeSampler(np.ones(12)), 3, seed=1)
+    assert collate.columns == ("history",)
+    history = collate(sampled_batch()).features.to_dict()["history"]
     assert history.values().tolist() == [9, 8, 7]
     assert history.lengths().tolist() == [2, 0, 1]
 

@@ -122,6 +122,12 @@ class Collator:
         self.num_negatives = num_negatives
         self.seed, self.rank = seed, rank
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The sampler's optional columns that this collate reads (the sampler's
+        ``columns``): ``history`` where the model takes it, else none."""
+        return tuple(c for c in ("history",) if c in self.feature_names)
+
     def __call__(self, batch: SampledBatch) -> TrainBatch:
         features = features_kjt(self.feature_names,
                                 {name: self._column(name, batch) for name in self.feature_names})

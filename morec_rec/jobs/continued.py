@@ -83,8 +83,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
                                 train_config.negative_beta)
     feature_names, n = model.module.feature_names, num_negatives(train_config.model)
     collate = Collator(feature_names, negatives, n, seed=train_config.seed, rank=env.rank)
-    morec = MoRec(dataset, collate, rows=per_row_loss,
-                  columns=[c for c in ("history",) if c in feature_names],
+    morec = MoRec(dataset, collate, rows=per_row_loss, columns=collate.columns,
                   # Rank 0's negatives on every rank: any world size measures the same.
                   validation_collate=Collator(feature_names, negatives, n,
                                               seed=train_config.seed),

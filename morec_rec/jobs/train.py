@@ -70,16 +70,16 @@ def build_sharded(config: TrainConfig, dataset: PreparedDataset, env: distribute
 def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
                     feature_names: Sequence[str]) -> tuple[WeightedStreamSampler, DataLoader]:
     """The accuracy-only sampler of this rank and a loader of ``TrainBatch`` es over it."""
-    sampler = WeightedStreamSampler(
-        dataset, [Accuracy()],
-        SamplerConfig(objectives=("accuracy",), sub_batch_size=config.batch_size,
-                      seed=config.seed),
-        rank=env.rank, world_size=env.world_size,
-    )
     collate = Collator(
         feature_names,
         NegativeSampler(dataset.items()["train_count"].to_numpy(), config.negative_beta),
         num_negatives(config.model), seed=config.seed, rank=env.rank,
+    )
+    sampler = WeightedStreamSampler(
+        dataset, [Accuracy()],
+        SamplerConfig(objectives=("accuracy",), sub_batch_size=config.batch_size,
+                      seed=config.seed),
+        rank=env.rank, world_size=env.world_size, columns=collate.columns,
     )
     return sampler, DataLoader(sampler, batch_size=None, num_workers=config.num_workers,
                                collate_fn=collate,
