@@ -1,32 +1,32 @@
 """MoRec's overhead: training samples/s of the base pipeline against the MoRec pipeline.
 
     python benchmarks/morec_overhead.py --out benchmarks/results/morec_overhead.json \\
-        [--profile demo] [--model mf] [--steps 100] [--repeats 3] [--threads N]
+        [--profile demo] [--model mf] [--steps 40] [--pairs 100] [--threads N]
 
 One process (a process group of one, as ``morec-rec run`` without torchrun), the same
 model, data and batch size (1,024 rows, one loader worker):
 
-* base: the accuracy-only sampler and the model's own loss (``TrainPipelineSparseDist``);
+* base: the accuracy-only sampler and the model's own loss (``TrainPipelineSparseDist``),
+  as ``morec-rec train`` builds them;
 * MoRec (``morec``), the defaults: the four objectives' sampler reading masses and batch
   shares from the weight store before every batch (the initial shares, 91% of the rows
-  drawn by the other objectives), and the loss hook (per-objective means, all-reduce, the
-  plain mean; the controller steps at validation rounds, not here);
+  drawn by the other objectives), and the loss hook (per-objective sums kept on the
+  device; the controller steps at validation rounds, not here);
 * MoRec under ``training`` control (``morec_training_control``): equal sub-batches
-  (4 × 256 rows), and the hook also steps the PI controller and weighs the means.
+  (4 × 256 rows), and the hook also all-reduces the losses, steps the PI controller and
+  weighs the means every step.
 
-Each pipeline trains ``--steps`` steps after 20 warm-up steps, ``--repeats`` times,
-in turn (the base first in even repeats, last in odd ones), from the same initial model;
-the medians are compared. Each is timed twice:
-end to end (its loader's worker process running beside it on the shared cores), and over
-batches drawn beforehand (the step alone: model, hook and optimizer). End to end, MoRec's
-rate over the base's in the same repeat is summarised too (median and a bootstrap
-interval over the repeats), and the CPU time per step of the trainer process and of its
-loader worker is recorded, to show where the time goes. ``--threads`` sets the trainer's
-intra-op threads (torch's default is one a core, which the loader worker then shares).
-Then the time of one
-validation-and-update round (``MoRec.validate``: ranking metrics and per-group losses on
-the validation users, the controllers' step, the mass update, the publish) is measured
-``--repeats`` times.
+The three pipelines live side by side, each with its own loader worker (an idle one
+holds its prefetched batches and waits). They are timed in blocks of ``--steps`` steps,
+in turn, ``--pairs`` times, the order rotating from one round to the next; no block
+crosses an epoch's end (the rest of an epoch, the next epoch's start and its 20 warm-up
+steps run untimed). Each round gives MoRec's rate over the base's in the same round, a
+few seconds apart; the median over the rounds is reported with a 95% bootstrap interval.
+CPU time per step of the trainer process and of the loader workers is recorded too.
+``--threads`` sets the trainer's intra-op threads (torch's default is one a core, which
+the loader worker then shares). Then the time of one validation-and-update round
+(``MoRec.validate``: ranking metrics and per-group losses on the validation users, the
+controllers' step, the mass update, the publish) is measured five times.
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from train_throughput import WARMUP, StepTiming, timed_steps  # the script beside this one
+from train_throughput import WARMUP, StepTiming, children_cpu_s, cpu_since  # beside this one
 
 from morec_rec.config import HoldTarget, MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
@@ -61,20 +62,52 @@ from morec_rec.plugin.loader import MoRecLoader
 from morec_rec.plugin.morec import MoRec
 
 
-def base_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
-               ) -> tuple[TrainPipelineSparseDist, DataLoader]:
+class Feed:
+    """A pipeline and its loader, stepped in timed blocks that never cross an epoch's end."""
+
+    def __init__(self, pipeline: TrainPipelineSparseDist, loader: DataLoader | MoRecLoader,
+                 set_epoch: Callable[[int], None], batches_per_epoch: int,
+                 batch_size: int) -> None:
+        self.pipeline, self.loader, self.set_epoch = pipeline, loader, set_epoch
+        self.batches_per_epoch, self.batch_size = batches_per_epoch, batch_size
+        self.epoch = -1
+        self._next_epoch()
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.set_epoch(self.epoch)
+        self.batches, self.stepped = iter(self.loader), 0
+        for _ in range(WARMUP):
+            self._step()
+
+    def _step(self) -> None:
+        self.pipeline.progress(self.batches)
+        self.stepped += 1
+
+    def timed(self, steps: int) -> StepTiming:
+        """``steps`` steps, timed; first the rest of the epoch if it has too few left."""
+        if self.stepped + steps + 2 > self.batches_per_epoch:  # the pipeline holds 2 ahead
+            try:
+                while True:
+                    self._step()
+            except StopIteration:
+                self._next_epoch()
+        start, trainer, workers = time.perf_counter(), time.process_time(), children_cpu_s()
+        for _ in range(steps):
+            self._step()
+        seconds = time.perf_counter() - start
+        return StepTiming(steps * self.batch_size / seconds,
+                          1e3 * (time.process_time() - trainer) / steps,
+                          1e3 * cpu_since(workers) / steps)
+
+
+def base_feed(dataset: PreparedDataset, config: TrainConfig,
+              env: distributed.Environment) -> Feed:
     model, optimizer = build_sharded(config, dataset, env)
-    _, loader = training_loader(dataset, config, env, model.module.feature_names)
-    return TrainPipelineSparseDist(model, optimizer, env.device), loader
-
-
-def rates(pipeline: TrainPipelineSparseDist, loader: DataLoader | MoRecLoader, steps: int,
-          batch_size: int) -> tuple[StepTiming, StepTiming]:
-    """Timed end to end, then over batches drawn from ``loader`` beforehand."""
-    end_to_end = timed_steps(pipeline, loader, steps, batch_size)
-    batches = iter(loader)
-    drawn = [next(batches) for _ in range(WARMUP + steps)]
-    return end_to_end, timed_steps(pipeline, drawn, steps, batch_size)
+    sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
+    return Feed(TrainPipelineSparseDist(model, optimizer, env.device), loader,
+                sampler.set_epoch, sampler.batches_per_epoch(config.num_workers),
+                config.batch_size)
 
 
 #: The MoRec pipelines timed against the base, by their key in the results. Training
@@ -86,8 +119,8 @@ VARIANTS = {
 }
 
 
-def morec_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
-                name: str) -> tuple[MoRec, TrainPipelineSparseDist]:
+def morec_feed(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
+               name: str) -> tuple[MoRec, Feed]:
     """The MoRec pipeline ``VARIANTS[name]`` with the default objectives, made as
     ``morec_rec.jobs.continued.continue_training`` makes it."""
     sampler_config = SamplerConfig(sub_batch_size=config.batch_size // 4, seed=config.seed)
@@ -96,20 +129,20 @@ def morec_parts(dataset: PreparedDataset, config: TrainConfig, env: distributed.
                        NegativeSampler(dataset.items()["train_count"].to_numpy(),
                                        config.negative_beta),
                        num_negatives(config.model), seed=config.seed, rank=env.rank)
-    morec = MoRec(dataset, collate, rows=per_row_loss,
+    morec = MoRec(dataset, collate, rows=per_row_loss, columns=collate.columns,
                   scorer=ModelScorer(model.module, env.device), sampler=sampler_config,
                   config=VARIANTS[name], num_workers=config.num_workers, device=env.device,
                   chunk_users=config.eval_chunk_users)
-    morec.set_epoch(0)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device,
                                        custom_model_fwd=morec.loss(model))
-    return morec, pipeline
+    return morec, Feed(pipeline, morec.loader, morec.set_epoch, len(morec.loader),
+                       config.batch_size)
 
 
 def paired_ratio(morec: list[float], base: list[float], resamples: int = 2000,
                  seed: int = 0) -> dict[str, float]:
-    """The median over repeats of MoRec's rate over the base's in the same repeat, with a
-    95% bootstrap interval over the repeats: how sure one run is of the ratio."""
+    """The median over rounds of MoRec's rate over the base's in the same round, with a
+    95% bootstrap interval over the rounds."""
     ratios = np.array(morec) / np.array(base)
     rng = np.random.default_rng(seed)
     medians = np.median(rng.choice(ratios, (resamples, len(ratios))), axis=1)
@@ -122,8 +155,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--model", default="mf", choices=["mf", "sasrec"])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40, help="steps a timed block")
+    parser.add_argument("--pairs", type=int, default=100, help="rounds of blocks")
     parser.add_argument("--threads", type=int,
                         help="the trainer's intra-op threads (default: torch's, one a core)")
     args = parser.parse_args()
@@ -136,73 +169,47 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
                         args.profile, "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
-        runs: dict[str, list[tuple[StepTiming, StepTiming]]] = {
-            "base": [], **{k: [] for k in VARIANTS}}
-        for repeat in range(args.repeats):
-            # The base goes first in even repeats and last in odd ones; the defaults' parts
-            # are kept for the validation round.
-            if repeat % 2 == 0:
-                runs["base"].append(rates(*base_parts(dataset, config, env), args.steps,
-                                          config.batch_size))
-            for name in reversed(VARIANTS):
-                morec, pipeline = morec_parts(dataset, config, env, name)
-                runs[name].append(rates(pipeline, morec.loader, args.steps,
-                                        config.batch_size))
-            if repeat % 2 == 1:
-                runs["base"].append(rates(*base_parts(dataset, config, env), args.steps,
-                                          config.batch_size))
-            print(f"repeat {repeat}: samples/s end to end, step alone: " + "; ".join(
-                f"{k} {v[-1][0].samples_per_s:,.0f}, {v[-1][1].samples_per_s:,.0f}"
-                for k, v in runs.items()))
+        morecs, feeds = {}, {"base": base_feed(dataset, config, env)}
+        for name in VARIANTS:
+            morecs[name], feeds[name] = morec_feed(dataset, config, env, name)
+        runs: dict[str, list[StepTiming]] = {name: [] for name in feeds}
+        names = list(feeds)
+        for round_ in range(args.pairs):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                runs[name].append(feeds[name].timed(args.steps))
+            if round_ % 10 == 9:
+                print(f"round {round_ + 1}: samples/s " + "; ".join(
+                    f"{k} {v[-1].samples_per_s:,.0f}" for k, v in runs.items()), flush=True)
 
-        detached = pipeline.detach()
+        morec, rounds = morecs["morec"], []
+        detached = feeds["morec"].pipeline.detach()
         task = load_task(dataset, "valid")
-        rounds = []
-        for _ in range(args.repeats):
+        for _ in range(5):
             start = time.perf_counter()
             morec.validate(detached)
             rounds.append(time.perf_counter() - start)
-        print(f"validation and update round: {statistics.median(rounds):.2f} s "
-              f"({len(task):,} validation users)")
 
-    median = {k: statistics.median(r[0].samples_per_s for r in v) for k, v in runs.items()}
-    step = {k: statistics.median(r[1].samples_per_s for r in v) for k, v in runs.items()}
-    paired = paired_ratio([r[0].samples_per_s for r in runs["morec"]],
-                          [r[0].samples_per_s for r in runs["base"]])
-    cpu = {k: {"trainer": statistics.median(r[0].trainer_cpu_ms for r in v),
-               "loader_workers": statistics.median(r[0].loader_cpu_ms for r in v)}
-           for k, v in runs.items()}
+    rate = {k: [t.samples_per_s for t in v] for k, v in runs.items()}
+    paired = {name: paired_ratio(rate[name], rate["base"]) for name in VARIANTS}
     results = {
         "profile": args.profile, "model": args.model, "batch_size": config.batch_size,
-        "steps": args.steps, "warmup_steps": WARMUP, "repeats": args.repeats,
-        "base_samples_per_s": median["base"], "morec_samples_per_s": median["morec"],
-        "morec_over_base": median["morec"] / median["base"],
-        "overhead_per_step": median["base"] / median["morec"] - 1,
-        "paired_end_to_end": paired,
-        "step_alone": {"base_samples_per_s": step["base"],
-                       "morec_samples_per_s": step["morec"],
-                       "morec_over_base": step["morec"] / step["base"]},
-        "training_control": {
-            "samples_per_s": median["morec_training_control"],
-            "over_base": median["morec_training_control"] / median["base"],
-            "step_alone_samples_per_s": step["morec_training_control"],
-            "step_alone_over_base": step["morec_training_control"] / step["base"]},
-        "cpu_ms_per_step_end_to_end": cpu,
-        "runs": {k: {"end_to_end": [r[0]._asdict() for r in v],
-                     "step_alone": [r[1]._asdict() for r in v]} for k, v in runs.items()},
+        "steps_per_block": args.steps, "pairs": args.pairs, "warmup_steps": WARMUP,
+        "samples_per_s": {k: statistics.median(v) for k, v in rate.items()},
+        "over_base": paired,
+        "cpu_ms_per_step": {
+            k: {"trainer": statistics.median(t.trainer_cpu_ms for t in v),
+                "loader_workers": statistics.median(t.loader_cpu_ms for t in v)}
+            for k, v in runs.items()},
+        "runs": {k: [t._asdict() for t in v] for k, v in runs.items()},
         "validation_round_s": statistics.median(rounds), "validation_rounds_s": rounds,
         "validation_users": len(task),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpus": os.cpu_count(), "trainer_threads": torch.get_num_threads(),
                         "device": str(env.device)},
     }
-    print(f"paired per repeat: {paired['median']:.3f} [{paired['low']:.3f}, "
-          f"{paired['high']:.3f}]")
-    print(f"MoRec / base = {results['morec_over_base']:.3f} end to end "
-          f"(per-step overhead {100 * results['overhead_per_step']:+.1f}%), "
-          f"{results['step_alone']['morec_over_base']:.3f} for the step alone; under "
-          f"training control {results['training_control']['over_base']:.3f} and "
-          f"{results['training_control']['step_alone_over_base']:.3f}")
+    for name, ratio in paired.items():
+        print(f"{name} / base: {ratio['median']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     distributed.shutdown()

@@ -59,6 +59,8 @@ SYNTH = (
     "pq.write_table(raw.interactions, out / 'interactions.parquet')\n"
     "pq.write_table(raw.items, out / 'items.parquet')\n"
 )
+
+
 def descendants(pid: int) -> list[int]:
     """``pid`` and every process below it (a snapshot; processes may end meanwhile)."""
     found, queue = [], [pid]
