@@ -139,10 +139,10 @@ def versus(base: Mapping[str, float], run: Mapping[str, float]) -> dict[str, Any
 
 @contextlib.contextmanager
 def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
-    """Adds the wall time of the ``with`` block, in seconds, to ``seconds[name]``."""
+    """Records the wall time of the ``with`` block, in seconds, as ``seconds[name]``."""
     start = time.perf_counter()
     yield
-    seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+    seconds[name] = round(time.perf_counter() - start, 3)
 
 
 def read_job(out: Path) -> dict[str, Any]:
