@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -43,8 +42,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow as pa
-import torch
+
+from morec_rec.jobs.run import versions
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "morec_rec.jobs.cli"]
@@ -171,6 +170,15 @@ def rank_zero(launcher: int) -> int:
     raise RuntimeError("no rank-0 worker among the launcher's children")
 
 
+def code_version() -> str:
+    """The checkout's commit, ``-dirty`` if it has uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain")
+                                                  else "")
+
+
 def stop_after(seconds: float) -> Callable[[subprocess.Popen], None]:
     """A ``during`` for :func:`measure`: SIGTERMs the launch after ``seconds``."""
     def during(process: subprocess.Popen) -> None:
@@ -268,8 +276,7 @@ def run_stages(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "restart": restart,
         "sasrec": {"samples_per_s": sasrec_rate, "train_rows": train_rows,
                    "epoch_hours": train_rows / sasrec_rate / 3600},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "numpy": np.__version__, "pyarrow": pa.__version__},
+        "code_version": code_version(), "environment": versions(),
     }
 
 
