@@ -171,12 +171,12 @@ def rank_zero(launcher: int) -> int:
 
 
 def code_version() -> str:
-    """The checkout's commit, ``-dirty`` if it has uncommitted changes."""
+    """The checkout's commit, ``-dirty`` if tracked files have uncommitted changes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain")
-                                                  else "")
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if changed else "")
 
 
 def stop_after(seconds: float) -> Callable[[subprocess.Popen], None]:
