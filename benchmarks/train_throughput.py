@@ -1,7 +1,7 @@
 """Training samples/s and evaluation users/s of both backbones, at the demo and xbox profiles.
 
     python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json \\
-        [--profiles demo xbox] [--steps 200]
+        [--profiles demo xbox] [--steps 100]
 
 For each profile (generated with seed 0) and backbone, in one process (a process group of
 one, as ``morec-rec train`` without torchrun): ``--steps`` steps of the training pipeline
@@ -105,7 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profiles", nargs="+", default=["demo", "xbox"])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100,
+                        help="timed steps, after 20 warm-up ones, within one epoch of demo (198)")
     parser.add_argument("--eval-users", type=int, default=20_000)
     args = parser.parse_args()
     env = distributed.init()
