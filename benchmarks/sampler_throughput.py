@@ -56,17 +56,17 @@ def scan(dataset: PreparedDataset, columns: list[str]) -> int:
     return rows
 
 
-def sampler(dataset: PreparedDataset, carried: list[str]) -> WeightedStreamSampler:
+def make_sampler(dataset: PreparedDataset, carried: list[str]) -> WeightedStreamSampler:
     return WeightedStreamSampler(dataset, build_objectives(OBJECTIVES, dataset.manifest),
                                  SamplerConfig(objectives=OBJECTIVES), columns=carried)
 
 
 def sample(dataset: PreparedDataset, carried: list[str], epochs: int = 1) -> int:
-    sampler_ = sampler(dataset, carried)
+    sampler = make_sampler(dataset, carried)
     rows = 0
     for epoch in range(epochs):
-        sampler_.set_epoch(epoch)
-        rows += sum(len(batch) for batch in sampler_)
+        sampler.set_epoch(epoch)
+        rows += sum(len(batch) for batch in sampler)
     return rows
 
 
@@ -127,7 +127,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
                             "xbox", "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
-        read = {backbone: sampler(dataset, carried).columns
+        read = {backbone: make_sampler(dataset, carried).columns
                 for backbone, carried in CARRIED.items()}
         rates: dict[str, dict[str, list[float]]] = {
             backbone: {"scan_rows_per_s": [], "sampler_rows_per_s": []} for backbone in CARRIED}

@@ -114,8 +114,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for profile in args.profiles:
             data = Path(tmp) / profile
-            subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile", profile,
-                            "--seed", "0", "--out", str(data)], check=True)
+            subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
+                            profile, "--seed", "0", "--out", str(data)], check=True)
             dataset = PreparedDataset.open(data)
             for name in ("mf", "sasrec"):
                 config = TrainConfig(model=name, num_workers=1)
