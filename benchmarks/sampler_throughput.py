@@ -39,12 +39,16 @@ import torch
 
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import MANIFEST, PreparedDataset
+from morec_rec.jobs.collate import sampler_columns
+from morec_rec.jobs.models.mf import MatrixFactorization
+from morec_rec.jobs.models.sasrec import SASRec
 from morec_rec.plugin.sampling.objectives import build_objectives
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
 OBJECTIVES = ("accuracy", "revenue", "fairness", "alignment")
 #: The optional columns each backbone's collate asks the sampler for.
-CARRIED = {"mf": [], "sasrec": ["history"]}
+CARRIED = {"mf": list(sampler_columns(MatrixFactorization.feature_names)),
+           "sasrec": list(sampler_columns(SASRec.feature_names))}
 
 
 def scan(dataset: PreparedDataset, columns: list[str]) -> int:
@@ -98,11 +102,11 @@ def peak_rss_mb(data: Path) -> dict[str, float]:
     import baseline."""
     code = (
         "import json, resource, sys\n"
-        "from benchmarks.sampler_throughput import sample, timed\n"
+        "from benchmarks.sampler_throughput import CARRIED, sample, timed\n"
         "from morec_rec.data.format import PreparedDataset\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "rows, seconds = timed(lambda: sample(PreparedDataset.open(sys.argv[1]), "
-        "['history']))\n"
+        "CARRIED['sasrec']))\n"
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(json.dumps({'rows': rows, 'rows_per_s': rows / seconds, "
         "'peak_rss_mb': peak / 1024, 'baseline_rss_mb': base / 1024}))\n"

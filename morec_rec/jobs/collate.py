@@ -91,6 +91,12 @@ def features_kjt(feature_names: Sequence[str],
     )
 
 
+def sampler_columns(feature_names: Sequence[str]) -> tuple[str, ...]:
+    """The sampler's optional columns (its ``columns``) that a model reading
+    ``feature_names`` needs: ``history`` where it takes that feature, else none."""
+    return tuple(c for c in ("history",) if c in feature_names)
+
+
 class Collator:
     """SampledBatch -> TrainBatch: picks the model's features and draws negatives.
 
@@ -124,9 +130,9 @@ class Collator:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The sampler's optional columns that this collate reads (the sampler's
-        ``columns``): ``history`` where the model takes it, else none."""
-        return tuple(c for c in ("history",) if c in self.feature_names)
+        """The sampler's optional columns that this collate reads (see
+        :func:`sampler_columns`)."""
+        return sampler_columns(self.feature_names)
 
     def __call__(self, batch: SampledBatch) -> TrainBatch:
         features = features_kjt(self.feature_names,
