@@ -129,7 +129,7 @@ def plain_step(users: int, items: int, optimizer: str, id_range: tuple[int, int]
         u = user(torch.randint(id_users, (BATCH,)))
         positive = (u * item(torch.randint(id_items, (BATCH,)))).sum(-1)
         negatives = item(torch.randint(id_items, (BATCH, NEGATIVES)))
-        negative = (negatives @ u.unsqueeze(-1)).squeeze(-1)
+        negative = (negatives * u.unsqueeze(1)).sum(-1)
         loss = F.softplus(negative - positive.unsqueeze(-1)).mean()
         opt.zero_grad()
         loss.backward()

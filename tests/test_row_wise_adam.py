@@ -44,6 +44,29 @@ def test_only_touched_rows_move_and_keep_their_own_moments() -> None:
     assert not torch.allclose(dense.weight[3], table.weight[3])
 
 
+def test_steps_equal_torch_sparse_adam_on_the_same_gradients() -> None:
+    # Repeated and absent rows, an empty step, and rows that come back after a pause.
+    batches = [[0, 2, 2, 5], [], [1, 2], [5, 5, 5, 0], [3]]
+    torch.manual_seed(0)
+    ours = nn.Embedding(6, 4, sparse=True)
+    reference = nn.Embedding.from_pretrained(ours.weight.detach().clone(), freeze=False,
+                                             sparse=True)
+    opt_ours = RowWiseAdam(ours.parameters(), lr=LR)
+    opt_reference = torch.optim.SparseAdam(reference.parameters(), lr=LR)
+    weights = torch.randn(8, 4)
+    for ids in batches:
+        for table, optimizer in ((ours, opt_ours), (reference, opt_reference)):
+            optimizer.zero_grad()
+            used = torch.tensor(ids, dtype=torch.long)
+            (table(used) * weights[:len(ids)]).sum().backward()
+            optimizer.step()
+        torch.testing.assert_close(ours.weight, reference.weight, rtol=1e-6, atol=1e-7)
+    state, expected = opt_ours.state[ours.weight], opt_reference.state[reference.weight]
+    assert state["step"] == expected["step"] == len(batches)
+    for moment in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(state[moment], expected[moment], rtol=1e-6, atol=1e-7)
+
+
 def test_weight_decay_is_added_to_the_touched_rows_gradients() -> None:
     # Rows at -3 and +3, each used once: g = 1, and with decay g + wd·w = -0.5 and 2.5,
     # so Adam's first step (≈ lr·sign) moves row 0 up and row 1 down; row 2 is untouched
