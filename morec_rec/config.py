@@ -37,6 +37,7 @@ Model = Literal["mf", "sasrec"]
 TableOptimizer = Literal["adam", "exact_sgd", "exact_adagrad", "exact_row_wise_adagrad"]
 Control = Literal["training", "validation"]
 Coefficients = Literal["sampling", "loss"]
+CoordinatorName = Literal["morec", "static", "mgda", "pe-mtl", "epo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +251,12 @@ class MoRecConfig:
     losses or their shares of each batch (``coefficients``).
     """
 
+    #: The objective coordinator: ``morec`` (the PI-controlled sampler), or a baseline
+    #: that trains on uniformly drawn batches with each objective's loss form (SPEC
+    #: Eq. 15–17) weighted into one loss: ``static`` (the fixed weights w), ``mgda``,
+    #: ``pe-mtl`` or ``epo`` (from the objectives' gradients, with w / Σ w as their
+    #: preference). A baseline has no controllers: ``hold`` and the gains are MoRec's only.
+    coordinator: CoordinatorName = "morec"
     #: p: preference over the objectives other than accuracy, in the sampler's order;
     #: entries >= 0 that sum to 1 (empty when accuracy is the only objective).
     preference: tuple[float, ...] = (0.4, 0.3, 0.3)

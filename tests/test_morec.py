@@ -150,6 +150,34 @@ def test_two_ranks(tiny: Path, base: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("coordinator", ["static", "mgda", "pe-mtl", "epo"])
+def test_baseline_coordinators_run_as_a_choice_of_the_same_job(
+        tiny: Path, base: Path, tmp_path: Path, coordinator: str, ranks: int) -> None:
+    out = tmp_path / "job"
+    args = ["--data", str(tiny), "--base", str(base), "--out", str(out), *MOREC,
+            "--coordinator", coordinator]
+    if ranks == 1:
+        done = run_cli("run", *args)
+        assert done.returncode == 0, done.stderr
+    else:
+        run_torchrun("integration/run.py", *args, timeout=300)
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == ranks and set(results["morec"]) == METRICS
+    assert results["settings"]["morec"]["coordinator"] == coordinator
+    steps = [r for r in _log(out / "morec") if r["kind"] == "step"]
+    # Every step logs the weights of the four objectives' losses: non-negative; static's
+    # the fixed w / Σ w (p = 0.4, 0.3, 0.3 with λ = 1 over accuracy's 1).
+    weights = np.array([list(r["weights"].values()) for r in steps])
+    assert list(steps[0]["weights"]) == ["accuracy", "revenue", "fairness", "alignment"]
+    assert (weights >= 0).all() and np.isfinite(weights).all()
+    if coordinator == "static":
+        np.testing.assert_allclose(weights, [[0.5, 0.2, 0.15, 0.15]] * len(steps))
+    # No controller: the default hold is MoRec's alone.
+    assert all(r["coefficient"] == {} for r in steps)
+
+
+@pytest.mark.slow
 def test_an_interrupted_job_resumes_as_if_uninterrupted(tiny: Path, base: Path,
                                                          tmp_path: Path) -> None:
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -220,6 +248,9 @@ def test_resume_needs_a_job(tmp_path: Path) -> None:
     (["--control", "training"],
      "config: coefficients = 'sampling' is out of range (expected loss under control = training)"),
     (["--objectives", "accuracy,novelty", "--preference", "1"], "unknown objective 'novelty'"),
+    (["--coordinator", "pcgrad"], "config: coordinator = 'pcgrad' is out of range"),
+    (["--coordinator", "epo", "--preference", "1,0,0"],
+     "coordinator epo: preference [1.0, 1.0, 0.0, 0.0] must be finite entries > 0"),
 ])
 def test_bad_settings_fail_before_training(tiny: Path, tmp_path: Path, args: list[str],
                                            message: str) -> None:

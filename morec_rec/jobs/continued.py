@@ -32,7 +32,7 @@ from morec_rec.data.format import PreparedDataset
 from morec_rec.jobs import checkpoint, distributed
 from morec_rec.jobs.collate import Collator
 from morec_rec.jobs.loop import Progress, fit
-from morec_rec.jobs.models import num_negatives, per_row_loss
+from morec_rec.jobs.models import num_negatives, per_row_loss, representation
 from morec_rec.jobs.models.negatives import NegativeSampler
 from morec_rec.jobs.models.scorer import ModelScorer
 from morec_rec.jobs.run import Run
@@ -87,19 +87,20 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
                   # Rank 0's negatives on every rank: any world size measures the same.
                   validation_collate=Collator(feature_names, negatives, n,
                                               seed=train_config.seed),
-                  scorer=ModelScorer(model.module, env.device), sampler=sampler_config,
+                  scorer=ModelScorer(model.module, env.device), representation=representation,
+                  sampler=sampler_config,
                   config=config, num_workers=train_config.num_workers, device=env.device,
                   chunk_users=train_config.eval_chunk_users)
     hook = morec.loss(model)
     if meta:
         morec.load_state_dict(meta["morec"])
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device, custom_model_fwd=hook)
-    stage = _ContinuedTraining(morec, hook.coordinator, model, optimizer, identity, progress,
+    stage = _ContinuedTraining(morec, morec.coordinator, model, optimizer, identity, progress,
                                config, run, env)
     if progress.base is None:
         run.log({"kind": "update", "epoch": 0, "step": 0, "version": 0, "effective_from": 0,
                  "masses": {name: morec.masses[name].tolist() for name in _adaptive(morec)}})
-        run.log({"kind": "targets", "target": hook.coordinator.targets,
+        run.log({"kind": "targets", "target": morec.coordinator.targets,
                  "base_loss": morec.state_dict()["base_losses"]})
         stage.validate(model)
     fit(pipeline, stage, run, env, train_config.checkpoint_every)
@@ -197,6 +198,9 @@ class _ContinuedTraining:
             "controlled": {k: float(np.mean([c[k] for c in self.controlled]))
                            for k in coefficients},
             "at_bound": {k: float(np.mean([b[k] for b in self.at_bound])) for k in coefficients}}
+        weights = self.morec.weights
+        if weights is not None:  # a baseline coordinator's, at the last step
+            record["weights"] = dict(zip(self.morec.names, weights.tolist()))
         self.at_bound, self.controlled = [], []
         return record
 

@@ -105,7 +105,7 @@ def accuracy_only(sampler_config: SamplerConfig,
     size, steps and validation passes, the accuracy objective alone, no controller."""
     batch = sampler_config.sub_batch_size * len(sampler_config.objectives)
     return (dataclasses.replace(sampler_config, objectives=("accuracy",), sub_batch_size=batch),
-            dataclasses.replace(config, preference=(), hold={}))
+            dataclasses.replace(config, coordinator="morec", preference=(), hold={}))
 
 
 def control_record(log: list[dict[str, Any]], share: float = JUDGED_SHARE) -> dict[str, Any]:

@@ -28,14 +28,17 @@ _PR_SET_PDEATHSIG = 1
 
 
 class Segmenting:
-    """``collate``, with the sampled rows' segment ids and batch index kept beside the
-    job's batch (picklable to loader workers when ``collate`` is)."""
+    """``collate``, with the sampled rows' segment ids and batch index (and, with
+    ``item_ids``, their items) kept beside the job's batch (picklable to loader workers
+    when ``collate`` is)."""
 
-    def __init__(self, collate: Collate) -> None:
+    def __init__(self, collate: Collate, *, item_ids: bool = False) -> None:
         self.collate = collate
+        self.item_ids = item_ids
 
     def __call__(self, sampled: SampledBatch) -> SegmentedBatch:
-        return SegmentedBatch(self.collate(sampled), sampled.objective, sampled.batch_index)
+        return SegmentedBatch(self.collate(sampled), sampled.objective, sampled.batch_index,
+                              sampled.item_id if self.item_ids else None)
 
 
 def die_with_parent(worker_id: int) -> None:
@@ -58,16 +61,18 @@ class MoRecLoader:
         collate: the job's collate.
         num_workers: loader worker processes (0: sample in the calling process).
         prefetch_factor: batches each worker prepares ahead.
+        item_ids: keep the sampled rows' items in each batch (``SegmentedBatch.item_id``).
     """
 
     def __init__(self, sampler: WeightedStreamSampler, collate: Collate, *, num_workers: int,
-                 prefetch_factor: int) -> None:
+                 prefetch_factor: int, item_ids: bool = False) -> None:
         self.sampler = sampler
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.batches_per_epoch = sampler.batches_per_epoch(num_workers)
         self._loader = DataLoader(
-            sampler, batch_size=None, num_workers=num_workers, collate_fn=Segmenting(collate),
+            sampler, batch_size=None, num_workers=num_workers,
+            collate_fn=Segmenting(collate, item_ids=item_ids),
             prefetch_factor=prefetch_factor if num_workers else None,
             worker_init_fn=die_with_parent if num_workers else None)
         self._epoch, self._start = 0, 0

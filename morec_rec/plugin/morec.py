@@ -39,8 +39,11 @@ from morec_rec.config import MoRecConfig, SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.plugin.adapters import register_pipelineable
+from morec_rec.plugin.baseline import BaselineLoss, Representation
 from morec_rec.plugin.control.coordinator import Coordinator, needs_base_losses
 from morec_rec.plugin.control.measures import relative_measures
+from morec_rec.plugin.control.objective_losses import ItemSideInformation, check_loss_objectives
+from morec_rec.plugin.control.rules import Rule, build_rule
 from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.eval.ranking import K, Scorer, evaluate, load_task
 from morec_rec.plugin.hook import Examples, MoRecLoss, ObjectiveLosses, Rows
@@ -63,7 +66,12 @@ def check_settings(dataset: PreparedDataset, sampler_config: SamplerConfig,
     their targets)."""
     built = _objectives(dataset, sampler_config, objectives)
     names = [o.name for o in built]
-    Coordinator.from_config(config, names, dict.fromkeys(names, 1.0))  # raises if inconsistent
+    if config.coordinator == "morec":
+        Coordinator.from_config(config, names, dict.fromkeys(names, 1.0))  # raises if inconsistent
+    else:
+        check_loss_objectives(names)
+        coordinator = Coordinator.from_config(_without_controllers(config), names, None)
+        build_rule(config.coordinator, coordinator.weights)
     return built
 
 
@@ -85,6 +93,9 @@ class MoRec:
         layout: how ``collate`` lays examples out over the sampled rows.
         scorer: the job's full-ranking scorer (users -> scores of every item); needed by
             ``validation`` control, ``alignment`` and fairness by ``hit``.
+        representation: the tensors of the model's output that a gradient-based baseline
+            coordinator (``config.coordinator``: ``mgda``, ``pe-mtl``, ``epo``) takes the
+            objectives' gradients with respect to, from ``(batch, output)``.
         validation_collate: ``collate`` for the validation rows (default: ``collate``),
             for a job whose training collate differs by rank.
         columns: the row columns ``collate`` reads besides ``user_id`` and ``item_id``
@@ -106,7 +117,8 @@ class MoRec:
 
     def __init__(self, dataset: PreparedDataset | str | os.PathLike[str], collate: Collate, *,
                  rows: Rows | None = None, layout: ExampleLayout = ExampleLayout.ROWS,
-                 scorer: Scorer | None = None, validation_collate: Collate | None = None,
+                 scorer: Scorer | None = None, representation: Representation | None = None,
+                 validation_collate: Collate | None = None,
                  columns: Sequence[str] = (),
                  objectives: Sequence[Objective | str] | None = None,
                  sampler: SamplerConfig | None = None, config: MoRecConfig | None = None,
@@ -116,7 +128,18 @@ class MoRec:
                         else PreparedDataset.open(Path(dataset)))
         sampler, config = sampler or SamplerConfig(), config or MoRecConfig()
         self.objectives = _objectives(self.dataset, sampler, objectives)
+        #: The objectives the coefficients weigh, in segment (or weight) order.
         self.names = [o.name for o in self.objectives]
+        self.rule: Rule | None = None
+        self._items: ItemSideInformation | None = None
+        if config.coordinator != "morec":
+            # A baseline draws MoRec's batch size from accuracy's uniform distribution and
+            # weighs the objectives' loss forms; it has no controllers.
+            check_loss_objectives(self.names)
+            config = _without_controllers(config)
+            sampler = dataclasses.replace(
+                sampler, sub_batch_size=sampler.sub_batch_size * len(self.names))
+            self.objectives = _objectives(self.dataset, sampler, ["accuracy"])
         self.config, self.sampler_config = config, sampler
         needs = _needs_scorer(config, self.objectives, sampler)
         if needs and scorer is None:
@@ -125,6 +148,7 @@ class MoRec:
         self.collate, self.scorer = collate, scorer
         self.validation_collate = validation_collate or collate
         self.examples = Examples(rows, layout)
+        self.representation = representation
         self.device = torch.device(device)
         self.chunk_users = chunk_users
         self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
@@ -136,9 +160,13 @@ class MoRec:
             check_settings(self.dataset, sampler, config, self.objectives)
         else:
             self.coordinator = Coordinator.from_config(config, self.names, None)
+        if config.coordinator != "morec":
+            assert self.coordinator is not None
+            self.rule = build_rule(config.coordinator, self.coordinator.weights)
+            self._items = ItemSideInformation.from_dataset(self.dataset).to(self.device)
         self._initial = {o.name: o.initial_masses() for o in self.objectives}
         self._initial[BATCH] = (_shares(self.coordinator) if self._sampling
-                                else np.full(len(self.names), 1 / len(self.names)))
+                                else np.full(len(self.objectives), 1 / len(self.objectives)))
         self._masses = dict(self._initial)  # the latest published, rank 0's update input
         self._journal: list[Masses] = []  # every version published by this job
 
@@ -150,9 +178,10 @@ class MoRec:
             WeightedStreamSampler(self.dataset, self.objectives, sampler, rank=self.rank,
                                   world_size=self.world_size, store=self._spec,
                                   masses=self._initial, columns=columns),
-            collate, num_workers=num_workers, prefetch_factor=prefetch_factor)
+            collate, num_workers=num_workers, prefetch_factor=prefetch_factor,
+            item_ids=self.rule is not None)
         self._losses = ObjectiveLosses(len(self.names))
-        self._hook: MoRecLoss | None = None
+        self._hook: MoRecLoss | BaselineLoss | None = None
         self._position = 0  # the next batch to train, before the hook has trained any
         self._base: dict[str, float] | None = None
         self._valid_rows = self.dataset.split("valid")
@@ -160,7 +189,15 @@ class MoRec:
 
     @property
     def _sampling(self) -> bool:
-        return self.config.coefficients == "sampling"
+        return self.rule is None and self.config.coefficients == "sampling"
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        """A baseline coordinator's weights α at the last training step (None for MoRec's
+        coordinator, and before the first step)."""
+        hook = self._hook
+        return None if not isinstance(hook, BaselineLoss) or hook.weights is None \
+            else hook.weights.copy()
 
     @property
     def batches_per_epoch(self) -> int:
@@ -198,11 +235,17 @@ class MoRec:
         start = self.position - epoch * self.batches_per_epoch
         self.loader.set_epoch(epoch, min(max(start, 0), self.batches_per_epoch))
 
-    def loss(self, model: nn.Module) -> MoRecLoss:
+    def loss(self, model: nn.Module) -> MoRecLoss | BaselineLoss:
         """The loss hook of ``model``: TrainPipelineSparseDist's ``custom_model_fwd``, or
         the plain loop's ``loss, output = hook(batch)``. Under ``training`` control with an
         ``auto`` target it first measures the objectives' losses under ``model`` (a
         collective, see :meth:`calibrate`)."""
+        if self.rule is not None:
+            assert self._items is not None
+            if self._hook is None or self._hook.model is not model:
+                self._hook = BaselineLoss(model, self.rule, self.names, self.examples,
+                                          self._items, self._losses, self.representation)
+            return self._hook
         if self.coordinator is None:
             self._base_losses = self.calibrate(model)
             self.coordinator = Coordinator.from_config(self.config, self.names,
@@ -330,6 +373,7 @@ class MoRec:
         return {"format": STATE_FORMAT, "position": position, "journal": journal,
                 "coordinator": None if self.coordinator is None
                 else self.coordinator.state_dict(),
+                "rule": self.rule.state_dict() if hasattr(self.rule, "state_dict") else None,
                 "base": self._base, "base_losses": self._base_losses}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -349,6 +393,8 @@ class MoRec:
             if self.coordinator is None:
                 raise MorecError("MoRec state holds controllers but no base losses")
             self.coordinator.load_state_dict(state["coordinator"])
+        if state.get("rule") is not None and hasattr(self.rule, "load_state_dict"):
+            self.rule.load_state_dict(state["rule"])
         for entry in state["journal"]:
             values = {k: np.asarray(v, dtype=np.float64) for k, v in entry["values"].items()}
             self._append(publish_and_sync(self.store, values, int(entry["effective_from"])))
@@ -380,6 +426,11 @@ def _objectives(dataset: PreparedDataset, config: SamplerConfig,
             raise MorecError(f"objective {objective.name!r} reads {', '.join(nested)}, a list "
                              "column: objectives read one value per row")
     return objectives
+
+
+def _without_controllers(config: MoRecConfig) -> MoRecConfig:
+    """A baseline coordinator's settings: ``hold`` is MoRec's controllers' alone."""
+    return dataclasses.replace(config, hold={})
 
 
 def _needs_scorer(config: MoRecConfig, objectives: Sequence[Objective],

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map
 
 from morec_rec.errors import MorecError
 
-_OWN = frozenset(("batch", "segment", "index"))
+_OWN = frozenset(("batch", "segment", "index", "item_id"))
 
 
 class ExampleLayout(enum.Enum):
@@ -61,11 +61,14 @@ class SegmentedBatch:
         segment: int64 (B,), the objective (its position in MoRec's objectives) that drew
             each sampled row.
         index: the loader batch index, ``epoch · batches_per_epoch + position``.
+        item_id: int64 (B,), each sampled row's item, where the loss reads the items'
+            side information (a baseline coordinator's objective losses); else None.
     """
 
     batch: Any
     segment: torch.Tensor
     index: int
+    item_id: torch.Tensor | None = None
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names this class lacks; its own fields never fall through
@@ -79,15 +82,15 @@ class SegmentedBatch:
         rather than share a small tensor (a handshake per tensor)."""
         if self.segment.device.type != "cpu":
             return super().__reduce_ex__(protocol)
-        return (_segmented, (self.batch, self.segment.numpy(), self.index))
+        return (_segmented, (self.batch, self.segment.numpy(), self.index,
+                             None if self.item_id is None else self.item_id.numpy()))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> SegmentedBatch:
         return SegmentedBatch(move(self.batch, device, non_blocking),
-                              self.segment.to(device, non_blocking=non_blocking), self.index)
+                              *_ids(self, "to", device, non_blocking=non_blocking))
 
     def pin_memory(self) -> SegmentedBatch:
-        return SegmentedBatch(_apply(self.batch, "pin_memory"), self.segment.pin_memory(),
-                              self.index)
+        return SegmentedBatch(_apply(self.batch, "pin_memory"), *_ids(self, "pin_memory"))
 
     def record_stream(self, stream: torch.Stream) -> None:
         if hasattr(self.batch, "record_stream"):
@@ -96,6 +99,8 @@ class SegmentedBatch:
             tree_map(lambda t: t.record_stream(stream) if isinstance(t, torch.Tensor) else t,
                      self.batch)
         self.segment.record_stream(stream)
+        if self.item_id is not None:
+            self.item_id.record_stream(stream)
 
 
 def move(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -111,5 +116,14 @@ def _apply(batch: Any, method: str, *args: Any, **kwargs: Any) -> Any:
                     if isinstance(t, torch.Tensor) else t, batch)
 
 
-def _segmented(batch: Any, segment: np.ndarray, index: int) -> SegmentedBatch:
-    return SegmentedBatch(batch, torch.from_numpy(segment), index)
+def _ids(batch: SegmentedBatch, method: str, *args: Any, **kwargs: Any
+         ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """The segment ids, index and item ids of ``batch``, each tensor's ``method`` applied."""
+    item_id = None if batch.item_id is None else getattr(batch.item_id, method)(*args, **kwargs)
+    return getattr(batch.segment, method)(*args, **kwargs), batch.index, item_id
+
+
+def _segmented(batch: Any, segment: np.ndarray, index: int,
+               item_id: np.ndarray | None) -> SegmentedBatch:
+    return SegmentedBatch(batch, torch.from_numpy(segment), index,
+                          None if item_id is None else torch.from_numpy(item_id))

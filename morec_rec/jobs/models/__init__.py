@@ -31,14 +31,24 @@ class ModelOutput(NamedTuple):
 
     Attributes:
         per_row_loss: float (B,), each row's training loss; the returned loss is its mean.
+        representation: the vectors the loss is computed from: the users' (B, D), the
+            positives' (B, D) and the negatives' (B·n, D). A gradient-based baseline
+            coordinator compares the objectives' gradients with respect to them (the
+            shared representation, as MGDA-UB does); empty where a model gives none.
     """
 
     per_row_loss: torch.Tensor
+    representation: tuple[torch.Tensor, ...] = ()
 
 
 def per_row_loss(batch: object, output: ModelOutput) -> torch.Tensor:
     """A backbone's per-row losses (MoRec's ``rows``)."""
     return output.per_row_loss
+
+
+def representation(batch: object, output: ModelOutput) -> tuple[torch.Tensor, ...]:
+    """A backbone's shared representation (MoRec's ``representation``)."""
+    return output.representation
 
 
 def build_model(name: str, num_users: int, num_items: int, history_length: int, *,

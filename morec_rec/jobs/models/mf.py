@@ -57,11 +57,12 @@ class MatrixFactorization(nn.Module):
         """
         embedded = self.embeddings(batch.features)
         users = embedded["user_id"].values()  # (B, D)
-        positive = (users * embedded["item_id"].values()).sum(-1)  # (B,)
-        negatives = embedded["neg_item_id"].values().unflatten(0, (users.size(0), -1))  # (B, n, D)
-        negative = (negatives @ users.unsqueeze(-1)).squeeze(-1)  # (B, n)
+        positives, negatives = embedded["item_id"].values(), embedded["neg_item_id"].values()
+        positive = (users * positives).sum(-1)  # (B,)
+        negative = (negatives.unflatten(0, (users.size(0), -1))
+                    * users.unsqueeze(1)).sum(-1)  # (B, n)
         per_row = F.softplus(negative - positive.unsqueeze(-1)).mean(-1)  # −log σ(s⁺ − s⁻)
-        return per_row.mean(), ModelOutput(per_row)
+        return per_row.mean(), ModelOutput(per_row, (users, positives, negatives))
 
     def user_vectors(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """float (B, D): the user vectors p_u of ``user_id`` (one id per row)."""

@@ -63,12 +63,13 @@ class SASRec(nn.Module):
         """
         embedded = self.embeddings(batch.features)
         users = self.encoder(embedded["history"])  # (B, D)
-        positive = (users * embedded["item_id"].values()).sum(-1)  # (B,)
-        negatives = embedded["neg_item_id"].values().unflatten(0, (users.size(0), -1))  # (B, n, D)
-        negative = (negatives @ users.unsqueeze(-1)).squeeze(-1)  # (B, n)
+        positives, negatives = embedded["item_id"].values(), embedded["neg_item_id"].values()
+        positive = (users * positives).sum(-1)  # (B,)
+        negative = (negatives.unflatten(0, (users.size(0), -1))
+                    * users.unsqueeze(1)).sum(-1)  # (B, n)
         # −log σ(x) = softplus(−x) and −log(1 − σ(x)) = softplus(x)
         per_row = F.softplus(-positive) + F.softplus(negative).mean(-1)
-        return per_row.mean(), ModelOutput(per_row)
+        return per_row.mean(), ModelOutput(per_row, (users, positives, negatives))
 
     def user_vectors(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """float (B, D): the representations of the rows' ``history``."""

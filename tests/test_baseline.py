@@ -1,0 +1,86 @@
+"""The baseline coordinators' hook: the gradient of the loss it returns is the rule's
+combination of the objectives' gradients, on a case computed by hand."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from morec_rec.errors import MorecError
+from morec_rec.plugin.baseline import BaselineLoss
+from morec_rec.plugin.control.objective_losses import ItemSideInformation
+from morec_rec.plugin.control.rules import EPO, MGDA, ParetoMTL, Static
+from morec_rec.plugin.hook import Examples, ObjectiveLosses
+from morec_rec.plugin.segments import SegmentedBatch
+
+
+class Linear(nn.Module):
+    """Row i's representation is z_i = θ_i and its loss c_i·z_i, with c = (1, 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor([0.3, 0.2]))
+        self.register_buffer("scale", torch.tensor([1.0, 2.0]))
+
+    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        z = self.theta[rows]
+        per_row = self.scale[rows] * z
+        return per_row.mean(), (per_row, z)
+
+
+# Item 0 costs 1, item 1 costs nothing: revenue's loss is row 0's alone.
+ITEMS = ItemSideInformation(price=torch.tensor([1.0, 0.0]), popularity=torch.ones(2),
+                            fairness_group=torch.zeros(2, dtype=torch.long),
+                            num_fairness_groups=1)
+NAMES = ["accuracy", "revenue"]
+# With respect to z: ∇L_acc = (c1/2, c2/2) = (0.5, 1), ∇L_rev = (c1, 0) = (1, 0).
+GRADIENTS = np.array([[0.5, 1.0], [1.0, 0.0]])
+GRAM = GRADIENTS @ GRADIENTS.T  # [[1.25, 0.5], [0.5, 1]]
+
+
+def _step(rule: Any) -> tuple[torch.Tensor, BaselineLoss]:
+    model = Linear()
+    hook = BaselineLoss(model, rule, NAMES, Examples(rows=lambda batch, output: output[0]),
+                        ITEMS, ObjectiveLosses(len(NAMES)),
+                        representation=lambda batch, output: output[1])
+    rows = torch.tensor([0, 1])
+    loss, _ = hook(SegmentedBatch(rows, torch.zeros(2, dtype=torch.long), 0, item_id=rows))
+    loss.backward()
+    assert model.theta.grad is not None
+    return model.theta.grad, hook
+
+
+def test_mgda_gradient_is_the_min_norm_combination_computed_by_hand() -> None:
+    # |(1−γ)(0.5, 1) + γ(1, 0)|² is smallest at γ = 0.6: α = (0.4, 0.6), and the
+    # combined gradient 0.4·(0.5, 1) + 0.6·(1, 0) = (0.8, 0.4); z = θ, so it is θ's.
+    grad, hook = _step(MGDA())
+    np.testing.assert_allclose(hook.weights, [0.4, 0.6], atol=1e-6)
+    torch.testing.assert_close(grad, torch.tensor([0.8, 0.4]))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ParetoMTL(np.array([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]), index=0),
+    lambda: EPO(np.array([1.0, 3.0])),
+], ids=["pe-mtl", "epo"])
+def test_gradient_is_the_rules_weights_over_the_hand_computed_gradients(
+        make: Callable[[], Any]) -> None:
+    # L = (mean(c·θ), θ_0) = (0.5·0.3 + 0.5·2·0.2, 0.3) = (0.35, 0.3).
+    expected = make().weights(np.array([0.35, 0.3]), GRAM)
+    grad, hook = _step(make())
+    np.testing.assert_allclose(hook.weights, expected, atol=1e-6)
+    torch.testing.assert_close(grad, torch.from_numpy(expected @ GRADIENTS).float())
+
+
+def test_static_weighs_the_losses_without_their_gradients() -> None:
+    grad, hook = _step(Static(np.array([3.0, 1.0])))
+    np.testing.assert_allclose(hook.weights, [0.75, 0.25])
+    torch.testing.assert_close(grad, torch.from_numpy(np.array([0.75, 0.25]) @ GRADIENTS).float())
+
+
+def test_a_gradient_rule_without_a_representation_is_refused() -> None:
+    with pytest.raises(MorecError, match="representation="):
+        BaselineLoss(Linear(), MGDA(), NAMES, Examples(), ITEMS, ObjectiveLosses(2), None)
