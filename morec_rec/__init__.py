@@ -4,12 +4,14 @@ The public surface: a job makes one :class:`MoRec` per rank from a prepared data
 own collate, the per-example losses of its model (``rows``) and its scorer, then trains
 on ``MoRec.loader`` with ``MoRec.loss(model)`` as its loss and calls ``MoRec.validate``
 every few hundred steps. Objectives are :class:`Objective` s: the four built-ins, or a
-job's own subclass.
+job's own subclass. ``MoRecConfig.coordinator`` swaps MoRec's coordinator for a baseline
+(static weights, MGDA, Pareto MTL, EPO), whose hook is a :class:`BaselineLoss`.
 """
 
 from morec_rec.config import HoldTarget, MoRecConfig, SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
+from morec_rec.plugin.baseline import BaselineLoss, Representation
 from morec_rec.plugin.control.coordinator import Coordinator
 from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.eval.ranking import RankingTask, Scorer
@@ -31,6 +33,7 @@ from morec_rec.version import __version__
 __all__ = [
     "Accuracy",
     "Alignment",
+    "BaselineLoss",
     "Collate",
     "Coordinator",
     "ExampleLayout",
@@ -45,6 +48,7 @@ __all__ = [
     "PreparedDataset",
     "RankingMetrics",
     "RankingTask",
+    "Representation",
     "Revenue",
     "Rows",
     "SampledBatch",
