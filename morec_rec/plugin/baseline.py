@@ -44,7 +44,7 @@ class BaselineLoss:
         rule: the weights α from the losses and their gradients' Gram matrix.
         names: the objectives, in the order of the rule's weights.
         examples: where the per-example losses are.
-        items: the items' side information, on the model's device.
+        items: the items' side information (moved to the losses' device at the first call).
         losses: where each objective's loss is recorded (as one example per objective).
         representation: the job's shared representation; needed by a rule that reads
             gradients.
@@ -72,9 +72,9 @@ class BaselineLoss:
                              "keep them (MoRecLoader(item_ids=True))")
         loss, output = self.model(batch.batch)
         per_example, row = self.examples.losses(batch.batch, loss, output, len(batch.segment))
-        items = self.items if self.items.price.device == per_example.device \
-            else self.items.to(per_example.device)
-        values = objective_losses(self.names, per_example, batch.item_id[row], items)
+        if self.items.price.device != per_example.device:
+            self.items = self.items.to(per_example.device)
+        values = objective_losses(self.names, per_example, batch.item_id[row], self.items)
         self.losses.add(values, self._segments.to(values.device))
         if not (self.model.training and torch.is_grad_enabled()):
             return loss, output

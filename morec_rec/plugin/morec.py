@@ -15,7 +15,9 @@ the job's batches wrapped with their rows' segment ids, and the hook unwraps the
 :meth:`MoRec.validate` runs the validation round: the job's scorer ranks the validation
 users (validation control, alignment's exposure), the job's model measures each group's
 validation loss (the objectives' signal), the controllers step, and the new masses are
-published to apply from the first batch no loader worker has drawn.
+published to apply from the first batch no loader worker has drawn. With a baseline
+coordinator (``MoRecConfig.coordinator``) the same object draws plain batches and its hook
+is a :class:`~morec_rec.plugin.baseline.BaselineLoss`; validation rounds then only measure.
 """
 
 from __future__ import annotations

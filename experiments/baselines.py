@@ -1,0 +1,174 @@
+"""MoRec against continued training and the baseline coordinators: runs and records them.
+
+    python experiments/baselines.py --experiment tafeng-mf-baselines --data data/tafeng \\
+        --base runs/tafeng-mf-s0 --seed 0 --runs runs/tafeng-mf-baselines [--resamples 1000]
+
+For one base (one seed), every coordinator (``static``, ``mgda``, ``pe-mtl``, ``epo``,
+``morec``) continues the base once per preference of :data:`PREFERENCES` (its solutions),
+with ``morec-rec run``; the first MoRec run also trains plain continued training
+(``--continued``). Runs already finished under ``--runs`` are read, not rerun. A method's
+reported solution is chosen on validation only: among the solutions whose selected pass
+is valid on validation, the one with the highest validation Imp (else the highest
+validation Hit). Its test metrics, test Imp over the base and test validity go into
+``experiments/<experiment>/results.json`` (one table per seed, rows added or replaced),
+with paired bootstraps over the test users (``morec-rec evaluate --against``) of MoRec's
+solution against continued training and against the baseline chosen best on validation.
+``python experiments/tables.py`` then renders the tables into the experiment's README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+COORDINATORS = ("static", "mgda", "pe-mtl", "epo", "morec")
+#: p over (revenue, fairness, alignment): the default, near-uniform, each objective
+#: dominant, and a milder revenue lead. Every entry > 0 (Pareto MTL and EPO need it).
+PREFERENCES = ((0.4, 0.3, 0.3), (0.34, 0.33, 0.33), (0.8, 0.1, 0.1), (0.1, 0.8, 0.1),
+               (0.1, 0.1, 0.8), (0.6, 0.2, 0.2))
+METRICS = ("hit@10", "rhit@10", "pop_kl@10", "min_hit@10")
+COLUMNS = [
+    {"key": "row", "label": "row", "format": "text"},
+    {"key": "preference", "label": "p (rev, fair, align)", "format": "text"},
+    {"key": "hit", "label": "test Hit@10", "format": "f4"},
+    {"key": "rhit", "label": "rHit@10", "format": "f3"},
+    {"key": "pop_kl", "label": "Pop-KL@10", "format": "f4"},
+    {"key": "min_hit", "label": "min-Hit@10", "format": "f4"},
+    {"key": "imp", "label": "Imp vs base", "format": "imp2"},
+    {"key": "valid", "label": "valid on test", "format": "text"},
+    {"key": "solutions_valid", "label": "solutions valid on validation", "format": "text"},
+]
+BOOTSTRAP_COLUMNS = [
+    {"key": "a", "label": "A", "format": "text"},
+    {"key": "b", "label": "B", "format": "text"},
+    {"key": "imp_pct", "label": "Imp of A over B", "format": "imp2"},
+    {"key": "imp_ci", "label": "95% interval", "format": "ci"},
+    {"key": "ahead_pct", "label": "A ahead (Imp > 0) in resamples", "format": "gpct"},
+]
+
+
+def _cli(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", *args],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"morec-rec {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def _run(args: argparse.Namespace, coordinator: str, index: int) -> dict[str, Any]:
+    """The results.json of one solution, run if not there yet."""
+    out = args.runs / f"s{args.seed}" / f"{coordinator}-p{index}"
+    if not (out / "results.json").is_file():
+        preference = ",".join(map(str, PREFERENCES[index]))
+        continued = ["--continued"] if coordinator == "morec" and index == 0 else []
+        _cli("run", "--data", str(args.data), "--base", str(args.base), "--seed",
+             str(args.seed), "--out", str(out), "--coordinator", coordinator,
+             "--preference", preference, *continued, *args.flags)
+        print(f"ran {out}", flush=True)
+    return {"out": out, **json.loads((out / "results.json").read_text())}
+
+
+def _choose(solutions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The solution chosen on validation: valid there with the best Imp, else best Hit."""
+    def key(solution: dict[str, Any]) -> tuple[float, float]:
+        selected = solution["selected"]["morec"]
+        if selected["valid"]:
+            return 1.0, selected["imp"] if selected["imp"] is not None else 0.0
+        return 0.0, selected["hit@10"]
+    return max(solutions, key=key)
+
+
+def _row(name: str, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
+    return {"row": name, "hit": metrics["hit@10"], "rhit": metrics["rhit@10"],
+            "pop_kl": metrics["pop_kl@10"], "min_hit": metrics["min_hit@10"], **extra}
+
+
+def _bootstrap(a: Path, b: Path, resamples: int, a_name: str, b_name: str) -> dict[str, Any]:
+    result = json.loads(_cli("evaluate", "--run", str(a), "--against", str(b), "--json",
+                             "--resamples", str(resamples)))
+    low, high = result["imp_interval"]
+    return {"a": a_name, "b": b_name, "imp_pct": 100 * result["imp"],
+            "imp_ci": {"low": 100 * low, "high": 100 * high, "decimals": 2, "unit": "%"},
+            "ahead_pct": round(100 * result["imp_positive"], 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
+                        help="further morec-rec run flags, the same for every run")
+    args = parser.parse_args()
+
+    solutions = {c: [_run(args, c, i) for i in range(len(PREFERENCES))] for c in COORDINATORS}
+    first = solutions["morec"][0]
+    rows = [_row("base", first["base"]), _row("continued", first["continued"],
+                                               imp={"pct": 100 * first["continued_versus_base"]
+                                                    ["imp"]},
+                                               valid=_yes(first["continued_versus_base"]))]
+    chosen = {}
+    for coordinator, runs in solutions.items():
+        best = chosen[coordinator] = _choose(runs)
+        index = runs.index(best)
+        valid = sum(r["selected"]["morec"]["valid"] for r in runs)
+        rows.append(_row(coordinator, best["morec"], preference=str(PREFERENCES[index]),
+                         imp={"pct": 100 * best["imp"]}, valid=_yes(best),
+                         solutions_valid=f"{valid}/{len(runs)}"))
+    baselines = [c for c in COORDINATORS if c != "morec"]
+    best_baseline = max(baselines, key=lambda c: _validation_key(chosen[c]))
+    morec_run = chosen["morec"]["out"] / "morec"
+    bootstrap = [
+        _bootstrap(morec_run, first["out"] / "continued", args.resamples, "MoRec",
+                   "continued"),
+        _bootstrap(morec_run, chosen[best_baseline]["out"] / "morec", args.resamples,
+                   "MoRec", f"{best_baseline} (best baseline on validation)"),
+    ]
+    every = [_row(c, r["morec"], preference=str(PREFERENCES[i]), imp={"pct": 100 * r["imp"]},
+                  valid=_yes(r), solutions_valid="")
+             for c, runs in solutions.items() for i, r in enumerate(runs)]
+    _record(args, {
+        f"seed{args.seed}": {"title": f"Seed {args.seed}: each method's solution chosen on "
+                                      "validation", "columns": COLUMNS, "rows": rows},
+        f"seed{args.seed}_bootstrap": {"title": f"Seed {args.seed}: paired bootstrap over the "
+                                                "test users", "columns": BOOTSTRAP_COLUMNS,
+                                       "rows": bootstrap},
+        f"seed{args.seed}_solutions": {"title": f"Seed {args.seed}: every solution on test",
+                                       "columns": COLUMNS[:-1], "rows": every},
+    })
+
+
+def _validation_key(solution: dict[str, Any]) -> tuple[float, float]:
+    selected = solution["selected"]["morec"]
+    return ((1.0, selected["imp"] or 0.0) if selected["valid"] else (0.0, selected["hit@10"]))
+
+
+def _yes(result: dict[str, Any]) -> str:
+    return "yes" if result["valid"] else "no"
+
+
+def _record(args: argparse.Namespace, tables: dict[str, Any]) -> None:
+    """Adds (or replaces) ``tables`` in the experiment's results.json."""
+    path = ROOT / args.experiment / "results.json"
+    record = json.loads(path.read_text())
+    version = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=ROOT).stdout.strip()
+    for table in tables.values():
+        table["code_version"] = version
+    record["tables"].update(tables)
+    record["code_version"] = version
+    record["source"] = f"run at {version}: python experiments/{Path(__file__).name} " + " ".join(
+        sys.argv[1:])
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
