@@ -252,8 +252,8 @@ class MoRecConfig:
     """
 
     #: The objective coordinator: ``morec`` (the PI-controlled sampler), or a baseline
-    #: that trains on uniformly drawn batches with each objective's loss form (SPEC
-    #: Eq. 15–17) weighted into one loss: ``static`` (the fixed weights w), ``mgda``,
+    #: that trains on uniformly drawn batches with each objective's loss form (the
+    #: paper's Eq. 15–17) weighted into one loss: ``static`` (the fixed weights w), ``mgda``,
     #: ``pe-mtl`` or ``epo`` (from the objectives' gradients, with w / Σ w as their
     #: preference). A baseline has no controllers: ``hold`` and the gains are MoRec's only.
     coordinator: CoordinatorName = "morec"
