@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -165,8 +166,8 @@ def _record(args: argparse.Namespace, tables: dict[str, Any]) -> None:
         table["code_version"] = version
     record["tables"].update(tables)
     record["code_version"] = version
-    record["source"] = f"run at {version}: python experiments/{Path(__file__).name} " + " ".join(
-        sys.argv[1:])
+    record["source"] = (f"run at {version}: python experiments/{Path(__file__).name} "
+                        + shlex.join(sys.argv[1:]))
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
