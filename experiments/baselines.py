@@ -133,9 +133,9 @@ def main() -> None:
         _bootstrap(morec_run, chosen[best_baseline]["out"] / "morec", args.resamples,
                    "MoRec", f"{best_baseline} (best baseline on validation)"),
     ]
-    every = [_row(c, r["morec"], preference=str(PREFERENCES[i]), imp={"pct": 100 * r["imp"]},
-                  valid=_yes(r), solutions_valid="")
-             for c, runs in solutions.items() for i, r in enumerate(runs)]
+    every = rows[:2] + [_row(c, r["morec"], preference=str(PREFERENCES[i]),
+                             imp={"pct": 100 * r["imp"]}, valid=_yes(r))
+                        for c, runs in solutions.items() for i, r in enumerate(runs)]
     _record(args, {
         f"seed{args.seed}": {"title": f"Seed {args.seed}: each method's solution chosen on "
                                       "validation", "columns": COLUMNS, "rows": rows},

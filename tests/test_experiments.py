@@ -60,3 +60,16 @@ def test_tables_py_reproduces_numbers():
              "rows": [row]}
     assert tables.render_table(table).splitlines()[2] == (
         "| 1 | +0.76%\\* | **no** (96.3%) | 0.9897 vs 0.99 (\u22120.0%) |")
+
+
+def test_frontier_keeps_the_non_dominated_solutions():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from frontier import frontier
+    finally:
+        sys.path.remove(str(ROOT))
+    # Hit (y) higher is better; rHit (x) higher is better, then Pop-KL (x) lower is better.
+    points = [(1.0, 0.5), (2.0, 0.4), (1.5, 0.3), (0.5, 0.6)]
+    assert frontier(points, x_larger=True) == [(0.5, 0.6), (1.0, 0.5), (2.0, 0.4)]
+    assert frontier([(0.2, 0.5), (0.3, 0.6), (0.25, 0.4)], x_larger=False) == [
+        (0.2, 0.5), (0.3, 0.6)]

@@ -178,6 +178,25 @@ def test_baseline_coordinators_run_as_a_choice_of_the_same_job(
 
 
 @pytest.mark.slow
+def test_a_gradient_baseline_trains_sasrec_under_two_ranks(tiny: Path, tmp_path: Path) -> None:
+    # SASRec's encoder is data-parallel (DDP): the objectives' gradients with respect to its
+    # output are taken before the one backward pass that DDP reduces.
+    sasrec = ["--model", "sasrec", "--num-workers", "0", "--embedding-dim", "16"]
+    base = tmp_path / "base"
+    done = run_cli("train", "--data", str(tiny), "--out", str(base), *sasrec,
+                   "--batch-size", "128", "--max-epochs", "1")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "job"
+    run_torchrun("integration/run.py", "--data", str(tiny), "--base", str(base), "--out",
+                 str(out), *sasrec, "--sub-batch-size", "32", "--epochs", "1",
+                 "--updates-per-epoch", "2", "--coordinator", "mgda", timeout=300)
+    steps = [r for r in _log(out / "morec") if r["kind"] == "step"]
+    weights = np.array([list(r["weights"].values()) for r in steps])
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0)  # MGDA's weights are on the simplex
+    assert json.loads((out / "results.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
 def test_an_interrupted_job_resumes_as_if_uninterrupted(tiny: Path, base: Path,
                                                          tmp_path: Path) -> None:
     whole, parts = tmp_path / "whole", tmp_path / "parts"

@@ -1,0 +1,64 @@
+"""Pareto frontiers of an experiment's solutions (the paper's Fig. 3), from its results.json.
+
+    python experiments/frontier.py --experiment tafeng-mf-baselines --table seed0_solutions
+
+Two panels, every solution of every method on each: test Hit@10 against rHit@10 (both
+higher is better) and against Pop-KL@10 (lower is better), with the frontier of all
+solutions together drawn through the non-dominated ones. Writes
+``experiments/<experiment>/<table>_frontier.png``. Needs matplotlib (the ``plot`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+#: Panel: (x key, x label, whether a larger x is better).
+PANELS = (("rhit", "rHit@10 (higher is better)", True),
+          ("pop_kl", "Pop-KL@10 (lower is better)", False))
+
+
+def frontier(points: list[tuple[float, float]], x_larger: bool) -> list[tuple[float, float]]:
+    """The points no other point beats in both coordinates (y larger is better), by x."""
+    sign = 1 if x_larger else -1
+    kept = [p for p in points
+            if not any(q != p and sign * q[0] >= sign * p[0] and q[1] >= p[1] for q in points)]
+    return sorted(kept)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--table", required=True)
+    args = parser.parse_args()
+    record = json.loads((ROOT / args.experiment / "results.json").read_text())
+    rows = record["tables"][args.table]["rows"]
+    methods = list(dict.fromkeys(row["row"] for row in rows))
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(11, 4.5))
+    for ax, (key, label, larger) in zip(axes, PANELS):
+        for method in methods:
+            mine = [row for row in rows if row["row"] == method]
+            ax.scatter([r[key] for r in mine], [r["hit"] for r in mine], label=method, s=28)
+        line = frontier([(r[key], r["hit"]) for r in rows], larger)
+        ax.plot([p[0] for p in line], [p[1] for p in line], color="black", linewidth=1,
+                linestyle="--", label="frontier")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test Hit@10")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"{args.experiment}: {record['tables'][args.table]['title']}", fontsize=10)
+    figure.tight_layout()
+    out = ROOT / args.experiment / f"{args.table}_frontier.png"
+    figure.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
