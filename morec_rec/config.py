@@ -253,9 +253,10 @@ class MoRecConfig:
 
     #: The objective coordinator: ``morec`` (the PI-controlled sampler), or a baseline
     #: that trains on uniformly drawn batches with each objective's loss form (the
-    #: paper's Eq. 15–17) weighted into one loss: ``static`` (the fixed weights w), ``mgda``,
-    #: ``pe-mtl`` or ``epo`` (from the objectives' gradients, with w / Σ w as their
-    #: preference). A baseline has no controllers: ``hold`` and the gains are MoRec's only.
+    #: paper's Eq. 15–17) weighted into one loss: ``static`` (the fixed weights w),
+    #: ``mgda`` (from the objectives' gradients; no preference), ``pe-mtl`` or ``epo``
+    #: (from the gradients, with w / Σ w as their preference). A baseline has no
+    #: controllers: ``hold`` and the gains are MoRec's only.
     coordinator: CoordinatorName = "morec"
     #: p: preference over the objectives other than accuracy, in the sampler's order;
     #: entries >= 0 that sum to 1 (empty when accuracy is the only objective).
