@@ -112,17 +112,16 @@ def main() -> None:
 
     solutions = {c: [_run(args, c, i) for i in range(len(PREFERENCES))] for c in COORDINATORS}
     first = solutions["morec"][0]
-    rows = [_row("base", first["base"]), _row("continued", first["continued"],
-                                               imp={"pct": 100 * first["continued_versus_base"]
-                                                    ["imp"]},
-                                               valid=_yes(first["continued_versus_base"]))]
+    rows = [_row("base", first["base"]),
+            _row("continued", first["continued"], imp=_imp(first["continued_versus_base"]),
+                 valid=_yes(first["continued_versus_base"]))]
     chosen = {}
     for coordinator, runs in solutions.items():
         best = chosen[coordinator] = _choose(runs)
         index = runs.index(best)
         valid = sum(r["selected"]["morec"]["valid"] for r in runs)
         rows.append(_row(coordinator, best["morec"], preference=str(PREFERENCES[index]),
-                         imp={"pct": 100 * best["imp"]}, valid=_yes(best),
+                         imp=_imp(best), valid=_yes(best),
                          solutions_valid=f"{valid}/{len(runs)}"))
     baselines = [c for c in COORDINATORS if c != "morec"]
     best_baseline = max(baselines, key=lambda c: _validation_key(chosen[c]))
@@ -133,8 +132,8 @@ def main() -> None:
         _bootstrap(morec_run, chosen[best_baseline]["out"] / "morec", args.resamples,
                    "MoRec", f"{best_baseline} (best baseline on validation)"),
     ]
-    every = rows[:2] + [_row(c, r["morec"], preference=str(PREFERENCES[i]),
-                             imp={"pct": 100 * r["imp"]}, valid=_yes(r))
+    every = rows[:2] + [_row(c, r["morec"], preference=str(PREFERENCES[i]), imp=_imp(r),
+                             valid=_yes(r))
                         for c, runs in solutions.items() for i, r in enumerate(runs)]
     _record(args, {
         f"seed{args.seed}": {"title": f"Seed {args.seed}: each method's solution chosen on "
@@ -150,6 +149,12 @@ def main() -> None:
 def _validation_key(solution: dict[str, Any]) -> tuple[float, float]:
     selected = solution["selected"]["morec"]
     return ((1.0, selected["imp"] or 0.0) if selected["valid"] else (0.0, selected["hit@10"]))
+
+
+def _imp(versus: dict[str, Any]) -> dict[str, Any]:
+    """Imp over the base in percent, marked where a base metric of 0 leaves it over the
+    defined terms only."""
+    return {"pct": 100 * versus["imp"], "defined_terms_only": bool(versus["imp_undefined"])}
 
 
 def _yes(result: dict[str, Any]) -> str:
