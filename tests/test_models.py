@@ -25,7 +25,7 @@ from morec_rec.jobs import collate as batch_module
 from morec_rec.jobs.cli import synthesize
 from morec_rec.jobs.collate import Collator, TrainBatch, features_kjt
 from morec_rec.jobs.distributed import Environment
-from morec_rec.jobs.models import build_model, num_negatives, per_row_loss
+from morec_rec.jobs.models import build_model, num_negatives, per_row_loss, representation
 from morec_rec.jobs.models.mf import MatrixFactorization
 from morec_rec.jobs.models.negatives import NegativeSampler
 from morec_rec.jobs.models.sasrec import SASRec, right_aligned
@@ -237,8 +237,12 @@ def test_mf_loss_is_bpr_over_the_table_rows() -> None:
     expected = -torch.log(torch.sigmoid(positive.unsqueeze(1) - negative)).mean(1)
     torch.testing.assert_close(output.per_row_loss.double(), expected)
     torch.testing.assert_close(loss, output.per_row_loss.mean())
-    assert output._fields == ("per_row_loss",)
     assert per_row_loss(None, output) is output.per_row_loss  # MoRec's rows= of a backbone
+    # The shared representation: the looked-up user, positive and negative vectors.
+    user_vectors, positive_vectors, negative_vectors = representation(None, output)
+    torch.testing.assert_close(user_vectors.double(), users)
+    torch.testing.assert_close(positive_vectors.double(), items[positives])
+    torch.testing.assert_close(negative_vectors.double(), items[negatives.reshape(-1)])
 
 
 def rows_with_gradient(weight: torch.Tensor) -> set[int]:
@@ -351,7 +355,10 @@ def test_sasrec_loss_is_binary_cross_entropy_with_the_negatives(sasrec: SASRec) 
     expected = -torch.log(torch.sigmoid(positive)) - torch.log(1 - torch.sigmoid(negative)).mean(1)
     torch.testing.assert_close(output.per_row_loss.double(), expected)
     torch.testing.assert_close(loss, output.per_row_loss.mean())
-    assert output._fields == ("per_row_loss",)
+    sequence, positive_vectors, negative_vectors = representation(None, output)
+    torch.testing.assert_close(sequence.double(), users)
+    assert positive_vectors.shape == (len(positives), sasrec.embeddings.embedding_configs()[
+        0].embedding_dim) and negative_vectors.shape[0] == negatives.numel()
 
 
 # The factory
