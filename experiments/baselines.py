@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
+from records import metric_row, morec_rec, record_tables
+
 COORDINATORS = ("static", "mgda", "pe-mtl", "epo", "morec")
 #: p over (revenue, fairness, alignment): the default, near-uniform, each objective
 #: dominant, and a milder revenue lead. Every entry > 0 (Pareto MTL and EPO need it).
@@ -53,21 +51,13 @@ BOOTSTRAP_COLUMNS = [
 ]
 
 
-def _cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", *args],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"morec-rec {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
-
-
 def _run(args: argparse.Namespace, coordinator: str, index: int) -> dict[str, Any]:
     """The results.json of one solution, run if not there yet."""
     out = args.runs / f"s{args.seed}" / f"{coordinator}-p{index}"
     if not (out / "results.json").is_file():
         preference = ",".join(map(str, PREFERENCES[index]))
         continued = ["--continued"] if coordinator == "morec" and index == 0 else []
-        _cli("run", "--data", str(args.data), "--base", str(args.base), "--seed",
+        morec_rec("run", "--data", str(args.data), "--base", str(args.base), "--seed",
              str(args.seed), "--out", str(out), "--coordinator", coordinator,
              "--preference", preference, *continued, *args.flags)
         print(f"ran {out}", flush=True)
@@ -84,13 +74,8 @@ def _choose(solutions: list[dict[str, Any]]) -> dict[str, Any]:
     return max(solutions, key=key)
 
 
-def _row(name: str, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
-    return {"row": name, "hit": metrics["hit@10"], "rhit": metrics["rhit@10"],
-            "pop_kl": metrics["pop_kl@10"], "min_hit": metrics["min_hit@10"], **extra}
-
-
 def _bootstrap(a: Path, b: Path, resamples: int, a_name: str, b_name: str) -> dict[str, Any]:
-    result = json.loads(_cli("evaluate", "--run", str(a), "--against", str(b), "--json",
+    result = json.loads(morec_rec("evaluate", "--run", str(a), "--against", str(b), "--json",
                              "--resamples", str(resamples)))
     low, high = result["imp_interval"]
     return {"a": a_name, "b": b_name, "imp_pct": 100 * result["imp"],
@@ -112,15 +97,15 @@ def main() -> None:
 
     solutions = {c: [_run(args, c, i) for i in range(len(PREFERENCES))] for c in COORDINATORS}
     first = solutions["morec"][0]
-    rows = [_row("base", first["base"]),
-            _row("continued", first["continued"], imp=_imp(first["continued_versus_base"]),
+    rows = [metric_row("base", first["base"]),
+            metric_row("continued", first["continued"], imp=_imp(first["continued_versus_base"]),
                  valid=_yes(first["continued_versus_base"]))]
     chosen = {}
     for coordinator, runs in solutions.items():
         best = chosen[coordinator] = _choose(runs)
         index = runs.index(best)
         valid = sum(r["selected"]["morec"]["valid"] for r in runs)
-        rows.append(_row(coordinator, best["morec"], preference=str(PREFERENCES[index]),
+        rows.append(metric_row(coordinator, best["morec"], preference=str(PREFERENCES[index]),
                          imp=_imp(best), valid=_yes(best),
                          solutions_valid=f"{valid}/{len(runs)}"))
     baselines = [c for c in COORDINATORS if c != "morec"]
@@ -132,10 +117,10 @@ def main() -> None:
         _bootstrap(morec_run, chosen[best_baseline]["out"] / "morec", args.resamples,
                    "MoRec", f"{best_baseline} (best baseline on validation)"),
     ]
-    every = rows[:2] + [_row(c, r["morec"], preference=str(PREFERENCES[i]), imp=_imp(r),
+    every = rows[:2] + [metric_row(c, r["morec"], preference=str(PREFERENCES[i]), imp=_imp(r),
                              valid=_yes(r))
                         for c, runs in solutions.items() for i, r in enumerate(runs)]
-    _record(args, {
+    record_tables(args.experiment, {
         f"seed{args.seed}": {"title": f"Seed {args.seed}: each method's solution chosen on "
                                       "validation", "columns": COLUMNS, "rows": rows},
         f"seed{args.seed}_bootstrap": {"title": f"Seed {args.seed}: paired bootstrap over the "
@@ -143,7 +128,7 @@ def main() -> None:
                                        "rows": bootstrap},
         f"seed{args.seed}_solutions": {"title": f"Seed {args.seed}: every solution on test",
                                        "columns": COLUMNS[:-1], "rows": every},
-    })
+    }, Path(__file__).name)
 
 
 def _validation_key(solution: dict[str, Any]) -> tuple[float, float]:
@@ -159,21 +144,6 @@ def _imp(versus: dict[str, Any]) -> dict[str, Any]:
 
 def _yes(result: dict[str, Any]) -> str:
     return "yes" if result["valid"] else "no"
-
-
-def _record(args: argparse.Namespace, tables: dict[str, Any]) -> None:
-    """Adds (or replaces) ``tables`` in the experiment's results.json."""
-    path = ROOT / args.experiment / "results.json"
-    record = json.loads(path.read_text())
-    version = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=ROOT).stdout.strip()
-    for table in tables.values():
-        table["code_version"] = version
-    record["tables"].update(tables)
-    record["code_version"] = version
-    record["source"] = (f"run at {version}: python experiments/{Path(__file__).name} "
-                        + shlex.join(sys.argv[1:]))
-    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
+from records import metric_row, morec_rec, record_tables
+
 COLUMNS = [
     {"key": "row", "label": "row", "format": "text"},
     {"key": "flags", "label": "flags", "format": "text"},
@@ -37,31 +35,21 @@ COLUMNS = [
 ]
 
 
-def _cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", *args],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"morec-rec {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
-
-
 def _variant(args: argparse.Namespace, index: int, name: str, flags: str) -> dict[str, Any]:
     out = args.runs / str(index)
     if not (out / "results.json").is_file():
-        _cli("run", "--data", str(args.data), "--base", str(args.base), "--out", str(out),
+        morec_rec("run", "--data", str(args.data), "--base", str(args.base), "--out", str(out),
              *flags.split())
         print(f"ran {name}: {out}", flush=True)
     results = json.loads((out / "results.json").read_text())
-    paired = json.loads(_cli("evaluate", "--run", str(out / "morec"), "--against",
+    paired = json.loads(morec_rec("evaluate", "--run", str(out / "morec"), "--against",
                              str(args.base), "--json", "--resamples", str(args.resamples)))
     low, high = paired["interval"]["min_hit@10"]
-    metrics = results["morec"]
-    return {"row": name, "flags": f"`{flags}`" if flags else "(defaults)",
-            "hit": metrics["hit@10"], "rhit": metrics["rhit@10"],
-            "pop_kl": metrics["pop_kl@10"], "min_hit": metrics["min_hit@10"],
-            "min_hit_diff": paired["difference"]["min_hit@10"],
-            "min_hit_ci": {"low": low, "high": high, "decimals": 4},
-            "imp": {"pct": 100 * results["imp"]}, "valid": "yes" if results["valid"] else "no"}
+    return metric_row(name, results["morec"], flags=f"`{flags}`" if flags else "(defaults)",
+                      min_hit_diff=paired["difference"]["min_hit@10"],
+                      min_hit_ci={"low": low, "high": high, "decimals": 4},
+                      imp={"pct": 100 * results["imp"]},
+                      valid="yes" if results["valid"] else "no")
 
 
 def main() -> None:
@@ -80,19 +68,9 @@ def main() -> None:
         name, _, flags = variant.partition("=")
         rows.append(_variant(args, index, name, flags.strip()))
     base = json.loads((args.runs / "0" / "results.json").read_text())["base"]
-    rows.insert(0, {"row": "base", "flags": "", "hit": base["hit@10"], "rhit": base["rhit@10"],
-                    "pop_kl": base["pop_kl@10"], "min_hit": base["min_hit@10"]})
-    path = ROOT / args.experiment / "results.json"
-    record = json.loads(path.read_text())
-    version = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=ROOT).stdout.strip()
-    record["tables"][args.table] = {"title": args.title, "code_version": version,
-                                    "columns": COLUMNS, "rows": rows}
-    record["code_version"] = version
-    record["source"] = (f"run at {version}: python experiments/{Path(__file__).name} "
-                        + shlex.join(sys.argv[1:]))
-    path.write_text(json.dumps(record, indent=1) + "\n")
-
+    rows.insert(0, metric_row("base", base, flags=""))
+    record_tables(args.experiment, {args.table: {"title": args.title, "columns": COLUMNS,
+                                                 "rows": rows}}, Path(__file__).name)
 
 if __name__ == "__main__":
     main()

@@ -72,10 +72,11 @@ class BaselineLoss:
                              "keep them (MoRecLoader(item_ids=True))")
         loss, output = self.model(batch.batch)
         per_example, row = self.examples.losses(batch.batch, loss, output, len(batch.segment))
-        if self.items.price.device != per_example.device:
+        if self.items.price.device != per_example.device:  # once: the model's device
             self.items = self.items.to(per_example.device)
+            self._segments = self._segments.to(per_example.device)
         values = objective_losses(self.names, per_example, batch.item_id[row], self.items)
-        self.losses.add(values, self._segments.to(values.device))
+        self.losses.add(values, self._segments)
         if not (self.model.training and torch.is_grad_enabled()):
             return loss, output
         if not values.requires_grad:

@@ -1,0 +1,46 @@
+"""What the experiment drivers share: running ``morec-rec``, and writing tables into a record.
+
+A record is ``experiments/<name>/results.json`` (see ``tables.py`` for its tables).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+
+
+def morec_rec(*args: str) -> str:
+    """``morec-rec ARGS``' standard output; exits naming the command if it fails."""
+    done = subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", *args],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"morec-rec {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def metric_row(name: str, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """A table row of the four test metrics (``hit``, ``rhit``, ``pop_kl``, ``min_hit``)."""
+    return {"row": name, "hit": metrics["hit@10"], "rhit": metrics["rhit@10"],
+            "pop_kl": metrics["pop_kl@10"], "min_hit": metrics["min_hit@10"], **extra}
+
+
+def record_tables(experiment: str, tables: dict[str, Any], script: str) -> None:
+    """Adds (or replaces) ``tables`` in the record, stamped with the commit they ran at and
+    the command line of ``script`` (the driver's file name)."""
+    path = ROOT / experiment / "results.json"
+    record = json.loads(path.read_text())
+    version = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=ROOT).stdout.strip()
+    for table in tables.values():
+        table["code_version"] = version
+    record["tables"].update(tables)
+    record["code_version"] = version
+    record["source"] = f"run at {version}: python experiments/{script} " + shlex.join(
+        sys.argv[1:])
+    path.write_text(json.dumps(record, indent=1) + "\n")
