@@ -5,8 +5,9 @@
 
 For one base (one seed), every coordinator (``static``, ``mgda``, ``pe-mtl``, ``epo``,
 ``morec``) continues the base once per preference of :data:`PREFERENCES` (its solutions),
-with ``morec-rec run``; the first MoRec run also trains plain continued training
-(``--continued``). Runs already finished under ``--runs`` are read, not rerun. A method's
+with ``morec-rec run``; a coordinator that takes no preference (MGDA) gets as many
+solutions from as many seeds of the continuation instead. The first MoRec run also trains
+plain continued training (``--continued``). Runs already finished under ``--runs`` are read, not rerun. A method's
 reported solution is chosen on validation only: among the solutions whose selected pass
 is valid on validation, the one with the highest validation Imp (else the highest
 validation Hit). Its test metrics, test Imp over the base and test validity go into
@@ -26,6 +27,10 @@ from typing import Any
 from records import metric_row, morec_rec, record_tables
 
 COORDINATORS = ("static", "mgda", "pe-mtl", "epo", "morec")
+#: Coordinators that take no preference: their solutions differ by the run's seed instead
+#: (solution ``i`` of base seed ``s`` runs with seed ``s + SEED_STRIDE * i``).
+PREFERENCE_FREE = ("mgda",)
+SEED_STRIDE = 100
 #: p over (revenue, fairness, alignment): the default, near-uniform, each objective
 #: dominant, and a milder revenue lead. Every entry > 0 (Pareto MTL and EPO need it).
 PREFERENCES = ((0.4, 0.3, 0.3), (0.34, 0.33, 0.33), (0.8, 0.1, 0.1), (0.1, 0.8, 0.1),
@@ -33,7 +38,7 @@ PREFERENCES = ((0.4, 0.3, 0.3), (0.34, 0.33, 0.33), (0.8, 0.1, 0.1), (0.1, 0.8, 
 METRICS = ("hit@10", "rhit@10", "pop_kl@10", "min_hit@10")
 COLUMNS = [
     {"key": "row", "label": "row", "format": "text"},
-    {"key": "preference", "label": "p (rev, fair, align)", "format": "text"},
+    {"key": "preference", "label": "p (rev, fair, align) or seed", "format": "text"},
     {"key": "hit", "label": "test Hit@10", "format": "f4"},
     {"key": "rhit", "label": "rHit@10", "format": "f3"},
     {"key": "pop_kl", "label": "Pop-KL@10", "format": "f4"},
@@ -55,13 +60,27 @@ def _run(args: argparse.Namespace, coordinator: str, index: int) -> dict[str, An
     """The results.json of one solution, run if not there yet."""
     out = args.runs / f"s{args.seed}" / f"{coordinator}-p{index}"
     if not (out / "results.json").is_file():
-        preference = ",".join(map(str, PREFERENCES[index]))
+        if coordinator in PREFERENCE_FREE:
+            choice = ["--seed", str(_seed(args.seed, index))]
+        else:
+            choice = ["--seed", str(args.seed),
+                      "--preference", ",".join(map(str, PREFERENCES[index]))]
         continued = ["--continued"] if coordinator == "morec" and index == 0 else []
-        morec_rec("run", "--data", str(args.data), "--base", str(args.base), "--seed",
-             str(args.seed), "--out", str(out), "--coordinator", coordinator,
-             "--preference", preference, *continued, *args.flags)
+        morec_rec("run", "--data", str(args.data), "--base", str(args.base), "--out", str(out),
+                  "--coordinator", coordinator, *choice, *continued, *args.flags)
         print(f"ran {out}", flush=True)
     return {"out": out, **json.loads((out / "results.json").read_text())}
+
+
+def _seed(seed: int, index: int) -> int:
+    return seed + SEED_STRIDE * index
+
+
+def _solution(coordinator: str, seed: int, index: int) -> str:
+    """What solution ``index`` of ``coordinator`` varies: its preference, or its seed."""
+    if coordinator in PREFERENCE_FREE:
+        return f"seed {_seed(seed, index)}"
+    return str(PREFERENCES[index])
 
 
 def _choose(solutions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -105,7 +124,8 @@ def main() -> None:
         best = chosen[coordinator] = _choose(runs)
         index = runs.index(best)
         valid = sum(r["selected"]["morec"]["valid"] for r in runs)
-        rows.append(metric_row(coordinator, best["morec"], preference=str(PREFERENCES[index]),
+        rows.append(metric_row(coordinator, best["morec"],
+                               preference=_solution(coordinator, args.seed, index),
                          imp=_imp(best), valid=_yes(best),
                          solutions_valid=f"{valid}/{len(runs)}"))
     baselines = [c for c in COORDINATORS if c != "morec"]
@@ -117,8 +137,8 @@ def main() -> None:
         _bootstrap(morec_run, chosen[best_baseline]["out"] / "morec", args.resamples,
                    "MoRec", f"{best_baseline} (best baseline on validation)"),
     ]
-    every = rows[:2] + [metric_row(c, r["morec"], preference=str(PREFERENCES[i]), imp=_imp(r),
-                             valid=_yes(r))
+    every = rows[:2] + [metric_row(c, r["morec"], preference=_solution(c, args.seed, i),
+                                   imp=_imp(r), valid=_yes(r))
                         for c, runs in solutions.items() for i, r in enumerate(runs)]
     record_tables(args.experiment, {
         f"seed{args.seed}": {"title": f"Seed {args.seed}: each method's solution chosen on "
