@@ -8,8 +8,11 @@ Each ``--variant NAME=FLAGS`` is one ``morec-rec run --data D --base B --out RUN
 FLAGS`` (runs already finished are read, not rerun). Its test metrics, Imp over the base,
 validity and, by a paired bootstrap over the test users against the base (``morec-rec
 evaluate --against``), the change of min-Hit@10 with its 95% interval, go into table
-``--table`` of ``experiments/<experiment>/results.json`` (replaced if there).
-``python experiments/tables.py`` then renders it into the experiment's README.
+``--table`` of ``experiments/<experiment>/results.json`` (replaced if there), with the
+share of resamples in which min-Hit@10 is above the base's. With ``--trajectory`` the
+validation metrics of every pass of every run go into table ``<table>_trajectory`` too
+(``experiments/trajectory.py`` plots them). ``python experiments/tables.py`` then renders
+the tables into the experiment's README.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ COLUMNS = [
     {"key": "min_hit", "label": "min-Hit@10", "format": "f4"},
     {"key": "min_hit_diff", "label": "min-Hit − base's", "format": "sf4"},
     {"key": "min_hit_ci", "label": "95% interval", "format": "ci"},
+    {"key": "min_hit_above", "label": "min-Hit above base's in resamples", "format": "gpct"},
     {"key": "imp", "label": "Imp vs base", "format": "imp2"},
     {"key": "valid", "label": "valid", "format": "text"},
 ]
@@ -48,8 +52,26 @@ def _variant(args: argparse.Namespace, index: int, name: str, flags: str) -> dic
     return metric_row(name, results["morec"], flags=f"`{flags}`" if flags else "(defaults)",
                       min_hit_diff=paired["difference"]["min_hit@10"],
                       min_hit_ci={"low": low, "high": high, "decimals": 4},
+                      min_hit_above=round(100 * paired["above"]["min_hit@10"], 1),
                       imp={"pct": 100 * results["imp"]},
                       valid="yes" if results["valid"] else "no")
+
+
+TRAJECTORY_COLUMNS = [
+    {"key": "row", "label": "row", "format": "text"},
+    {"key": "step", "label": "step", "format": "text"},
+    {"key": "hit", "label": "valid Hit@10", "format": "f4"},
+    {"key": "rhit", "label": "rHit@10", "format": "f3"},
+    {"key": "pop_kl", "label": "Pop-KL@10", "format": "f4"},
+    {"key": "min_hit", "label": "min-Hit@10", "format": "f4"},
+]
+
+
+def _trajectory(out: Path, name: str) -> list[dict[str, Any]]:
+    """The validation metrics of each pass of the MoRec run under ``out``, in step order."""
+    records = (json.loads(line) for line in (out / "morec" / "log.jsonl").open())
+    return [metric_row(name, record, step=record["step"]) for record in records
+            if record["kind"] == "eval" and record["split"] == "valid"]
 
 
 def main() -> None:
@@ -62,15 +84,24 @@ def main() -> None:
     parser.add_argument("--title", default="Each setting's MoRec run on test, from one base")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=FLAGS")
+    parser.add_argument("--trajectory", action="store_true",
+                        help="also record every validation pass of every run")
     args = parser.parse_args()
-    rows = []
+    rows, trajectory = [], []
     for index, variant in enumerate(args.variant):
         name, _, flags = variant.partition("=")
         rows.append(_variant(args, index, name, flags.strip()))
+        if args.trajectory:
+            trajectory += _trajectory(args.runs / str(index), name)
     base = json.loads((args.runs / "0" / "results.json").read_text())["base"]
     rows.insert(0, metric_row("base", base, flags=""))
-    record_tables(args.experiment, {args.table: {"title": args.title, "columns": COLUMNS,
-                                                 "rows": rows}}, Path(__file__).name)
+    tables = {args.table: {"title": args.title, "columns": COLUMNS, "rows": rows}}
+    if args.trajectory:
+        tables[f"{args.table}_trajectory"] = {
+            "title": "Validation metrics at each pass of each run", "columns": TRAJECTORY_COLUMNS,
+            "rows": trajectory}
+    record_tables(args.experiment, tables, Path(__file__).name)
+
 
 if __name__ == "__main__":
     main()

@@ -45,6 +45,7 @@ def test_a_model_against_itself_differs_by_nothing() -> None:
     result = paired_bootstrap(rows, rows.copy(), Q, k=2, num_fairness_groups=2, resamples=200)
     assert all(d == 0 for d in result.difference.values())
     assert all(interval == (0.0, 0.0) for interval in result.interval.values())
+    assert all(share == 0 for share in result.above.values())
     assert result.imp == 0 and result.imp_positive == 0 and result.imp_interval == (0.0, 0.0)
 
 
@@ -60,6 +61,7 @@ def test_a_model_that_hits_more_users_leads_in_every_resample() -> None:
     assert result.difference["hit@2"] == pytest.approx(extra.mean())
     assert result.interval["hit@2"][0] > 0 and result.interval["rhit@2"][0] > 0
     assert result.interval["pop_kl@2"] == (0.0, 0.0)
+    assert result.above["hit@2"] == 1.0 and result.above["pop_kl@2"] == 0.0
     assert result.imp > 0 and result.imp_positive == 1.0
 
 
@@ -74,6 +76,7 @@ def test_one_user_more_is_within_noise() -> None:
     # of them (binomial sd 1.5 points over 1,000 resamples; bound at 4 sd). In the other
     # 36.8% the two are equal, so the interval's lower end is 0.
     assert result.imp_positive == pytest.approx(1 - (1 - 1 / 2000) ** 2000, abs=0.06)
+    assert result.above["hit@2"] == result.imp_positive  # Hit is the only term that moves
     assert result.interval["hit@2"][0] == 0.0 and result.interval["hit@2"][1] > 0
 
 

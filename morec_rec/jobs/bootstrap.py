@@ -28,6 +28,8 @@ class PairedBootstrap:
         difference: A − B per metric, on the users as evaluated.
         interval: per metric, the (low, high) percentile interval of A − B over the
             resamples at ``level``.
+        above: per metric, the share of resamples in which A's value exceeds B's (for
+            Pop-KL, lower is better: A ahead is ``1 - above`` less the ties).
         imp: Imp of A over B (B as the base; over the defined terms; None if none is).
         imp_interval: the percentile interval of that Imp over the resamples.
         imp_positive: the share of resamples in which A's Imp over B is > 0. A term
@@ -40,6 +42,7 @@ class PairedBootstrap:
     b: dict[str, float]
     difference: dict[str, float]
     interval: dict[str, tuple[float, float]]
+    above: dict[str, float]
     imp: float | None
     imp_interval: tuple[float, float]
     imp_positive: float
@@ -82,11 +85,13 @@ def paired_bootstrap(rows_a: np.ndarray, rows_b: np.ndarray, q: np.ndarray, *, k
             imp = improvement(resampled_b, resampled_a).imp_defined
             imps.append(np.nan if imp is None else imp)
     tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
-    bounds = np.percentile(np.array(differences), tails, axis=0)
+    differences = np.array(differences)
+    bounds = np.percentile(differences, tails, axis=0)
     keys = list(a)
     return PairedBootstrap(
         a=a, b=b, difference={m: a[m] - b[m] for m in keys},
         interval={m: (float(bounds[0, i]), float(bounds[1, i])) for i, m in enumerate(keys)},
+        above={m: float(np.mean(differences[:, i] > 0)) for i, m in enumerate(keys)},
         imp=improvement(b, a).imp_defined,
         imp_interval=tuple(float(x) for x in np.nanpercentile(imps, tails)),
         imp_positive=float(np.nanmean(np.array(imps) > 0)),

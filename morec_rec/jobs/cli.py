@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.set_defaults(command=_prepare)
 
     synth = commands.add_parser("synth", help="generate a synthetic dataset, prepared")
-    synth.add_argument("--profile", required=True, help="tiny, demo or xbox")
+    synth.add_argument("--profile", required=True, help="tiny, demo, skewed or xbox")
     _add_common(synth, "a [prepare] table")
     synth.set_defaults(command=_synth)
 
@@ -299,11 +299,12 @@ def format_comparison(a: str, b: str, split: str, users: int, result: PairedBoot
     percent = round(100 * result.level)
     lines = [f"{a} against {b} on {split} ({users:,} users; {result.resamples:,} paired "
              f"resamples of the users, {percent}% intervals)",
-             f"  {'metric':<12}{'A':>10}{'B':>10}{'A - B':>10}   interval"]
+             f"  {'metric':<12}{'A':>10}{'B':>10}{'A - B':>10}   {'interval':<20}  A > B in"]
     for key, difference in result.difference.items():
         low, high = result.interval[key]
         lines.append(f"  {key:<12}{result.a[key]:>10.4f}{result.b[key]:>10.4f}"
-                     f"{difference:>+10.4f}   [{low:+.4f}, {high:+.4f}]")
+                     f"{difference:>+10.4f}   {f'[{low:+.4f}, {high:+.4f}]':<20}"
+                     f"  {100 * result.above[key]:5.1f}%")
     imp = "undefined" if result.imp is None else f"{100 * result.imp:+.2f}%"
     low, high = result.imp_interval
     lines.append(f"  Imp of A over B {imp} [{100 * low:+.2f}%, {100 * high:+.2f}%]; "
