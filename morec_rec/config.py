@@ -36,7 +36,7 @@ Model = Literal["mf", "sasrec"]
 #: FBGEMM optimizer names (``EmbOptimType`` values).
 TableOptimizer = Literal["adam", "exact_sgd", "exact_adagrad", "exact_row_wise_adagrad"]
 Control = Literal["training", "validation"]
-Coefficients = Literal["sampling", "loss"]
+Coefficients = Literal["sampling", "loss", "loss_forms"]
 CoordinatorName = Literal["morec", "static", "mgda", "pe-mtl", "epo"]
 
 
@@ -276,7 +276,10 @@ class MoRecConfig:
     #: expected gradient up to scale; under Adam only the shares have authority over rows
     #: that the other objectives alone touch. ``sampling`` needs ``validation`` control:
     #: the loaders draw batches ahead, so the shares follow the controllers at validation
-    #: passes, not at every step.
+    #: passes, not at every step. ``loss_forms`` is MoRec without its data sampler (the
+    #: paper's ablation): uniformly drawn batches, and q weighs each objective's loss form
+    #: on the whole batch (as the baselines do) instead of the mean over its sub-batch;
+    #: the controllers are MoRec's, under ``validation`` control.
     coefficients: Coefficients = "sampling"
     #: Objectives held by a PI controller: objective name -> its target, ``relative`` to
     #: the controlled quantity's value at the base model (under ``training`` control the

@@ -13,7 +13,7 @@ from torch import nn
 from morec_rec.errors import MorecError
 from morec_rec.plugin.baseline import BaselineLoss
 from morec_rec.plugin.control.objective_losses import ItemSideInformation
-from morec_rec.plugin.control.rules import EPO, MGDA, ParetoMTL, Static
+from morec_rec.plugin.control.rules import EPO, MGDA, Coefficients, ParetoMTL, Static
 from morec_rec.plugin.hook import Examples, ObjectiveLosses
 from morec_rec.plugin.segments import SegmentedBatch
 
@@ -42,16 +42,20 @@ GRADIENTS = np.array([[0.5, 1.0], [1.0, 0.0]])
 GRAM = GRADIENTS @ GRADIENTS.T  # [[1.25, 0.5], [0.5, 1]]
 
 
-def _step(rule: Any) -> tuple[torch.Tensor, BaselineLoss]:
-    model = Linear()
-    hook = BaselineLoss(model, rule, NAMES, Examples(rows=lambda batch, output: output[0]),
+def _hook(rule: Any) -> BaselineLoss:
+    return BaselineLoss(Linear(), rule, NAMES, Examples(rows=lambda batch, output: output[0]),
                         ITEMS, ObjectiveLosses(len(NAMES)),
                         representation=lambda batch, output: output[1])
+
+
+def _step(rule: Any, hook: BaselineLoss | None = None) -> tuple[torch.Tensor, BaselineLoss]:
+    hook = hook or _hook(rule)
+    hook.model.zero_grad()
     rows = torch.tensor([0, 1])
     loss, _ = hook(SegmentedBatch(rows, torch.zeros(2, dtype=torch.long), 0, item_id=rows))
     loss.backward()
-    assert model.theta.grad is not None
-    return model.theta.grad, hook
+    assert hook.model.theta.grad is not None
+    return hook.model.theta.grad, hook
 
 
 def test_mgda_gradient_is_the_min_norm_combination_computed_by_hand() -> None:
@@ -79,6 +83,20 @@ def test_static_weighs_the_losses_without_their_gradients() -> None:
     grad, hook = _step(Static(np.array([3.0, 1.0])))
     np.testing.assert_allclose(hook.weights, [0.75, 0.25])
     torch.testing.assert_close(grad, torch.from_numpy(np.array([0.75, 0.25]) @ GRADIENTS).float())
+
+
+def test_morec_without_its_sampler_weighs_the_losses_by_the_current_coefficients() -> None:
+    # q as MoRec's coordinator holds it (β for accuracy, λ·p for revenue), not normalised,
+    # read at every step: a validation pass that moves β changes the next step's weights.
+    q = np.array([0.5, 1.0])
+    rule = Coefficients(lambda: q)
+    grad, hook = _step(rule)
+    np.testing.assert_allclose(hook.weights, [0.5, 1.0])
+    torch.testing.assert_close(grad, torch.from_numpy(q @ GRADIENTS).float())
+    q = np.array([2.0, 1.0])
+    grad, _ = _step(rule, hook)
+    np.testing.assert_allclose(hook.weights, [2.0, 1.0])
+    torch.testing.assert_close(grad, torch.from_numpy(q @ GRADIENTS).float())
 
 
 def test_a_gradient_rule_without_a_representation_is_refused() -> None:

@@ -178,6 +178,27 @@ def test_baseline_coordinators_run_as_a_choice_of_the_same_job(
 
 
 @pytest.mark.slow
+def test_morec_without_its_data_sampler_weighs_the_loss_forms_by_its_controllers(
+        tiny: Path, base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    done = run_cli("run", "--data", str(tiny), "--base", str(base), "--out", str(out), *MOREC,
+                   "--coefficients", "loss_forms")
+    assert done.returncode == 0, done.stderr
+    log = _log(out / "morec")
+    steps = [r for r in log if r["kind"] == "step"]
+    # The weights are q: accuracy's β, moved by its controller at validation passes, and
+    # λ·p for the others; no masses to publish (the batches are uniform).
+    betas = {r["coefficient"]["accuracy"] for r in steps}
+    assert len(betas) > 1
+    for record in steps:
+        weights = record["weights"]
+        assert 0.1 <= weights["accuracy"] <= 10
+        assert [weights[k] for k in ("revenue", "fairness", "alignment")] == \
+            pytest.approx([0.4, 0.3, 0.3])
+    assert [r["masses"] for r in log if r["kind"] == "update"] == [{}]
+
+
+@pytest.mark.slow
 def test_a_gradient_baseline_trains_sasrec_under_two_ranks(tiny: Path, tmp_path: Path) -> None:
     # SASRec's encoder is data-parallel (DDP): the objectives' gradients with respect to its
     # output are taken before the one backward pass that DDP reduces.

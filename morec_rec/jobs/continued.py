@@ -199,7 +199,7 @@ class _ContinuedTraining:
                            for k in coefficients},
             "at_bound": {k: float(np.mean([b[k] for b in self.at_bound])) for k in coefficients}}
         weights = self.morec.weights
-        if weights is not None:  # a baseline coordinator's, at the last step
+        if weights is not None:  # the loss forms' weights at the last step
             record["weights"] = dict(zip(self.morec.names, weights.tolist()))
         self.at_bound, self.controlled = [], []
         return record

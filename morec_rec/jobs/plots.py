@@ -80,13 +80,13 @@ def plot_masses(records: Sequence[Record], path: Path) -> Path | None:
 
     Masses hold from their update's step until the next update of that objective; the last
     ones extend to the final step of any record. Returns ``path``, or None (writing nothing)
-    when there is no update record.
+    when no update record holds masses.
     """
     updates = _series(records, "update")
-    if not updates:
+    names = list(dict.fromkeys(name for r in updates for name in r["masses"]))
+    if not names:
         return None
     final = max(r["step"] for r in records if isinstance(r.get("step"), int))
-    names = list(dict.fromkeys(name for r in updates for name in r["masses"]))
     # The batch shares are masses over the objectives, named in the step records' losses.
     objectives = next((list(r["objective_loss"]) for r in _series(records, "step")), None)
     fig = Figure(figsize=(6.4, 2.8 * len(names)), layout="constrained")

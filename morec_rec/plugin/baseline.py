@@ -1,5 +1,5 @@
 """A multi-objective baseline's loss hook: the objectives' losses of one batch, weighted
-by a rule (static, MGDA, Pareto MTL, EPO) into one loss.
+by a rule (static, MGDA, Pareto MTL, EPO, or MoRec's own coefficients) into one loss.
 
 The loader draws every row uniformly (accuracy's distribution); the hook computes each
 objective's loss on the batch (:mod:`~morec_rec.plugin.control.objective_losses`) from
@@ -87,7 +87,7 @@ class BaselineLoss:
         if self.rule.needs_gradients:
             self.weights = self._weights(values.detach(), self._gram(values, batch.batch,
                                                                      output))
-        elif self.weights is None:  # a rule without gradients is constant
+        else:
             self.weights = np.asarray(self.rule.weights(None, None), dtype=np.float64)
         return (torch.from_numpy(self.weights).to(values) * values).sum(), output
 

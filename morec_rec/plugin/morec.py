@@ -18,6 +18,8 @@ validation loss (the objectives' signal), the controllers step, and the new mass
 published to apply from the first batch no loader worker has drawn. With a baseline
 coordinator (``MoRecConfig.coordinator``) the same object draws plain batches and its hook
 is a :class:`~morec_rec.plugin.baseline.BaselineLoss`; validation rounds then only measure.
+With ``loss_forms`` coefficients (MoRec without its data sampler) it draws plain batches
+too, and the same hook weighs the loss forms by MoRec's controlled coefficients.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from morec_rec.plugin.baseline import BaselineLoss, Representation
 from morec_rec.plugin.control.coordinator import Coordinator, needs_base_losses
 from morec_rec.plugin.control.measures import relative_measures
 from morec_rec.plugin.control.objective_losses import ItemSideInformation, check_loss_objectives
-from morec_rec.plugin.control.rules import Rule, build_rule
+from morec_rec.plugin.control.rules import Coefficients, Rule, build_rule
 from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.eval.ranking import K, Scorer, evaluate, load_task
 from morec_rec.plugin.hook import Examples, MoRecLoss, ObjectiveLosses, Rows
@@ -68,10 +70,11 @@ def check_settings(dataset: PreparedDataset, sampler_config: SamplerConfig,
     their targets)."""
     built = _objectives(dataset, sampler_config, objectives)
     names = [o.name for o in built]
+    if _loss_forms(config):
+        check_loss_objectives(names)
     if config.coordinator == "morec":
         Coordinator.from_config(config, names, dict.fromkeys(names, 1.0))  # raises if inconsistent
     else:
-        check_loss_objectives(names)
         coordinator = Coordinator.from_config(_without_controllers(config), names, None)
         build_rule(config.coordinator, coordinator.weights)
     return built
@@ -134,11 +137,13 @@ class MoRec:
         self.names = [o.name for o in self.objectives]
         self.rule: Rule | None = None
         self._items: ItemSideInformation | None = None
-        if config.coordinator != "morec":
-            # A baseline draws MoRec's batch size from accuracy's uniform distribution and
-            # weighs the objectives' loss forms; it has no controllers.
+        if _loss_forms(config):
+            # A baseline, and MoRec without its data sampler, draw MoRec's batch size from
+            # accuracy's uniform distribution and weigh the objectives' loss forms; a
+            # baseline has no controllers.
             check_loss_objectives(self.names)
-            config = _without_controllers(config)
+            if config.coordinator != "morec":
+                config = _without_controllers(config)
             sampler = dataclasses.replace(
                 sampler, sub_batch_size=sampler.sub_batch_size * len(self.names))
             self.objectives = _objectives(self.dataset, sampler, ["accuracy"])
@@ -162,9 +167,11 @@ class MoRec:
             check_settings(self.dataset, sampler, config, self.objectives)
         else:
             self.coordinator = Coordinator.from_config(config, self.names, None)
-        if config.coordinator != "morec":
-            assert self.coordinator is not None
-            self.rule = build_rule(config.coordinator, self.coordinator.weights)
+        if _loss_forms(config):
+            coordinator = self.coordinator
+            assert coordinator is not None  # no calibration: validation control
+            self.rule = (Coefficients(lambda: coordinator.q) if config.coordinator == "morec"
+                         else build_rule(config.coordinator, coordinator.weights))
             self._items = ItemSideInformation.from_dataset(self.dataset).to(self.device)
         self._initial = {o.name: o.initial_masses() for o in self.objectives}
         self._initial[BATCH] = (_shares(self.coordinator) if self._sampling
@@ -195,8 +202,9 @@ class MoRec:
 
     @property
     def weights(self) -> np.ndarray | None:
-        """A baseline coordinator's weights α at the last training step (None for MoRec's
-        coordinator, and before the first step)."""
+        """The weights α of the objectives' loss forms at the last training step (a
+        baseline's, or q under ``loss_forms`` coefficients; None otherwise, and before
+        the first step)."""
         hook = self._hook
         return None if not isinstance(hook, BaselineLoss) or hook.weights is None \
             else hook.weights.copy()
@@ -428,6 +436,12 @@ def _objectives(dataset: PreparedDataset, config: SamplerConfig,
             raise MorecError(f"objective {objective.name!r} reads {', '.join(nested)}, a list "
                              "column: objectives read one value per row")
     return objectives
+
+
+def _loss_forms(config: MoRecConfig) -> bool:
+    """Whether batches are drawn uniformly and the hook weighs the objectives' loss forms:
+    a baseline coordinator, or MoRec without its data sampler."""
+    return config.coordinator != "morec" or config.coefficients == "loss_forms"
 
 
 def _without_controllers(config: MoRecConfig) -> MoRecConfig:

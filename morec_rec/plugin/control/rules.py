@@ -7,6 +7,8 @@ therefore one backward pass of the combined loss, whatever the rule: no paramete
 fused embedding table, is updated twice.
 
 - :class:`Static`: fixed weights (linear scalarisation), no gradients needed.
+- :class:`Coefficients`: MoRec's own PI-controlled coefficients (its ablation without the
+  data sampler), no gradients needed.
 - :class:`MGDA`: the min-norm point of the gradients' convex hull (Sener and Koltun, 2018),
   by Frank–Wolfe with away steps (:func:`min_norm`).
 - :class:`ParetoMTL`: MGDA with the constraints that keep the solution in its preference
@@ -20,7 +22,7 @@ Every rule is deterministic in ``(L, G)``: ranks that feed it all-reduced values
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -34,8 +36,8 @@ BASELINES = ("static", "mgda", "pe-mtl", "epo")
 class Rule(Protocol):
     """Weights ``α`` (n,) of the combined loss from the losses and their Gram matrix."""
 
-    #: Whether :meth:`weights` reads the losses and the Gram matrix; a rule that does not
-    #: is constant, and both may be passed as None.
+    #: Whether :meth:`weights` reads the losses and the Gram matrix; where it does not,
+    #: both may be passed as None.
     needs_gradients: bool
 
     def weights(self, losses: np.ndarray | None, gram: np.ndarray | None) -> np.ndarray: ...
@@ -108,6 +110,25 @@ class Static:
 
     def weights(self, losses: np.ndarray | None, gram: np.ndarray | None) -> np.ndarray:
         return self.preference.copy()
+
+
+class Coefficients:
+    """MoRec's own coefficients q, read when each step asks (its controllers move them at
+    validation passes): MoRec with the objectives' loss forms in place of its data
+    sampler.
+
+    Args:
+        q: returns float (n,), the coordinator's current coefficients (not normalised,
+            as under ``loss`` coefficients).
+    """
+
+    needs_gradients = False
+
+    def __init__(self, q: Callable[[], np.ndarray]) -> None:
+        self._q = q
+
+    def weights(self, losses: np.ndarray | None, gram: np.ndarray | None) -> np.ndarray:
+        return np.asarray(self._q(), dtype=np.float64).copy()
 
 
 class MGDA:
