@@ -7,14 +7,15 @@ For one base (one seed), every coordinator (``static``, ``mgda``, ``pe-mtl``, ``
 ``morec``) continues the base once per preference of :data:`PREFERENCES` (its solutions),
 with ``morec-rec run``; a coordinator that takes no preference (MGDA) gets as many
 solutions from as many seeds of the continuation instead. The first MoRec run also trains
-plain continued training (``--continued``). Runs already finished under ``--runs`` are read, not rerun. A method's
-reported solution is chosen on validation only: among the solutions whose selected pass
-is valid on validation, the one with the highest validation Imp (else the highest
-validation Hit). Its test metrics, test Imp over the base and test validity go into
-``experiments/<experiment>/results.json`` (one table per seed, rows added or replaced),
-with paired bootstraps over the test users (``morec-rec evaluate --against``) of MoRec's
-solution against continued training and against the baseline chosen best on validation.
-``python experiments/tables.py`` then renders the tables into the experiment's README.
+plain continued training (``--continued``). Runs already finished under ``--runs`` are
+read, not rerun. A method's reported solution is chosen on validation only: among the
+solutions whose selected pass is valid on validation, the one with the highest validation
+Imp (else the highest validation Hit). Its test metrics, test Imp over the base and test
+validity go into ``experiments/<experiment>/results.json`` (one table per seed, rows
+added or replaced), with paired bootstraps over the test users (``morec-rec evaluate
+--against``) of MoRec's solution against continued training and against the baseline
+chosen best on validation. ``python experiments/tables.py`` then renders the tables into
+the experiment's README.
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ def _variant(args: argparse.Namespace, index: int, name: str, flags: str) -> dic
                       min_hit_diff=paired["difference"]["min_hit@10"],
                       min_hit_ci={"low": low, "high": high, "decimals": 4},
                       min_hit_above=round(100 * paired["above"]["min_hit@10"], 1),
-                      imp={"pct": 100 * results["imp"]},
+                      imp={"pct": 100 * results["imp"],
+                           "defined_terms_only": bool(results["imp_undefined"])},
                       valid="yes" if results["valid"] else "no")
 
 
