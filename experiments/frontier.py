@@ -1,10 +1,11 @@
 """Pareto frontiers of an experiment's solutions (the paper's Fig. 3), from its results.json.
 
-    python experiments/frontier.py --experiment tafeng-mf-baselines --table seed0_solutions
+    python experiments/frontier.py --experiment tafeng-mf-baselines --table seed0_solutions \
+        [--x rhit pop_kl]
 
-Two panels, every solution of every method on each: test Hit@10 against rHit@10 (both
-higher is better) and against Pop-KL@10 (lower is better), with the frontier of all
-solutions together drawn through the non-dominated ones. Writes
+One panel per ``--x`` metric, every solution of every method on each: test Hit@10 against
+rHit@10 (both higher is better), Pop-KL@10 (lower is better) or min-Hit@10, with the
+frontier of all solutions together drawn through the non-dominated ones. Writes
 ``experiments/<experiment>/<table>_frontier.png``. Needs matplotlib (the ``plot`` extra).
 """
 
@@ -20,9 +21,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-#: Panel: (x key, x label, whether a larger x is better).
-PANELS = (("rhit", "rHit@10 (higher is better)", True),
-          ("pop_kl", "Pop-KL@10 (lower is better)", False))
+#: Panel by x key: (x label, whether a larger x is better).
+PANELS = {"rhit": ("rHit@10 (higher is better)", True),
+          "pop_kl": ("Pop-KL@10 (lower is better)", False),
+          "min_hit": ("min-Hit@10 (higher is better)", True)}
 
 
 def frontier(points: list[tuple[float, float]], x_larger: bool) -> list[tuple[float, float]]:
@@ -37,12 +39,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--table", required=True)
+    parser.add_argument("--x", nargs="+", choices=list(PANELS), default=["rhit", "pop_kl"])
     args = parser.parse_args()
     record = json.loads((ROOT / args.experiment / "results.json").read_text())
     rows = record["tables"][args.table]["rows"]
     methods = list(dict.fromkeys(row["row"] for row in rows))
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(11, 4.5))
-    for ax, (key, label, larger) in zip(axes, PANELS):
+    figure, axes = plt.subplots(1, len(args.x), figsize=(5.5 * len(args.x), 4.5),
+                                squeeze=False)
+    for ax, key in zip(axes[0], args.x):
+        label, larger = PANELS[key]
         for method in methods:
             mine = [row for row in rows if row["row"] == method]
             ax.scatter([r[key] for r in mine], [r["hit"] for r in mine], label=method, s=28)
@@ -52,7 +57,7 @@ def main() -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("test Hit@10")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=8)
     figure.suptitle(f"{args.experiment}: {record['tables'][args.table]['title']}", fontsize=10)
     figure.tight_layout()
     out = ROOT / args.experiment / f"{args.table}_frontier.png"

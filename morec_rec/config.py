@@ -256,7 +256,9 @@ class MoRecConfig:
     #: paper's Eq. 15–17) weighted into one loss: ``static`` (the fixed weights w),
     #: ``mgda`` (from the objectives' gradients; no preference), ``pe-mtl`` or ``epo``
     #: (from the gradients, with w / Σ w as their preference). A baseline has no
-    #: controllers: ``hold`` and the gains are MoRec's only.
+    #: controllers: ``hold`` and the gains are MoRec's only. Under ``loss`` coefficients a
+    #: baseline keeps MoRec's sampler instead and weighs its equal sub-batches' mean
+    #: losses: MoRec with the baseline as its coordinator (the paper's ablation).
     coordinator: CoordinatorName = "morec"
     #: p: preference over the objectives other than accuracy, in the sampler's order;
     #: entries >= 0 that sum to 1 (empty when accuracy is the only objective).

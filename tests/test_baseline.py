@@ -1,5 +1,6 @@
 """The baseline coordinators' hook: the gradient of the loss it returns is the rule's
-combination of the objectives' gradients, on a case computed by hand."""
+combination of the objectives' gradients, on cases computed by hand (the objectives' loss
+forms on a uniform batch, and the means of MoRec's sub-batches)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from morec_rec.errors import MorecError
-from morec_rec.plugin.baseline import BaselineLoss
+from morec_rec.plugin.baseline import BaselineLoss, LossForms, SubBatchMeans
 from morec_rec.plugin.control.objective_losses import ItemSideInformation
 from morec_rec.plugin.control.rules import EPO, MGDA, Coefficients, ParetoMTL, Static
 from morec_rec.plugin.hook import Examples, ObjectiveLosses
@@ -42,17 +43,18 @@ GRADIENTS = np.array([[0.5, 1.0], [1.0, 0.0]])
 GRAM = GRADIENTS @ GRADIENTS.T  # [[1.25, 0.5], [0.5, 1]]
 
 
-def _hook(rule: Any) -> BaselineLoss:
+def _hook(rule: Any, terms: Any = None) -> BaselineLoss:
     return BaselineLoss(Linear(), rule, NAMES, Examples(rows=lambda batch, output: output[0]),
-                        ITEMS, ObjectiveLosses(len(NAMES)),
+                        terms or LossForms(NAMES, ITEMS), ObjectiveLosses(len(NAMES)),
                         representation=lambda batch, output: output[1])
 
 
-def _step(rule: Any, hook: BaselineLoss | None = None) -> tuple[torch.Tensor, BaselineLoss]:
+def _step(rule: Any, hook: BaselineLoss | None = None,
+          segment: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, BaselineLoss]:
     hook = hook or _hook(rule)
     hook.model.zero_grad()
     rows = torch.tensor([0, 1])
-    loss, _ = hook(SegmentedBatch(rows, torch.zeros(2, dtype=torch.long), 0, item_id=rows))
+    loss, _ = hook(SegmentedBatch(rows, torch.tensor(segment), 0, item_id=rows))
     loss.backward()
     assert hook.model.theta.grad is not None
     return hook.model.theta.grad, hook
@@ -99,6 +101,16 @@ def test_morec_without_its_sampler_weighs_the_losses_by_the_current_coefficients
     torch.testing.assert_close(grad, torch.from_numpy(q @ GRADIENTS).float())
 
 
+def test_mgda_over_sub_batches_weighs_each_segments_mean_loss() -> None:
+    # MoRec's sampler drew row 0 for accuracy and row 1 for revenue: ℓ = (c1·z_0, c2·z_1),
+    # ∇ℓ = (1, 0) and (0, 2); the min-norm point of their hull is at α = (0.8, 0.2), and
+    # the combined gradient (0.8, 0.4).
+    grad, hook = _step(None, _hook(MGDA(), SubBatchMeans(2)), segment=(0, 1))
+    np.testing.assert_allclose(hook.weights, [0.8, 0.2], atol=1e-6)
+    torch.testing.assert_close(grad, torch.tensor([0.8, 0.4]))
+
+
 def test_a_gradient_rule_without_a_representation_is_refused() -> None:
     with pytest.raises(MorecError, match="representation="):
-        BaselineLoss(Linear(), MGDA(), NAMES, Examples(), ITEMS, ObjectiveLosses(2), None)
+        BaselineLoss(Linear(), MGDA(), NAMES, Examples(), LossForms(NAMES, ITEMS),
+                     ObjectiveLosses(2), None)

@@ -199,6 +199,25 @@ def test_morec_without_its_data_sampler_weighs_the_loss_forms_by_its_controllers
 
 
 @pytest.mark.slow
+def test_a_baseline_as_morecs_coordinator_keeps_the_sampler(tiny: Path, base: Path,
+                                                            tmp_path: Path) -> None:
+    # Under loss coefficients MGDA weighs the means of MoRec's equal sub-batches, whose
+    # objectives' masses still move at validation passes.
+    out = tmp_path / "job"
+    done = run_cli("run", "--data", str(tiny), "--base", str(base), "--out", str(out), *MOREC,
+                   "--coordinator", "mgda", "--coefficients", "loss")
+    assert done.returncode == 0, done.stderr
+    log = _log(out / "morec")
+    steps = [r for r in log if r["kind"] == "step"]
+    weights = np.array([list(r["weights"].values()) for r in steps])
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0)
+    assert all(r["coefficient"] == {} for r in steps)
+    updates = [r["masses"] for r in log if r["kind"] == "update"]
+    assert set(updates[0]) == {"fairness", "alignment"} and len(updates) > 1
+    assert updates[-1]["fairness"] != updates[0]["fairness"]
+
+
+@pytest.mark.slow
 def test_a_gradient_baseline_trains_sasrec_under_two_ranks(tiny: Path, tmp_path: Path) -> None:
     # SASRec's encoder is data-parallel (DDP): the objectives' gradients with respect to its
     # output are taken before the one backward pass that DDP reduces.

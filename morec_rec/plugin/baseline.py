@@ -1,9 +1,12 @@
 """A multi-objective baseline's loss hook: the objectives' losses of one batch, weighted
 by a rule (static, MGDA, Pareto MTL, EPO, or MoRec's own coefficients) into one loss.
 
-The loader draws every row uniformly (accuracy's distribution); the hook computes each
-objective's loss on the batch (:mod:`~morec_rec.plugin.control.objective_losses`) from
-the model's per-example losses and the rows' items, and returns ``Σ_o α_o L_o``. A
+The objectives' losses are their *loss forms* (:class:`LossForms`): the loader draws every
+row uniformly (accuracy's distribution), and each objective's loss is computed on the
+whole batch (:mod:`~morec_rec.plugin.control.objective_losses`) from the model's
+per-example losses and the rows' items. Or they are the *sub-batches' means*
+(:class:`SubBatchMeans`): MoRec's sampler drew each objective's rows, and its loss is their
+mean loss (a baseline as MoRec's coordinator). The hook returns ``Σ_o α_o L_o``. A
 gradient-based rule compares the objectives' gradients with respect to the job's shared
 representation (``representation(batch, output)``, e.g. the embedding lookups' output):
 TorchRec's fused table optimizers never materialise the tables' gradients, and one
@@ -36,6 +39,50 @@ from morec_rec.plugin.segments import SegmentedBatch
 Representation = Callable[[Any, Any], "torch.Tensor | Sequence[torch.Tensor]"]
 
 
+class LossForms:
+    """Each objective's loss form on the whole batch, from the rows' items.
+
+    Args:
+        names: the objectives (built-ins with a loss form), in the rule's order.
+        items: the items' side information (moved to the losses' device at the first call).
+    """
+
+    def __init__(self, names: Sequence[str], items: ItemSideInformation) -> None:
+        self.names, self.items = list(names), items
+
+    def __call__(self, per_example: torch.Tensor, row: torch.Tensor,
+                 batch: SegmentedBatch) -> torch.Tensor:
+        """float (n,) from the (E,) per-example losses and the sampled row of each."""
+        if batch.item_id is None:
+            raise MorecError("the objectives' loss forms need each row's item: the loader "
+                             "must keep them (MoRecLoader(item_ids=True))")
+        if self.items.price.device != per_example.device:  # once: the model's device
+            self.items = self.items.to(per_example.device)
+        return objective_losses(self.names, per_example, batch.item_id[row], self.items)
+
+
+class SubBatchMeans:
+    """Each objective's mean per-example loss over the rows its distribution drew (the
+    batch's segment of it), 0 for an objective without rows in the batch."""
+
+    def __init__(self, num_objectives: int) -> None:
+        self.num_objectives = num_objectives
+
+    def __call__(self, per_example: torch.Tensor, row: torch.Tensor,
+                 batch: SegmentedBatch) -> torch.Tensor:
+        """float (n,) from the (E,) per-example losses and the sampled row of each."""
+        segment = batch.segment[row]
+        sums = per_example.new_zeros(self.num_objectives).index_add(0, segment, per_example)
+        counts = per_example.new_zeros(self.num_objectives).index_add_(
+            0, segment, torch.ones_like(per_example))
+        return sums / counts.clamp(min=1)
+
+
+#: ``(per-example losses (E,), sampled row of each (E,), batch) -> (n,)``: the objectives'
+#: losses that a rule weighs.
+ObjectiveTerms = Callable[[torch.Tensor, torch.Tensor, SegmentedBatch], torch.Tensor]
+
+
 class BaselineLoss:
     """``custom_model_fwd`` for TrainPipelineSparseDist, and a plain-loop loss.
 
@@ -44,21 +91,22 @@ class BaselineLoss:
         rule: the weights α from the losses and their gradients' Gram matrix.
         names: the objectives, in the order of the rule's weights.
         examples: where the per-example losses are.
-        items: the items' side information (moved to the losses' device at the first call).
+        terms: the objectives' losses from the per-example ones (:class:`LossForms` or
+            :class:`SubBatchMeans`).
         losses: where each objective's loss is recorded (as one example per objective).
         representation: the job's shared representation; needed by a rule that reads
             gradients.
     """
 
     def __init__(self, model: nn.Module, rule: Rule, names: Sequence[str], examples: Examples,
-                 items: ItemSideInformation, losses: ObjectiveLosses,
+                 terms: ObjectiveTerms, losses: ObjectiveLosses,
                  representation: Representation | None) -> None:
         if rule.needs_gradients and representation is None:
             raise MorecError(f"the {type(rule).__name__} coordinator compares the objectives' "
                              "gradients: pass representation=, a function of (batch, output) "
                              "giving the tensors they are taken with respect to")
         self.model, self.rule, self.names = model, rule, list(names)
-        self.examples, self.items, self.losses = examples, items, losses
+        self.examples, self.terms, self.losses = examples, terms, losses
         self.representation = representation
         #: The index of the last batch trained on (None before the first).
         self.trained: int | None = None
@@ -67,15 +115,11 @@ class BaselineLoss:
         self._segments = torch.arange(len(self.names))
 
     def __call__(self, batch: SegmentedBatch) -> tuple[torch.Tensor, Any]:
-        if batch.item_id is None:
-            raise MorecError("a baseline coordinator needs each row's item: the loader must "
-                             "keep them (MoRecLoader(item_ids=True))")
         loss, output = self.model(batch.batch)
         per_example, row = self.examples.losses(batch.batch, loss, output, len(batch.segment))
-        if self.items.price.device != per_example.device:  # once: the model's device
-            self.items = self.items.to(per_example.device)
-            self._segments = self._segments.to(per_example.device)
-        values = objective_losses(self.names, per_example, batch.item_id[row], self.items)
+        values = self.terms(per_example, row, batch)
+        if self._segments.device != values.device:  # once: the model's device
+            self._segments = self._segments.to(values.device)
         self.losses.add(values, self._segments)
         if not (self.model.training and torch.is_grad_enabled()):
             return loss, output

@@ -19,7 +19,9 @@ published to apply from the first batch no loader worker has drawn. With a basel
 coordinator (``MoRecConfig.coordinator``) the same object draws plain batches and its hook
 is a :class:`~morec_rec.plugin.baseline.BaselineLoss`; validation rounds then only measure.
 With ``loss_forms`` coefficients (MoRec without its data sampler) it draws plain batches
-too, and the same hook weighs the loss forms by MoRec's controlled coefficients.
+too, and the same hook weighs the loss forms by MoRec's controlled coefficients; a
+baseline under ``loss`` coefficients keeps MoRec's sampler and weighs its sub-batches'
+mean losses (MoRec with the baseline as its coordinator).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from morec_rec.config import MoRecConfig, SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.plugin.adapters import register_pipelineable
-from morec_rec.plugin.baseline import BaselineLoss, Representation
+from morec_rec.plugin.baseline import BaselineLoss, LossForms, Representation, SubBatchMeans
 from morec_rec.plugin.control.coordinator import Coordinator, needs_base_losses
 from morec_rec.plugin.control.measures import relative_measures
 from morec_rec.plugin.control.objective_losses import ItemSideInformation, check_loss_objectives
@@ -136,14 +138,13 @@ class MoRec:
         #: The objectives the coefficients weigh, in segment (or weight) order.
         self.names = [o.name for o in self.objectives]
         self.rule: Rule | None = None
-        self._items: ItemSideInformation | None = None
+        self._terms: LossForms | SubBatchMeans | None = None
+        if config.coordinator != "morec":
+            config = _without_controllers(config)
         if _loss_forms(config):
             # A baseline, and MoRec without its data sampler, draw MoRec's batch size from
-            # accuracy's uniform distribution and weigh the objectives' loss forms; a
-            # baseline has no controllers.
+            # accuracy's uniform distribution and weigh the objectives' loss forms.
             check_loss_objectives(self.names)
-            if config.coordinator != "morec":
-                config = _without_controllers(config)
             sampler = dataclasses.replace(
                 sampler, sub_batch_size=sampler.sub_batch_size * len(self.names))
             self.objectives = _objectives(self.dataset, sampler, ["accuracy"])
@@ -167,12 +168,14 @@ class MoRec:
             check_settings(self.dataset, sampler, config, self.objectives)
         else:
             self.coordinator = Coordinator.from_config(config, self.names, None)
-        if _loss_forms(config):
+        if _weighed_by_rule(config):
             coordinator = self.coordinator
             assert coordinator is not None  # no calibration: validation control
             self.rule = (Coefficients(lambda: coordinator.q) if config.coordinator == "morec"
                          else build_rule(config.coordinator, coordinator.weights))
-            self._items = ItemSideInformation.from_dataset(self.dataset).to(self.device)
+            self._terms = (LossForms(self.names, ItemSideInformation.from_dataset(
+                self.dataset).to(self.device)) if _loss_forms(config)
+                else SubBatchMeans(len(self.names)))
         self._initial = {o.name: o.initial_masses() for o in self.objectives}
         self._initial[BATCH] = (_shares(self.coordinator) if self._sampling
                                 else np.full(len(self.objectives), 1 / len(self.objectives)))
@@ -188,7 +191,7 @@ class MoRec:
                                   world_size=self.world_size, store=self._spec,
                                   masses=self._initial, columns=columns),
             collate, num_workers=num_workers, prefetch_factor=prefetch_factor,
-            item_ids=self.rule is not None)
+            item_ids=isinstance(self._terms, LossForms))
         self._losses = ObjectiveLosses(len(self.names))
         self._hook: MoRecLoss | BaselineLoss | None = None
         self._position = 0  # the next batch to train, before the hook has trained any
@@ -251,10 +254,10 @@ class MoRec:
         ``auto`` target it first measures the objectives' losses under ``model`` (a
         collective, see :meth:`calibrate`)."""
         if self.rule is not None:
-            assert self._items is not None
+            assert self._terms is not None
             if self._hook is None or self._hook.model is not model:
                 self._hook = BaselineLoss(model, self.rule, self.names, self.examples,
-                                          self._items, self._losses, self.representation)
+                                          self._terms, self._losses, self.representation)
             return self._hook
         if self.coordinator is None:
             self._base_losses = self.calibrate(model)
@@ -438,10 +441,18 @@ def _objectives(dataset: PreparedDataset, config: SamplerConfig,
     return objectives
 
 
-def _loss_forms(config: MoRecConfig) -> bool:
-    """Whether batches are drawn uniformly and the hook weighs the objectives' loss forms:
-    a baseline coordinator, or MoRec without its data sampler."""
+def _weighed_by_rule(config: MoRecConfig) -> bool:
+    """Whether the hook is a BaselineLoss: a baseline coordinator, or MoRec without its
+    data sampler."""
     return config.coordinator != "morec" or config.coefficients == "loss_forms"
+
+
+def _loss_forms(config: MoRecConfig) -> bool:
+    """Whether batches are drawn uniformly and the hook weighs the objectives' loss forms
+    (not MoRec's sub-batches): MoRec without its data sampler, or a baseline but under
+    ``loss`` coefficients."""
+    return config.coefficients == "loss_forms" or (config.coordinator != "morec"
+                                                  and config.coefficients != "loss")
 
 
 def _without_controllers(config: MoRecConfig) -> MoRecConfig:
