@@ -205,9 +205,9 @@ class MoRec:
 
     @property
     def weights(self) -> np.ndarray | None:
-        """The weights α of the objectives' loss forms at the last training step (a
-        baseline's, or q under ``loss_forms`` coefficients; None otherwise, and before
-        the first step)."""
+        """The weights α of the objectives' losses at the last training step (a
+        baseline's, or q under ``loss_forms`` coefficients; None under MoRec's own hook,
+        and before the first step)."""
         hook = self._hook
         return None if not isinstance(hook, BaselineLoss) or hook.weights is None \
             else hook.weights.copy()
