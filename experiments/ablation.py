@@ -23,10 +23,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from records import metric_row, morec_rec, record_tables
+from records import imp_cell, metric_row, morec_rec, record_tables, valid_cell
 
-#: Scenario -> the objective beside accuracy.
-SCENARIOS = {"revenue": "revenue", "fairness": "fairness"}
+#: The objective beside accuracy in each scenario (also the scenario's table name).
+OBJECTIVES = ("revenue", "fairness")
 #: Method -> its flags of ``morec-rec run``.
 METHODS = {
     "MoRec": [],
@@ -71,10 +71,8 @@ def _solution(args: argparse.Namespace, objective: str, method: str,
                   *METHODS[method])
         print(f"ran {out}", flush=True)
     results = json.loads((out / "results.json").read_text())
-    return metric_row(method, results["morec"], solution=label,
-                      imp={"pct": 100 * results["imp"],
-                           "defined_terms_only": bool(results["imp_undefined"])},
-                      valid="yes" if results["valid"] else "no"), results["base"]
+    return metric_row(method, results["morec"], solution=label, imp=imp_cell(results),
+                      valid=valid_cell(results)), results["base"]
 
 
 def main() -> None:
@@ -86,13 +84,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     tables = {}
-    for scenario, objective in SCENARIOS.items():
+    for objective in OBJECTIVES:
         rows, base = [], {}
         for method in METHODS:
             for index in range(len(SCALES)):
                 row, base = _solution(args, objective, method, index)
                 rows.append(row)
-        tables[scenario] = {
+        tables[objective] = {
             "title": f"Accuracy and {objective}: every solution of every method on test",
             "columns": COLUMNS, "rows": [metric_row("base", base, solution=""), *rows]}
     record_tables(args.experiment, tables, Path(__file__).name)

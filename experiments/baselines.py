@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from records import metric_row, morec_rec, record_tables
+from records import imp_cell, metric_row, morec_rec, record_tables, valid_cell
 
 COORDINATORS = ("static", "mgda", "pe-mtl", "epo", "morec")
 #: Coordinators that take no preference: their solutions differ by the run's seed instead
@@ -86,12 +86,7 @@ def _solution(coordinator: str, seed: int, index: int) -> str:
 
 def _choose(solutions: list[dict[str, Any]]) -> dict[str, Any]:
     """The solution chosen on validation: valid there with the best Imp, else best Hit."""
-    def key(solution: dict[str, Any]) -> tuple[float, float]:
-        selected = solution["selected"]["morec"]
-        if selected["valid"]:
-            return 1.0, selected["imp"] if selected["imp"] is not None else 0.0
-        return 0.0, selected["hit@10"]
-    return max(solutions, key=key)
+    return max(solutions, key=_validation_key)
 
 
 def _bootstrap(a: Path, b: Path, resamples: int, a_name: str, b_name: str) -> dict[str, Any]:
@@ -117,9 +112,10 @@ def main() -> None:
 
     solutions = {c: [_run(args, c, i) for i in range(len(PREFERENCES))] for c in COORDINATORS}
     first = solutions["morec"][0]
+    versus = first["continued_versus_base"]
     rows = [metric_row("base", first["base"]),
-            metric_row("continued", first["continued"], imp=_imp(first["continued_versus_base"]),
-                 valid=_yes(first["continued_versus_base"]))]
+            metric_row("continued", first["continued"], imp=imp_cell(versus),
+                       valid=valid_cell(versus))]
     chosen = {}
     for coordinator, runs in solutions.items():
         best = chosen[coordinator] = _choose(runs)
@@ -127,7 +123,7 @@ def main() -> None:
         valid = sum(r["selected"]["morec"]["valid"] for r in runs)
         rows.append(metric_row(coordinator, best["morec"],
                                preference=_solution(coordinator, args.seed, index),
-                         imp=_imp(best), valid=_yes(best),
+                         imp=imp_cell(best), valid=valid_cell(best),
                          solutions_valid=f"{valid}/{len(runs)}"))
     baselines = [c for c in COORDINATORS if c != "morec"]
     best_baseline = max(baselines, key=lambda c: _validation_key(chosen[c]))
@@ -139,7 +135,7 @@ def main() -> None:
                    "MoRec", f"{best_baseline} (best baseline on validation)"),
     ]
     every = rows[:2] + [metric_row(c, r["morec"], preference=_solution(c, args.seed, i),
-                                   imp=_imp(r), valid=_yes(r))
+                                   imp=imp_cell(r), valid=valid_cell(r))
                         for c, runs in solutions.items() for i, r in enumerate(runs)]
     record_tables(args.experiment, {
         f"seed{args.seed}": {"title": f"Seed {args.seed}: each method's solution chosen on "
@@ -153,18 +149,9 @@ def main() -> None:
 
 
 def _validation_key(solution: dict[str, Any]) -> tuple[float, float]:
+    """Valid on validation first, then the validation Imp (else the validation Hit)."""
     selected = solution["selected"]["morec"]
     return ((1.0, selected["imp"] or 0.0) if selected["valid"] else (0.0, selected["hit@10"]))
-
-
-def _imp(versus: dict[str, Any]) -> dict[str, Any]:
-    """Imp over the base in percent, marked where a base metric of 0 leaves it over the
-    defined terms only."""
-    return {"pct": 100 * versus["imp"], "defined_terms_only": bool(versus["imp_undefined"])}
-
-
-def _yes(result: dict[str, Any]) -> str:
-    return "yes" if result["valid"] else "no"
 
 
 if __name__ == "__main__":

@@ -30,6 +30,17 @@ def metric_row(name: str, metrics: dict[str, float], **extra: Any) -> dict[str, 
             "pop_kl": metrics["pop_kl@10"], "min_hit": metrics["min_hit@10"], **extra}
 
 
+def imp_cell(result: dict[str, Any]) -> dict[str, Any]:
+    """A run's Imp over the base in percent (from a ``results.json`` or one of its
+    ``*_versus_base`` entries), marked where a base metric of 0 leaves it over the
+    defined terms only."""
+    return {"pct": 100 * result["imp"], "defined_terms_only": bool(result["imp_undefined"])}
+
+
+def valid_cell(result: dict[str, Any]) -> str:
+    return "yes" if result["valid"] else "no"
+
+
 def record_tables(experiment: str, tables: dict[str, Any], script: str) -> None:
     """Adds (or replaces) ``tables`` in the record, stamped with the commit they ran at and
     the command line of ``script`` (the driver's file name)."""

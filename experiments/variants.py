@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from records import metric_row, morec_rec, record_tables
+from records import imp_cell, metric_row, morec_rec, record_tables, valid_cell
 
 COLUMNS = [
     {"key": "row", "label": "row", "format": "text"},
@@ -53,9 +53,7 @@ def _variant(args: argparse.Namespace, index: int, name: str, flags: str) -> dic
                       min_hit_diff=paired["difference"]["min_hit@10"],
                       min_hit_ci={"low": low, "high": high, "decimals": 4},
                       min_hit_above=round(100 * paired["above"]["min_hit@10"], 1),
-                      imp={"pct": 100 * results["imp"],
-                           "defined_terms_only": bool(results["imp_undefined"])},
-                      valid="yes" if results["valid"] else "no")
+                      imp=imp_cell(results), valid=valid_cell(results))
 
 
 TRAJECTORY_COLUMNS = [
