@@ -23,7 +23,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from records import imp_cell, metric_row, morec_rec, record_tables, valid_cell
+from records import (
+    imp_cell,
+    metric_columns,
+    metric_row,
+    morec_rec,
+    record_tables,
+    solution_seed,
+    valid_cell,
+)
 
 #: The objective beside accuracy in each scenario (also the scenario's table name).
 OBJECTIVES = ("revenue", "fairness")
@@ -41,14 +49,10 @@ METHODS = {
 WEIGHT_FREE = ("MoRec-OC-MGDA",)
 #: λ: the weight of the objective beside accuracy (accuracy's is 1, or MoRec's β).
 SCALES = (0.25, 1.0, 4.0)
-SEED_STRIDE = 100
 COLUMNS = [
     {"key": "row", "label": "method", "format": "text"},
     {"key": "solution", "label": "λ or seed", "format": "text"},
-    {"key": "hit", "label": "test Hit@10", "format": "f4"},
-    {"key": "rhit", "label": "rHit@10", "format": "f3"},
-    {"key": "pop_kl", "label": "Pop-KL@10", "format": "f4"},
-    {"key": "min_hit", "label": "min-Hit@10", "format": "f4"},
+    *metric_columns(),
     {"key": "imp", "label": "Imp vs base", "format": "imp2"},
     {"key": "valid", "label": "valid on test", "format": "text"},
 ]
@@ -60,7 +64,7 @@ def _solution(args: argparse.Namespace, objective: str, method: str,
     slug = method.lower().replace(", ", "-").replace(" ", "-").replace("/", "")
     out = args.runs / objective / f"{slug}-{index}"
     if method in WEIGHT_FREE:
-        seed = args.seed + SEED_STRIDE * index
+        seed = solution_seed(args.seed, index)
         choice, label = ["--seed", str(seed)], f"seed {seed}"
     else:
         choice = ["--seed", str(args.seed), "--scale", str(SCALES[index])]

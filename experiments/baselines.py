@@ -25,25 +25,28 @@ import json
 from pathlib import Path
 from typing import Any
 
-from records import imp_cell, metric_row, morec_rec, record_tables, valid_cell
+from records import (
+    imp_cell,
+    metric_columns,
+    metric_row,
+    morec_rec,
+    record_tables,
+    solution_seed,
+    valid_cell,
+)
 
 COORDINATORS = ("static", "mgda", "pe-mtl", "epo", "morec")
 #: Coordinators that take no preference: their solutions differ by the run's seed instead
-#: (solution ``i`` of base seed ``s`` runs with seed ``s + SEED_STRIDE * i``).
+#: (:func:`records.solution_seed`).
 PREFERENCE_FREE = ("mgda",)
-SEED_STRIDE = 100
 #: p over (revenue, fairness, alignment): the default, near-uniform, each objective
 #: dominant, and a milder revenue lead. Every entry > 0 (Pareto MTL and EPO need it).
 PREFERENCES = ((0.4, 0.3, 0.3), (0.34, 0.33, 0.33), (0.8, 0.1, 0.1), (0.1, 0.8, 0.1),
                (0.1, 0.1, 0.8), (0.6, 0.2, 0.2))
-METRICS = ("hit@10", "rhit@10", "pop_kl@10", "min_hit@10")
 COLUMNS = [
     {"key": "row", "label": "row", "format": "text"},
     {"key": "preference", "label": "p (rev, fair, align) or seed", "format": "text"},
-    {"key": "hit", "label": "test Hit@10", "format": "f4"},
-    {"key": "rhit", "label": "rHit@10", "format": "f3"},
-    {"key": "pop_kl", "label": "Pop-KL@10", "format": "f4"},
-    {"key": "min_hit", "label": "min-Hit@10", "format": "f4"},
+    *metric_columns(),
     {"key": "imp", "label": "Imp vs base", "format": "imp2"},
     {"key": "valid", "label": "valid on test", "format": "text"},
     {"key": "solutions_valid", "label": "solutions valid on validation", "format": "text"},
@@ -62,7 +65,7 @@ def _run(args: argparse.Namespace, coordinator: str, index: int) -> dict[str, An
     out = args.runs / f"s{args.seed}" / f"{coordinator}-p{index}"
     if not (out / "results.json").is_file():
         if coordinator in PREFERENCE_FREE:
-            choice = ["--seed", str(_seed(args.seed, index))]
+            choice = ["--seed", str(solution_seed(args.seed, index))]
         else:
             choice = ["--seed", str(args.seed),
                       "--preference", ",".join(map(str, PREFERENCES[index]))]
@@ -73,14 +76,10 @@ def _run(args: argparse.Namespace, coordinator: str, index: int) -> dict[str, An
     return {"out": out, **json.loads((out / "results.json").read_text())}
 
 
-def _seed(seed: int, index: int) -> int:
-    return seed + SEED_STRIDE * index
-
-
 def _solution(coordinator: str, seed: int, index: int) -> str:
     """What solution ``index`` of ``coordinator`` varies: its preference, or its seed."""
     if coordinator in PREFERENCE_FREE:
-        return f"seed {_seed(seed, index)}"
+        return f"seed {solution_seed(seed, index)}"
     return str(PREFERENCES[index])
 
 

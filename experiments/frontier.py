@@ -12,15 +12,13 @@ frontier of all solutions together drawn through the non-dominated ones. Writes
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from records import ROOT, read_table, save_figure  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
 #: Panel by x key: (x label, whether a larger x is better).
 PANELS = {"rhit": ("rHit@10 (higher is better)", True),
           "pop_kl": ("Pop-KL@10 (lower is better)", False),
@@ -41,29 +39,22 @@ def main() -> None:
     parser.add_argument("--table", required=True)
     parser.add_argument("--x", nargs="+", choices=list(PANELS), default=["rhit", "pop_kl"])
     args = parser.parse_args()
-    record = json.loads((ROOT / args.experiment / "results.json").read_text())
-    rows = record["tables"][args.table]["rows"]
-    methods = list(dict.fromkeys(row["row"] for row in rows))
+    title, methods = read_table(args.experiment, args.table)
+    every = [row for rows in methods.values() for row in rows]
     figure, axes = plt.subplots(1, len(args.x), figsize=(5.5 * len(args.x), 4.5),
                                 squeeze=False)
     for ax, key in zip(axes[0], args.x):
         label, larger = PANELS[key]
-        for method in methods:
-            mine = [row for row in rows if row["row"] == method]
-            ax.scatter([r[key] for r in mine], [r["hit"] for r in mine], label=method, s=28)
-        line = frontier([(r[key], r["hit"]) for r in rows], larger)
+        for method, rows in methods.items():
+            ax.scatter([r[key] for r in rows], [r["hit"] for r in rows], label=method, s=28)
+        line = frontier([(r[key], r["hit"]) for r in every], larger)
         ax.plot([p[0] for p in line], [p[1] for p in line], color="black", linewidth=1,
                 linestyle="--", label="frontier")
         ax.set_xlabel(label)
         ax.set_ylabel("test Hit@10")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    figure.suptitle(f"{args.experiment}: {record['tables'][args.table]['title']}", fontsize=10)
-    figure.tight_layout()
-    out = ROOT / args.experiment / f"{args.table}_frontier.png"
-    figure.savefig(out, dpi=110)
-    print(f"wrote {out}")
-
+    save_figure(figure, title, ROOT / args.experiment / f"{args.table}_frontier.png")
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""What the experiment drivers share: running ``morec-rec``, and writing tables into a record.
+"""What the experiment drivers share: running ``morec-rec``, writing tables into a record,
+and reading them back for the figures.
 
 A record is ``experiments/<name>/results.json`` (see ``tables.py`` for its tables).
 """
@@ -30,6 +31,23 @@ def metric_row(name: str, metrics: dict[str, float], **extra: Any) -> dict[str, 
             "pop_kl": metrics["pop_kl@10"], "min_hit": metrics["min_hit@10"], **extra}
 
 
+def metric_columns(split: str = "test") -> list[dict[str, str]]:
+    """The columns of :func:`metric_row`'s four metrics, Hit labelled with ``split``."""
+    return [{"key": "hit", "label": f"{split} Hit@10", "format": "f4"},
+            {"key": "rhit", "label": "rHit@10", "format": "f3"},
+            {"key": "pop_kl", "label": "Pop-KL@10", "format": "f4"},
+            {"key": "min_hit", "label": "min-Hit@10", "format": "f4"}]
+
+
+#: Solution ``i`` of a method that takes no preference runs with seed ``s + SEED_STRIDE·i``
+#: (``s`` the base's seed).
+SEED_STRIDE = 100
+
+
+def solution_seed(seed: int, index: int) -> int:
+    return seed + SEED_STRIDE * index
+
+
 def imp_cell(result: dict[str, Any]) -> dict[str, Any]:
     """A run's Imp over the base in percent (from a ``results.json`` or one of its
     ``*_versus_base`` entries), marked where a base metric of 0 leaves it over the
@@ -55,3 +73,21 @@ def record_tables(experiment: str, tables: dict[str, Any], script: str) -> None:
     record["source"] = f"run at {version}: python experiments/{script} " + shlex.join(
         sys.argv[1:])
     path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def read_table(experiment: str, table: str) -> tuple[str, dict[str, list[dict[str, Any]]]]:
+    """A recorded table's title (prefixed with the experiment) and its rows by ``row``
+    name, in order."""
+    recorded = json.loads((ROOT / experiment / "results.json").read_text())["tables"][table]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for row in recorded["rows"]:
+        rows.setdefault(row["row"], []).append(row)
+    return f"{experiment}: {recorded['title']}", rows
+
+
+def save_figure(figure: Any, title: str, path: Path) -> None:
+    """Titles, lays out and writes a matplotlib figure (PNG, 110 dpi)."""
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"wrote {path}")

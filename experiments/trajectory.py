@@ -11,15 +11,13 @@ Needs matplotlib (the ``plot`` extra).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from records import ROOT, read_table, save_figure  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
 #: Panel: (key, label).
 PANELS = (("hit", "valid Hit@10"), ("rhit", "rHit@10"), ("pop_kl", "Pop-KL@10 (lower is better)"),
           ("min_hit", "min-Hit@10"))
@@ -30,24 +28,16 @@ def main() -> None:
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--table", required=True)
     args = parser.parse_args()
-    record = json.loads((ROOT / args.experiment / "results.json").read_text())
-    rows = record["tables"][args.table]["rows"]
-    runs = list(dict.fromkeys(row["row"] for row in rows))
+    title, runs = read_table(args.experiment, args.table)
     figure, axes = plt.subplots(1, len(PANELS), figsize=(16, 4))
     for ax, (key, label) in zip(axes, PANELS):
-        for run in runs:
-            mine = [row for row in rows if row["row"] == run]
-            ax.plot([r["step"] for r in mine], [r[key] for r in mine], label=run, linewidth=1.2)
+        for run, rows in runs.items():
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=run, linewidth=1.2)
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle(f"{args.experiment}: {record['tables'][args.table]['title']}", fontsize=10)
-    figure.tight_layout()
-    out = ROOT / args.experiment / f"{args.table}.png"
-    figure.savefig(out, dpi=110)
-    print(f"wrote {out}")
-
+    save_figure(figure, title, ROOT / args.experiment / f"{args.table}.png")
 
 if __name__ == "__main__":
     main()

@@ -22,15 +22,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from records import imp_cell, metric_row, morec_rec, record_tables, valid_cell
+from records import imp_cell, metric_columns, metric_row, morec_rec, record_tables, valid_cell
 
 COLUMNS = [
     {"key": "row", "label": "row", "format": "text"},
     {"key": "flags", "label": "flags", "format": "text"},
-    {"key": "hit", "label": "test Hit@10", "format": "f4"},
-    {"key": "rhit", "label": "rHit@10", "format": "f3"},
-    {"key": "pop_kl", "label": "Pop-KL@10", "format": "f4"},
-    {"key": "min_hit", "label": "min-Hit@10", "format": "f4"},
+    *metric_columns(),
     {"key": "min_hit_diff", "label": "min-Hit − base's", "format": "sf4"},
     {"key": "min_hit_ci", "label": "95% interval", "format": "ci"},
     {"key": "min_hit_above", "label": "min-Hit above base's in resamples", "format": "gpct"},
@@ -59,10 +56,7 @@ def _variant(args: argparse.Namespace, index: int, name: str, flags: str) -> dic
 TRAJECTORY_COLUMNS = [
     {"key": "row", "label": "row", "format": "text"},
     {"key": "step", "label": "step", "format": "text"},
-    {"key": "hit", "label": "valid Hit@10", "format": "f4"},
-    {"key": "rhit", "label": "rHit@10", "format": "f3"},
-    {"key": "pop_kl", "label": "Pop-KL@10", "format": "f4"},
-    {"key": "min_hit", "label": "min-Hit@10", "format": "f4"},
+    *metric_columns("valid"),
 ]
 
 

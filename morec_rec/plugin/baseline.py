@@ -31,7 +31,7 @@ from morec_rec.collectives import all_reduce, is_distributed
 from morec_rec.errors import MorecError
 from morec_rec.plugin.control.objective_losses import ItemSideInformation, objective_losses
 from morec_rec.plugin.control.rules import Rule
-from morec_rec.plugin.hook import Examples, ObjectiveLosses
+from morec_rec.plugin.hook import Examples, ObjectiveLosses, segment_sums
 from morec_rec.plugin.segments import SegmentedBatch
 
 #: ``(job batch, model output) -> tensor(s)``: the shared representation whose gradients a
@@ -71,10 +71,7 @@ class SubBatchMeans:
     def __call__(self, per_example: torch.Tensor, row: torch.Tensor,
                  batch: SegmentedBatch) -> torch.Tensor:
         """float (n,) from the (E,) per-example losses and the sampled row of each."""
-        segment = batch.segment[row]
-        sums = per_example.new_zeros(self.num_objectives).index_add(0, segment, per_example)
-        counts = per_example.new_zeros(self.num_objectives).index_add_(
-            0, segment, torch.ones_like(per_example))
+        sums, counts = segment_sums(per_example, batch.segment[row], self.num_objectives)
         return sums / counts.clamp(min=1)
 
 

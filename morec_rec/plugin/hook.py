@@ -63,6 +63,15 @@ class Examples:
                                                      per_example.device)
 
 
+def segment_sums(values: torch.Tensor, segment: torch.Tensor,
+                 num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) sums of the (E,) ``values`` by their (E,) segment, and (n,) counts, in
+    ``values``' dtype and device (differentiable in ``values``)."""
+    sums = values.new_zeros(num_segments).index_add(0, segment, values)
+    counts = values.new_zeros(num_segments).index_add_(0, segment, torch.ones_like(values))
+    return sums, counts
+
+
 class ObjectiveLosses:
     """Per-objective sums of per-example losses, kept on the losses' device until read."""
 
@@ -134,8 +143,7 @@ class MoRecLoss:
                              "use sampling coefficients, or per-example losses with one")
         n = self.losses.num_objectives
         values = per_example.to(torch.promote_types(per_example.dtype, torch.float32))
-        sums = values.new_zeros(n).index_add(0, segment, values)
-        counts = values.new_zeros(n).index_add_(0, segment, torch.ones_like(values))
+        sums, counts = segment_sums(values, segment, n)
         return (self._coefficients(sums, counts) * sums / counts.clamp(min=1)).sum(), output
 
     def _coefficients(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
