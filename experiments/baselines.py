@@ -8,14 +8,14 @@ For one base (one seed), every coordinator (``static``, ``mgda``, ``pe-mtl``, ``
 with ``morec-rec run``; a coordinator that takes no preference (MGDA) gets as many
 solutions from as many seeds of the continuation instead. The first MoRec run also trains
 plain continued training (``--continued``). Runs already finished under ``--runs`` are
-read, not rerun. A method's reported solution is chosen on validation only: among the
-solutions whose selected pass is valid on validation, the one with the highest validation
-Imp (else the highest validation Hit). Its test metrics, test Imp over the base and test
-validity go into ``experiments/<experiment>/results.json`` (one table per seed, rows
-added or replaced), with paired bootstraps over the test users (``morec-rec evaluate
---against``) of MoRec's solution against continued training and against every baseline's
-chosen solution (the best of them on validation marked). ``python experiments/tables.py``
-then renders the tables into the experiment's README.
+read, not rerun; interrupted ones are resumed. A method's reported solution is chosen on
+validation only: among the solutions whose selected pass is valid on validation, the one
+with the highest validation Imp (else the highest validation Hit). Its test metrics, test
+Imp over the base and test validity go into ``experiments/<experiment>/results.json`` (one
+table per seed, rows added or replaced), with paired bootstraps over the test users
+(``morec-rec evaluate --against``) of MoRec's solution against continued training and
+against every baseline's chosen solution (the best of them on validation marked). ``python
+experiments/tables.py`` then renders the tables into the experiment's README.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from morec_rec.jobs.job import JOB
 from records import (
     imp_cell,
     metric_columns,
@@ -63,6 +64,9 @@ BOOTSTRAP_COLUMNS = [
 def _run(args: argparse.Namespace, coordinator: str, index: int) -> dict[str, Any]:
     """The results.json of one solution, run if not there yet."""
     out = args.runs / f"s{args.seed}" / f"{coordinator}-p{index}"
+    if (out / JOB).is_file() and not (out / "results.json").is_file():  # interrupted
+        morec_rec("run", "--out", str(out), "--resume")
+        print(f"resumed {out}", flush=True)
     if not (out / "results.json").is_file():
         if coordinator in PREFERENCE_FREE:
             choice = ["--seed", str(solution_seed(args.seed, index))]
