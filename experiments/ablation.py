@@ -19,15 +19,14 @@ Imp over the base and validity go into table ``<scenario>`` of
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from records import (
     imp_cell,
+    job_results,
     metric_columns,
     metric_row,
-    morec_rec,
     record_tables,
     solution_seed,
     valid_cell,
@@ -69,12 +68,9 @@ def _solution(args: argparse.Namespace, objective: str, method: str,
     else:
         choice = ["--seed", str(args.seed), "--scale", str(SCALES[index])]
         label = f"λ {SCALES[index]:g}"
-    if not (out / "results.json").is_file():
-        morec_rec("run", "--data", str(args.data), "--base", str(args.base), "--out", str(out),
-                  "--objectives", f"accuracy,{objective}", "--preference", "1", *choice,
-                  *METHODS[method])
-        print(f"ran {out}", flush=True)
-    results = json.loads((out / "results.json").read_text())
+    results = job_results(out, "--data", str(args.data), "--base", str(args.base),
+                          "--objectives", f"accuracy,{objective}", "--preference", "1", *choice,
+                          *METHODS[method])
     return metric_row(method, results["morec"], solution=label, imp=imp_cell(results),
                       valid=valid_cell(results)), results["base"]
 

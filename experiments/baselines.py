@@ -25,9 +25,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from morec_rec.jobs.job import JOB
 from records import (
     imp_cell,
+    job_results,
     metric_columns,
     metric_row,
     morec_rec,
@@ -62,22 +62,16 @@ BOOTSTRAP_COLUMNS = [
 
 
 def _run(args: argparse.Namespace, coordinator: str, index: int) -> dict[str, Any]:
-    """The results.json of one solution, run if not there yet."""
+    """The results.json of one solution (:func:`records.job_results`), with its folder."""
     out = args.runs / f"s{args.seed}" / f"{coordinator}-p{index}"
-    if (out / JOB).is_file() and not (out / "results.json").is_file():  # interrupted
-        morec_rec("run", "--out", str(out), "--resume")
-        print(f"resumed {out}", flush=True)
-    if not (out / "results.json").is_file():
-        if coordinator in PREFERENCE_FREE:
-            choice = ["--seed", str(solution_seed(args.seed, index))]
-        else:
-            choice = ["--seed", str(args.seed),
-                      "--preference", ",".join(map(str, PREFERENCES[index]))]
-        continued = ["--continued"] if coordinator == "morec" and index == 0 else []
-        morec_rec("run", "--data", str(args.data), "--base", str(args.base), "--out", str(out),
-                  "--coordinator", coordinator, *choice, *continued, *args.flags)
-        print(f"ran {out}", flush=True)
-    return {"out": out, **json.loads((out / "results.json").read_text())}
+    if coordinator in PREFERENCE_FREE:
+        choice = ["--seed", str(solution_seed(args.seed, index))]
+    else:
+        choice = ["--seed", str(args.seed), "--preference", ",".join(map(str, PREFERENCES[index]))]
+    continued = ["--continued"] if coordinator == "morec" and index == 0 else []
+    return {"out": out, **job_results(out, "--data", str(args.data), "--base", str(args.base),
+                                      "--coordinator", coordinator, *choice, *continued,
+                                      *args.flags)}
 
 
 def _solution(coordinator: str, seed: int, index: int) -> str:

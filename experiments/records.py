@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from morec_rec.jobs.job import JOB
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -23,6 +25,20 @@ def morec_rec(*args: str) -> str:
     if done.returncode:
         raise SystemExit(f"morec-rec {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return done.stdout
+
+
+def job_results(out: Path, *flags: str) -> dict[str, Any]:
+    """``OUT/results.json`` of the job ``morec-rec run --out OUT FLAGS``: read if the job
+    finished, resumed if it was interrupted (its ``job.json`` is there), else run."""
+    results = out / "results.json"
+    if not results.is_file():
+        if (out / JOB).is_file():
+            morec_rec("run", "--out", str(out), "--resume")
+            print(f"resumed {out}", flush=True)
+        else:
+            morec_rec("run", "--out", str(out), *flags)
+            print(f"ran {out}", flush=True)
+    return json.loads(results.read_text())
 
 
 def metric_row(name: str, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:

@@ -22,7 +22,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from records import imp_cell, metric_columns, metric_row, morec_rec, record_tables, valid_cell
+from records import (
+    imp_cell,
+    job_results,
+    metric_columns,
+    metric_row,
+    morec_rec,
+    record_tables,
+    valid_cell,
+)
 
 COLUMNS = [
     {"key": "row", "label": "row", "format": "text"},
@@ -38,11 +46,8 @@ COLUMNS = [
 
 def _variant(args: argparse.Namespace, index: int, name: str, flags: str) -> dict[str, Any]:
     out = args.runs / str(index)
-    if not (out / "results.json").is_file():
-        morec_rec("run", "--data", str(args.data), "--base", str(args.base), "--out", str(out),
-             *flags.split())
-        print(f"ran {name}: {out}", flush=True)
-    results = json.loads((out / "results.json").read_text())
+    results = job_results(out, "--data", str(args.data), "--base", str(args.base),
+                          *flags.split())
     paired = json.loads(morec_rec("evaluate", "--run", str(out / "morec"), "--against",
                              str(args.base), "--json", "--resamples", str(args.resamples)))
     low, high = paired["interval"]["min_hit@10"]
