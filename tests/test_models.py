@@ -28,7 +28,7 @@ from morec_rec.jobs.distributed import Environment
 from morec_rec.jobs.models import build_model, num_negatives, per_row_loss, representation
 from morec_rec.jobs.models.mf import MatrixFactorization
 from morec_rec.jobs.models.negatives import NegativeSampler
-from morec_rec.jobs.models.sasrec import SASRec, right_aligned
+from morec_rec.jobs.models.sasrec import SASRec, SelfAttention, right_aligned
 from morec_rec.jobs.sharding import shard
 from morec_rec.jobs.train import training_loader
 from morec_rec.plugin.sampling.objectives import Accuracy
@@ -313,8 +313,33 @@ def test_sasrec_last_block_computing_the_last_query_alone_is_exact(sasrec: SASRe
     allowed = (valid.unsqueeze(1) | torch.eye(encoder.max_len, dtype=torch.bool)).tril()
     x = x * keep
     for block in encoder.blocks:
-        x = block(x, ~allowed) * keep
+        x = block(x, allowed.unsqueeze(1)) * keep
     torch.testing.assert_close(encoder(history), encoder.norm(x[:, -1]))
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_self_attention_is_multihead_attention_batch_first(heads: int) -> None:
+    # The same seed gives the same parameters, by the same names; the same outputs and
+    # gradients for (queries, x, x) under a mask, queries all positions or the last.
+    torch.manual_seed(0)
+    reference = torch.nn.MultiheadAttention(8, heads, batch_first=True).double()
+    torch.manual_seed(0)
+    ours = SelfAttention(8, heads, dropout=0.0).double()
+    assert reference.state_dict().keys() == ours.state_dict().keys()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[name]), name
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    allowed = torch.rand(3, 5, 5) < 0.6
+    allowed |= torch.eye(5, dtype=torch.bool)  # no query without a key
+    for queries, mask in ((x, allowed), (x[:, -1:], allowed[:, -1:])):
+        expected, _ = reference(queries, x, x, need_weights=False,
+                                attn_mask=~mask.repeat_interleave(heads, 0))
+        actual = ours(queries, x, mask.unsqueeze(1))
+        torch.testing.assert_close(actual, expected)
+        grads = [torch.autograd.grad(out.square().sum(), [x, *module.parameters()])
+                 for out, module in ((expected, reference), (actual, ours))]
+        for reference_grad, our_grad in zip(*grads):
+            torch.testing.assert_close(our_grad, reference_grad)
 
 
 def test_sasrec_reads_the_whole_history_up_to_max_len(sasrec: SASRec) -> None:

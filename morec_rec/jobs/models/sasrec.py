@@ -100,7 +100,7 @@ class SequenceEncoder(nn.Module):
     def __init__(self, max_len: int, dim: int, num_blocks: int, num_heads: int,
                  dropout: float) -> None:
         super().__init__()
-        self.max_len, self.num_heads = max_len, num_heads
+        self.max_len = max_len
         self.positions = nn.Parameter(torch.empty(max_len, dim))
         self.empty = nn.Parameter(torch.empty(dim))
         self.dropout = nn.Dropout(dropout)
@@ -120,12 +120,11 @@ class SequenceEncoder(nn.Module):
         keep = valid.unsqueeze(-1).to(x.dtype)
         x = self.dropout(x) * keep
         diagonal = torch.eye(self.max_len, dtype=torch.bool, device=x.device)
-        allowed = (valid.unsqueeze(1) | diagonal).tril()  # (B, L queries, L keys)
-        mask = ~allowed.repeat_interleave(self.num_heads, 0)
+        allowed = (valid.unsqueeze(1) | diagonal).tril().unsqueeze(1)  # (B, 1, L queries, L keys)
         *blocks, final = self.blocks
         for block in blocks:
-            x = block(x, mask) * keep
-        last = self.norm(final(x, mask[:, -1:], last_only=True)[:, -1])
+            x = block(x, allowed) * keep
+        last = self.norm(final(x, allowed[:, :, -1:], last_only=True)[:, -1])
         return torch.where((lengths > 0).unsqueeze(-1), last, self.empty)
 
 
@@ -135,24 +134,57 @@ class _Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(dim, eps=1e-8)
-        self.attention = nn.MultiheadAttention(dim, num_heads, dropout=dropout,
-                                               batch_first=True)
+        self.attention = SelfAttention(dim, num_heads, dropout)
         self.feed_forward_norm = nn.LayerNorm(dim, eps=1e-8)
         self.feed_forward = nn.Sequential(
             nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(dim, dim), nn.Dropout(dropout),
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor,
                 last_only: bool = False) -> torch.Tensor:
-        """x: float (B, L, D); mask: bool (B·heads, Q, L), True where a key is hidden.
+        """x: float (B, L, D); allowed: bool (B, 1, Q, L), True where a query sees a key.
 
         Returns (B, Q, D): every position (Q = L), or with ``last_only`` the last (Q = 1).
         """
         queries = self.attention_norm(x[:, -1:] if last_only else x)
-        attended, _ = self.attention(queries, x, x, attn_mask=mask, need_weights=False)
-        x = self.feed_forward_norm(queries + attended)
+        x = self.feed_forward_norm(queries + self.attention(queries, x, allowed))
         return x + self.feed_forward(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention of queries over a sequence that gives both keys and values.
+
+    What ``nn.MultiheadAttention(dim, num_heads, dropout, batch_first=True)`` computes
+    for ``(queries, x, x)``, with its parameters, their names and their initialisation (so
+    that either module's state loads into the other), but in the batch-first layout
+    throughout: ``scaled_dot_product_attention`` reads the projections as views, where
+    ``nn.MultiheadAttention`` copies them to and from a sequence-first layout.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))  # queries, keys, values
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, queries: torch.Tensor, x: torch.Tensor,
+                allowed: torch.Tensor) -> torch.Tensor:
+        """queries: float (B, Q, D); x: float (B, L, D); allowed: bool, broadcastable to
+        (B, heads, Q, L), True where a query attends to a key. Returns float (B, Q, D)."""
+        dim = x.size(-1)
+        q = F.linear(queries, self.in_proj_weight[:dim], self.in_proj_bias[:dim])
+        k, v = F.linear(x, self.in_proj_weight[dim:], self.in_proj_bias[dim:]).chunk(2, -1)
+        attended = F.scaled_dot_product_attention(
+            *(t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v)),
+            attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(attended.transpose(1, 2).flatten(2))
 
 
 def right_aligned(values: torch.Tensor, lengths: torch.Tensor,
