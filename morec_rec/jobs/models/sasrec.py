@@ -178,9 +178,9 @@ class SelfAttention(nn.Module):
                 allowed: torch.Tensor) -> torch.Tensor:
         """queries: float (B, Q, D); x: float (B, L, D); allowed: bool, broadcastable to
         (B, heads, Q, L), True where a query attends to a key. Returns float (B, Q, D)."""
-        dim = x.size(-1)
-        q = F.linear(queries, self.in_proj_weight[:dim], self.in_proj_bias[:dim])
-        k, v = F.linear(x, self.in_proj_weight[dim:], self.in_proj_bias[dim:]).chunk(2, -1)
+        weight, bias = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
+        q = F.linear(queries, weight[0], bias[0])
+        k, v = F.linear(x, weight[1], bias[1]), F.linear(x, weight[2], bias[2])
         attended = F.scaled_dot_product_attention(
             *(t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v)),
             attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
