@@ -31,6 +31,7 @@ from morec_rec.jobs.models.negatives import NegativeSampler
 from morec_rec.jobs.models.sasrec import SASRec, SelfAttention, right_aligned
 from morec_rec.jobs.sharding import shard
 from morec_rec.jobs.train import training_loader
+from morec_rec.plugin import segments
 from morec_rec.plugin.sampling.objectives import Accuracy
 from morec_rec.plugin.sampling.sampled import SampledBatch
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
@@ -168,7 +169,7 @@ def test_batches_cross_from_a_loader_worker_unchanged(by_value: bool,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # A small batch is pickled by value (its arrays); over the threshold, torch's way
     # (shared memory). The worker is forked after the patch, so it reads the same threshold.
-    monkeypatch.setattr(batch_module, "BY_VALUE_MAX_BYTES", 1 << 20 if by_value else 0)
+    monkeypatch.setattr(segments, "BY_VALUE_MAX_BYTES", 1 << 20 if by_value else 0)
     batch = Collator(SASREC_FEATURES, NegativeSampler(np.ones(12)), 3, seed=1)(sampled_batch())
     reducer = batch.__reduce_ex__(pickle.HIGHEST_PROTOCOL)[0]
     assert (reducer is batch_module._batch_from_arrays) == by_value

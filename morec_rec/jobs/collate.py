@@ -11,6 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from morec_rec.errors import MorecError
+from morec_rec.plugin import segments
 from morec_rec.plugin.sampling.sampled import SampledBatch
 
 if TYPE_CHECKING:
@@ -18,12 +19,6 @@ if TYPE_CHECKING:
 
 #: Features a Collator can build from a SampledBatch.
 FEATURES = ("user_id", "item_id", "neg_item_id", "history")
-
-#: A TrainBatch of at most this many bytes leaves a loader worker by value (its arrays
-#: pickled through the worker's pipe); a larger one through shared memory, torch's way.
-#: Sharing costs a handshake per tensor, copying grows with the size; where the two cross
-#: depends on the machine: ``benchmarks/batch_transfer.py`` measures both ways.
-BY_VALUE_MAX_BYTES = 1 << 20
 
 
 @dataclasses.dataclass
@@ -46,12 +41,12 @@ class TrainBatch(Pipelineable):
         return TrainBatch(self.features.pin_memory())
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
-        """Pickles a small CPU batch by value (see :data:`BY_VALUE_MAX_BYTES`)."""
+        """Pickles a small CPU batch by value (``segments.BY_VALUE_MAX_BYTES``)."""
         features = self.features
         tensors = (features.values(), features.lengths())
         if (features.weights_or_none() is not None
                 or any(t.device.type != "cpu" for t in tensors)
-                or sum(t.nbytes for t in tensors) > BY_VALUE_MAX_BYTES):
+                or sum(t.nbytes for t in tensors) > segments.BY_VALUE_MAX_BYTES):
             return super().__reduce_ex__(protocol)
         return (_batch_from_arrays, (features.keys(), features.stride(),
                                      features.length_per_key(), *(t.numpy() for t in tensors)))

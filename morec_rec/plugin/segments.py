@@ -16,11 +16,17 @@ from typing import Any, SupportsIndex
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from morec_rec.errors import MorecError
 
 _OWN = frozenset(("batch", "segment", "index", "item_id"))
+
+#: A batch whose CPU tensors hold at most this many bytes leaves a loader worker by value
+#: (its arrays pickled through the worker's pipe); a larger one through shared memory,
+#: torch's way. Sharing costs a handshake per tensor, copying grows with the size; where
+#: the two cross depends on the machine: ``benchmarks/batch_transfer.py`` measures both.
+BY_VALUE_MAX_BYTES = 1 << 20
 
 
 class ExampleLayout(enum.Enum):
@@ -78,11 +84,13 @@ class SegmentedBatch:
         return getattr(self.batch, name)
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
-        """Pickles the segment ids by value: a loader worker sends them through its pipe
-        rather than share a small tensor (a handshake per tensor)."""
+        """Pickles the segment ids by value, and the job's batch too where it is a
+        container (dict, list, tuple) of plain CPU tensors within
+        :data:`BY_VALUE_MAX_BYTES`: a loader worker sends them through its pipe rather
+        than share each small tensor. Any other batch pickles its own way."""
         if self.segment.device.type != "cpu":
             return super().__reduce_ex__(protocol)
-        return (_segmented, (self.batch, self.segment.numpy(), self.index,
+        return (_segmented, (_by_value(self.batch), self.segment.numpy(), self.index,
                              None if self.item_id is None else self.item_id.numpy()))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> SegmentedBatch:
@@ -123,7 +131,32 @@ def _ids(batch: SegmentedBatch, method: str, *args: Any, **kwargs: Any
     return getattr(batch.segment, method)(*args, **kwargs), batch.index, item_id
 
 
+class _Array:
+    """A tensor's values in a pickled batch (not a bare array: the batch may hold some)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+
+
+def _by_value(batch: Any) -> Any:
+    """``batch`` with each tensor as an :class:`_Array`, if it is a pytree of dense CPU
+    tensors that numpy can hold, within :data:`BY_VALUE_MAX_BYTES`; else ``batch``."""
+    leaves, _ = tree_flatten(batch)
+    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    if (not tensors or any(type(t) is not torch.Tensor or t.device.type != "cpu"
+                           or t.layout != torch.strided for t in tensors)
+            or sum(t.nbytes for t in tensors) > BY_VALUE_MAX_BYTES):
+        return batch
+    try:
+        return tree_map(lambda t: _Array(t.numpy()) if isinstance(t, torch.Tensor) else t,
+                        batch)
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16), or autograd's
+        return batch
+
+
 def _segmented(batch: Any, segment: np.ndarray, index: int,
                item_id: np.ndarray | None) -> SegmentedBatch:
+    batch = tree_map(lambda a: torch.from_numpy(a.values) if isinstance(a, _Array) else a,
+                     batch)
     return SegmentedBatch(batch, torch.from_numpy(segment), index,
                           None if item_id is None else torch.from_numpy(item_id))
