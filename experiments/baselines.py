@@ -8,7 +8,9 @@ For one base (one seed), every coordinator (``static``, ``mgda``, ``pe-mtl``, ``
 with ``morec-rec run``; a coordinator that takes no preference (MGDA) gets as many
 solutions from as many seeds of the continuation instead. The first MoRec run also trains
 plain continued training (``--continued``). Runs already finished under ``--runs`` are
-read, not rerun; interrupted ones are resumed. A method's reported solution is chosen on
+read, not rerun; interrupted ones are resumed; finished ones are kept in the record's
+``runs.json`` (:class:`records.RunCache`), so a later session with the same base (retrained
+from the same seed) goes on where this one stopped. A method's reported solution is chosen on
 validation only: among the solutions whose selected pass is valid on validation, the one
 with the highest validation Imp (else the highest validation Hit). Its test metrics, test
 Imp over the base and test validity go into ``experiments/<experiment>/results.json`` (one
@@ -26,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from records import (
+    RunCache,
     imp_cell,
-    job_results,
     metric_columns,
     metric_row,
     morec_rec,
@@ -61,17 +63,20 @@ BOOTSTRAP_COLUMNS = [
 ]
 
 
-def _run(args: argparse.Namespace, coordinator: str, index: int) -> dict[str, Any]:
-    """The results.json of one solution (:func:`records.job_results`), with its folder."""
-    out = args.runs / f"s{args.seed}" / f"{coordinator}-p{index}"
+def _run(args: argparse.Namespace, cache: RunCache, coordinator: str, index: int,
+         folder: bool = False) -> dict[str, Any]:
+    """The results.json of one solution (:meth:`records.RunCache.results`), with its folder."""
+    key = f"s{args.seed}/{coordinator}-p{index}"
     if coordinator in PREFERENCE_FREE:
         choice = ["--seed", str(solution_seed(args.seed, index))]
     else:
         choice = ["--seed", str(args.seed), "--preference", ",".join(map(str, PREFERENCES[index]))]
     continued = ["--continued"] if coordinator == "morec" and index == 0 else []
-    return {"out": out, **job_results(out, "--data", str(args.data), "--base", str(args.base),
-                                      "--coordinator", coordinator, *choice, *continued,
-                                      *args.flags)}
+    out = args.runs / key
+    return {"out": out, "index": index,
+            **cache.results(key, out, "--data", str(args.data), "--base", str(args.base),
+                            "--coordinator", coordinator, *choice, *continued, *args.flags,
+                            folder=folder)}
 
 
 def _solution(coordinator: str, seed: int, index: int) -> str:
@@ -103,11 +108,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--only", nargs="+", choices=COORDINATORS,
+                        help="run (or keep) only these coordinators' solutions and record no "
+                             "tables: a second driver can run the others beside it")
     parser.add_argument("--flags", nargs=argparse.REMAINDER, default=[],
                         help="further morec-rec run flags, the same for every run")
     args = parser.parse_args()
 
-    solutions = {c: [_run(args, c, i) for i in range(len(PREFERENCES))] for c in COORDINATORS}
+    base = json.loads(morec_rec("evaluate", "--run", str(args.base), "--split", "test",
+                                "--json"))
+    cache = RunCache(args.experiment, {k: v for k, v in base.items()
+                                       if k not in ("model", "split", "users")})
+    solutions = {c: [_run(args, cache, c, i) for i in range(len(PREFERENCES))]
+                 for c in args.only or COORDINATORS}
+    if args.only:
+        return
     first = solutions["morec"][0]
     versus = first["continued_versus_base"]
     rows = [metric_row("base", first["base"]),
@@ -124,10 +139,13 @@ def main() -> None:
                          solutions_valid=f"{valid}/{len(runs)}"))
     baselines = [c for c in COORDINATORS if c != "morec"]
     best_baseline = max(baselines, key=lambda c: _validation_key(chosen[c]))
-    morec_run = chosen["morec"]["out"] / "morec"
-    bootstrap = [_bootstrap(morec_run, first["out"] / "continued", args.resamples, "MoRec",
-                            "continued")]
-    bootstrap += [_bootstrap(morec_run, chosen[c]["out"] / "morec", args.resamples, "MoRec",
+    # The bootstraps read the runs' checkpoints: a run kept only in runs.json is rerun.
+    folders = {c: _run(args, cache, c, chosen[c]["index"], folder=True)["out"]
+               for c in COORDINATORS}
+    morec_run = folders["morec"] / "morec"
+    bootstrap = [_bootstrap(morec_run, _run(args, cache, "morec", 0, folder=True)["out"]
+                            / "continued", args.resamples, "MoRec", "continued")]
+    bootstrap += [_bootstrap(morec_run, folders[c] / "morec", args.resamples, "MoRec",
                              c + (" (best baseline on validation)" if c == best_baseline
                                   else ""))
                   for c in baselines]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1] / "experiments"
 RECORDS = sorted(p.parent for p in ROOT.glob("*/results.json"))
 
@@ -73,3 +75,38 @@ def test_frontier_keeps_the_non_dominated_solutions():
     assert frontier(points, x_larger=True) == [(0.5, 0.6), (1.0, 0.5), (2.0, 0.4)]
     assert frontier([(0.2, 0.5), (0.3, 0.6), (0.25, 0.4)], x_larger=False) == [
         (0.2, 0.5), (0.3, 0.6)]
+
+
+def test_run_cache_reuses_a_run_only_with_its_flags_and_base(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    try:
+        import records
+    finally:
+        sys.path.remove(str(ROOT))
+    (tmp_path / "exp").mkdir()
+    monkeypatch.setattr(records, "ROOT", tmp_path)
+    ran, base_hit, morec_hit = [], [0.5], [0.6]
+
+    def job_results(out: Path, *flags: str) -> dict:  # a run: writes its results.json
+        ran.append(out.name)
+        out.mkdir(parents=True, exist_ok=True)
+        results = {"base": {"hit@10": base_hit[0]}, "morec": {"hit@10": morec_hit[0]}}
+        (out / "results.json").write_text(json.dumps(results))
+        return results
+
+    monkeypatch.setattr(records, "job_results", job_results)
+    out = tmp_path / "runs" / "a"
+    first = records.RunCache("exp", {"hit@10": 0.5}).results("s0/a", out, "--x")
+    assert ran == ["a"] and (tmp_path / "exp" / "runs.json").is_file()
+    shutil.rmtree(tmp_path / "runs")  # a new session: the folder is gone, the record kept
+    assert records.RunCache("exp", {"hit@10": 0.5}).results("s0/a", out, "--x") == first
+    assert ran == ["a"]
+    records.RunCache("exp", {"hit@10": 0.5}).results("s0/a", out, "--y")  # other flags
+    shutil.rmtree(tmp_path / "runs")
+    base_hit[0] = 0.4
+    records.RunCache("exp", {"hit@10": 0.4}).results("s0/a", out, "--y")  # another base
+    assert ran == ["a", "a", "a"]
+    shutil.rmtree(tmp_path / "runs")
+    morec_hit[0] = 0.7  # the folder is needed and the rerun differs from the entry
+    with pytest.raises(SystemExit, match="did not reproduce"):
+        records.RunCache("exp", {"hit@10": 0.4}).results("s0/a", out, "--y", folder=True)
