@@ -150,7 +150,7 @@ def _by_value(batch: Any) -> Any:
     try:
         return tree_map(lambda t: _Array(t.numpy()) if isinstance(t, torch.Tensor) else t,
                         batch)
-    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16), or autograd's
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16), or requires_grad
         return batch
 
 
