@@ -18,7 +18,8 @@ is not run here. For each profile (generated with seed 0 into a temporary folder
   loader workers (CPU) can feed;
 - **test**: full-ranking evaluation of every test user, users/s and the metrics, and the
   same model's metrics evaluated on the CPU (``test_on_cpu``), which should agree;
-- peak device memory and this process's peak resident memory.
+- peak device memory and this process's peak resident memory;
+- with ``--trace``, 50 more steps' profiler table, beside ``--out``.
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ def morec_epoch(data: Path, manifest: dict[str, Any], args: argparse.Namespace,
     reference = validate()
     morec.set_epoch(0)
     steps = min(morec.loader.batches_per_epoch, args.max_steps or sys.maxsize)
+    if steps <= WARMUP:
+        raise SystemExit(f"{data.name}: {steps} steps an epoch at batch size "
+                         f"{args.batch_size}; the timing needs more than {WARMUP}")
     train_s, step, started = 0.0, 0, None
     for step, batch in enumerate(morec.loader, start=1):
         loss, _ = hook(batch.to(device, non_blocking=True))
@@ -142,7 +146,8 @@ def morec_epoch(data: Path, manifest: dict[str, Any], args: argparse.Namespace,
     loader_rows_per_s = drained * batch_size / (time.perf_counter() - started)
 
     if args.trace:
-        trace(morec, hook, model, optimizer, device, args.out.with_suffix(".trace.txt"))
+        trace(morec, hook, model, optimizer, device,
+              args.out.with_suffix(f".{data.name}.trace.txt"))
     task = load_task(morec.dataset, "test")
     model.eval()
     with torch.no_grad():
@@ -184,8 +189,7 @@ def trace(morec: MoRec, hook: Any, model: torch.nn.Module, optimizer: torch.opti
             if step == steps:
                 break
         Clock(device)()
-    with out.open("a") as file:
-        file.write(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    out.write_text(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
 
 
 def check_profile(profile: str, args: argparse.Namespace,
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-users", type=int, default=4096)
     parser.add_argument("--plain-steps", type=int, default=200)
     parser.add_argument("--trace", action="store_true",
-                        help="also write 50 steps' profiler table beside --out (.trace.txt)")
+                        help="also write 50 steps' profiler table (OUT.PROFILE.trace.txt)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop the epoch after this many steps (a quick check)")
     args = parser.parse_args(argv)
