@@ -102,8 +102,8 @@ def morec_epoch(data: Path, manifest: dict[str, Any], args: argparse.Namespace,
                                                 manifest["num_items"], seed=rows.batch_index),
                   rows=lambda batch, margin: torch.nn.functional.softplus(-margin),
                   scorer=scores, sampler=SamplerConfig(sub_batch_size=args.batch_size // 4),
-                  config=MoRecConfig(), num_workers=args.num_workers, device=device,
-                  chunk_users=args.chunk_users)
+                  config=MoRecConfig(), num_workers=args.num_workers,
+                  pin_memory=args.pin_memory, device=device, chunk_users=args.chunk_users)
     clock = Clock(device)
     hook = morec.loss(model)
     validation_s: list[float] = []
@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="the loader pins its batches (MoRec's pin_memory=)")
     parser.add_argument("--rounds", type=int, default=4,
                         help="validation rounds in the epoch, after the reference one")
     parser.add_argument("--chunk-users", type=int, default=4096)
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         "torchrec_importable": importlib.util.find_spec("torchrec") is not None,
         "path": "plain PyTorch (nn.Embedding MF, Adam) with MoRec's loader, hook and "
                 "validation", "batch_size": args.batch_size, "num_workers": args.num_workers,
+        "pin_memory": args.pin_memory,
         "max_steps": args.max_steps}
     results: list[dict[str, Any]] = []
     for profile in args.profiles:

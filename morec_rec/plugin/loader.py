@@ -61,11 +61,13 @@ class MoRecLoader:
         collate: the job's collate.
         num_workers: loader worker processes (0: sample in the calling process).
         prefetch_factor: batches each worker prepares ahead.
+        pin_memory: pin each batch (``SegmentedBatch.pin_memory``) before yielding it.
         item_ids: keep the sampled rows' items in each batch (``SegmentedBatch.item_id``).
     """
 
     def __init__(self, sampler: WeightedStreamSampler, collate: Collate, *, num_workers: int,
-                 prefetch_factor: int, item_ids: bool = False) -> None:
+                 prefetch_factor: int, pin_memory: bool = False,
+                 item_ids: bool = False) -> None:
         self.sampler = sampler
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
@@ -73,7 +75,7 @@ class MoRecLoader:
         self._loader = DataLoader(
             sampler, batch_size=None, num_workers=num_workers,
             collate_fn=Segmenting(collate, item_ids=item_ids),
-            prefetch_factor=prefetch_factor if num_workers else None,
+            prefetch_factor=prefetch_factor if num_workers else None, pin_memory=pin_memory,
             worker_init_fn=die_with_parent if num_workers else None)
         self._epoch, self._start = 0, 0
         self._next = 0  # the index of the next batch to yield

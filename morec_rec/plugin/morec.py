@@ -113,6 +113,8 @@ class MoRec:
         sampler: sizes, draw mode, the built-ins' update rule, seed.
         config: the coordinator (preference, held objectives, gains, coefficients).
         num_workers, prefetch_factor: the loader's worker processes and their prefetch.
+        pin_memory: the loader puts each batch in page-locked memory (torch's pinning
+            thread), so that its copy to a CUDA device can run ahead of the host.
         device: where validation batches go (the model's device).
         chunk_users: users scored at a time in the validation ranking pass.
 
@@ -129,7 +131,7 @@ class MoRec:
                  columns: Sequence[str] = (),
                  objectives: Sequence[Objective | str] | None = None,
                  sampler: SamplerConfig | None = None, config: MoRecConfig | None = None,
-                 num_workers: int = 0, prefetch_factor: int = 2,
+                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
                  device: torch.device | str = "cpu", chunk_users: int = 1024) -> None:
         self.dataset = (dataset if isinstance(dataset, PreparedDataset)
                         else PreparedDataset.open(Path(dataset)))
@@ -191,7 +193,7 @@ class MoRec:
                                   world_size=self.world_size, store=self._spec,
                                   masses=self._initial, columns=columns),
             collate, num_workers=num_workers, prefetch_factor=prefetch_factor,
-            item_ids=isinstance(self._terms, LossForms))
+            pin_memory=pin_memory, item_ids=isinstance(self._terms, LossForms))
         self._losses = ObjectiveLosses(len(self.names))
         self._hook: MoRecLoss | BaselineLoss | None = None
         self._position = 0  # the next batch to train, before the hook has trained any
