@@ -12,17 +12,20 @@ model, data and batch size (1,024 rows, one loader worker):
   shares from the weight store before every batch (the initial shares, 91% of the rows
   drawn by the other objectives), and the loss hook (per-objective sums kept on the
   device; the controller steps at validation rounds, not here);
+* ``base_again``: a second base pipeline, the A/A control: its ratio to the first is
+  what the machine's noise alone gives;
 * MoRec under ``training`` control (``morec_training_control``): equal sub-batches
   (4 × 256 rows), and the hook also all-reduces the losses, steps the PI controller and
   weighs the means every step.
 
-The three pipelines live side by side, each with its own loader worker (an idle one
+The pipelines live side by side, each with its own loader worker (an idle one
 holds its prefetched batches and waits). They are timed in blocks of ``--steps`` steps,
 in turn, ``--pairs`` times, the order rotating from one round to the next; no block
 crosses an epoch's end (the rest of an epoch, the next epoch's start and its 20 warm-up
 steps run untimed). Each round gives MoRec's rate over the base's in the same round, a
-few seconds apart; the median over the rounds is reported with a 95% bootstrap interval.
-CPU time per step of the trainer process and of the loader workers is recorded too.
+few seconds apart; the median over the rounds is reported with a 95% bootstrap interval,
+for the rate and for the trainer's CPU time per step (``trainer_cpu_over_base``: above 1 is
+MoRec's extra CPU). CPU time per step of the loader workers is recorded too.
 ``--threads`` sets the trainer's intra-op threads (torch's default is one a core, which
 the loader worker then shares). Then the time of one validation-and-update round
 (``MoRec.validate``: ranking metrics and per-group losses on the validation users, the
@@ -169,7 +172,10 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
                         args.profile, "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
-        morecs, feeds = {}, {"base": base_feed(dataset, config, env)}
+        # A second base pipeline, built and timed like the others, is the A/A control:
+        # its ratio to the first shows what this machine resolves.
+        morecs, feeds = {}, {"base": base_feed(dataset, config, env),
+                             "base_again": base_feed(dataset, config, env)}
         for name in VARIANTS:
             morecs[name], feeds[name] = morec_feed(dataset, config, env, name)
         runs: dict[str, list[StepTiming]] = {name: [] for name in feeds}
@@ -191,12 +197,15 @@ def main() -> None:
             rounds.append(time.perf_counter() - start)
 
     rate = {k: [t.samples_per_s for t in v] for k, v in runs.items()}
-    paired = {name: paired_ratio(rate[name], rate["base"]) for name in VARIANTS}
+    paired = {name: paired_ratio(rate[name], rate["base"]) for name in (*VARIANTS, "base_again")}
+    cpu = {k: [t.trainer_cpu_ms for t in v] for k, v in runs.items()}
+    paired_cpu = {name: paired_ratio(cpu[name], cpu["base"])
+                  for name in (*VARIANTS, "base_again")}
     results = {
         "profile": args.profile, "model": args.model, "batch_size": config.batch_size,
         "steps_per_block": args.steps, "pairs": args.pairs, "warmup_steps": WARMUP,
         "samples_per_s": {k: statistics.median(v) for k, v in rate.items()},
-        "over_base": paired,
+        "over_base": paired, "trainer_cpu_over_base": paired_cpu,
         "cpu_ms_per_step": {
             k: {"trainer": statistics.median(t.trainer_cpu_ms for t in v),
                 "loader_workers": statistics.median(t.loader_cpu_ms for t in v)}
@@ -209,7 +218,8 @@ def main() -> None:
                         "device": str(env.device)},
     }
     for name, ratio in paired.items():
-        print(f"{name} / base: {ratio['median']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]")
+        print(f"{name} / base: {ratio['median']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]; "
+              f"trainer CPU {paired_cpu[name]['median']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     distributed.shutdown()
