@@ -87,6 +87,15 @@ def plain_rate(num_users: int, num_items: int, batch_size: int, steps: int,
     return steps * batch_size / (clock() - started)
 
 
+def train_step(hook: Any, optimizer: torch.optim.Optimizer, batch: Any,
+               device: torch.device) -> None:
+    """One step of the job's loop: the batch to the device, the hook's loss, Adam."""
+    loss, _ = hook(batch.to(device, non_blocking=True))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def morec_epoch(data: Path, manifest: dict[str, Any], args: argparse.Namespace,
                 device: torch.device) -> dict[str, Any]:
     """One epoch of MoRec, then the loader alone for the next, then the test split."""
@@ -122,10 +131,7 @@ def morec_epoch(data: Path, manifest: dict[str, Any], args: argparse.Namespace,
                          f"{args.batch_size}; the timing needs more than {WARMUP}")
     train_s, step, started = 0.0, 0, None
     for step, batch in enumerate(morec.loader, start=1):
-        loss, _ = hook(batch.to(device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(hook, optimizer, batch, device)
         if step == WARMUP:
             started = clock()
         if step * args.rounds // steps > (step - 1) * args.rounds // steps:  # evenly spread
@@ -146,7 +152,7 @@ def morec_epoch(data: Path, manifest: dict[str, Any], args: argparse.Namespace,
     loader_rows_per_s = drained * batch_size / (time.perf_counter() - started)
 
     if args.trace:
-        trace(morec, hook, model, optimizer, device,
+        trace(morec, hook, optimizer, device,
               args.out.with_suffix(f".{data.name}.trace.txt"))
     task = load_task(morec.dataset, "test")
     model.eval()
@@ -171,8 +177,8 @@ def morec_epoch(data: Path, manifest: dict[str, Any], args: argparse.Namespace,
     }
 
 
-def trace(morec: MoRec, hook: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-          device: torch.device, out: Path, steps: int = 50) -> None:
+def trace(morec: MoRec, hook: Any, optimizer: torch.optim.Optimizer, device: torch.device,
+          out: Path, steps: int = 50) -> None:
     """``steps`` training steps of the next epoch under ``torch.profiler``: the operators'
     table, by self CPU time, written to ``out``."""
     from torch.profiler import ProfilerActivity, profile
@@ -182,10 +188,7 @@ def trace(morec: MoRec, hook: Any, model: torch.nn.Module, optimizer: torch.opti
                                            if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         for step, batch in enumerate(morec.loader, start=1):
-            loss, _ = hook(batch.to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(hook, optimizer, batch, device)
             if step == steps:
                 break
         Clock(device)()
