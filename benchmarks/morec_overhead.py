@@ -8,9 +8,9 @@ model, data and batch size (1,024 rows, one loader worker):
 
 * base: the accuracy-only sampler and the model's own loss (``TrainPipelineSparseDist``),
   as ``morec-rec train`` builds them;
-* MoRec (``morec``), the defaults: the four objectives' sampler reading masses and batch
-  shares from the weight store before every batch (the initial shares, 91% of the rows
-  drawn by the other objectives), and the loss hook (per-objective sums kept on the
+* MoRec (``morec``), the defaults: the four objectives' sampler checking for announced
+  masses and batch shares before every batch (the initial shares, 91% of the rows drawn
+  by the other objectives), and the loss hook (per-objective sums kept on the
   device; the controller steps at validation rounds, not here);
 * ``base_again``: a second base pipeline, the A/A control: its ratio to the first is
   what the machine's noise alone gives;

@@ -170,7 +170,11 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=lambda layout: layout.value)
 def test_example_layouts_map_each_example_to_its_row(layout: ExampleLayout) -> None:
     rows, means, weighted, grad = LAYOUTS[layout]
-    assert layout.example_rows(6, 3, torch.device("cpu")).tolist() == rows
+    assert layout.expand(torch.arange(3), 6).tolist() == rows
+    two_columns = layout.expand(torch.arange(6).view(3, 2), 6)
+    assert two_columns.tolist() == [[2 * r, 2 * r + 1] for r in rows]
+    same = torch.arange(6)
+    assert layout.expand(same, 6) is same  # E = B: every row's own entry, no copy
     model = FixedModel([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], vector=True)
     # The model's own loss is the vector of per-example losses: rows=None takes it.
     hook = make_hook(model, coordinator(target=None), examples=Examples(layout=layout))

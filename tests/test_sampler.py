@@ -7,6 +7,7 @@ fails one with probability 1/1000 for a random seed, and never for the fixed one
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import numpy as np
@@ -188,6 +189,7 @@ def test_a_restarted_loader_replays_the_published_masses(
         spec = tcp_store(store)
         weights = WeightStore.connect(spec)
         s = sampler(dataset, store=spec, sub_batch_size=16)
+        s.announce(weights.latest_version())  # a restarted loader: every version so far
         s.set_epoch(0, start)
         batches = []
         for batch in DataLoader(s, batch_size=None, num_workers=2, prefetch_factor=2):
@@ -195,7 +197,8 @@ def test_a_restarted_loader_replays_the_published_masses(
             consumed = batch.batch_index + 1
             if consumed in publishes and list(publishes).index(consumed) == \
                     weights.latest_version():
-                weights.publish({"fairness": publishes[consumed][0]}, publishes[consumed][1])
+                s.announce(weights.publish({"fairness": publishes[consumed][0]},
+                                           publishes[consumed][1]))
             if consumed == stop:
                 break
         return batches
@@ -214,12 +217,28 @@ def test_a_version_published_after_its_batch_was_drawn_raises(
         dataset: PreparedDataset, tcp_store: Callable[..., StoreSpec]) -> None:
     spec = tcp_store()
     weights = WeightStore.connect(spec)
-    batches = iter(sampler(dataset, store=spec))
+    s = sampler(dataset, store=spec)
+    batches = iter(s)
     next(batches), next(batches)  # batches 0 and 1 drawn
-    weights.publish({"fairness": np.eye(5)[0]}, effective_from=1)
+    s.announce(weights.publish({"fairness": np.eye(5)[0]}, effective_from=1))
     with pytest.raises(MorecError, match="version 1 applies from batch 1, but reached a "
                                          "loader worker after it drew batch 1"):
         next(batches)
+
+
+def test_only_announced_versions_apply(
+        dataset: PreparedDataset, tcp_store: Callable[..., StoreSpec]) -> None:
+    spec = tcp_store()
+    weights = WeightStore.connect(spec)
+    s = sampler(dataset, store=spec)
+    version = weights.publish({"fairness": np.eye(5)[0]}, effective_from=0)
+    assert [b.masses_version for b in itertools.islice(s, 3)] == [0, 0, 0]
+    s.announce(version)
+    assert [b.masses_version for b in itertools.islice(s, 3)] == [1, 1, 1]
+    s.announce(version + 1)
+    with pytest.raises(MorecError, match="version 2 was announced to the sampler but is not "
+                                         "in its store"):
+        next(iter(s))
 
 
 def test_published_masses_show_in_every_workers_frequencies(
@@ -236,7 +255,7 @@ def test_published_masses_show_in_every_workers_frequencies(
     for batch in DataLoader(s, batch_size=None, num_workers=2, prefetch_factor=2):
         batches.append(batch)
         if batch.batch_index + 1 == 10:
-            weights.publish({"fairness": after}, effective_from=14)
+            s.announce(weights.publish({"fairness": after}, effective_from=14))
     assert len(batches) == s.batches_per_epoch(2) == 66
     for worker in (0, 1):
         mine = [b for b in batches if b.batch_index % 2 == worker]
@@ -255,9 +274,10 @@ def test_shares_of_the_batch_set_each_objectives_rows(
     # Published for batch 5 on: (0.7, 0.1, 0.1, 0.1) × 256 = 179.2, 25.6, 25.6, 25.6,
     # rounded by largest remainder (ties to the lower index): 179, 26, 26, 25.
     spec = tcp_store()
-    WeightStore.connect(spec).publish({BATCH: np.array([0.7, 0.1, 0.1, 0.1])},
-                                      effective_from=5)
+    version = WeightStore.connect(spec).publish({BATCH: np.array([0.7, 0.1, 0.1, 0.1])},
+                                                effective_from=5)
     s = sampler(dataset, masses={BATCH: np.array([4.0, 2, 1, 1])}, store=spec)
+    s.announce(version)
     batches = list(s)
     sizes = [np.bincount(b.objective.numpy(), minlength=4).tolist() for b in batches]
     assert sizes[:5] == [[128, 64, 32, 32]] * 5

@@ -123,6 +123,7 @@ def test_update_round_reaches_the_sampler_from_batch_k(
             batches.append(batch)
             if len(batches) == PUBLISH_AFTER:  # the trainer's update, ahead of the loader
                 assert store.publish(new, effective_from=K) == 1
+                sampler.announce(1)
     assert [b.batch_index for b in batches] == list(range(3 * per_epoch))
     assert [b.masses_version for b in batches] == [0] * K + [1] * (3 * per_epoch - K)
     assert all(b.starved.sum() == 0 for b in batches)  # every group has rows in each window

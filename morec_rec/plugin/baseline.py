@@ -50,15 +50,15 @@ class LossForms:
     def __init__(self, names: Sequence[str], items: ItemSideInformation) -> None:
         self.names, self.items = list(names), items
 
-    def __call__(self, per_example: torch.Tensor, row: torch.Tensor,
-                 batch: SegmentedBatch) -> torch.Tensor:
-        """float (n,) from the (E,) per-example losses and the sampled row of each."""
-        if batch.item_id is None:
+    def __call__(self, per_example: torch.Tensor, segment: torch.Tensor,
+                 item_id: torch.Tensor | None) -> torch.Tensor:
+        """float (n,) from the (E,) per-example losses and each example's item."""
+        if item_id is None:
             raise MorecError("the objectives' loss forms need each row's item: the loader "
                              "must keep them (MoRecLoader(item_ids=True))")
         if self.items.price.device != per_example.device:  # once: the model's device
             self.items = self.items.to(per_example.device)
-        return objective_losses(self.names, per_example, batch.item_id[row], self.items)
+        return objective_losses(self.names, per_example, item_id, self.items)
 
 
 class SubBatchMeans:
@@ -68,16 +68,16 @@ class SubBatchMeans:
     def __init__(self, num_objectives: int) -> None:
         self.num_objectives = num_objectives
 
-    def __call__(self, per_example: torch.Tensor, row: torch.Tensor,
-                 batch: SegmentedBatch) -> torch.Tensor:
-        """float (n,) from the (E,) per-example losses and the sampled row of each."""
-        sums, counts = segment_sums(per_example, batch.segment[row], self.num_objectives)
+    def __call__(self, per_example: torch.Tensor, segment: torch.Tensor,
+                 item_id: torch.Tensor | None) -> torch.Tensor:
+        """float (n,) from the (E,) per-example losses and each example's segment."""
+        sums, counts = segment_sums(per_example, segment, self.num_objectives)
         return sums / counts.clamp(min=1)
 
 
-#: ``(per-example losses (E,), sampled row of each (E,), batch) -> (n,)``: the objectives'
-#: losses that a rule weighs.
-ObjectiveTerms = Callable[[torch.Tensor, torch.Tensor, SegmentedBatch], torch.Tensor]
+#: ``(per-example losses (E,), each example's segment (E,), each example's item (E,) or
+#: None) -> (n,)``: the objectives' losses that a rule weighs.
+ObjectiveTerms = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 class BaselineLoss:
@@ -113,8 +113,10 @@ class BaselineLoss:
 
     def __call__(self, batch: SegmentedBatch) -> tuple[torch.Tensor, Any]:
         loss, output = self.model(batch.batch)
-        per_example, row = self.examples.losses(batch.batch, loss, output, len(batch.segment))
-        values = self.terms(per_example, row, batch)
+        per_example = self.examples.losses(batch.batch, loss, output, len(batch.segment))
+        values = self.terms(per_example, self.examples.expand(batch.segment, per_example),
+                            None if batch.item_id is None
+                            else self.examples.expand(batch.item_id, per_example))
         if self._segments.device != values.device:  # once: the model's device
             self._segments = self._segments.to(values.device)
         self.losses.add(values, self._segments)

@@ -49,8 +49,8 @@ class Examples:
     layout: ExampleLayout = ExampleLayout.ROWS
 
     def losses(self, batch: Any, loss: torch.Tensor, output: Any,
-               num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """float (E,) per-example losses and int64 (E,) the sampled row of each."""
+               num_rows: int) -> torch.Tensor:
+        """float (E,): the per-example losses of a batch of ``num_rows`` sampled rows."""
         per_example = loss if self.rows is None else self.rows(batch, output)
         if not isinstance(per_example, torch.Tensor) or per_example.dim() != 1:
             shape = tuple(per_example.shape) if isinstance(per_example, torch.Tensor) else None
@@ -59,8 +59,13 @@ class Examples:
                 f"shape {shape}: " + ("the model returns a reduced loss; pass rows=, a "
                                       "function of (batch, output) giving each example's loss"
                                       if self.rows is None else "check rows="))
-        return per_example, self.layout.example_rows(len(per_example), num_rows,
-                                                     per_example.device)
+        self.layout.check(len(per_example), num_rows)
+        return per_example
+
+    def expand(self, per_row: torch.Tensor, per_example: torch.Tensor) -> torch.Tensor:
+        """(E, ...): each example's entry of the (B, ...) ``per_row`` (see
+        :meth:`ExampleLayout.expand`)."""
+        return self.layout.expand(per_row, len(per_example))
 
 
 def segment_sums(values: torch.Tensor, segment: torch.Tensor,
@@ -130,8 +135,8 @@ class MoRecLoss:
 
     def __call__(self, batch: SegmentedBatch) -> tuple[torch.Tensor, Any]:
         loss, output = self.model(batch.batch)
-        per_example, row = self.examples.losses(batch.batch, loss, output, len(batch.segment))
-        segment = batch.segment[row]
+        per_example = self.examples.losses(batch.batch, loss, output, len(batch.segment))
+        segment = self.examples.expand(batch.segment, per_example)
         self.losses.add(per_example, segment)
         if self.model.training:
             self.trained = batch.index

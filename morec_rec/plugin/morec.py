@@ -290,9 +290,9 @@ class MoRec:
             for _, sampled in zip(range(num_batches), sampler):
                 batch = segmenting(sampled).to(self.device)
                 loss, output = model(batch.batch)
-                per_example, row = self.examples.losses(batch.batch, loss, output,
-                                                        len(batch.segment))
-                losses.add(per_example, batch.segment[row])
+                per_example = self.examples.losses(batch.batch, loss, output,
+                                                   len(batch.segment))
+                losses.add(per_example, self.examples.expand(batch.segment, per_example))
         return dict(zip(self.names, losses.reduce().tolist()))
 
     def objective_losses(self) -> dict[str, float | None]:
@@ -366,6 +366,7 @@ class MoRec:
                 "masses": {k: v.tolist() for k, v in masses.values.items()}}
 
     def _append(self, version: int) -> Masses:
+        self.loader.sampler.announce(version)
         masses = self.store.read(version)
         self._journal.append(masses)
         self._masses.update(masses.values)

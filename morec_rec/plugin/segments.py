@@ -41,21 +41,28 @@ class ExampleLayout(enum.Enum):
     BLOCKED = "blocked"
     INTERLEAVED = "interleaved"
 
-    def example_rows(self, num_examples: int, num_rows: int,
-                     device: torch.device) -> torch.Tensor:
-        """int64 (E,): the sampled row of each of ``num_examples`` examples."""
+    def check(self, num_examples: int, num_rows: int) -> None:
+        """MorecError unless ``num_examples`` examples can be laid out over ``num_rows``."""
         if num_examples == num_rows:
-            return torch.arange(num_rows, device=device)
+            return
         if self is ExampleLayout.ROWS or num_rows == 0 or num_examples % num_rows:
             raise MorecError(
                 f"{num_examples} per-example losses for {num_rows} sampled rows: "
                 + ("give the examples' layout (ExampleLayout.BLOCKED or INTERLEAVED)"
                    if self is ExampleLayout.ROWS and num_rows and not num_examples % num_rows
                    else "expected one loss per row or the same number per row"))
-        examples = torch.arange(num_examples, device=device)
+
+    def expand(self, per_row: torch.Tensor, num_examples: int) -> torch.Tensor:
+        """(E, ...): each of ``num_examples`` examples' entry of the (B, ...) ``per_row``
+        (one entry per sampled row); ``per_row`` itself when E = B."""
+        num_rows = len(per_row)
+        self.check(num_examples, num_rows)
+        if num_examples == num_rows:
+            return per_row
+        repeats = num_examples // num_rows
         if self is ExampleLayout.BLOCKED:
-            return examples % num_rows
-        return examples // (num_examples // num_rows)
+            return per_row.repeat(repeats, *[1] * (per_row.dim() - 1))
+        return per_row.repeat_interleave(repeats, dim=0)
 
 
 @dataclasses.dataclass

@@ -72,7 +72,7 @@ def group_losses(model: nn.Module, rows: pa.Table, collate: Collate,
     of ``chunk_rows``, chunk c scored by rank c mod world size as batch index c, so the
     result does not depend on the number of ranks. ``model(batch) -> (loss, output)`` is
     called in whatever mode the caller set (eval, under ``torch.no_grad``); ``examples``
-    finds the per-example losses and their rows. A collective under
+    finds the per-example losses and lays them over the rows. A collective under
     ``torch.distributed``: every rank makes the same number of model calls. Returns
     float64 (num_groups[column],) per column, NaN for a group without examples.
     """
@@ -87,11 +87,11 @@ def group_losses(model: nn.Module, rows: pa.Table, collate: Collate,
         loss, output = model(batch)
         if padding:
             continue
-        per_example, row = examples.losses(batch, loss, output, chunk.num_rows)
+        per_example = examples.losses(batch, loss, output, chunk.num_rows)
         loss = per_example.detach().double().cpu().numpy()
-        row = row.cpu().numpy()
         for column, groups in num_groups.items():
-            group = chunk[column].to_numpy().astype(np.int64)[row]
+            group = examples.expand(torch.from_numpy(chunk[column].to_numpy().astype(np.int64)),
+                                    per_example).numpy()
             sums[column] += np.bincount(group, weights=loss, minlength=groups)
             counts[column] += np.bincount(group, minlength=groups)
     flat = torch.from_numpy(np.concatenate([*sums.values(), *counts.values()]))

@@ -49,6 +49,8 @@ def loader(dataset: PreparedDataset, names: tuple[str, ...], masses: dict | None
         rank=dist.get_rank(), world_size=dist.get_world_size(), store=store, masses=masses,
     )
     sampler.set_epoch(0, start)
+    if store is not None:
+        sampler.announce(WeightStore.connect(store).latest_version())
     return DataLoader(sampler, batch_size=None, num_workers=NUM_WORKERS,
                       prefetch_factor=PREFETCH)
 
@@ -79,12 +81,14 @@ def main() -> None:
     store = WeightStore.connect(spec)
     first = np.eye(groups)[0]
     weighted, effective_from = [], None
-    for count, batch in enumerate(loader(dataset, ("fairness",), {"fairness": first}, spec), 1):
+    weighted_loader = loader(dataset, ("fairness",), {"fairness": first}, spec)
+    for count, batch in enumerate(weighted_loader, 1):
         weighted.append(record(batch))
         if count == PUBLISH_AFTER:
             # Batches already produced or in flight: at most NUM_WORKERS * PREFETCH ahead.
             effective_from = count + NUM_WORKERS * PREFETCH
-            publish_and_sync(store, {"fairness": np.eye(groups)[-1]}, effective_from)
+            weighted_loader.dataset.announce(
+                publish_and_sync(store, {"fairness": np.eye(groups)[-1]}, effective_from))
     resumed = [record(batch) for batch in loader(dataset, ("fairness",), {"fairness": first},
                                                  spec, start=RESUME_AT)]
     (args.out / f"rank{rank}.json").write_text(json.dumps({

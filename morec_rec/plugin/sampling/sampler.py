@@ -11,8 +11,11 @@ from the whole window by its distribution (group masses, then rows within a grou
 uniformly or by weight).
 
 Masses come from the weight store: every published version carries the loader batch
-index from which it applies, and the sampler polls the store before each batch, so every
-worker of every rank switches at the same batch. A worker starts from the initial masses
+index from which it applies, and the process that made the sampler announces each version
+(:meth:`WeightedStreamSampler.announce`, memory it shares with its loader workers); before
+each batch a worker reads the announced version and goes to the store only when it has
+moved, so every worker of every rank switches at the same batch without a store round
+trip per batch. A worker starts from the initial masses
 and replays every version published so far, so the masses in force at a batch are a
 function of the store's versions and the batch index alone; a version that reaches a
 worker after it drew a batch the version should have applied to raises rather than apply
@@ -25,6 +28,8 @@ epoch and a position within it (:meth:`WeightedStreamSampler.set_epoch`) resume 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import operator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping, Sequence
@@ -127,6 +132,8 @@ class WeightedStreamSampler(IterableDataset):
         self._version = 0
         self._epoch = 0
         self._start = 0  # the rank loader's first position of the epoch
+        # Shared with the loader workers (inherited when they start): see announce().
+        self._announced = multiprocessing.RawValue("q", 0)
 
     @property
     def batch_size(self) -> int:
@@ -144,6 +151,17 @@ class WeightedStreamSampler(IterableDataset):
         if epoch < 0 or start < 0:
             raise MorecError(f"sampler: epoch {epoch} and start {start} must be >= 0")
         self._epoch, self._start = epoch, start
+
+    def announce(self, version: int) -> None:
+        """Makes the store's versions up to ``version`` visible to this sampler's
+        iterators, here and in its loader workers, including those already running.
+
+        Call it in the process that made the sampler once ``WeightStore.publish`` or
+        :func:`~morec_rec.plugin.sampling.store.publish_and_sync` has returned
+        ``version``, before the loader draws the batch the version applies from; the
+        sampler never sees a version that was not announced.
+        """
+        self._announced.value = max(self._announced.value, operator.index(version))
 
     @property
     def masses(self) -> dict[str, np.ndarray]:
@@ -163,7 +181,8 @@ class WeightedStreamSampler(IterableDataset):
         first = (self._start - role + num_workers - 1) // num_workers
         # Every pass starts from the initial masses and replays the store's versions.
         self._masses, self._version = dict(self._initial), 0
-        weights = _MassesFeed(WeightStore.connect(self.store)) if self.store else None
+        weights = (_MassesFeed(WeightStore.connect(self.store), self._announced)
+                   if self.store else None)
         per_window = self.config.window_batches
         windows = self._windows(stream, num_streams, per_stream, first=first // per_window)
         for k in range(first, per_stream):
@@ -212,28 +231,34 @@ class WeightedStreamSampler(IterableDataset):
 
 
 class _MassesFeed:
-    """Published masses not yet in force, read from the store as they appear.
+    """Announced masses not yet in force, read from the store as they are announced.
 
-    The first poll reads every version published so far (a replay: they apply from the
+    The first poll reads every version announced so far (a replay: they apply from the
     batches their ``effective_from`` names); a version first seen later must apply from a
     batch this worker has not drawn yet.
     """
 
-    def __init__(self, store: WeightStore) -> None:
+    def __init__(self, store: WeightStore, announced: Any) -> None:
         self._store = store
+        self._announced = announced  # a shared ctypes int64
         self._seen = 0
         self._drawn: int | None = None  # the last batch index this worker drew
         self._pending: list[Masses] = []
 
     def due(self, batch_index: int) -> list[Masses]:
-        """The versions that apply from ``batch_index`` on, oldest first (polls the store).
+        """The versions that apply from ``batch_index`` on, oldest first.
 
         Raises MorecError for a version that should have applied to a batch already drawn.
         """
-        latest = self._store.latest_version()
+        latest = self._announced.value
         if latest > self._seen:
-            new = (self._store.history()[self._seen:] if self._drawn is None
-                   else [self._store.read(v) for v in range(self._seen + 1, latest + 1)])
+            if self._drawn is None:  # the first poll: every version so far in one round trip
+                new = self._store.history()[:latest]
+            else:
+                new = [self._store.read(v) for v in range(self._seen + 1, latest + 1)]
+            if len(new) != latest - self._seen:
+                raise MorecError(f"weight version {latest} was announced to the sampler but "
+                                 "is not in its store")
             late = [m for m in new if self._drawn is not None and m.effective_from <= self._drawn]
             if late:
                 raise MorecError(

@@ -224,8 +224,8 @@ class WeightStore:
     def latest_version(self) -> int:
         """The latest published version, 0 if none. Never blocks, never writes.
 
-        (Loaders poll this before every batch: ``check`` rather than ``add(key, 0)``, which
-        would count as a write.)
+        (Readers may poll it: ``check`` rather than ``add(key, 0)``, which would count as a
+        write.)
         """
         if not self._pointer_seen:
             if not self._store.check([_VERSION_KEY]):
