@@ -236,6 +236,15 @@ def test_objective_losses_reduce_to_the_means_since_the_last_call() -> None:
     losses.add(torch.full((1000,), 3.0, dtype=torch.bfloat16), torch.zeros(1000, dtype=torch.int64))
     assert losses.reduce()[0] == 1.5
 
+    # Steps are summed FOLD at a time: 2.5 folds, and a step's losses changed in place
+    # after add (a reused output buffer) count as they were.
+    steps = 5 * ObjectiveLosses.FOLD // 2
+    for step in range(steps):
+        buffer = torch.tensor([float(step), 1.0])
+        losses.add(buffer, torch.tensor([0, 1]))
+        buffer.fill_(1e6)
+    np.testing.assert_array_equal(losses.reduce()[:2], [(steps - 1) / 2, 1.0])
+
 
 @pytest.mark.parametrize(("losses", "segments", "error", "message"), [
     ([0.5, 1.0, 2.0], [0, 1, 1], MorecError, r"needs rows of every objective .* \[1.0, 2.0, 0.0\]"),
