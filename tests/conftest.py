@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from typing import Callable, Iterator
 from pathlib import Path
@@ -61,15 +64,49 @@ def free_port() -> int:
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 120) -> str:
     """Runs ``script`` (relative to the repository) under torchrun with ``nproc`` CPU ranks.
 
-    Fails the test on a non-zero exit; returns what the ranks printed to stdout.
+    Fails the test on a non-zero exit; returns what the ranks printed to stdout. Past
+    ``timeout`` every process of the job prints its Python stacks into the failure
+    (faulthandler, on a SIGABRT sent to each): where it hung. Then none is left running.
     """
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master-port={free_port()}", str(ROOT / script), *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun starts each rank in a session of its own: signal the processes one by
+        # one, the agent stopped first so that it does not end the others at the first.
+        os.kill(job.pid, signal.SIGSTOP)
+        processes = descendants(job.pid)
+        for pid in reversed(processes):  # the loader workers, then the ranks
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+                time.sleep(0.5)  # one at a time: their stacks do not interleave
+        for pid in (*processes, job.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, stderr = job.communicate()
+        pytest.fail(f"{script} under torchrun ran past {timeout:g} s; its processes' "
+                    f"stacks:\n{stderr[-12000:]}")
+    assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (Linux ``/proc``), parents before their children."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        below = children.get(queue.pop(0), [])
+        found += below
+        queue += below
+    return found
 
 
 def chi_square_p(observed: np.ndarray, expected: np.ndarray) -> float:
