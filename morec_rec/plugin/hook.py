@@ -97,13 +97,13 @@ class ObjectiveLosses:
     def add(self, per_example: torch.Tensor, segment: torch.Tensor) -> None:
         """Adds (E,) losses of (E,) segments (on one device); no host synchronisation."""
         size = len(per_example)
-        values = self._values
-        if values is None or values.device != per_example.device \
-                or self._filled + size > len(values):
-            self._fold()
-            if values is None or values.device != per_example.device or size > len(values):
-                self._values = per_example.new_empty(self.FOLD * size, dtype=torch.float64)
-                self._segments = segment.new_empty(self.FOLD * size, dtype=torch.int64)
+        buffer = self._values
+        fits = buffer is not None and buffer.device == per_example.device
+        if not (fits and self._filled + size <= len(buffer)):
+            self._fold()  # into the sums on the buffer's device
+        if not (fits and size <= len(buffer)):
+            self._values = per_example.new_empty(self.FOLD * size, dtype=torch.float64)
+            self._segments = segment.new_empty(self.FOLD * size, dtype=torch.int64)
         assert self._values is not None and self._segments is not None
         self._values[self._filled:self._filled + size].copy_(per_example.detach())
         self._segments[self._filled:self._filled + size].copy_(segment)

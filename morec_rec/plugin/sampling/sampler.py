@@ -15,14 +15,14 @@ index from which it applies, and the process that made the sampler announces eac
 (:meth:`WeightedStreamSampler.announce`, memory it shares with its loader workers); before
 each batch a worker reads the announced version and goes to the store only when it has
 moved, so every worker of every rank switches at the same batch without a store round
-trip per batch. A worker starts from the initial masses
-and replays every version published so far, so the masses in force at a batch are a
-function of the store's versions and the batch index alone; a version that reaches a
-worker after it drew a batch the version should have applied to raises rather than apply
-late. Memory is bounded by two windows (the one being sampled and the next, read in a
-background thread) plus one Parquet row group, whatever the size of the log. Randomness
-is derived from (seed, epoch, stream, window or batch), so no RNG state needs saving: an
-epoch and a position within it (:meth:`WeightedStreamSampler.set_epoch`) resume the stream.
+trip per batch. A worker starts from the initial masses and replays every version
+announced so far, so the masses in force at a batch are a function of the store's
+versions and the batch index alone; a version that reaches a worker after it drew a batch
+the version should have applied to raises rather than apply late. Memory is bounded by
+two windows (the one being sampled and the next, read in a background thread) plus one
+Parquet row group, whatever the size of the log. Randomness is derived from (seed,
+epoch, stream, window or batch), so no RNG state needs saving: an epoch and a position
+within it (:meth:`WeightedStreamSampler.set_epoch`) resume the stream.
 """
 
 from __future__ import annotations
