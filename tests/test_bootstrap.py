@@ -65,6 +65,23 @@ def test_a_model_that_hits_more_users_leads_in_every_resample() -> None:
     assert result.imp > 0 and result.imp_positive == 1.0
 
 
+def test_imp_over_chosen_terms_leaves_the_others_out() -> None:
+    # A hits more users than B (Hit up) with the same exposure (Pop-KL equal): over Pop-KL
+    # alone A's Imp is 0 in every resample, over Hit and Pop-KL it is half of Hit's gain.
+    top_k, held_out, hit = _pair(2000)
+    better = top_k.copy()
+    extra = ~hit & (np.random.default_rng(1).random(len(hit)) < 0.2)
+    better[extra, 0] = held_out[extra]
+    a, b = rows_of(better, held_out), rows_of(top_k, held_out)
+    flat = paired_bootstrap(a, b, Q, k=2, num_fairness_groups=2, resamples=100,
+                            imp_terms=("pop_kl",))
+    assert flat.imp == 0 and flat.imp_positive == 0 and flat.imp_terms == ("pop_kl",)
+    both = paired_bootstrap(a, b, Q, k=2, num_fairness_groups=2, resamples=100,
+                            imp_terms=("hit", "pop_kl"))
+    gain = both.difference["hit@2"] / both.b["hit@2"]
+    assert both.imp == pytest.approx(gain / 2) and both.imp_positive == 1.0
+
+
 def test_one_user_more_is_within_noise() -> None:
     top_k, held_out, hit = _pair(2000)
     better = top_k.copy()

@@ -230,6 +230,21 @@ def test_imp_with_a_zero_base_metric() -> None:
     assert none.describe() == "Imp undefined (base hit@10, rhit@10, pop_kl@10, min_hit@10 = 0)"
 
 
+def test_imp_over_chosen_terms() -> None:
+    # MoRec over the three terms without min-Hit: (0.006173 + 0.662901 + 0.882068) / 3
+    # = 0.517047; over Pop-KL alone 125.73/142.54 = 0.882068.
+    three = improvement(BASE, MOREC, ("hit", "rhit", "pop_kl"))
+    assert three.imp == pytest.approx(0.517047, abs=1e-6)
+    assert list(three.per_metric) == ["hit@10", "rhit@10", "pop_kl@10"]
+    assert improvement(BASE, MOREC, ["pop_kl"]).imp == pytest.approx(125.73 / 142.54)
+    # A zero base metric outside the terms does not make Imp undefined.
+    base = {**BASE, "min_hit@10": 0.0}
+    assert improvement(base, MOREC, ("hit", "rhit", "pop_kl")).imp == three.imp
+    for terms in (("hit", "recall"), ()):
+        with pytest.raises(ValueError, match="Imp terms must be some of hit, rhit"):
+            improvement(BASE, MOREC, terms)
+
+
 def test_imp_of_a_run_against_itself_is_zero() -> None:
     metrics = case_a().finalize(Q).as_dict()
     assert improvement(metrics, metrics).imp == 0.0

@@ -10,10 +10,11 @@ differences is the test-set noise of the comparison; the models are fixed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
-from morec_rec.plugin.eval.metrics import RankingMetricSums, improvement
+from morec_rec.plugin.eval.metrics import METRICS, RankingMetricSums, improvement
 
 #: Resamples whose weight matrix is built at once: (CHUNK, U) int64.
 _CHUNK = 100
@@ -30,11 +31,13 @@ class PairedBootstrap:
             resamples at ``level``.
         above: per metric, the share of resamples in which A's value exceeds B's (for
             Pop-KL, lower is better: A ahead is ``1 - above`` less the ties).
-        imp: Imp of A over B (B as the base; over the defined terms; None if none is).
+        imp: Imp of A over B (B as the base; over the defined ones of ``imp_terms``; None
+            if none is).
         imp_interval: the percentile interval of that Imp over the resamples.
         imp_positive: the share of resamples in which A's Imp over B is > 0. A term
             undefined in a resample (B's metric 0 there) is left out of that resample's
             Imp, as in :func:`~morec_rec.plugin.eval.metrics.improvement`.
+        imp_terms: the metrics Imp is over (names of ``METRICS``).
         resamples, level, seed: as given.
     """
 
@@ -46,6 +49,7 @@ class PairedBootstrap:
     imp: float | None
     imp_interval: tuple[float, float]
     imp_positive: float
+    imp_terms: tuple[str, ...]
     resamples: int
     level: float
     seed: int
@@ -53,11 +57,12 @@ class PairedBootstrap:
 
 def paired_bootstrap(rows_a: np.ndarray, rows_b: np.ndarray, q: np.ndarray, *, k: int,
                      num_fairness_groups: int, resamples: int = 1000, level: float = 0.95,
-                     seed: int = 0) -> PairedBootstrap:
+                     seed: int = 0, imp_terms: Sequence[str] = METRICS) -> PairedBootstrap:
     """Compares A and B from their per-user rows (U, D), row u of both the same user.
 
-    ``q`` is the target popularity distribution (``RankingTask.q``). Deterministic for a
-    given ``seed``.
+    ``q`` is the target popularity distribution (``RankingTask.q``); Imp is over
+    ``imp_terms`` (e.g. without ``min_hit`` where the test set cannot resolve it).
+    Deterministic for a given ``seed``.
     """
     if rows_a.shape != rows_b.shape or rows_a.ndim != 2 or len(rows_a) == 0:
         raise ValueError(f"per-user rows of A and B must have the same (U, D) shape, U > 0; "
@@ -82,7 +87,7 @@ def paired_bootstrap(rows_a: np.ndarray, rows_b: np.ndarray, q: np.ndarray, *, k
         for total_a, total_b in zip(weights @ rows_a, weights @ rows_b):
             resampled_a, resampled_b = metrics(total_a), metrics(total_b)
             differences.append([resampled_a[m] - resampled_b[m] for m in resampled_a])
-            imp = improvement(resampled_b, resampled_a).imp_defined
+            imp = improvement(resampled_b, resampled_a, imp_terms).imp_defined
             imps.append(np.nan if imp is None else imp)
     tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
     differences = np.array(differences)
@@ -92,8 +97,8 @@ def paired_bootstrap(rows_a: np.ndarray, rows_b: np.ndarray, q: np.ndarray, *, k
         a=a, b=b, difference={m: a[m] - b[m] for m in keys},
         interval={m: (float(bounds[0, i]), float(bounds[1, i])) for i, m in enumerate(keys)},
         above={m: float(np.mean(differences[:, i] > 0)) for i, m in enumerate(keys)},
-        imp=improvement(b, a).imp_defined,
+        imp=improvement(b, a, imp_terms).imp_defined,
         imp_interval=tuple(float(x) for x in np.nanpercentile(imps, tails)),
         imp_positive=float(np.nanmean(np.array(imps) > 0)),
-        resamples=resamples, level=level, seed=seed,
+        imp_terms=tuple(imp_terms), resamples=resamples, level=level, seed=seed,
     )

@@ -28,6 +28,7 @@ from morec_rec.config import (
 from morec_rec.data.format import MANIFEST, PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.jobs.bootstrap import PairedBootstrap
+from morec_rec.plugin.eval.metrics import METRICS
 
 if TYPE_CHECKING:
     from morec_rec.jobs.run import Run
@@ -110,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--resamples", type=int, default=1000,
                           help="paired resamples for --against (default: 1000)")
     evaluate.add_argument("--seed", type=int, default=0, help="resampling seed for --against")
+    evaluate.add_argument("--imp-over", type=_imp_terms, default=METRICS, metavar="TERMS",
+                          help="the metrics Imp averages for --against, comma-separated "
+                               f"(default: {','.join(METRICS)})")
     evaluate.set_defaults(command=_evaluate)
 
     run = commands.add_parser("run", help="pretrain, continue with MoRec, evaluate on test")
@@ -129,6 +133,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_job_arguments(demo)
     demo.set_defaults(command=_demo)
     return parser
+
+
+def _imp_terms(text: str) -> tuple[str, ...]:
+    """``--imp-over``: comma-separated names of ``METRICS``."""
+    terms = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in terms if name not in METRICS]
+    if unknown or len(set(terms)) != len(terms):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected distinct names among {', '.join(METRICS)}")
+    return terms
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -261,7 +275,8 @@ def _compare(args: argparse.Namespace) -> None:
         rows = [evaluate_users(scorer, task, chunk_users=config.eval_chunk_users)
                 for scorer, _, config in scorers]
     result = paired_bootstrap(*rows, task.q, k=K, num_fairness_groups=task.num_fairness_groups,
-                              resamples=args.resamples, seed=args.seed)
+                              resamples=args.resamples, seed=args.seed,
+                              imp_terms=args.imp_over)
     print(format_comparison(str(args.run), str(args.against), args.split, len(task), result,
                             args.json))
 
@@ -307,7 +322,8 @@ def format_comparison(a: str, b: str, split: str, users: int, result: PairedBoot
                      f"  {100 * result.above[key]:5.1f}%")
     imp = "undefined" if result.imp is None else f"{100 * result.imp:+.2f}%"
     low, high = result.imp_interval
-    lines.append(f"  Imp of A over B {imp} [{100 * low:+.2f}%, {100 * high:+.2f}%]; "
+    over = "" if set(result.imp_terms) == set(METRICS) else f" ({', '.join(result.imp_terms)})"
+    lines.append(f"  Imp of A over B{over} {imp} [{100 * low:+.2f}%, {100 * high:+.2f}%]; "
                  f"> 0 in {100 * result.imp_positive:.1f}% of the resamples")
     return "\n".join(lines)
 

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -304,11 +304,18 @@ def _metric_keys(metrics: Mapping[str, float]) -> list[str]:
     return [f"{name}@{found[0][1]}" for name in METRICS]
 
 
-def improvement(base: Mapping[str, float], run: Mapping[str, float]) -> Improvement:
+def improvement(base: Mapping[str, float], run: Mapping[str, float],
+                terms: Collection[str] = METRICS) -> Improvement:
     """Imp of ``run`` over ``base``, both keyed as :meth:`RankingMetrics.as_dict` (other
-    keys are ignored); the scale cancels, so fractions and percentages both work."""
+    keys are ignored), over the ``terms`` named (default: the four of :data:`METRICS`); the
+    scale cancels, so fractions and percentages both work."""
+    unknown = sorted(set(terms) - set(METRICS))
+    if unknown or not terms:
+        raise ValueError(f"Imp terms must be some of {', '.join(METRICS)}; got {sorted(terms)}")
     per_metric: dict[str, float | None] = {}
     for key in _metric_keys(base):
+        if key.partition("@")[0] not in terms:
+            continue
         b, x = float(base[key]), float(run[key])
         if not (math.isfinite(b) and math.isfinite(x)):
             raise ValueError(f"{key}: base {b} and run {x} must be finite")
