@@ -1,7 +1,7 @@
 """MoRec against continued training and the baseline coordinators: runs and records them.
 
     python experiments/baselines.py --experiment tafeng-mf-baselines --data data/tafeng \\
-        --base runs/tafeng-mf-s0 --seed 0 --runs runs/tafeng-mf-baselines [--resamples 1000] \
+        --base runs/tafeng-mf-s0 --seed 0 --runs runs/tafeng-mf-baselines [--resamples 1000] \\
         [--resolved hit rhit pop_kl]
 
 For one base (one seed), every coordinator (``static``, ``mgda``, ``pe-mtl``, ``epo``,
@@ -19,7 +19,7 @@ table per seed, rows added or replaced), with paired bootstraps over the test us
 (``morec-rec evaluate --against``) of MoRec's solution against continued training and
 against every baseline's chosen solution (the best of them on validation marked): Imp
 over the four terms, and over the ``--resolved`` ones where the test set cannot resolve
-them all (on Ta-Feng min-Hit is 0–3 users, so a term that comes and goes with the
+them all (on Ta-Feng min-Hit is 0–3 users: a term that comes and goes with the
 resample). ``python
 experiments/tables.py`` then renders the tables into the experiment's README.
 """
