@@ -42,6 +42,8 @@ from records import (
     valid_cell,
 )
 
+from morec_rec.plugin.eval.metrics import METRICS
+
 COORDINATORS = ("static", "mgda", "pe-mtl", "epo", "morec")
 #: Coordinators that take no preference: their solutions differ by the run's seed instead
 #: (:func:`records.solution_seed`).
@@ -65,13 +67,12 @@ BOOTSTRAP_COLUMNS = [
     {"key": "imp_ci", "label": "95% interval", "format": "ci"},
     {"key": "ahead_pct", "label": "A ahead (Imp > 0) in resamples", "format": "gpct"},
 ]
-ALL_TERMS = ("hit", "rhit", "pop_kl", "min_hit")
 
 
 def bootstrap_columns(resolved: tuple[str, ...]) -> list[dict[str, str]]:
     """The bootstrap table's columns: Imp over the four terms, and again over the
     ``resolved`` ones where they are fewer."""
-    if set(resolved) == set(ALL_TERMS):
+    if set(resolved) == set(METRICS):
         return BOOTSTRAP_COLUMNS
     over = ", ".join(resolved)
     return BOOTSTRAP_COLUMNS + [
@@ -113,8 +114,8 @@ def _bootstrap(a: Path, b: Path, resamples: int, a_name: str, b_name: str,
     """MoRec's run ``a`` against ``b``: Imp over the four terms, and over ``resolved``
     (``resolved_``-prefixed keys) where those are fewer."""
     row = {"a": a_name, "b": b_name}
-    for prefix, terms in (("", ALL_TERMS), ("resolved_", resolved)):
-        if prefix and set(terms) == set(ALL_TERMS):
+    for prefix, terms in (("", METRICS), ("resolved_", resolved)):
+        if prefix and set(terms) == set(METRICS):
             break
         result = json.loads(morec_rec("evaluate", "--run", str(a), "--against", str(b),
                                       "--json", "--resamples", str(resamples),
@@ -135,7 +136,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--resamples", type=int, default=1000)
-    parser.add_argument("--resolved", nargs="+", choices=ALL_TERMS, default=ALL_TERMS,
+    parser.add_argument("--resolved", nargs="+", choices=METRICS, default=METRICS,
                         help="the Imp terms the test set resolves: the bootstraps report Imp "
                              "over these too (min-Hit is 0-3 users on Ta-Feng)")
     parser.add_argument("--only", nargs="+", choices=COORDINATORS,
