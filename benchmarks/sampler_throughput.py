@@ -99,17 +99,24 @@ def replicate(dataset: PreparedDataset, factor: int, root: Path) -> PreparedData
 
 def peak_rss_mb(data: Path) -> dict[str, float]:
     """Runs the sampler over ``data`` in a fresh process: its rows, rows/s, peak RSS and
-    import baseline."""
+    the RSS it started from (after imports).
+
+    The peak is the kernel's high-water mark (``VmHWM``), reset once the imports are done:
+    ``getrusage``'s maximum would carry the parent's over the ``exec``.
+    """
     code = (
-        "import json, resource, sys\n"
+        "import json, sys\n"
         "from benchmarks.sampler_throughput import CARRIED, sample, timed\n"
         "from morec_rec.data.format import PreparedDataset\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "def status(field):\n"
+        "    line = next(l for l in open('/proc/self/status') if l.startswith(field + ':'))\n"
+        "    return int(line.split()[1]) / 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "base = status('VmRSS')\n"
         "rows, seconds = timed(lambda: sample(PreparedDataset.open(sys.argv[1]), "
         "CARRIED['sasrec']))\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(json.dumps({'rows': rows, 'rows_per_s': rows / seconds, "
-        "'peak_rss_mb': peak / 1024, 'baseline_rss_mb': base / 1024}))\n"
+        "'peak_rss_mb': status('VmHWM'), 'baseline_rss_mb': base}))\n"
     )
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code, str(data)], check=True, cwd=root,

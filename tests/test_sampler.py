@@ -8,6 +8,7 @@ fails one with probability 1/1000 for a random seed, and never for the fixed one
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable
 
 import numpy as np
@@ -326,30 +327,49 @@ def test_sampler_counts_and_logs_starved_draws(dataset: PreparedDataset,
 def test_starved_draws_are_redrawn_and_counted() -> None:
     groups = np.array([0, 0, 1, 1, 1, 0])  # group 2 has no row in this window
     index = GroupIndex.build(groups, None, 3, len(groups))
-    rows, starved = draw(index, np.array([0.5, 0.0, 0.5]), 1000, np.random.default_rng(0),
-                         "multinomial")
-    assert set(groups[rows]) == {0}  # group 1 has zero mass, group 2 no rows
-    assert 400 < starved[2] < 600 and starved[[0, 1]].sum() == 0
+    rows, starved = draw(index, np.array([0.5, 0.0, 0.5]), 100, np.random.default_rng(0),
+                         "multinomial", batches=10)
+    assert rows.shape == (10, 100) and starved.shape == (10, 3)
+    assert set(groups[rows.ravel()]) == {0}  # group 1 has zero mass, group 2 no rows
+    assert 400 < starved[:, 2].sum() < 600 and starved[:, [0, 1]].sum() == 0
+
+
+def test_each_sub_batch_of_a_block_has_its_own_group_counts() -> None:
+    # 4,000 sub-batches of 16 rows drawn together over two groups at masses 0.25/0.75:
+    # group 0's count in each follows Binomial(16, 0.25), so the block's sub-batches are
+    # independent draws and not one draw split up.
+    index = GroupIndex.build(np.array([0, 1, 1, 1]), None, 2, 4)
+    rows, _ = draw(index, np.array([0.25, 0.75]), 16, np.random.default_rng(3), "multinomial",
+                   batches=4000)
+    counts = np.bincount((rows == 0).sum(axis=1), minlength=17)
+    pmf = np.array([math.comb(16, c) * 0.25 ** c * 0.75 ** (16 - c) for c in range(17)])
+    pooled = [counts[:1].sum(), *counts[1:8], counts[8:].sum()]  # expected >= 5 per cell
+    expected = [pmf[:1].sum(), *pmf[1:8], pmf[8:].sum()]
+    assert chi_square_p(np.array(pooled), 4000 * np.array(expected)) > ALPHA, counts
 
 
 def test_weighted_draw_never_takes_zero_weight_rows() -> None:
     weights = np.array([0.0, 1.0, 0.0, 3.0, 0.0])
     index = GroupIndex.build(None, weights, 1, 5)
-    rows, _ = draw(index, np.array([1.0]), 4000, np.random.default_rng(1), "multinomial")
-    counts = np.bincount(rows, minlength=5)
+    rows, _ = draw(index, np.array([1.0]), 400, np.random.default_rng(1), "multinomial",
+                   batches=10)
+    counts = np.bincount(rows.ravel(), minlength=5)
     assert counts[[0, 2, 4]].sum() == 0
     assert chi_square_p(counts[[1, 3]], np.array([1000.0, 3000.0])) > ALPHA
 
 
 @pytest.mark.parametrize("weights", [None, np.ones(2000)], ids=["uniform", "weighted"])
 def test_rows_within_every_group_are_drawn_alike(weights: np.ndarray | None) -> None:
-    # Four groups of 500 rows at equal masses: every row of every group, the first
+    # Four groups of 500 rows at equal masses, 100 sub-batches drawn together: in the
+    # first and in the last 50 sub-batches alike, every row of every group, the first
     # group's low rows and the last group's high rows alike, is drawn 1/2000 of the time.
     groups = np.repeat(np.arange(4), 500)
     index = GroupIndex.build(groups, weights, 4, len(groups))
-    rows, _ = draw(index, np.full(4, 0.25), 200_000, np.random.default_rng(2), "multinomial")
-    deciles = np.bincount(rows // 50, minlength=40)  # 10 bins of 50 rows per group
-    assert chi_square_p(deciles, np.full(40, 200_000 / 40)) > ALPHA, deciles
+    rows, _ = draw(index, np.full(4, 0.25), 2000, np.random.default_rng(2), "multinomial",
+                   batches=100)
+    for half in (rows[:50], rows[50:]):
+        deciles = np.bincount(half.ravel() // 50, minlength=40)  # 10 bins of 50 rows a group
+        assert chi_square_p(deciles, np.full(40, half.size / 40)) > ALPHA, deciles
 
 
 def test_largest_remainder() -> None:

@@ -1,7 +1,8 @@
-"""Drawing a sub-batch from a window of rows: group counts from masses, then rows in groups.
+"""Drawing sub-batches from a window of rows: group counts from masses, then rows in groups.
 
 All vectorised: one ``GroupIndex`` per (objective, window) orders the window's rows by
-group once; each draw is then a handful of numpy operations on the sub-batch.
+group once; the sub-batches of many batches are then drawn together in a handful of numpy
+operations.
 """
 
 from __future__ import annotations
@@ -37,18 +38,23 @@ class GroupIndex:
     def build(cls, groups: np.ndarray | None, weights: np.ndarray | None, num_groups: int,
               num_rows: int) -> "GroupIndex":
         """Indexes a window; ``groups`` None puts every row in group 0."""
-        if groups is None:
-            groups = np.zeros(num_rows, dtype=np.int64)
-        # The narrowest dtype lets numpy's stable sort use radix sort.
-        order = np.argsort(groups.astype(np.min_scalar_type(max(num_groups - 1, 0))),
-                           kind="stable")
-        count = np.bincount(groups, minlength=num_groups)
+        if groups is None:  # one group, in row order: no sort, no gather
+            count = np.array([num_rows] + [0] * (num_groups - 1))
+            order = np.arange(num_rows)
+            cumulative = None if weights is None else np.cumsum(weights, dtype=np.float64)
+        else:
+            # The narrowest dtype lets numpy's stable sort use radix sort.
+            order = np.argsort(groups.astype(np.min_scalar_type(max(num_groups - 1, 0))),
+                               kind="stable")
+            count = np.bincount(groups, minlength=num_groups)
+            cumulative = None if weights is None else np.cumsum(weights[order],
+                                                                dtype=np.float64)
         start = np.cumsum(count) - count
-        if weights is None:
+        if cumulative is None:
             return cls(order, start, count, None, count.astype(np.float64), None)
-        cumulative = np.cumsum(weights[order], dtype=np.float64)
-        group_weight = np.bincount(groups, weights=weights, minlength=num_groups)
-        weight_before = np.concatenate([[0.0], cumulative])[start]
+        before = np.concatenate([[0.0], cumulative])
+        weight_before = before[start]
+        group_weight = before[start + count] - weight_before
         return cls(order, start, count, cumulative, group_weight, weight_before)
 
     @property
@@ -70,46 +76,53 @@ def largest_remainder(quota: np.ndarray, total: int) -> np.ndarray:
     return base
 
 
-def group_counts(masses: np.ndarray, total: int, rng: np.random.Generator,
+def group_counts(masses: np.ndarray, totals: np.ndarray, rng: np.random.Generator,
                  mode: str) -> np.ndarray:
-    """How many of ``total`` rows each group gets: ``multinomial`` or ``exact``."""
+    """int64 (len(totals), G): how each of ``totals`` rows splits over the groups,
+    ``multinomial`` or ``exact``."""
     p = masses / masses.sum()
     if mode == "exact":
-        return largest_remainder(p * total, total)
-    return rng.multinomial(total, p)
+        rounded = {t: largest_remainder(p * t, t) for t in set(totals.tolist())}
+        return np.stack([rounded[t] for t in totals.tolist()])
+    return rng.multinomial(totals, p)
 
 
 def draw(index: GroupIndex, masses: np.ndarray, total: int, rng: np.random.Generator,
-         mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Draws ``total`` window rows: group counts by ``masses``, rows by weight within a group.
+         mode: str, batches: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Draws ``batches`` sub-batches of ``total`` window rows each: group counts by
+    ``masses``, rows by weight within a group, every row independently.
 
     Draws that fall on a group with no row (of positive weight) in the window are
     *starved*: they are re-drawn over the available groups in proportion to their masses
     (or, if those are all zero, to their weights) and counted.
 
     Returns:
-        (rows, starved): int64 window row indices of shape (total,), grouped by group;
-        int64 (G,) starved draws per group.
+        (rows, starved): int64 window row indices of shape (batches, total), each
+        sub-batch grouped by group; int64 (batches, G) starved draws per group.
     """
     available = index.available
-    counts = group_counts(masses, total, rng, mode)
+    counts = group_counts(masses, np.full(batches, total), rng, mode)
     starved = np.where(available, 0, counts)
     if starved.any():
         fallback = np.where(available, masses, 0.0)
         if fallback.sum() == 0:
             fallback = np.where(available, index.group_weight, 0.0)
         if fallback.sum() == 0:  # nothing in the window can be drawn: uniform over rows
-            return rng.integers(0, len(index.order), total), starved
+            return rng.integers(0, len(index.order), (batches, total)), starved
         counts = np.where(available, counts, 0) + group_counts(
-            fallback, int(starved.sum()), rng, mode)
-    group = np.repeat(np.arange(len(counts)), counts)
-    u = rng.random(total)
+            fallback, starved.sum(axis=1), rng, mode)
+    group = np.repeat(np.tile(np.arange(counts.shape[1]), batches), counts.ravel())
+    u = rng.random(len(group))
     if index.cumulative is None:
         position = index.start[group] + (u * index.count[group]).astype(np.int64)
     else:
-        position = np.searchsorted(
-            index.cumulative, index.weight_before[group] + u * index.group_weight[group],
-            side="right")
+        # Searching the keys in ascending order keeps the binary searches in cache: about
+        # three times faster than in draw order on a window of 65k rows.
+        keys = index.weight_before[group] + u * index.group_weight[group]
+        ascending = np.argsort(keys)
+        position = np.empty_like(group)
+        position[ascending] = np.searchsorted(index.cumulative, keys[ascending], side="right")
     # Guard against float round-off at a group's upper end.
     last = index.start[group] + index.count[group] - 1
-    return index.order[np.minimum(position, last)], starved
+    rows = index.order[np.minimum(position, last)]
+    return rows.reshape(batches, total), starved

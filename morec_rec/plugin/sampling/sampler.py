@@ -8,7 +8,9 @@ share of the batch (the masses of :data:`BATCH`, equal unless published otherwis
 uniform objective (accuracy) keeps its chunk, so an epoch of uniform objectives sees
 every row of the stream exactly once; any other objective replaces its chunk by a draw
 from the whole window by its distribution (group masses, then rows within a group
-uniformly or by weight).
+uniformly or by weight). The batches of a window are drawn together, a *block* at a
+time: from the window's first batch, or from the batch where the masses changed, to the
+window's end.
 
 Masses come from the weight store: every published version carries the loader batch
 index from which it applies, and the process that made the sampler announces each version
@@ -19,10 +21,10 @@ trip per batch. A worker starts from the initial masses and replays every versio
 announced so far, so the masses in force at a batch are a function of the store's
 versions and the batch index alone; a version that reaches a worker after it drew a batch
 the version should have applied to raises rather than apply late. Memory is bounded by
-two windows (the one being sampled and the next, read in a background thread) plus one
-Parquet row group, whatever the size of the log. Randomness is derived from (seed,
-epoch, stream, window or batch), so no RNG state needs saving: an epoch and a position
-within it (:meth:`WeightedStreamSampler.set_epoch`) resume the stream.
+two windows (the one being sampled and the next, read in a background thread), one block
+and one Parquet row group, whatever the size of the log. Randomness is derived from
+(seed, epoch, stream, window or block start), so no RNG state needs saving: an epoch and a
+position within it (:meth:`WeightedStreamSampler.set_epoch`) resume the stream.
 """
 
 from __future__ import annotations
@@ -185,15 +187,28 @@ class WeightedStreamSampler(IterableDataset):
                    if self.store else None)
         per_window = self.config.window_batches
         windows = self._windows(stream, num_streams, per_stream, first=first // per_window)
+        # Batches are drawn a block at a time: from a window's first batch, or from the
+        # batch where the masses last changed, to the window's end. A change inside a block
+        # drops the rest of it, so a batch's rows depend on its block's start alone, which
+        # the store's versions determine: a resumed worker redraws its block from there.
+        changed = 0  # the position from which the masses in force apply
+        block: _Block | None = None
         for k in range(first, per_stream):
             if k == first or k % per_window == 0:
-                window = next(windows)
+                window, block = next(windows), None
             batch_index = (self._epoch * per_stream + k) * num_workers + role
-            if weights is not None:
-                self._apply(weights.due(batch_index))
-            rng = np.random.default_rng([self.config.seed, self._epoch, stream, k, 1])
-            rows, starved = window.sample(k % per_window, self._masses, self.config, rng)
-            yield window.batch(rows, starved, batch_index, self._epoch, self._version)
+            due = weights.due(batch_index) if weights is not None else []
+            if due:
+                self._apply(due)
+                # The first position whose batch index is at or past the version's.
+                changed = max(changed, *(-((role - m.effective_from) // num_workers)
+                                         - self._epoch * per_stream for m in due))
+                block = None
+            if block is None:
+                begin = max(window.first, changed)
+                rng = np.random.default_rng([self.config.seed, self._epoch, stream, begin, 1])
+                block = window.draw(begin, self._masses, self.config, rng)
+            yield block.batch(k, batch_index, self._epoch, self._version)
 
     def _windows(self, stream: int, num_streams: int, per_stream: int,
                  first: int) -> Iterator[_Window]:
@@ -209,7 +224,8 @@ class WeightedStreamSampler(IterableDataset):
 
         def build(number: int) -> _Window:
             begin = number * window_rows
-            return _Window(reader.read(begin, min(begin + window_rows, end)), self.objectives,
+            return _Window(reader.read(begin, min(begin + window_rows, end)),
+                           number * self.config.window_batches, self.objectives,
                            {*ID_COLUMNS, *self.carried},
                            np.random.default_rng([self.config.seed, self._epoch, stream, number]))
 
@@ -305,15 +321,21 @@ class _StreamReader:
 
 
 class _Window:
-    """The rows of one window as numpy columns, shuffled, with each objective's index."""
+    """The rows of one window as numpy columns, shuffled, with each objective's index.
 
-    def __init__(self, table: pa.Table, objectives: Sequence[Objective],
+    Args:
+        table: the window's rows, a whole number of batches.
+        first: the stream position of the window's first batch.
+    """
+
+    def __init__(self, table: pa.Table, first: int, objectives: Sequence[Objective],
                  carried: Collection[str], rng: np.random.Generator) -> None:
+        self.first = first
         self.objectives = objectives
         self.columns = {name: table[name].to_numpy() for name in table.column_names
                         if name != "history"}
         # Converted to the batch's dtypes once per window; the int64 columns stacked, so
-        # that a batch takes them in one gather.
+        # that a block takes them in one gather.
         names = [name for name in (*ID_COLUMNS, *OPTIONAL_COLUMNS)
                  if name in carried and name not in ("history", "price")]
         self.stacked = (names, np.stack([self.columns[name].astype(np.int64)
@@ -333,50 +355,66 @@ class _Window:
         }
         self._warned: set[str] = set()  # objectives already reported starved in this window
 
-    def sample(self, k: int, masses: Mapping[str, np.ndarray], config: SamplerConfig,
-               rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
-        """The window rows of batch ``k`` of this window, one array per objective, each as
-        long as the objective's share of the batch (largest-remainder rounding)."""
+    def draw(self, begin: int, masses: Mapping[str, np.ndarray], config: SamplerConfig,
+             rng: np.random.Generator) -> _Block:
+        """The window's batches from stream position ``begin`` to its end, drawn with
+        ``masses``: each objective's rows as long as its share of the batch
+        (largest-remainder rounding)."""
         batch_size = config.sub_batch_size * len(self.objectives)
-        visited = self.visit_order[k * batch_size:][:batch_size]
+        visited = self.visit_order[(begin - self.first) * batch_size:]
+        visited = visited.reshape(-1, batch_size)
         sizes = largest_remainder(masses[BATCH] * batch_size, batch_size)
         starts = np.cumsum(sizes) - sizes
-        rows, starved = [], np.zeros(len(self.objectives), dtype=np.int64)
+        rows = np.empty_like(visited)
+        starved = np.zeros((len(visited), len(self.objectives)), dtype=np.int64)
         for position, (objective, start, size) in enumerate(zip(self.objectives, starts, sizes)):
+            chunk = slice(start, start + size)
             if objective.is_uniform:
-                rows.append(visited[start : start + size])
+                rows[:, chunk] = visited[:, chunk]
                 continue
-            drawn, lost = draw(self.indexes[objective.name], masses[objective.name], size, rng,
-                               config.draw)
-            rows.append(drawn)
-            starved[position] = lost.sum()
+            rows[:, chunk], lost = draw(self.indexes[objective.name], masses[objective.name],
+                                        size, rng, config.draw, batches=len(visited))
+            starved[:, position] = lost.sum(axis=1)
             if lost.any() and objective.name not in self._warned:
                 self._warned.add(objective.name)
                 logger.warning("objective %s: groups %s have mass but no row in this window; "
                                "their draws are re-drawn from the other groups and counted "
                                "in SampledBatch.starved", objective.name,
-                               np.flatnonzero(lost).tolist())
-        return rows, starved
+                               np.flatnonzero(lost.any(axis=0)).tolist())
+        return _Block(self, begin, rows, sizes, starved)
 
-    def batch(self, rows: list[np.ndarray], starved: np.ndarray, batch_index: int,
-              epoch: int, version: int) -> SampledBatch:
-        index = np.concatenate(rows)
-        names, stacked = self.stacked
-        columns = dict(zip(names, torch.from_numpy(np.take(stacked, index, axis=1))))
-        if self.price is not None:
-            columns["price"] = torch.from_numpy(self.price[index])
+
+class _Block:
+    """Consecutive batches of a window drawn with the same masses. Their fixed-width
+    columns are gathered at once (each batch's tensors are views of the block's); a jagged
+    history, as long as the window's own, is gathered batch by batch."""
+
+    def __init__(self, window: _Window, begin: int, rows: np.ndarray, sizes: np.ndarray,
+                 starved: np.ndarray) -> None:
+        self.begin, self.rows = begin, rows
+        self.history = window.history
+        index = rows.ravel()
+        names, stacked = window.stacked
+        self.columns = dict(zip(names, torch.from_numpy(np.take(stacked, index, axis=1))))
+        if window.price is not None:
+            self.columns["price"] = torch.from_numpy(window.price[index])
+        segments = np.repeat(np.arange(len(sizes)), sizes)
+        self.columns["objective"] = torch.from_numpy(np.tile(segments, len(rows)))
+        self.starved = torch.from_numpy(starved)
+
+    def batch(self, position: int, batch_index: int, epoch: int, version: int) -> SampledBatch:
+        """The batch at stream ``position`` (one of this block's)."""
+        j = position - self.begin
+        batch_size = self.rows.shape[1]
+        columns = {name: column[j * batch_size:(j + 1) * batch_size]
+                   for name, column in self.columns.items()}
         if self.history is not None:
             offsets, values = self.history
-            starts = offsets[index]
-            lengths = offsets[index + 1] - starts
+            rows = self.rows[j]
+            starts = offsets[rows]
+            lengths = offsets[rows + 1] - starts
             gather, _ = arrays.ranges(starts, lengths)
             columns["history_values"] = torch.from_numpy(values[gather])
             columns["history_lengths"] = torch.from_numpy(lengths.astype(np.int64))
-        return SampledBatch(
-            **columns,
-            objective=torch.from_numpy(np.repeat(np.arange(len(rows)), [len(r) for r in rows])),
-            starved=torch.from_numpy(starved),
-            batch_index=batch_index,
-            epoch=epoch,
-            masses_version=version,
-        )
+        return SampledBatch(**columns, starved=self.starved[j], batch_index=batch_index,
+                            epoch=epoch, masses_version=version)
