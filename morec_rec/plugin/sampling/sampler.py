@@ -338,8 +338,8 @@ class _Window:
         # that a block takes them in one gather.
         names = [name for name in (*ID_COLUMNS, *OPTIONAL_COLUMNS)
                  if name in carried and name not in ("history", "price")]
-        self.stacked = (names, np.stack([self.columns[name].astype(np.int64)
-                                         for name in names]))
+        self.stacked = (names, np.stack([self.columns[name] for name in names],
+                                        dtype=np.int64))
         self.price = (self.columns["price"].astype(np.float32) if "price" in carried
                       else None)
         self.history: tuple[np.ndarray, np.ndarray] | None = None  # offsets, values
