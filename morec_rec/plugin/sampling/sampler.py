@@ -395,19 +395,19 @@ class _Block:
         self.history = window.history
         index = rows.ravel()
         names, stacked = window.stacked
-        self.columns = dict(zip(names, torch.from_numpy(np.take(stacked, index, axis=1))))
+        columns = dict(zip(names, torch.from_numpy(np.take(stacked, index, axis=1))))
         if window.price is not None:
-            self.columns["price"] = torch.from_numpy(window.price[index])
+            columns["price"] = torch.from_numpy(window.price[index])
         segments = np.repeat(np.arange(len(sizes)), sizes)
-        self.columns["objective"] = torch.from_numpy(np.tile(segments, len(rows)))
-        self.starved = torch.from_numpy(starved)
+        columns["objective"] = torch.from_numpy(np.tile(segments, len(rows)))
+        # Each column cut into its batches at once: a batch is then a lookup.
+        self.batches = {name: column.split(rows.shape[1]) for name, column in columns.items()}
+        self.starved = torch.from_numpy(starved).unbind()
 
     def batch(self, position: int, batch_index: int, epoch: int, version: int) -> SampledBatch:
         """The batch at stream ``position`` (one of this block's)."""
         j = position - self.begin
-        batch_size = self.rows.shape[1]
-        columns = {name: column[j * batch_size:(j + 1) * batch_size]
-                   for name, column in self.columns.items()}
+        columns = {name: batches[j] for name, batches in self.batches.items()}
         if self.history is not None:
             offsets, values = self.history
             rows = self.rows[j]
