@@ -207,7 +207,7 @@ class WeightedStreamSampler(IterableDataset):
             if block is None:
                 begin = max(window.first, changed)
                 rng = np.random.default_rng([self.config.seed, self._epoch, stream, begin, 1])
-                block = window.draw(begin, self._masses, self.config, rng)
+                block = window.draw_block(begin, self._masses, self.config, rng)
             yield block.batch(k, batch_index, self._epoch, self._version)
 
     def _windows(self, stream: int, num_streams: int, per_stream: int,
@@ -355,7 +355,7 @@ class _Window:
         }
         self._warned: set[str] = set()  # objectives already reported starved in this window
 
-    def draw(self, begin: int, masses: Mapping[str, np.ndarray], config: SamplerConfig,
+    def draw_block(self, begin: int, masses: Mapping[str, np.ndarray], config: SamplerConfig,
              rng: np.random.Generator) -> _Block:
         """The window's batches from stream position ``begin`` to its end, drawn with
         ``masses``: each objective's rows as long as its share of the batch
