@@ -39,19 +39,19 @@ class GroupIndex:
               num_rows: int) -> "GroupIndex":
         """Indexes a window; ``groups`` None puts every row in group 0."""
         if groups is None:  # one group, in row order: no sort, no gather
-            count = np.array([num_rows] + [0] * (num_groups - 1))
             order = np.arange(num_rows)
-            cumulative = None if weights is None else np.cumsum(weights, dtype=np.float64)
+            count = np.array([num_rows] + [0] * (num_groups - 1))
+            ordered = weights
         else:
             # The narrowest dtype lets numpy's stable sort use radix sort.
             order = np.argsort(groups.astype(np.min_scalar_type(max(num_groups - 1, 0))),
                                kind="stable")
             count = np.bincount(groups, minlength=num_groups)
-            cumulative = None if weights is None else np.cumsum(weights[order],
-                                                                dtype=np.float64)
+            ordered = None if weights is None else weights[order]
         start = np.cumsum(count) - count
-        if cumulative is None:
+        if ordered is None:
             return cls(order, start, count, None, count.astype(np.float64), None)
+        cumulative = np.cumsum(ordered, dtype=np.float64)
         before = np.concatenate([[0.0], cumulative])
         weight_before = before[start]
         group_weight = before[start + count] - weight_before

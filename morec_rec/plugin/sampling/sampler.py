@@ -356,7 +356,7 @@ class _Window:
         self._warned: set[str] = set()  # objectives already reported starved in this window
 
     def draw_block(self, begin: int, masses: Mapping[str, np.ndarray], config: SamplerConfig,
-             rng: np.random.Generator) -> _Block:
+                   rng: np.random.Generator) -> _Block:
         """The window's batches from stream position ``begin`` to its end, drawn with
         ``masses``: each objective's rows as long as its share of the batch
         (largest-remainder rounding)."""
