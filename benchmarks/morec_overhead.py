@@ -3,33 +3,38 @@
     python benchmarks/morec_overhead.py --out benchmarks/results/morec_overhead.json \\
         [--profile demo] [--model mf] [--steps 40] [--pairs 100] [--threads N]
 
-One process (a process group of one, as ``morec-rec run`` without torchrun), the same
-model, data and batch size (1,024 rows, one loader worker):
+One process (a process group of one, as ``morec-rec run`` without torchrun), one model and
+one ``TrainPipelineSparseDist`` (batch 1,024 rows), fed in turn by:
 
-* base: the accuracy-only sampler and the model's own loss (``TrainPipelineSparseDist``),
-  as ``morec-rec train`` builds them;
-* MoRec (``morec``), the defaults: the four objectives' sampler checking for announced
-  masses and batch shares before every batch (the initial shares, 91% of the rows drawn
-  by the other objectives), and the loss hook (per-objective sums kept on the
+* base: the accuracy-only sampler through the job's collate into the model's own loss, as
+  ``morec-rec train`` builds them;
+* ``base_again``: a second base loader, the A/A control: its ratio to the first is what
+  the machine's noise alone gives;
+* MoRec (``morec``), the defaults: its loader (the four objectives' sampler checking for
+  announced masses and batch shares before every batch; the initial shares, 91% of the
+  rows drawn by the other objectives) and its loss hook (per-objective sums kept on the
   device; the controller steps at validation rounds, not here);
-* ``base_again``: a second base pipeline, the A/A control: its ratio to the first is
-  what the machine's noise alone gives;
 * MoRec under ``training`` control (``morec_training_control``): equal sub-batches
   (4 × 256 rows), and the hook also all-reduces the losses, steps the PI controller and
   weighs the means every step.
 
-The pipelines live side by side, each with its own loader worker (an idle one
-holds its prefetched batches and waits). They are timed in blocks of ``--steps`` steps,
-in turn, ``--pairs`` times, the order rotating from one round to the next; no block
-crosses an epoch's end (the rest of an epoch, the next epoch's start and its 20 warm-up
-steps run untimed). Each round gives MoRec's rate over the base's in the same round, a
-few seconds apart; the median over the rounds is reported with a 95% bootstrap interval,
-for the rate and for the trainer's CPU time per step (``trainer_cpu_over_base``: above 1 is
-MoRec's extra CPU). CPU time per step of the loader workers is recorded too.
-``--threads`` sets the trainer's intra-op threads (torch's default is one a core, which
-the loader worker then shares). Then the time of one validation-and-update round
-(``MoRec.validate``: ranking metrics and per-group losses on the validation users, the
-controllers' step, the mass update, the publish) is measured five times.
+Each feed has its own loader worker (an idle one holds its prefetched batches and waits);
+they share the model, its optimizer and the pipeline, whose forward sends a MoRec batch to
+the hook of the feed being timed and any other batch to the model. Separate pipelines,
+each with its own model, differ by a few percent from one another on this machine
+whatever they run, which this design leaves out. The feeds are timed in blocks of
+``--steps`` steps, in turn, ``--pairs`` times, the order rotating from one round to the
+next. A block starts once the batches the pipeline holds from the previous feed are
+trained on (untimed) and never crosses an epoch's end (the rest of an epoch, the next
+epoch's start and its 20 warm-up steps run untimed). Each round gives MoRec's rate over the
+base's in the same round, a few seconds apart; the median over the rounds is reported with
+a 95% bootstrap interval, for the rate and for the trainer's CPU time per step
+(``trainer_cpu_over_base``: above 1 is MoRec's extra CPU). CPU time per step of the loader
+workers is recorded too. ``--threads`` sets the trainer's intra-op threads (torch's default
+is one a core, which the loader worker then shares). Then the time of one
+validation-and-update round (``MoRec.validate``: ranking metrics and per-group losses on
+the validation users, the controllers' step, the mass update, the publish) is measured
+five times.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,17 +68,41 @@ from morec_rec.jobs.train import build_sharded, training_loader
 from morec_rec.plugin.eval.ranking import load_task
 from morec_rec.plugin.loader import MoRecLoader
 from morec_rec.plugin.morec import MoRec
+from morec_rec.plugin.segments import SegmentedBatch
+
+
+#: Batches ``TrainPipelineSparseDist`` holds ahead of the one it trains on.
+PIPELINE_DEPTH = 2
+
+
+class Route:
+    """The pipeline's forward: a MoRec batch to ``hook`` (the timed feed's), any other
+    batch to the model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.hook: Callable[[SegmentedBatch], tuple[torch.Tensor, Any]] | None = None
+
+    def __call__(self, batch: Any) -> tuple[torch.Tensor, Any]:
+        if isinstance(batch, SegmentedBatch):
+            assert self.hook is not None
+            return self.hook(batch)
+        return self.model(batch)
 
 
 class Feed:
-    """A pipeline and its loader, stepped in timed blocks that never cross an epoch's end."""
+    """A loader into the shared pipeline, stepped in timed blocks that never cross an
+    epoch's end."""
 
-    def __init__(self, pipeline: TrainPipelineSparseDist, loader: DataLoader | MoRecLoader,
-                 set_epoch: Callable[[int], None], batches_per_epoch: int,
-                 batch_size: int) -> None:
-        self.pipeline, self.loader, self.set_epoch = pipeline, loader, set_epoch
+    def __init__(self, pipeline: TrainPipelineSparseDist, route: Route,
+                 hook: Callable[[SegmentedBatch], tuple[torch.Tensor, Any]] | None,
+                 loader: DataLoader | MoRecLoader, set_epoch: Callable[[int], None],
+                 batches_per_epoch: int, batch_size: int) -> None:
+        self.pipeline, self.route, self.hook = pipeline, route, hook
+        self.loader, self.set_epoch = loader, set_epoch
         self.batches_per_epoch, self.batch_size = batches_per_epoch, batch_size
         self.epoch = -1
+        self.route.hook = hook or self.route.hook
         self._next_epoch()
 
     def _next_epoch(self) -> None:
@@ -88,13 +117,18 @@ class Feed:
         self.stepped += 1
 
     def timed(self, steps: int) -> StepTiming:
-        """``steps`` steps, timed; first the rest of the epoch if it has too few left."""
-        if self.stepped + steps + 2 > self.batches_per_epoch:  # the pipeline holds 2 ahead
+        """``steps`` steps, timed, after those of the batches the pipeline holds from the
+        previous feed; first the rest of the epoch if it has too few left."""
+        # The held batches of another MoRec feed go to this feed's hook: either takes them.
+        self.route.hook = self.hook or self.route.hook
+        if self.stepped + 2 * PIPELINE_DEPTH + steps > self.batches_per_epoch:
             try:
                 while True:
                     self._step()
             except StopIteration:
                 self._next_epoch()
+        for _ in range(PIPELINE_DEPTH):
+            self._step()
         start, trainer, workers = time.perf_counter(), time.process_time(), children_cpu_s()
         for _ in range(steps):
             self._step()
@@ -104,16 +138,14 @@ class Feed:
                           1e3 * cpu_since(workers) / steps)
 
 
-def base_feed(dataset: PreparedDataset, config: TrainConfig,
-              env: distributed.Environment) -> Feed:
-    model, optimizer = build_sharded(config, dataset, env)
-    sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
-    return Feed(TrainPipelineSparseDist(model, optimizer, env.device), loader,
-                sampler.set_epoch, sampler.batches_per_epoch(config.num_workers),
-                config.batch_size)
+def base_feed(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
+              pipeline: TrainPipelineSparseDist, route: Route) -> Feed:
+    sampler, loader = training_loader(dataset, config, env, route.model.module.feature_names)
+    return Feed(pipeline, route, None, loader, sampler.set_epoch,
+                sampler.batches_per_epoch(config.num_workers), config.batch_size)
 
 
-#: The MoRec pipelines timed against the base, by their key in the results. Training
+#: The MoRec feeds timed against the base, by their key in the results. Training
 #: control holds a fixed target: measuring the base's losses is not part of a step.
 VARIANTS = {
     "morec": MoRecConfig(),
@@ -123,11 +155,12 @@ VARIANTS = {
 
 
 def morec_feed(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
-               name: str) -> tuple[MoRec, Feed]:
-    """The MoRec pipeline ``VARIANTS[name]`` with the default objectives, made as
-    ``morec_rec.jobs.continued.continue_training`` makes it."""
+               pipeline: TrainPipelineSparseDist, route: Route, name: str
+               ) -> tuple[MoRec, Feed]:
+    """The MoRec feed ``VARIANTS[name]`` with the default objectives, its loader and hook
+    made as ``morec_rec.jobs.continued.continue_training`` makes them."""
+    model = route.model
     sampler_config = SamplerConfig(sub_batch_size=config.batch_size // 4, seed=config.seed)
-    model, optimizer = build_sharded(config, dataset, env)
     collate = Collator(model.module.feature_names,
                        NegativeSampler(dataset.items()["train_count"].to_numpy(),
                                        config.negative_beta),
@@ -136,10 +169,8 @@ def morec_feed(dataset: PreparedDataset, config: TrainConfig, env: distributed.E
                   scorer=ModelScorer(model.module, env.device), sampler=sampler_config,
                   config=VARIANTS[name], num_workers=config.num_workers, device=env.device,
                   chunk_users=config.eval_chunk_users)
-    pipeline = TrainPipelineSparseDist(model, optimizer, env.device,
-                                       custom_model_fwd=morec.loss(model))
-    return morec, Feed(pipeline, morec.loader, morec.set_epoch, len(morec.loader),
-                       config.batch_size)
+    return morec, Feed(pipeline, route, morec.loss(model), morec.loader, morec.set_epoch,
+                       len(morec.loader), config.batch_size)
 
 
 def paired_ratio(morec: list[float], base: list[float], resamples: int = 2000,
@@ -172,12 +203,14 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
                         args.profile, "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
-        # A second base pipeline, built and timed like the others, is the A/A control:
-        # its ratio to the first shows what this machine resolves.
-        morecs, feeds = {}, {"base": base_feed(dataset, config, env),
-                             "base_again": base_feed(dataset, config, env)}
+        model, optimizer = build_sharded(config, dataset, env)
+        route = Route(model)
+        pipeline = TrainPipelineSparseDist(model, optimizer, env.device, custom_model_fwd=route)
+        morecs, feeds = {}, {"base": base_feed(dataset, config, env, pipeline, route),
+                             "base_again": base_feed(dataset, config, env, pipeline, route)}
         for name in VARIANTS:
-            morecs[name], feeds[name] = morec_feed(dataset, config, env, name)
+            morecs[name], feeds[name] = morec_feed(dataset, config, env, pipeline, route,
+                                                   name)
         runs: dict[str, list[StepTiming]] = {name: [] for name in feeds}
         names = list(feeds)
         for round_ in range(args.pairs):
@@ -189,7 +222,7 @@ def main() -> None:
                     f"{k} {v[-1].samples_per_s:,.0f}" for k, v in runs.items()), flush=True)
 
         morec, rounds = morecs["morec"], []
-        detached = feeds["morec"].pipeline.detach()
+        detached = pipeline.detach()
         task = load_task(dataset, "valid")
         for _ in range(5):
             start = time.perf_counter()

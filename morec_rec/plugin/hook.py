@@ -59,13 +59,13 @@ class Examples:
                 f"shape {shape}: " + ("the model returns a reduced loss; pass rows=, a "
                                       "function of (batch, output) giving each example's loss"
                                       if self.rows is None else "check rows="))
-        self.layout.check(len(per_example), num_rows)
+        self.layout.check(per_example.shape[0], num_rows)
         return per_example
 
     def expand(self, per_row: torch.Tensor, per_example: torch.Tensor) -> torch.Tensor:
         """(E, ...): each example's entry of the (B, ...) ``per_row`` (see
         :meth:`ExampleLayout.expand`)."""
-        return self.layout.expand(per_row, len(per_example))
+        return self.layout.expand(per_row, per_example.shape[0])
 
 
 def segment_sums(values: torch.Tensor, segment: torch.Tensor,
@@ -80,9 +80,10 @@ def segment_sums(values: torch.Tensor, segment: torch.Tensor,
 class ObjectiveLosses:
     """Per-objective sums of per-example losses, kept on the losses' device until read.
 
-    A step's losses and segments are copied into buffers made once, and summed ``FOLD``
-    steps at a time: a step allocates no memory and runs two copies rather than a
-    handful of small kernels.
+    A step's losses are copied into a buffer made once (the model may reuse its output's
+    memory after the step); its segment ids, MoRec's own, are kept as they are. Both are
+    summed ``FOLD`` steps at a time: a step allocates no memory and runs one copy rather
+    than a handful of small kernels.
     """
 
     FOLD = 32
@@ -91,30 +92,29 @@ class ObjectiveLosses:
         self.num_objectives = num_objectives
         self._sums: torch.Tensor | None = None  # float64 (2n,): sums, then counts
         self._values: torch.Tensor | None = None  # float64 (FOLD·E,): pending losses
-        self._segments: torch.Tensor | None = None  # int64 (FOLD·E,): their segments
+        self._segments: list[torch.Tensor] = []  # int64 (E,) each: their segments
         self._filled = 0
 
     def add(self, per_example: torch.Tensor, segment: torch.Tensor) -> None:
         """Adds (E,) losses of (E,) segments (on one device); no host synchronisation."""
-        size = len(per_example)
+        size = per_example.shape[0]
         buffer = self._values
-        fits = buffer is not None and buffer.device == per_example.device
-        if not (fits and self._filled + size <= len(buffer)):
+        if (buffer is None or buffer.device != per_example.device
+                or self._filled + size > buffer.shape[0]):
             self._fold()  # into the sums on the buffer's device
-        if not (fits and size <= len(buffer)):
-            self._values = per_example.new_empty(self.FOLD * size, dtype=torch.float64)
-            self._segments = segment.new_empty(self.FOLD * size, dtype=torch.int64)
-        assert self._values is not None and self._segments is not None
-        self._values[self._filled:self._filled + size].copy_(per_example.detach())
-        self._segments[self._filled:self._filled + size].copy_(segment)
+            if buffer is None or buffer.device != per_example.device or size > buffer.shape[0]:
+                self._values = buffer = per_example.new_empty(self.FOLD * size,
+                                                              dtype=torch.float64)
+        buffer[self._filled:self._filled + size].copy_(per_example.detach())
+        self._segments.append(segment)
         self._filled += size
 
     def _fold(self) -> None:
         if not self._filled:
             return
-        assert self._values is not None and self._segments is not None
-        values, segment = self._values[:self._filled], self._segments[:self._filled]
-        self._filled = 0
+        assert self._values is not None
+        values, segment = self._values[:self._filled], torch.cat(self._segments)
+        self._filled, self._segments = 0, []
         if self._sums is None or self._sums.device != values.device:
             self._sums = values.new_zeros(2 * self.num_objectives)
         self._sums.index_add_(0, segment, values)
@@ -164,7 +164,7 @@ class MoRecLoss:
 
     def __call__(self, batch: SegmentedBatch) -> tuple[torch.Tensor, Any]:
         loss, output = self.model(batch.batch)
-        per_example = self.examples.losses(batch.batch, loss, output, len(batch.segment))
+        per_example = self.examples.losses(batch.batch, loss, output, batch.segment.shape[0])
         segment = self.examples.expand(batch.segment, per_example)
         self.losses.add(per_example, segment)
         if self.model.training:

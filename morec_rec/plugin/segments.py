@@ -55,7 +55,7 @@ class ExampleLayout(enum.Enum):
     def expand(self, per_row: torch.Tensor, num_examples: int) -> torch.Tensor:
         """(E, ...): each of ``num_examples`` examples' entry of the (B, ...) ``per_row``
         (one entry per sampled row); ``per_row`` itself when E = B."""
-        num_rows = len(per_row)
+        num_rows = per_row.shape[0]
         self.check(num_examples, num_rows)
         if num_examples == num_rows:
             return per_row
@@ -97,10 +97,13 @@ class SegmentedBatch:
         than share each small tensor. Any other batch pickles its own way."""
         if self.segment.device.type != "cpu":
             return super().__reduce_ex__(protocol)
-        return (_segmented, (_by_value(self.batch), self.segment.numpy(), self.index,
+        return (_segmented, (*_by_value(self.batch), self.segment.numpy(), self.index,
                              None if self.item_id is None else self.item_id.numpy()))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> SegmentedBatch:
+        if self.segment.device == device:  # the pipeline moves every batch, even on CPU
+            return SegmentedBatch(move(self.batch, device, non_blocking), self.segment,
+                                  self.index, self.item_id)
         return SegmentedBatch(move(self.batch, device, non_blocking),
                               *_ids(self, "to", device, non_blocking=non_blocking))
 
@@ -145,25 +148,27 @@ class _Array:
         self.values = values
 
 
-def _by_value(batch: Any) -> Any:
+def _by_value(batch: Any) -> tuple[Any, bool]:
     """``batch`` with each tensor as an :class:`_Array`, if it is a pytree of dense CPU
-    tensors that numpy can hold, within :data:`BY_VALUE_MAX_BYTES`; else ``batch``."""
+    tensors that numpy can hold, within :data:`BY_VALUE_MAX_BYTES`; else ``batch``. And
+    whether it was converted."""
     leaves, _ = tree_flatten(batch)
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
     if (not tensors or any(type(t) is not torch.Tensor or t.device.type != "cpu"
                            or t.layout != torch.strided for t in tensors)
             or sum(t.nbytes for t in tensors) > BY_VALUE_MAX_BYTES):
-        return batch
+        return batch, False
     try:
         return tree_map(lambda t: _Array(t.numpy()) if isinstance(t, torch.Tensor) else t,
-                        batch)
+                        batch), True
     except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16), or requires_grad
-        return batch
+        return batch, False
 
 
-def _segmented(batch: Any, segment: np.ndarray, index: int,
+def _segmented(batch: Any, by_value: bool, segment: np.ndarray, index: int,
                item_id: np.ndarray | None) -> SegmentedBatch:
-    batch = tree_map(lambda a: torch.from_numpy(a.values) if isinstance(a, _Array) else a,
-                     batch)
+    if by_value:
+        batch = tree_map(lambda a: torch.from_numpy(a.values) if isinstance(a, _Array) else a,
+                         batch)
     return SegmentedBatch(batch, torch.from_numpy(segment), index,
                           None if item_id is None else torch.from_numpy(item_id))
