@@ -101,9 +101,6 @@ class SegmentedBatch:
                              None if self.item_id is None else self.item_id.numpy()))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> SegmentedBatch:
-        if self.segment.device == device:  # the pipeline moves every batch, even on CPU
-            return SegmentedBatch(move(self.batch, device, non_blocking), self.segment,
-                                  self.index, self.item_id)
         return SegmentedBatch(move(self.batch, device, non_blocking),
                               *_ids(self, "to", device, non_blocking=non_blocking))
 
