@@ -1,9 +1,10 @@
 """MoRec's overhead: training samples/s of the base pipeline against the MoRec pipeline.
 
     python benchmarks/morec_overhead.py --out benchmarks/results/morec_overhead.json \\
-        [--profile demo] [--model mf] [--steps 40] [--pairs 100] [--threads N]
+        [--profile demo | --data DIR] [--model mf] [--steps 40] [--pairs 30] \\
+        [--processes 5] [--threads N]
 
-One process (a process group of one, as ``morec-rec run`` without torchrun), one model and
+Each process (a process group of one, as ``morec-rec run`` without torchrun) has one model and
 one ``TrainPipelineSparseDist`` (batch 1,024 rows), fed in turn by:
 
 * base: the accuracy-only sampler through the job's collate into the model's own loss, as
@@ -27,14 +28,17 @@ whatever they run, which this design leaves out. The feeds are timed in blocks o
 next. A block starts once the batches the pipeline holds from the previous feed are
 trained on (untimed) and never crosses an epoch's end (the rest of an epoch, the next
 epoch's start and its 20 warm-up steps run untimed). Each round gives MoRec's rate over the
-base's in the same round, a few seconds apart; the median over the rounds is reported with
-a 95% bootstrap interval, for the rate and for the trainer's CPU time per step
-(``trainer_cpu_over_base``: above 1 is MoRec's extra CPU). CPU time per step of the loader
-workers is recorded too. ``--threads`` sets the trainer's intra-op threads (torch's default
-is one a core, which the loader worker then shares). Then the time of one
-validation-and-update round (``MoRec.validate``: ranking metrics and per-group losses on
-the validation users, the controllers' step, the mass update, the publish) is measured
-five times.
+base's in the same round, a few seconds apart; a process's median over its rounds is
+recorded with a 95% bootstrap interval over them, for the rate and for the trainer's CPU
+time per step (``trainer_cpu_over_base``: above 1 is MoRec's extra CPU). ``--processes``
+such processes run one after another, each with its own model and loaders; the result is
+the mean of their medians with a 95% Student-t interval over the processes, since the
+medians of two processes differ by more than one process's interval. CPU time per step
+of the loader workers is recorded too. ``--threads`` sets the trainer's intra-op threads
+(torch's default is one a core, which the loader worker then shares). Each process then
+times one validation-and-update round (``MoRec.validate``: ranking metrics and per-group
+losses on the validation users, the controllers' step, the mass update, the publish) five
+times.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import scipy.stats
 import torch
 from torch.utils.data import DataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -173,6 +178,10 @@ def morec_feed(dataset: PreparedDataset, config: TrainConfig, env: distributed.E
                        len(morec.loader), config.batch_size)
 
 
+#: The feeds compared with the base: the MoRec variants and the A/A control.
+COMPARED = (*VARIANTS, "base_again")
+
+
 def paired_ratio(morec: list[float], base: list[float], resamples: int = 2000,
                  seed: int = 0) -> dict[str, float]:
     """The median over rounds of MoRec's rate over the base's in the same round, with a
@@ -184,61 +193,45 @@ def paired_ratio(morec: list[float], base: list[float], resamples: int = 2000,
     return {"median": float(np.median(ratios)), "low": float(low), "high": float(high)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--profile", default="demo")
-    parser.add_argument("--model", default="mf", choices=["mf", "sasrec"])
-    parser.add_argument("--steps", type=int, default=40, help="steps a timed block")
-    parser.add_argument("--pairs", type=int, default=100, help="rounds of blocks")
-    parser.add_argument("--threads", type=int,
-                        help="the trainer's intra-op threads (default: torch's, one a core)")
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def measure(args: argparse.Namespace, data: Path) -> dict[str, Any]:
+    """One process's measurement on the prepared dataset ``data``: the rounds of blocks,
+    then the validation rounds."""
     env = distributed.init()
     config = TrainConfig(model=args.model, num_workers=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / args.profile
-        subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
-                        args.profile, "--seed", "0", "--out", str(data)], check=True)
-        dataset = PreparedDataset.open(data)
-        model, optimizer = build_sharded(config, dataset, env)
-        route = Route(model)
-        pipeline = TrainPipelineSparseDist(model, optimizer, env.device, custom_model_fwd=route)
-        morecs, feeds = {}, {"base": base_feed(dataset, config, env, pipeline, route),
-                             "base_again": base_feed(dataset, config, env, pipeline, route)}
-        for name in VARIANTS:
-            morecs[name], feeds[name] = morec_feed(dataset, config, env, pipeline, route,
-                                                   name)
-        runs: dict[str, list[StepTiming]] = {name: [] for name in feeds}
-        names = list(feeds)
-        for round_ in range(args.pairs):
-            shift = round_ % len(names)
-            for name in names[shift:] + names[:shift]:
-                runs[name].append(feeds[name].timed(args.steps))
-            if round_ % 10 == 9:
-                print(f"round {round_ + 1}: samples/s " + "; ".join(
-                    f"{k} {v[-1].samples_per_s:,.0f}" for k, v in runs.items()), flush=True)
+    dataset = PreparedDataset.open(data)
+    model, optimizer = build_sharded(config, dataset, env)
+    route = Route(model)
+    pipeline = TrainPipelineSparseDist(model, optimizer, env.device, custom_model_fwd=route)
+    morecs, feeds = {}, {"base": base_feed(dataset, config, env, pipeline, route),
+                         "base_again": base_feed(dataset, config, env, pipeline, route)}
+    for name in VARIANTS:
+        morecs[name], feeds[name] = morec_feed(dataset, config, env, pipeline, route, name)
+    runs: dict[str, list[StepTiming]] = {name: [] for name in feeds}
+    names = list(feeds)
+    for round_ in range(args.pairs):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(feeds[name].timed(args.steps))
+        if round_ % 10 == 9:
+            print(f"round {round_ + 1}: samples/s " + "; ".join(
+                f"{k} {v[-1].samples_per_s:,.0f}" for k, v in runs.items()), flush=True)
 
-        morec, rounds = morecs["morec"], []
-        detached = pipeline.detach()
-        task = load_task(dataset, "valid")
-        for _ in range(5):
-            start = time.perf_counter()
-            morec.validate(detached)
-            rounds.append(time.perf_counter() - start)
+    morec, rounds = morecs["morec"], []
+    detached = pipeline.detach()
+    task = load_task(dataset, "valid")
+    for _ in range(5):
+        start = time.perf_counter()
+        morec.validate(detached)
+        rounds.append(time.perf_counter() - start)
+    distributed.shutdown()
 
     rate = {k: [t.samples_per_s for t in v] for k, v in runs.items()}
-    paired = {name: paired_ratio(rate[name], rate["base"]) for name in (*VARIANTS, "base_again")}
     cpu = {k: [t.trainer_cpu_ms for t in v] for k, v in runs.items()}
-    paired_cpu = {name: paired_ratio(cpu[name], cpu["base"])
-                  for name in (*VARIANTS, "base_again")}
-    results = {
-        "profile": args.profile, "model": args.model, "batch_size": config.batch_size,
-        "steps_per_block": args.steps, "pairs": args.pairs, "warmup_steps": WARMUP,
+    return {
         "samples_per_s": {k: statistics.median(v) for k, v in rate.items()},
-        "over_base": paired, "trainer_cpu_over_base": paired_cpu,
+        "over_base": {name: paired_ratio(rate[name], rate["base"]) for name in COMPARED},
+        "trainer_cpu_over_base": {name: paired_ratio(cpu[name], cpu["base"])
+                                  for name in COMPARED},
         "cpu_ms_per_step": {
             k: {"trainer": statistics.median(t.trainer_cpu_ms for t in v),
                 "loader_workers": statistics.median(t.loader_cpu_ms for t in v)}
@@ -246,16 +239,80 @@ def main() -> None:
         "runs": {k: [t._asdict() for t in v] for k, v in runs.items()},
         "validation_round_s": statistics.median(rounds), "validation_rounds_s": rounds,
         "validation_users": len(task),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpus": os.cpu_count(), "trainer_threads": torch.get_num_threads(),
-                        "device": str(env.device)},
+        "device": str(env.device),
     }
-    for name, ratio in paired.items():
-        print(f"{name} / base: {ratio['median']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]; "
-              f"trainer CPU {paired_cpu[name]['median']:.3f}")
+
+
+def across_processes(values: list[float]) -> dict[str, Any]:
+    """The mean of one value per process, with a 95% Student-t interval over the
+    processes."""
+    mean = statistics.fmean(values)
+    half = (scipy.stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values)
+            / len(values) ** 0.5)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "per_process": values}
+
+
+def summarise(processes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The processes' results under ``processes``, and each ratio's mean over them (of
+    each process's median over its rounds)."""
+    return {
+        key: {name: across_processes([p[key][name]["median"] for p in processes])
+              for name in COMPARED}
+        for key in ("over_base", "trainer_cpu_over_base")
+    } | {"processes": processes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", default="demo")
+    parser.add_argument("--data", type=Path,
+                        help="a prepared dataset (default: synth --profile, seed 0)")
+    parser.add_argument("--model", default="mf", choices=["mf", "sasrec"])
+    parser.add_argument("--steps", type=int, default=40, help="steps a timed block")
+    parser.add_argument("--pairs", type=int, default=30, help="rounds of blocks a process")
+    parser.add_argument("--processes", type=int, default=5,
+                        help="processes measured one after another (1: this one)")
+    parser.add_argument("--threads", type=int,
+                        help="the trainer's intra-op threads (default: torch's, one a core)")
+    args = parser.parse_args()
+    if args.processes < 1:
+        parser.error(f"--processes {args.processes} must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            data = Path(tmp) / args.profile
+            subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
+                            args.profile, "--seed", "0", "--out", str(data)], check=True)
+        if args.processes == 1:
+            results = measure(args, data)
+        else:
+            processes = []
+            for number in range(args.processes):
+                out = Path(tmp) / f"process{number}.json"
+                command = [sys.executable, __file__, "--out", str(out), "--data", str(data),
+                           "--model", args.model, "--steps", str(args.steps),
+                           "--pairs", str(args.pairs), "--processes", "1"]
+                if args.threads is not None:
+                    command += ["--threads", str(args.threads)]
+                subprocess.run(command, check=True)
+                processes.append(json.loads(out.read_text()))
+            results = summarise(processes)
+    results = {
+        "profile": args.profile if args.data is None else str(args.data), "model": args.model,
+        "batch_size": TrainConfig(model=args.model).batch_size,
+        "steps_per_block": args.steps, "pairs": args.pairs, "warmup_steps": WARMUP,
+        **results,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpus": os.cpu_count(), "trainer_threads": torch.get_num_threads()},
+    }
+    for name, ratio in results["over_base"].items():
+        print(f"{name} / base: {ratio.get('mean', ratio.get('median')):.3f} "
+              f"[{ratio['low']:.3f}, {ratio['high']:.3f}]")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
