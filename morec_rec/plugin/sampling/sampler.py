@@ -43,7 +43,6 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from morec_rec.config import SamplerConfig
-from morec_rec.data import arrays
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.plugin.sampling.draw import GroupIndex, draw, largest_remainder
@@ -342,11 +341,9 @@ class _Window:
                                         dtype=np.int64))
         self.price = (self.columns["price"].astype(np.float32) if "price" in carried
                       else None)
-        self.history: tuple[np.ndarray, np.ndarray] | None = None  # offsets, values
-        if "history" in carried:
-            history = table["history"].combine_chunks()
-            self.history = (history.offsets.to_numpy(),
-                            history.values.to_numpy().astype(np.int64))
+        # Kept in Arrow: a block takes its rows' lists there, in the stored dtype.
+        self.history: pa.ListArray | None = (table["history"].combine_chunks()
+                                             if "history" in carried else None)
         self.visit_order = rng.permutation(table.num_rows)
         self.indexes = {
             o.name: GroupIndex.build(o.groups(self.columns), o.weights(self.columns),
@@ -385,14 +382,13 @@ class _Window:
 
 
 class _Block:
-    """Consecutive batches of a window drawn with the same masses. Their fixed-width
-    columns are gathered at once (each batch's tensors are views of the block's); a jagged
-    history, as long as the window's own, is gathered batch by batch."""
+    """Consecutive batches of a window drawn with the same masses, their columns gathered
+    at once: each batch's fixed-width tensors are views of the block's; a jagged history
+    is gathered in its stored dtype, and each batch gets its own int64 copy of its part."""
 
     def __init__(self, window: _Window, begin: int, rows: np.ndarray, sizes: np.ndarray,
                  starved: np.ndarray) -> None:
-        self.begin, self.rows = begin, rows
-        self.history = window.history
+        self.begin = begin
         index = rows.ravel()
         names, stacked = window.stacked
         columns = dict(zip(names, torch.from_numpy(np.take(stacked, index, axis=1))))
@@ -400,6 +396,13 @@ class _Block:
             columns["price"] = torch.from_numpy(window.price[index])
         segments = np.repeat(np.arange(len(sizes)), sizes)
         columns["objective"] = torch.from_numpy(np.tile(segments, len(rows)))
+        self.history: tuple[np.ndarray, np.ndarray] | None = None  # values, batch bounds
+        if window.history is not None:
+            history = window.history.take(index)
+            offsets = history.offsets.to_numpy()
+            self.history = (history.flatten().to_numpy(),
+                            offsets[::rows.shape[1]] - offsets[0])
+            columns["history_lengths"] = torch.from_numpy(np.diff(offsets).astype(np.int64))
         # Each column cut into its batches at once: a batch is then a lookup.
         self.batches = {name: column.split(rows.shape[1]) for name, column in columns.items()}
         self.starved = torch.from_numpy(starved).unbind()
@@ -409,12 +412,8 @@ class _Block:
         j = position - self.begin
         columns = {name: batches[j] for name, batches in self.batches.items()}
         if self.history is not None:
-            offsets, values = self.history
-            rows = self.rows[j]
-            starts = offsets[rows]
-            lengths = offsets[rows + 1] - starts
-            gather, _ = arrays.ranges(starts, lengths)
-            columns["history_values"] = torch.from_numpy(values[gather])
-            columns["history_lengths"] = torch.from_numpy(lengths.astype(np.int64))
+            values, bounds = self.history
+            columns["history_values"] = torch.from_numpy(
+                values[bounds[j]:bounds[j + 1]].astype(np.int64))
         return SampledBatch(**columns, starved=self.starved[j], batch_index=batch_index,
                             epoch=epoch, masses_version=version)
