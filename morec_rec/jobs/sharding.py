@@ -100,8 +100,8 @@ def shard(model: nn.Module, device: torch.device, lr: float = 1e-3, weight_decay
 
 
 class ReplicatedEmbeddingCollection(EmbeddingCollection):
-    """An EmbeddingCollection whose tables are looked up once per forward each, over all
-    their features' ids at once, instead of once per feature.
+    """An EmbeddingCollection that looks each table up once a forward, over all its
+    features' ids together, instead of once a feature.
 
     The output is ``EmbeddingCollection``'s. What changes is the backward: a table gets
     one sparse gradient per step instead of one per feature, which autograd would add
@@ -130,14 +130,15 @@ class ReplicatedEmbeddingCollection(EmbeddingCollection):
 
 
 def _replicate_tables(model: nn.Module) -> set[str]:
-    """Makes every EmbeddingCollection a :class:`ReplicatedEmbeddingCollection` whose
-    tables give sparse gradients; the names of the tables' weights."""
+    """Makes every EmbeddingCollection's tables give sparse gradients, and every plain
+    one a :class:`ReplicatedEmbeddingCollection`; the names of the tables' weights."""
     logger.info("FBGEMM has no fused Adam on CPU: embedding tables stay unsharded, "
                 "trained row-wise by RowWiseAdam")
     names = set()
     for path, module in model.named_modules():
         if isinstance(module, EmbeddingCollection):
-            module.__class__ = ReplicatedEmbeddingCollection
+            if type(module) is EmbeddingCollection:  # a subclass keeps its own forward
+                module.__class__ = ReplicatedEmbeddingCollection
             for name, table in module.embeddings.items():
                 table.sparse = True
                 names.add(f"{path}.embeddings.{name}.weight")
