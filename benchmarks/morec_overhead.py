@@ -197,6 +197,7 @@ def measure(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     """One process's measurement on the prepared dataset ``data``: the rounds of blocks,
     then the validation rounds."""
     env = distributed.init()
+    distributed.keep_freed_memory()  # as morec-rec train and run do
     config = TrainConfig(model=args.model, num_workers=1)
     dataset = PreparedDataset.open(data)
     model, optimizer = build_sharded(config, dataset, env)

@@ -14,12 +14,15 @@ times Xbox), in one process on CPU, batch 1,024, 10 negatives, embedding dimensi
 - **plain loops**: two ``nn.Embedding`` tables of that size, the same BPR loss, no data
   loading at all (an upper bound of the model step), trained by ``torch.optim.Adam``,
   ``Adam(fused=True)`` and ``SparseAdam`` (sparse gradients), with torch's default
-  threads (one a core). Their ids are drawn uniformly from the log's id ranges, so both
-  sides touch the same rows and only the tables' size differs.
+  threads (one a core), and ``SparseAdam`` again with the project's threads
+  (``sparse_adam_same_threads``). Their ids are drawn uniformly from the log's id
+  ranges, so both sides touch the same rows and only the tables' size differs.
 
-Each rate is the median of ``--repeats`` timings of ``--steps`` steps after warm-up, the
-four timed in turn within each repeat; ``ratio`` is the project's over the best plain
-loop's.
+The process keeps freed memory as ``morec-rec train`` does
+(``distributed.keep_freed_memory``), for the plain loops as for the project. Each rate
+is the median of ``--repeats`` timings of ``--steps`` steps after warm-up, all timed in
+turn within each repeat; ``ratio`` is the project's over the best plain loop's at
+torch's default threads, ``ratio_same_threads`` over ``sparse_adam_same_threads``.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ SIZES = {"demo": (10_000, 2_000), "tafeng": (26_000, 15_000), "xbox": (154_000, 
          "10x_xbox": (1_540_000, 52_000)}
 BATCH, NEGATIVES, DIM, WARMUP = 1024, 10, 64, 10
 PLAIN = ("adam", "fused_adam", "sparse_adam")
+SAME_THREADS = "sparse_adam_same_threads"
 
 
 class Timed(NamedTuple):
@@ -147,6 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     env = distributed.init()
     default_threads = torch.get_num_threads()  # torch's default, before share_cpus sets its own
+    heap_kept = distributed.keep_freed_memory()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "demo"
@@ -159,19 +164,24 @@ def main() -> None:
             steps_of = {name: plain_step(users, items, name, id_range, default_threads)
                         for name in PLAIN}
             steps_of["project"] = project_step(dataset, users, items, env)
-            plain = interleaved(steps_of, args.steps, args.repeats)
-            project = plain.pop("project")
             project_threads = steps_of["project"].threads
+            steps_of[SAME_THREADS] = plain_step(users, items, "sparse_adam", id_range,
+                                                project_threads)
+            plain = interleaved(steps_of, args.steps, args.repeats)
+            project, same_threads = plain.pop("project"), plain.pop(SAME_THREADS)
             del steps_of  # the tables, the pipeline and the loader's worker: a sharded
             gc.collect()  # model is a reference cycle, freed by the collector only
             best = max(plain, key=plain.get)
             row = {"size": size, "users": users, "items": items,
                    "project_samples_per_s": project, "project_threads": project_threads,
                    "plain_samples_per_s": plain, "best_plain": best,
-                   "ratio": project / plain[best]}
+                   "ratio": project / plain[best],
+                   "plain_same_threads_samples_per_s": same_threads,
+                   "ratio_same_threads": project / same_threads}
             results.append(row)
             print(f"{size:9} project {project:9,.0f}/s  " + "  ".join(
-                f"{k} {v:9,.0f}/s" for k, v in plain.items()) + f"  ratio {row['ratio']:.2f}",
+                f"{k} {v:9,.0f}/s" for k, v in plain.items()) + f"  ratio {row['ratio']:.2f}"
+                f"  same threads {same_threads:9,.0f}/s ratio {row['ratio_same_threads']:.2f}",
                 flush=True)
     demo = next((r for r in results if r["size"] == "demo"), None)
     xbox = next((r for r in results if r["size"] == "xbox"), None)
@@ -184,6 +194,7 @@ def main() -> None:
         "batch_size": BATCH, "negatives": NEGATIVES, "embedding_dim": DIM,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpus": os.cpu_count(), "plain_threads": default_threads,
+                        "heap_kept": heap_kept,
                         "device": str(env.device)},
     }, indent=2) + "\n")
     distributed.shutdown()

@@ -1,5 +1,6 @@
 """RowWiseAdam, the CPU tables' Adam: only the rows a batch touches move, by Adam's rule,
-with L2 weight decay on those rows, and under two ranks the mean of the ranks' rows."""
+with L2 weight decay on those rows, and under two ranks the mean of the ranks' rows; and
+the replicated tables' collection, which looks each table up once."""
 
 import json
 from pathlib import Path
@@ -9,8 +10,12 @@ import pytest
 import torch
 from conftest import run_torchrun
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from morec_rec.jobs.row_wise_adam import RowWiseAdam
+from morec_rec.jobs.row_wise_adam import RowWiseAdam, sum_rows
+from morec_rec.jobs.sharding import ReplicatedEmbeddingCollection
 
 LR, WD = 0.1, 0.5
 
@@ -19,6 +24,27 @@ def _step(table: nn.Embedding, optimizer: torch.optim.Optimizer, ids: list[int])
     optimizer.zero_grad()
     table(torch.tensor(ids)).sum().backward()  # d/dw of a row's sum: 1 per use
     optimizer.step()
+
+
+def test_sum_rows_adds_each_ids_values_in_order_of_first_appearance() -> None:
+    ids = torch.tensor([3, 1, 3, 0, 1, 3])
+    values = torch.tensor([[1.0], [10.0], [100.0], [1000.0], [20.0], [200.0]])
+    scratch = torch.full((6,), 99)  # stale entries from another step must not matter
+    rows, sums = sum_rows(ids, values, scratch)
+    assert rows.tolist() == [3, 1, 0]
+    assert sums.tolist() == [[301.0], [30.0], [1000.0]]
+    assert scratch[[2, 4, 5]].tolist() == [99, 99, 99]  # untouched rows are never written
+
+
+def test_sum_rows_equals_coalesce() -> None:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(500, (5000,), generator=generator)
+    values = torch.randn(5000, 8, generator=generator)
+    rows, sums = sum_rows(ids, values, torch.empty(1000, dtype=torch.long))
+    expected = torch.sparse_coo_tensor(ids.unsqueeze(0), values, (1000, 8)).coalesce()
+    order = rows.argsort()
+    assert torch.equal(rows[order], expected.indices()[0])
+    torch.testing.assert_close(sums[order], expected.values(), rtol=0, atol=1e-5)
 
 
 def test_only_touched_rows_move_and_keep_their_own_moments() -> None:
@@ -90,3 +116,41 @@ def test_two_ranks_average_their_touched_rows_and_stay_equal(tmp_path: Path) -> 
     for rank in ranks:
         assert rank["gathered"] == mean
         np.testing.assert_allclose(rank["table"], moved, rtol=0, atol=1e-6)
+
+
+def test_replicated_collection_looks_up_like_torchrec_once_per_table() -> None:
+    def collection() -> EmbeddingCollection:
+        torch.manual_seed(0)
+        return EmbeddingCollection(tables=[
+            EmbeddingConfig(num_embeddings=5, embedding_dim=3, name="user",
+                            feature_names=["user_id"]),
+            EmbeddingConfig(num_embeddings=7, embedding_dim=3, name="item",
+                            feature_names=["item_id", "neg_item_id"])], need_indices=True)
+
+    # Two rows; keys out of table order, a row with no negatives, item 2 in both item
+    # features.
+    features = KeyedJaggedTensor(keys=["neg_item_id", "user_id", "item_id"],
+                                 values=torch.tensor([2, 6, 1, 4, 2, 3]),
+                                 lengths=torch.tensor([2, 0, 1, 1, 1, 1]))
+    reference, replicated = collection(), collection()
+    replicated.__class__ = ReplicatedEmbeddingCollection
+    lookups = {"reference": 0, "replicated": 0}
+    for key, module in (("reference", reference), ("replicated", replicated)):
+        for table in module.embeddings.values():
+            table.sparse = True
+            table.register_forward_hook(
+                lambda *_, key=key: lookups.__setitem__(key, lookups[key] + 1))
+    expected, got = reference(features), replicated(features)
+    assert lookups == {"reference": 3, "replicated": 2}  # one a feature, one a table
+    assert list(got) == list(expected)
+    upstream = {name: torch.randn(jagged.values().shape) for name, jagged in expected.items()}
+    for name, jagged in got.items():
+        torch.testing.assert_close(jagged.values(), expected[name].values(), rtol=0, atol=0)
+        assert torch.equal(jagged.lengths(), expected[name].lengths())
+        assert torch.equal(jagged.weights(), expected[name].weights())
+    for outputs in (expected, got):
+        sum((outputs[name].values() * upstream[name]).sum() for name in outputs).backward()
+    for name in ("user", "item"):
+        torch.testing.assert_close(replicated.embeddings[name].weight.grad.to_dense(),
+                                   reference.embeddings[name].weight.grad.to_dense())
+    assert replicated.state_dict().keys() == reference.state_dict().keys()

@@ -7,6 +7,10 @@ checkpoint must equal a 1-process evaluation of the same checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +139,17 @@ def test_checkpoint_of_another_model_is_refused(tiny: Path, tmp_path: Path) -> N
     assert "checkpoint of another model: model 'mf' (expected 'sasrec')" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert sorted(p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")) == before
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+@pytest.mark.parametrize("environment, applied", [({}, True),
+                                                  ({"MALLOC_TRIM_THRESHOLD_": "0"}, False)])
+def test_keep_freed_memory_applies_unless_the_environment_chose(
+        environment: dict[str, str], applied: bool) -> None:
+    # In a child process: the settings are the process's for the rest of its life.
+    code = ("from morec_rec.jobs.distributed import keep_freed_memory; "
+            "print(keep_freed_memory())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env | environment, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == str(applied)

@@ -67,6 +67,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
     """
     env = distributed.init()
     distributed.share_cpus(train_config.num_workers)
+    distributed.keep_freed_memory()
     model, optimizer = build_sharded(train_config, dataset, env)
     identity = model_identity(train_config, dataset)
     meta = (checkpoint.load(run.last, model, optimizer, identity)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import gc
+import logging
 import os
 
 import torch
 import torch.distributed as dist
 
 from morec_rec.errors import MorecError
+
+logger = logging.getLogger(__name__)
+
+#: glibc's ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +67,36 @@ def share_cpus(num_workers: int) -> int:
         cpus = usable // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(cpus - num_workers, 1))
     return torch.get_num_threads()
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 128 << 20) -> bool:
+    """Has glibc's malloc keep freed buffers for reuse instead of returning them to the OS.
+
+    A training step frees and reallocates buffers of a few MB (a batch's lookups, their
+    gradients). glibc's defaults map such buffers afresh or trim them off the heap, so
+    every step faults their pages in again, hundreds of pages a step. After this call,
+    allocations below ``mmap_threshold`` bytes come from the heap, which keeps up to
+    ``trim_threshold`` bytes free at its top; it is inherited by forked loader workers.
+
+    A no-op where the C library is not glibc, and where ``MALLOC_MMAP_THRESHOLD_`` or
+    ``MALLOC_TRIM_THRESHOLD_`` is set (the user's choice stands). Returns whether both
+    settings were applied.
+    """
+    if {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & os.environ.keys():
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    # mallopt returns 1 on success; the mmap threshold first, since setting either
+    # turns off glibc's adjustment of both.
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+                   and mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    if not applied:
+        logger.warning("mallopt refused the heap thresholds; freed memory is returned "
+                       "to the OS as glibc's defaults have it")
+    return applied
 
 
 def restart_count() -> int:

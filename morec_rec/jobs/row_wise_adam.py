@@ -20,40 +20,64 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from morec_rec.collectives import is_distributed
 
 
-def all_gather_rows(grad: torch.Tensor) -> torch.Tensor:
-    """The mean over the ranks of a sparse row gradient, coalesced.
+def sum_rows(ids: torch.Tensor, values: torch.Tensor,
+             scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct ids of a row gradient and each one's summed rows, without a sort.
 
     Args:
-        grad: this rank's sparse COO gradient of a ``(rows, dim)`` table, sparse in its
-            first dimension (as ``nn.Embedding(sparse=True)`` gives); every rank passes
-            one of the same shape, in the same order of calls.
+        ids: int64 (n,), row ids, repeats allowed.
+        values: (n, D), the gradient rows of ``ids``.
+        scratch: int64 (table rows,), overwritten at ``ids``; its other entries are
+            neither read nor written, so one buffer serves every step of a table.
 
     Returns:
-        The sum over ranks divided by the world size (DDP's average), holding the union
-        of the ranks' touched rows. Without a process group of more than one rank,
-        ``grad`` coalesced.
+        ``rows`` int64 (m,), the distinct ids in order of first appearance, and ``sums``
+        (m, D), ``sums[k]`` the sum of the values of ``rows[k]``: ``coalesce``'s result up
+        to the rows' order and float rounding, at O(n·D) whatever the table's size.
     """
-    grad = grad.coalesce()
+    positions = torch.arange(ids.numel(), device=ids.device)
+    # Each id's first position: where it is its own representative, it starts a row.
+    scratch.scatter_reduce_(0, ids, positions, "amin", include_self=False)
+    first = scratch[ids]
+    starts = first == positions
+    slot = starts.cumsum(0).sub_(1)[first]  # each value's row in the output
+    sums = values.new_zeros((int(starts.sum()), *values.shape[1:]))
+    return ids[starts], sums.index_add_(0, slot, values)
+
+
+def all_gather_rows(rows: torch.Tensor, sums: torch.Tensor,
+                    scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean over the ranks of a row gradient (DDP's average).
+
+    Args:
+        rows, sums: this rank's distinct row ids and their gradient rows
+            (:func:`sum_rows`); every rank calls with the same table, in the same order.
+        scratch: as in :func:`sum_rows`.
+
+    Returns:
+        The union of the ranks' rows and, for each, the sum over ranks divided by the
+        world size, as :func:`sum_rows` orders them. Without a process group of more than
+        one rank, the arguments unchanged.
+    """
     if not is_distributed():
-        return grad
+        return rows, sums
     world = dist.get_world_size()
-    ids, rows = grad.indices()[0], grad.values()
     counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([ids.numel()]))
+    dist.all_gather(counts, torch.tensor([rows.numel()]))
     longest = max(int(c) for c in counts)
     # all_gather needs equal sizes: pad to the longest, and trim each rank's part after.
-    padded_ids = ids.new_zeros(longest)
-    padded_ids[:ids.numel()] = ids
-    padded_rows = rows.new_zeros((longest, *rows.shape[1:]))
-    padded_rows[:ids.numel()] = rows
-    all_ids = [torch.empty_like(padded_ids) for _ in range(world)]
+    padded_rows = rows.new_zeros(longest)
+    padded_rows[:rows.numel()] = rows
+    padded_sums = sums.new_zeros((longest, *sums.shape[1:]))
+    padded_sums[:rows.numel()] = sums
     all_rows = [torch.empty_like(padded_rows) for _ in range(world)]
-    dist.all_gather(all_ids, padded_ids)
+    all_sums = [torch.empty_like(padded_sums) for _ in range(world)]
     dist.all_gather(all_rows, padded_rows)
-    ids = torch.cat([part[:int(n)] for part, n in zip(all_ids, counts)])
-    rows = torch.cat([part[:int(n)] for part, n in zip(all_rows, counts)])
-    return torch.sparse_coo_tensor(ids.unsqueeze(0), rows / world, grad.shape,
-                                   check_invariants=False).coalesce()
+    dist.all_gather(all_sums, padded_sums)
+    rows, sums = sum_rows(torch.cat([part[:int(n)] for part, n in zip(all_rows, counts)]),
+                          torch.cat([part[:int(n)] for part, n in zip(all_sums, counts)]),
+                          scratch)
+    return rows, sums.div_(world)
 
 
 class RowWiseAdam(torch.optim.SparseAdam):
@@ -73,6 +97,8 @@ class RowWiseAdam(torch.optim.SparseAdam):
     def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr)
         self.weight_decay = weight_decay
+        # sum_rows's buffers, one per table; not state: a checkpoint need not hold them.
+        self._scratch: dict[torch.Tensor, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -85,14 +111,19 @@ class RowWiseAdam(torch.optim.SparseAdam):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                grad = all_gather_rows(param.grad)
+                scratch = self._scratch.get(param)
+                if scratch is None:
+                    scratch = self._scratch[param] = param.new_empty(len(param),
+                                                                     dtype=torch.long)
+                grad = param.grad
+                rows, values = all_gather_rows(
+                    *sum_rows(grad._indices()[0], grad._values(), scratch), scratch)
                 state = self.state[param]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(param)
                     state["exp_avg_sq"] = torch.zeros_like(param)
                 state["step"] += 1
-                rows, values = grad.indices()[0], grad.values()
                 if not rows.numel():
                     continue
                 if self.weight_decay:

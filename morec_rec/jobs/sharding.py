@@ -6,10 +6,11 @@ pass; every other parameter is data-parallel (DDP) and trained by ``torch.optim.
 FBGEMM's CPU kernels have no Adam (its fused CPU optimizers are SGD and the Adagrad
 variants), and its dense CPU kernel pools sequences, so no sharded EmbeddingCollection
 can train with Adam on CPU. There, with the default ``table_optimizer=ADAM``, the tables
-stay unsharded (replicated on every rank) and out of DDP; their lookups give sparse
-gradients, and :class:`~morec_rec.jobs.row_wise_adam.RowWiseAdam` averages the touched
-rows over the ranks and updates only those rows. That is what FBGEMM's fused Adam does on
-CUDA, and a step's cost does not grow with the tables.
+stay unsharded (replicated on every rank) and out of DDP; each is looked up once a step
+(:class:`ReplicatedEmbeddingCollection`), giving one sparse gradient, and
+:class:`~morec_rec.jobs.row_wise_adam.RowWiseAdam` averages the touched rows over the
+ranks and updates only those rows. That is what FBGEMM's fused Adam does on CUDA, and a
+step's cost does not grow with the tables.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
 from morec_rec.errors import MorecError
 from morec_rec.jobs.row_wise_adam import RowWiseKeyedOptimizer
@@ -96,13 +99,46 @@ def shard(model: nn.Module, device: torch.device, lr: float = 1e-3, weight_decay
     return dmp, CombinedOptimizer(optimizers)
 
 
+class ReplicatedEmbeddingCollection(EmbeddingCollection):
+    """An EmbeddingCollection that looks each table up once a forward, over all its
+    features' ids together, instead of once a feature.
+
+    The output is ``EmbeddingCollection``'s. What changes is the backward: a table gets
+    one sparse gradient per step instead of one per feature, which autograd would add
+    (a copy of every row gradient into a zeroed buffer). :func:`_replicate_tables` gives
+    an unsharded collection this class, as DistributedModelParallel swaps in a sharded
+    one; parameters and ``state_dict`` keys stay the same.
+    """
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        features = maybe_td_to_kjt(features, None)
+        by_feature = features.to_dict()
+        embedded: dict[str, JaggedTensor] = {}
+        for table, feature_names, embedding_names in zip(
+                self.embeddings.values(), self._feature_names,
+                self._embedding_names_by_table):
+            jagged = [by_feature[name] for name in feature_names]
+            ids = [jt.values() for jt in jagged]
+            rows = table(input=torch.cat(ids)).float().split([i.numel() for i in ids])
+            # Indexing, not iterating, keeps the split traceable by torch.fx, through
+            # which TrainPipelineSparseDist looks for sharded modules.
+            for k, (name, jt) in enumerate(zip(embedding_names, jagged)):
+                embedded[name] = JaggedTensor(
+                    values=rows[k], lengths=jt.lengths(),
+                    weights=jt.values() if self._need_indices else None)
+        return embedded
+
+
 def _replicate_tables(model: nn.Module) -> set[str]:
-    """Makes every EmbeddingCollection's tables give sparse gradients; their weights' names."""
+    """Makes every EmbeddingCollection's tables give sparse gradients, and every plain
+    one a :class:`ReplicatedEmbeddingCollection`; the names of the tables' weights."""
     logger.info("FBGEMM has no fused Adam on CPU: embedding tables stay unsharded, "
                 "trained row-wise by RowWiseAdam")
     names = set()
     for path, module in model.named_modules():
         if isinstance(module, EmbeddingCollection):
+            if type(module) is EmbeddingCollection:  # a subclass keeps its own forward
+                module.__class__ = ReplicatedEmbeddingCollection
             for name, table in module.embeddings.items():
                 table.sparse = True
                 names.add(f"{path}.embeddings.{name}.weight")

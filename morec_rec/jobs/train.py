@@ -91,6 +91,7 @@ def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
     """Trains until early stop or ``max_epochs``; returns the final progress."""
     env = distributed.init()
     distributed.share_cpus(config.num_workers)
+    distributed.keep_freed_memory()
     model, optimizer = build_sharded(config, dataset, env)
     identity = model_identity(config, dataset)
     progress = PretrainingProgress()

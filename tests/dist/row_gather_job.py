@@ -7,7 +7,7 @@ Run by ``tests/test_row_wise_adam.py``::
 
 Rank r looks up rows ``IDS[r]`` of a 6×2 table (sparse gradient: 1 per use of a row,
 all-ones upstream), and writes ``rank<r>.json`` with the gradient ``all_gather_rows``
-returns (densified), and the table after one ``RowWiseAdam`` step.
+returns (summed into a dense table), and the table after one ``RowWiseAdam`` step.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from morec_rec.jobs.row_wise_adam import RowWiseAdam, all_gather_rows
+from morec_rec.jobs.row_wise_adam import RowWiseAdam, all_gather_rows, sum_rows
 
 #: Rank 0 touches rows 1 (twice) and 4; rank 1 touches rows 4 and 5, three rows in all.
 IDS = ([1, 1, 4], [4, 5])
@@ -34,7 +34,10 @@ def main() -> None:
     rank = dist.get_rank()
     table = nn.Embedding.from_pretrained(torch.zeros(6, 2), freeze=False, sparse=True)
     table(torch.tensor(IDS[rank])).sum().backward()
-    gathered = all_gather_rows(table.weight.grad)
+    grad, scratch = table.weight.grad, torch.empty(6, dtype=torch.long)
+    rows, sums = all_gather_rows(*sum_rows(grad._indices()[0], grad._values(), scratch),
+                                 scratch)
+    gathered = torch.zeros(6, 2).index_add_(0, rows, sums)
     RowWiseAdam(table.parameters(), lr=0.1).step()
     (out / f"rank{rank}.json").write_text(json.dumps({
         "gathered": gathered.to_dense().tolist(),
