@@ -89,8 +89,8 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 128 
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    # mallopt returns 1 on success; the mmap threshold first, since setting either
-    # turns off glibc's adjustment of both.
+    # mallopt returns 1 on success. Setting either turns off glibc's dynamic adjustment
+    # of both (mallopt(3)), so the two are set together.
     applied = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
                    and mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     if not applied:
