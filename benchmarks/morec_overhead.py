@@ -69,7 +69,7 @@ from morec_rec.jobs.collate import Collator
 from morec_rec.jobs.models import num_negatives, per_row_loss
 from morec_rec.jobs.models.negatives import NegativeSampler
 from morec_rec.jobs.models.scorer import ModelScorer
-from morec_rec.jobs.train import build_sharded, training_loader
+from morec_rec.jobs.train import build_sharded, epoch_iterator, training_loader
 from morec_rec.plugin.eval.ranking import load_task
 from morec_rec.plugin.loader import MoRecLoader
 from morec_rec.plugin.morec import MoRec
@@ -113,7 +113,7 @@ class Feed:
     def _next_epoch(self) -> None:
         self.epoch += 1
         self.set_epoch(self.epoch)
-        self.batches, self.stepped = iter(self.loader), 0
+        self.batches, self.stepped = epoch_iterator(self.loader), 0
         for _ in range(WARMUP):
             self._step()
 

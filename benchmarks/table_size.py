@@ -52,7 +52,7 @@ from morec_rec.data.format import PreparedDataset
 from morec_rec.jobs import distributed
 from morec_rec.jobs.models import build_model
 from morec_rec.jobs.sharding import shard
-from morec_rec.jobs.train import training_loader
+from morec_rec.jobs.train import epoch_iterator, training_loader
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
 #: users, items of each size: the demo profile, Ta-Feng after its 5-core, Xbox, 10× Xbox.
@@ -99,7 +99,7 @@ def project_step(dataset: PreparedDataset, users: int, items: int,
                              table_optimizer=EmbOptimType(config.table_optimizer))
     sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
-    state = {"epoch": 0, "batches": iter(loader)}
+    state = {"epoch": 0, "batches": epoch_iterator(loader)}
     return Timed(lambda: _progress(pipeline, state, sampler, loader), threads)
 
 
@@ -111,8 +111,9 @@ def _progress(pipeline: TrainPipelineSparseDist, state: dict, sampler: WeightedS
     except StopIteration:
         state["epoch"] += 1
         sampler.set_epoch(state["epoch"])
-        state["batches"] = iter(loader)
+        state["batches"] = epoch_iterator(loader)
         pipeline.progress(state["batches"])
+
 
 
 def plain_step(users: int, items: int, optimizer: str, id_range: tuple[int, int],

@@ -179,6 +179,20 @@ def test_a_start_position_replays_the_rest_of_the_stream(dataset: PreparedDatase
     _compare(uninterrupted[start:], list(loader(start)))
 
 
+def test_persistent_workers_follow_set_epoch(dataset: PreparedDataset) -> None:
+    # Workers that outlive an epoch yield what fresh ones would, for each set_epoch,
+    # including after an iteration left unfinished (its prefetched batches are dropped).
+    s = sampler(dataset)
+    persistent = DataLoader(s, batch_size=None, num_workers=2, persistent_workers=True)
+    s.set_epoch(0)
+    assert len(list(itertools.islice(persistent, 3))) == 3
+    for epoch, start in ((1, 0), (2, 5), (3, 0)):
+        s.set_epoch(epoch, start)
+        fresh = sampler(dataset)
+        fresh.set_epoch(epoch, start)
+        _compare(list(DataLoader(fresh, batch_size=None, num_workers=2)), list(persistent))
+
+
 def test_a_restarted_loader_replays_the_published_masses(
         dataset: PreparedDataset, tcp_store: Callable[..., StoreSpec]) -> None:
     # Both runs publish the same versions at the same consumed counts; the second stops

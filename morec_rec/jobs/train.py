@@ -13,7 +13,7 @@ after the last one trained (a batch's rows and negatives derive from its index).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -82,8 +82,18 @@ def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distribu
         rank=env.rank, world_size=env.world_size, columns=collate.columns,
     )
     return sampler, DataLoader(sampler, batch_size=None, num_workers=config.num_workers,
-                               collate_fn=collate,
+                               collate_fn=collate, persistent_workers=config.num_workers > 0,
                                worker_init_fn=die_with_parent if config.num_workers else None)
+
+
+T = TypeVar("T")
+
+
+def epoch_iterator(loader: Iterable[T]) -> Iterator[T]:
+    """An epoch of ``loader`` as a new iterator object. A DataLoader with persistent
+    workers hands back the same iterator every epoch, which TrainPipelineSparseDist,
+    meeting it again, takes for the one it saw exhausted and draws nothing from."""
+    return (batch for batch in loader)
 
 
 def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
@@ -136,7 +146,7 @@ class _Pretraining:
     def epoch_batches(self) -> Iterator[TrainBatch]:
         done = self.progress.step - self.progress.epoch * self.batches_per_epoch
         self.sampler.set_epoch(self.progress.epoch, done)
-        return iter(self.loader)
+        return epoch_iterator(self.loader)
 
     def step(self, output: Any) -> dict[str, str]:
         self.unlogged.append(output.per_row_loss.detach().mean())

@@ -1,10 +1,12 @@
 """MoRec's training loader: the sampler's batches through the job's collate, in order.
 
 It knows which batches its workers may already have drawn: at most ``prefetch_factor``
-per worker beyond those it has yielded (the DataLoader's outstanding tasks), none while
-no iterator is running. An update published to apply from :attr:`MoRecLoader.undrawn`
-therefore reaches every worker before the batch it applies to is drawn, whatever the
-pipeline in front of the loader holds.
+per worker beyond those it has yielded (the DataLoader's outstanding tasks), none that it
+will yield while no iterator is running (its workers persist between epochs; what they
+drew for an iteration left unfinished is dropped when the next one starts). An update
+published to apply from :attr:`MoRecLoader.undrawn` therefore reaches every worker
+before the batch it applies to is drawn, whatever the pipeline in front of the loader
+holds.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class MoRecLoader:
             sampler, batch_size=None, num_workers=num_workers,
             collate_fn=Segmenting(collate, item_ids=item_ids),
             prefetch_factor=prefetch_factor if num_workers else None, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
             worker_init_fn=die_with_parent if num_workers else None)
         self._epoch, self._start = 0, 0
         self._next = 0  # the index of the next batch to yield

@@ -75,8 +75,9 @@ class WeightedStreamSampler(IterableDataset):
     batches per epoch (:meth:`batches_per_epoch`), so no rank waits for another, and a
     DataLoader's round robin over its workers yields the batches in ``batch_index`` order:
     ``batch_index = epoch · batches_per_epoch + position`` on every rank. Call
-    :meth:`set_epoch` before each epoch; a resume needs the same world size and number of
-    workers.
+    :meth:`set_epoch` before each epoch, also with ``persistent_workers=True`` (workers
+    read it when the loader's iteration starts); a resume needs the same world size and
+    number of workers.
 
     Args:
         dataset: a prepared dataset (its ``train/`` shards are read).
@@ -131,9 +132,10 @@ class WeightedStreamSampler(IterableDataset):
                          for name, size in self._num_groups.items()}
         self._masses = dict(self._initial)
         self._version = 0
-        self._epoch = 0
-        self._start = 0  # the rank loader's first position of the epoch
-        # Shared with the loader workers (inherited when they start): see announce().
+        # Shared with the loader workers (inherited when they start), so that workers
+        # that outlive an epoch (``persistent_workers``) see set_epoch() and announce():
+        # the epoch and the rank loader's first position in it, and the announced version.
+        self._position = multiprocessing.RawArray("q", 2)
         self._announced = multiprocessing.RawValue("q", 0)
 
     @property
@@ -151,7 +153,7 @@ class WeightedStreamSampler(IterableDataset):
         has already yielded (0 for a new epoch; a resumed run's position)."""
         if epoch < 0 or start < 0:
             raise MorecError(f"sampler: epoch {epoch} and start {start} must be >= 0")
-        self._epoch, self._start = epoch, start
+        self._position[:] = [epoch, start]
 
     def announce(self, version: int) -> None:
         """Makes the store's versions up to ``version`` visible to this sampler's
@@ -170,22 +172,24 @@ class WeightedStreamSampler(IterableDataset):
         return {k: v.copy() for k, v in self._masses.items()}
 
     def __iter__(self) -> Iterator[SampledBatch]:
+        epoch, start = self._position
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # Worker ``worker`` plays role ``r``: it draws positions r, r + W, ... of the epoch,
         # so that a loader's round robin, which starts at worker 0, yields position
         # ``start`` first.
-        role = (worker + self._start) % num_workers
+        role = (worker + start) % num_workers
         num_streams = self.world_size * num_workers
         stream = self.rank * num_workers + role
         per_stream = min_stream_rows(self.row_groups, num_streams) // self.batch_size
-        first = (self._start - role + num_workers - 1) // num_workers
+        first = (start - role + num_workers - 1) // num_workers
         # Every pass starts from the initial masses and replays the store's versions.
         self._masses, self._version = dict(self._initial), 0
         weights = (_MassesFeed(WeightStore.connect(self.store), self._announced)
                    if self.store else None)
         per_window = self.config.window_batches
-        windows = self._windows(stream, num_streams, per_stream, first=first // per_window)
+        windows = self._windows(epoch, stream, num_streams, per_stream,
+                                first=first // per_window)
         # Batches are drawn a block at a time: from a window's first batch, or from the
         # batch where the masses last changed, to the window's end. A change inside a block
         # drops the rest of it, so a batch's rows depend on its block's start alone, which
@@ -195,27 +199,27 @@ class WeightedStreamSampler(IterableDataset):
         for k in range(first, per_stream):
             if k == first or k % per_window == 0:
                 window, block = next(windows), None
-            batch_index = (self._epoch * per_stream + k) * num_workers + role
+            batch_index = (epoch * per_stream + k) * num_workers + role
             due = weights.due(batch_index) if weights is not None else []
             if due:
                 self._apply(due)
                 # The first position whose batch index is at or past the version's.
                 changed = max(changed, *(-((role - m.effective_from) // num_workers)
-                                         - self._epoch * per_stream for m in due))
+                                         - epoch * per_stream for m in due))
                 block = None
             if block is None:
                 begin = max(window.first, changed)
-                rng = np.random.default_rng([self.config.seed, self._epoch, stream, begin, 1])
+                rng = np.random.default_rng([self.config.seed, epoch, stream, begin, 1])
                 block = window.draw_block(begin, self._masses, self.config, rng)
-            yield block.batch(k, batch_index, self._epoch, self._version)
+            yield block.batch(k, batch_index, epoch, self._version)
 
-    def _windows(self, stream: int, num_streams: int, per_stream: int,
+    def _windows(self, epoch: int, stream: int, num_streams: int, per_stream: int,
                  first: int) -> Iterator[_Window]:
         """The stream's windows from ``first`` on, each read in a background thread while
         the one before it is sampled (Parquet decoding releases the GIL)."""
         reader = _StreamReader(
             self.files,
-            stream_segments(self.row_groups, self.config.seed, self._epoch, stream, num_streams),
+            stream_segments(self.row_groups, self.config.seed, epoch, stream, num_streams),
             self.columns,
         )
         window_rows = self.config.window_batches * self.batch_size
@@ -226,7 +230,7 @@ class WeightedStreamSampler(IterableDataset):
             return _Window(reader.read(begin, min(begin + window_rows, end)),
                            number * self.config.window_batches, self.objectives,
                            {*ID_COLUMNS, *self.carried},
-                           np.random.default_rng([self.config.seed, self._epoch, stream, number]))
+                           np.random.default_rng([self.config.seed, epoch, stream, number]))
 
         last = -(-end // window_rows) - 1
         with ThreadPoolExecutor(max_workers=1) as pool:
