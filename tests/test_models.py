@@ -88,6 +88,16 @@ def test_negative_sampler_pickles_and_is_deterministic_for_a_seed() -> None:
                                                                 np.random.default_rng(7)))
 
 
+def test_negative_draws_are_the_inverse_cdf_of_the_generators_uniforms() -> None:
+    # The draws of a seed are fixed: item k owns [cdf[k - 1], cdf[k]) of the generator's
+    # uniforms scaled to the total weight, whatever order the lookups run in.
+    sampler = NegativeSampler(COUNTS)
+    cdf = np.cumsum(COUNTS.astype(float) ** 0.75)
+    u = np.random.default_rng(3).random((64, 10)) * cdf[-1]
+    expected = np.array([[np.flatnonzero(cdf > x)[0] for x in row] for row in u])
+    np.testing.assert_array_equal(sampler.draw((64, 10), np.random.default_rng(3)), expected)
+
+
 @pytest.mark.parametrize("counts, beta", [
     ([0, 5, 0], 0.75),  # one drawable item: its rows would have no negative
     ([1, -1, 2], 0.75),
