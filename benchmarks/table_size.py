@@ -115,7 +115,6 @@ def _progress(pipeline: TrainPipelineSparseDist, state: dict, sampler: WeightedS
         pipeline.progress(state["batches"])
 
 
-
 def plain_step(users: int, items: int, optimizer: str, id_range: tuple[int, int],
                threads: int) -> Timed:
     """A plain loop's step over tables of ``users`` and ``items`` rows, its user and item
