@@ -80,14 +80,14 @@ class MoRecLoader:
             prefetch_factor=prefetch_factor if num_workers else None, pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             worker_init_fn=die_with_parent if num_workers else None)
-        self._epoch, self._start = 0, 0
+        self._start = 0  # the epoch's first position
         self._next = 0  # the index of the next batch to yield
         self._running = False
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The next iteration yields ``epoch`` from position ``start`` on."""
         self.sampler.set_epoch(epoch, start)
-        self._epoch, self._start = epoch, start
+        self._start = start
         self._next = epoch * self.batches_per_epoch + start
 
     def __len__(self) -> int:
