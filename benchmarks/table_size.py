@@ -1,6 +1,7 @@
 """MF-BPR training samples/s against table size: this project over plain PyTorch loops.
 
-    python benchmarks/table_size.py --out benchmarks/results/table_size.json [--steps 100]
+    python benchmarks/table_size.py --out benchmarks/results/table_size.json [--steps 100] \
+        [--ids spread | first]
 
 At each table size (users + items; the demo profile, Ta-Feng, the paper's Xbox, ten
 times Xbox), in one process on CPU, batch 1,024, 10 negatives, embedding dimension 64:
@@ -8,7 +9,7 @@ times Xbox), in one process on CPU, batch 1,024, 10 negatives, embedding dimensi
 - **project**: ``morec-rec train``'s step with the default ``TrainConfig`` (table
   optimizer ``adam``): the synthetic ``demo`` log through its loader (one worker),
   sampler and collate, into ``TrainPipelineSparseDist`` over the DMP-wrapped backbone,
-  whose tables have the size named (the log's ids fall in their first rows), with the
+  whose tables have the size named (the log's ids mapped into them, below), with the
   intra-op threads ``morec-rec train`` sets (``distributed.share_cpus``: the cores less
   the loader's worker);
 - **plain loops**: two ``nn.Embedding`` tables of that size, the same BPR loss, no data
@@ -16,7 +17,13 @@ times Xbox), in one process on CPU, batch 1,024, 10 negatives, embedding dimensi
   ``Adam(fused=True)`` and ``SparseAdam`` (sparse gradients), with torch's default
   threads (one a core), and ``SparseAdam`` again with the project's threads
   (``sparse_adam_same_threads``). Their ids are drawn uniformly from the log's id
-  ranges, so both sides touch the same rows and only the tables' size differs.
+  ranges.
+
+Both sides then map each id through a fixed random injection into the whole table
+(``--ids spread``, the default): a batch's rows are spread over the tables as a log of
+that many users and items would spread them, with the cache misses that brings.
+``--ids first`` keeps the log's ids, the first rows of every table, so that only the
+tables' size varies.
 
 The process keeps freed memory as ``morec-rec train`` does
 (``distributed.keep_freed_memory``), for the plain loops as for the project. Each rate
@@ -46,13 +53,16 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.utils.data import DataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from morec_rec.config import TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.jobs import distributed
+from morec_rec.jobs.collate import Collator, TrainBatch
 from morec_rec.jobs.models import build_model
 from morec_rec.jobs.sharding import shard
 from morec_rec.jobs.train import epoch_iterator, training_loader
+from morec_rec.plugin.sampling.sampled import SampledBatch
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
 #: users, items of each size: the demo profile, Ta-Feng after its 5-core, Xbox, 10× Xbox.
@@ -89,7 +99,38 @@ def interleaved(steps_of: dict[str, Timed], steps: int, repeats: int) -> dict[st
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def project_step(dataset: PreparedDataset, users: int, items: int,
+class IdMap(NamedTuple):
+    """Where each of the log's user and item ids lands in tables of a given size: int64
+    (log users,) and (log items,), injective."""
+
+    users: torch.Tensor
+    items: torch.Tensor
+
+    @classmethod
+    def make(cls, id_range: tuple[int, int], tables: tuple[int, int], spread: bool) -> IdMap:
+        generator = torch.Generator().manual_seed(0)
+        return cls(*(torch.randperm(rows, generator=generator)[:ids] if spread
+                     else torch.arange(ids) for ids, rows in zip(id_range, tables)))
+
+
+class MappedCollate:
+    """The job's collate, with every id of its batches' features mapped by an IdMap."""
+
+    def __init__(self, collate: Collator, ids: IdMap) -> None:
+        self.collate = collate
+        self.tables = {"user_id": ids.users, "item_id": ids.items, "neg_item_id": ids.items}
+
+    def __call__(self, sampled: SampledBatch) -> TrainBatch:
+        features = self.collate(sampled).features
+        parts = features.values().split(features.length_per_key())
+        return TrainBatch(KeyedJaggedTensor(
+            keys=features.keys(), lengths=features.lengths(), stride=features.stride(),
+            length_per_key=features.length_per_key(),
+            values=torch.cat([self.tables[key][part]
+                              for key, part in zip(features.keys(), parts)])))
+
+
+def project_step(dataset: PreparedDataset, users: int, items: int, ids: IdMap,
                  env: distributed.Environment) -> Timed:
     config = TrainConfig(model="mf", num_workers=1)
     threads = distributed.share_cpus(config.num_workers)
@@ -98,6 +139,7 @@ def project_step(dataset: PreparedDataset, users: int, items: int,
     model, optimizer = shard(model, env.device, lr=config.lr,
                              table_optimizer=EmbOptimType(config.table_optimizer))
     sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
+    loader.collate_fn = MappedCollate(loader.collate_fn, ids)  # before the workers start
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
     state = {"epoch": 0, "batches": epoch_iterator(loader)}
     return Timed(lambda: _progress(pipeline, state, sampler, loader), threads)
@@ -115,10 +157,9 @@ def _progress(pipeline: TrainPipelineSparseDist, state: dict, sampler: WeightedS
         pipeline.progress(state["batches"])
 
 
-def plain_step(users: int, items: int, optimizer: str, id_range: tuple[int, int],
-               threads: int) -> Timed:
+def plain_step(users: int, items: int, optimizer: str, ids: IdMap, threads: int) -> Timed:
     """A plain loop's step over tables of ``users`` and ``items`` rows, its user and item
-    ids drawn uniformly below ``id_range``."""
+    ids drawn uniformly from the log's and mapped by ``ids``."""
     torch.manual_seed(0)
     sparse = optimizer == "sparse_adam"
     user = nn.Embedding(users, DIM, sparse=sparse)
@@ -127,12 +168,12 @@ def plain_step(users: int, items: int, optimizer: str, id_range: tuple[int, int]
     opt = {"adam": lambda: torch.optim.Adam(params, lr=1e-3),
            "fused_adam": lambda: torch.optim.Adam(params, lr=1e-3, fused=True),
            "sparse_adam": lambda: torch.optim.SparseAdam(params, lr=1e-3)}[optimizer]()
-    id_users, id_items = id_range
+    user_ids, item_ids = ids
 
     def step() -> None:
-        u = user(torch.randint(id_users, (BATCH,)))
-        positive = (u * item(torch.randint(id_items, (BATCH,)))).sum(-1)
-        negatives = item(torch.randint(id_items, (BATCH, NEGATIVES)))
+        u = user(user_ids[torch.randint(len(user_ids), (BATCH,))])
+        positive = (u * item(item_ids[torch.randint(len(item_ids), (BATCH,))])).sum(-1)
+        negatives = item(item_ids[torch.randint(len(item_ids), (BATCH, NEGATIVES))])
         negative = (negatives * u.unsqueeze(1)).sum(-1)
         loss = F.softplus(negative - positive.unsqueeze(-1)).mean()
         opt.zero_grad()
@@ -148,6 +189,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ids", choices=("spread", "first"), default="spread",
+                        help="spread the log's ids over the tables, or keep them in the "
+                             "first rows")
     args = parser.parse_args()
     env = distributed.init()
     default_threads = torch.get_num_threads()  # torch's default, before share_cpus sets its own
@@ -161,11 +205,12 @@ def main() -> None:
         id_range = (dataset.manifest["num_users"], dataset.manifest["num_items"])
         for size in args.sizes:
             users, items = SIZES[size]
-            steps_of = {name: plain_step(users, items, name, id_range, default_threads)
+            ids = IdMap.make(id_range, (users, items), spread=args.ids == "spread")
+            steps_of = {name: plain_step(users, items, name, ids, default_threads)
                         for name in PLAIN}
-            steps_of["project"] = project_step(dataset, users, items, env)
+            steps_of["project"] = project_step(dataset, users, items, ids, env)
             project_threads = steps_of["project"].threads
-            steps_of[SAME_THREADS] = plain_step(users, items, "sparse_adam", id_range,
+            steps_of[SAME_THREADS] = plain_step(users, items, "sparse_adam", ids,
                                                 project_threads)
             plain = interleaved(steps_of, args.steps, args.repeats)
             project, same_threads = plain.pop("project"), plain.pop(SAME_THREADS)
@@ -190,7 +235,7 @@ def main() -> None:
         "results": results,
         "xbox_over_demo": (xbox["project_samples_per_s"] / demo["project_samples_per_s"]
                            if demo and xbox else None),
-        "steps": args.steps, "repeats": args.repeats, "warmup_steps": WARMUP,
+        "ids": args.ids, "steps": args.steps, "repeats": args.repeats, "warmup_steps": WARMUP,
         "batch_size": BATCH, "negatives": NEGATIVES, "embedding_dim": DIM,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpus": os.cpu_count(), "plain_threads": default_threads,
