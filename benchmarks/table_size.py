@@ -126,7 +126,7 @@ class MappedCollate:
         return TrainBatch(KeyedJaggedTensor(
             keys=features.keys(), lengths=features.lengths(), stride=features.stride(),
             length_per_key=features.length_per_key(),
-            values=torch.cat([self.tables[key][part]
+            values=torch.cat([self.tables[key].index_select(0, part)
                               for key, part in zip(features.keys(), parts)])))
 
 
@@ -168,12 +168,15 @@ def plain_step(users: int, items: int, optimizer: str, ids: IdMap, threads: int)
     opt = {"adam": lambda: torch.optim.Adam(params, lr=1e-3),
            "fused_adam": lambda: torch.optim.Adam(params, lr=1e-3, fused=True),
            "sparse_adam": lambda: torch.optim.SparseAdam(params, lr=1e-3)}[optimizer]()
-    user_ids, item_ids = ids
+
+    def draw(table: torch.Tensor, size: int) -> torch.Tensor:
+        # index_select: advanced indexing would cost this side ~0.7% of a step more.
+        return table.index_select(0, torch.randint(len(table), (size,)))
 
     def step() -> None:
-        u = user(user_ids[torch.randint(len(user_ids), (BATCH,))])
-        positive = (u * item(item_ids[torch.randint(len(item_ids), (BATCH,))])).sum(-1)
-        negatives = item(item_ids[torch.randint(len(item_ids), (BATCH, NEGATIVES))])
+        u = user(draw(ids.users, BATCH))
+        positive = (u * item(draw(ids.items, BATCH))).sum(-1)
+        negatives = item(draw(ids.items, BATCH * NEGATIVES)).unflatten(0, (BATCH, NEGATIVES))
         negative = (negatives * u.unsqueeze(1)).sum(-1)
         loss = F.softplus(negative - positive.unsqueeze(-1)).mean()
         opt.zero_grad()
