@@ -53,12 +53,11 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.utils.data import DataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from morec_rec.config import TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.jobs import distributed
-from morec_rec.jobs.collate import Collator, TrainBatch
+from morec_rec.jobs.collate import Collator, TrainBatch, features_kjt
 from morec_rec.jobs.models import build_model
 from morec_rec.jobs.sharding import shard
 from morec_rec.jobs.train import epoch_iterator, training_loader
@@ -122,12 +121,9 @@ class MappedCollate:
 
     def __call__(self, sampled: SampledBatch) -> TrainBatch:
         features = self.collate(sampled).features
-        parts = features.values().split(features.length_per_key())
-        return TrainBatch(KeyedJaggedTensor(
-            keys=features.keys(), lengths=features.lengths(), stride=features.stride(),
-            length_per_key=features.length_per_key(),
-            values=torch.cat([self.tables[key].index_select(0, part)
-                              for key, part in zip(features.keys(), parts)])))
+        return TrainBatch(features_kjt(features.keys(), {
+            key: (self.tables[key].index_select(0, jagged.values()), jagged.lengths())
+            for key, jagged in features.to_dict().items()}))
 
 
 def project_step(dataset: PreparedDataset, users: int, items: int, ids: IdMap,

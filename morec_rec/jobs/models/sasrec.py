@@ -204,7 +204,7 @@ def right_aligned(values: torch.Tensor, lengths: torch.Tensor,
     ends = torch.repeat_interleave(offsets[1:], lengths, output_size=values.size(0))
     # Reverse each row (most recent first) so that padding cuts the oldest values off.
     index = starts + ends - 1 - torch.arange(values.size(0), device=values.device)
-    # index_select, not values[index]: on CPU its gather and backward cost ~1/3 and ~1/2.
+    # index_select, not values[index]: on CPU, gather and backward cost a third as much.
     padded = torch.ops.fbgemm.jagged_to_padded_dense(values.index_select(0, index), [offsets],
                                                      [max_len], 0.0)
     position = torch.arange(max_len, device=values.device)
