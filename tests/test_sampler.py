@@ -386,6 +386,20 @@ def test_rows_within_every_group_are_drawn_alike(weights: np.ndarray | None) -> 
         assert chi_square_p(deciles, np.full(40, half.size / 40)) > ALPHA, deciles
 
 
+@pytest.mark.parametrize("weights", [
+    np.random.default_rng(0).lognormal(0.0, 2.0, 5000),  # heavy-tailed, like prices
+    np.r_[np.full(4000, 1e-9), 1e6, np.zeros(500), np.ones(499)],  # crowded buckets
+    np.r_[0.0, 0.0, 2.0, 0.0, 3.0, 0.0],  # runs of zero weight
+], ids=["lognormal", "crowded", "zeros"])
+def test_locate_matches_a_binary_search(weights: np.ndarray) -> None:
+    index = GroupIndex.build(None, weights, 1, len(weights))
+    total = index.cumulative[len(weights) - 1]
+    keys = np.r_[np.random.default_rng(1).random(20_000) * total, 0.0,
+                 index.cumulative[:len(weights)], np.nextafter(total, 0)]
+    expected = np.searchsorted(index.cumulative[:len(weights)], keys, side="right")
+    np.testing.assert_array_equal(index.locate(keys), expected)
+
+
 def test_largest_remainder() -> None:
     assert largest_remainder(np.array([0.5, 0.3, 0.2]) * 64, 64).tolist() == [32, 19, 13]
     assert largest_remainder(np.array([1 / 3] * 3) * 10, 10).tolist() == [4, 3, 3]

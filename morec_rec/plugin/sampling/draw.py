@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,8 +21,10 @@ class GroupIndex:
         order: int64 (n,), window rows sorted by group (stable).
         start: int64 (G,), first position in ``order`` of each group.
         count: int64 (G,), rows of each group.
-        cumulative: float64 (n,), running sum of the weights along ``order``; None when
-            rows are drawn uniformly within a group.
+        cumulative: float64 (n + 1,), running sum of the weights along ``order``, then
+            +inf; None when rows are drawn uniformly within a group.
+        guide: int64 (n + 1,), ``guide[b]``: how many running sums fall in the buckets
+            before ``b`` of ``n`` equal buckets of the total weight; None when uniform.
         group_weight: float64 (G,), total weight of each group (row counts if uniform).
         weight_before: float64 (G,), ``cumulative`` just before each group's first row;
             None when uniform.
@@ -31,6 +34,7 @@ class GroupIndex:
     start: np.ndarray
     count: np.ndarray
     cumulative: np.ndarray | None
+    guide: np.ndarray | None
     group_weight: np.ndarray
     weight_before: np.ndarray | None
 
@@ -50,17 +54,70 @@ class GroupIndex:
             ordered = None if weights is None else weights[order]
         start = np.cumsum(count) - count
         if ordered is None:
-            return cls(order, start, count, None, count.astype(np.float64), None)
-        cumulative = np.cumsum(ordered, dtype=np.float64)
-        before = np.concatenate([[0.0], cumulative])
+            return cls(order, start, count, None, None, count.astype(np.float64), None)
+        cumulative = np.empty(num_rows + 1)
+        cumulative[:num_rows] = _cumsum(np.asarray(ordered, dtype=np.float64))
+        cumulative[num_rows] = np.inf
+        before = np.concatenate([[0.0], cumulative[:num_rows]])
         weight_before = before[start]
         group_weight = before[start + count] - weight_before
-        return cls(order, start, count, cumulative, group_weight, weight_before)
+        return cls(order, start, count, cumulative, _guide(cumulative[:num_rows]),
+                   group_weight, weight_before)
 
     @property
     def available(self) -> np.ndarray:
         """bool (G,): groups that hold rows of positive weight in this window."""
         return self.group_weight > 0
+
+    def locate(self, keys: np.ndarray) -> np.ndarray:
+        """int64 positions in ``order`` of weight ``keys`` in [0, total): for each key, the
+        first position whose running sum exceeds it (``searchsorted(..., side="right")``).
+
+        The guide puts each key at most a bucket's rows before its position, one row on
+        average whatever the weights (a key lands in a bucket in proportion to its width,
+        and the ``n`` buckets hold ``n`` rows); keys still short after :data:`GUIDE_STEPS`
+        steps are binary-searched.
+        """
+        assert self.cumulative is not None and self.guide is not None
+        num_rows = len(self.order)
+        bucket = _bucket(keys, self.cumulative[:num_rows])
+        position = self.guide[np.minimum(bucket, num_rows)]
+        short = np.flatnonzero(self.cumulative[position] <= keys)
+        for _ in range(GUIDE_STEPS):
+            if not short.size:
+                return position
+            position[short] += 1
+            short = short[self.cumulative[position[short]] <= keys[short]]
+        position[short] = np.searchsorted(self.cumulative, keys[short], side="right")
+        return position
+
+
+#: Rows :meth:`GroupIndex.locate` steps through before it binary-searches a key.
+GUIDE_STEPS = 4
+
+
+def _bucket(values: np.ndarray, cumulative: np.ndarray) -> np.ndarray:
+    """int64 ``floor(values / total · n)``: the bucket of each value among ``n`` equal
+    buckets of the ``n`` running sums' total; monotone in the value, as rounding is."""
+    total = cumulative[-1] if len(cumulative) else 0.0
+    scale = len(cumulative) / total if total > 0 else 0.0
+    return (values * scale).astype(np.int64)
+
+
+def _guide(cumulative: np.ndarray) -> np.ndarray:
+    """``guide[b]`` for ``b`` in ``[0, n]``: how many of the ``n`` running sums fall in a
+    bucket before ``b``; O(n), no search."""
+    num_rows = len(cumulative)
+    guide = np.zeros(num_rows + 1, dtype=np.int64)
+    # A running sum's bucket is at most n, as the sum is at most the total.
+    counts = np.bincount(_bucket(cumulative, cumulative), minlength=num_rows + 1)
+    guide[1:] = _cumsum(counts[:num_rows])
+    return guide
+
+
+def _cumsum(values: np.ndarray) -> np.ndarray:
+    """``np.cumsum(values)`` in torch's kernel, about four times numpy's on 64k rows."""
+    return torch.from_numpy(values).cumsum(0).numpy()
 
 
 def largest_remainder(quota: np.ndarray, total: int) -> np.ndarray:
@@ -80,6 +137,8 @@ def group_counts(masses: np.ndarray, totals: np.ndarray, rng: np.random.Generato
                  mode: str) -> np.ndarray:
     """int64 (len(totals), G): how each of ``totals`` rows splits over the groups,
     ``multinomial`` or ``exact``."""
+    if len(masses) == 1:
+        return totals[:, None]
     p = masses / masses.sum()
     if mode == "exact":
         rounded = {t: largest_remainder(p * t, t) for t in set(totals.tolist())}
@@ -114,15 +173,11 @@ def draw(index: GroupIndex, masses: np.ndarray, total: int, rng: np.random.Gener
     group = np.repeat(np.tile(np.arange(counts.shape[1]), batches), counts.ravel())
     u = rng.random(len(group))
     if index.cumulative is None:
+        # floor(u·count) < count for u < 1 and count < 2**53 (the product rounds down).
         position = index.start[group] + (u * index.count[group]).astype(np.int64)
     else:
-        # Searching the keys in ascending order keeps the binary searches in cache: about
-        # three times faster than in draw order on a window of 65k rows.
         keys = index.weight_before[group] + u * index.group_weight[group]
-        ascending = np.argsort(keys)
-        position = np.empty_like(group)
-        position[ascending] = np.searchsorted(index.cumulative, keys[ascending], side="right")
-    # Guard against float round-off at a group's upper end.
-    last = index.start[group] + index.count[group] - 1
-    rows = index.order[np.minimum(position, last)]
-    return rows.reshape(batches, total), starved
+        # Guard against float round-off at a group's upper end.
+        last = index.start[group] + index.count[group] - 1
+        position = np.minimum(index.locate(keys), last)
+    return index.order[position].reshape(batches, total), starved

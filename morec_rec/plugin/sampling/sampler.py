@@ -29,6 +29,7 @@ position within it (:meth:`WeightedStreamSampler.set_epoch`) resume the stream.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import operator
@@ -230,7 +231,7 @@ class WeightedStreamSampler(IterableDataset):
             return _Window(reader.read(begin, min(begin + window_rows, end)),
                            number * self.config.window_batches, self.objectives,
                            {*ID_COLUMNS, *self.carried},
-                           np.random.default_rng([self.config.seed, epoch, stream, number]))
+                           _torch_generator([self.config.seed, epoch, stream, number]))
 
         last = -(-end // window_rows) - 1
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -247,6 +248,12 @@ class WeightedStreamSampler(IterableDataset):
                 if name in self._num_groups:
                     self._masses[name] = check_masses(name, values, self._num_groups[name])
             self._version = masses.version
+
+
+def _torch_generator(entropy: Sequence[int]) -> torch.Generator:
+    """A torch CPU generator seeded from ``entropy`` as numpy's generators are."""
+    seed = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(seed))
 
 
 class _MassesFeed:
@@ -332,7 +339,7 @@ class _Window:
     """
 
     def __init__(self, table: pa.Table, first: int, objectives: Sequence[Objective],
-                 carried: Collection[str], rng: np.random.Generator) -> None:
+                 carried: Collection[str], generator: torch.Generator) -> None:
         self.first = first
         self.objectives = objectives
         self.columns = {name: table[name].to_numpy() for name in table.column_names
@@ -348,13 +355,19 @@ class _Window:
         # Kept in Arrow: a block takes its rows' lists there, in the stored dtype.
         self.history: pa.ListArray | None = (table["history"].combine_chunks()
                                              if "history" in carried else None)
-        self.visit_order = rng.permutation(table.num_rows)
-        self.indexes = {
-            o.name: GroupIndex.build(o.groups(self.columns), o.weights(self.columns),
-                                     o.num_groups, table.num_rows)
-            for o in objectives if not o.is_uniform
-        }
+        # torch's shuffle takes half the time of numpy's.
+        self.visit_order = torch.randperm(table.num_rows, generator=generator).numpy()
         self._warned: set[str] = set()  # objectives already reported starved in this window
+
+    @functools.cached_property
+    def indexes(self) -> dict[str, GroupIndex]:
+        """Each drawing objective's index of the window, built at the window's first draw:
+        in the thread that draws, as the one that reads is the busier."""
+        return {
+            o.name: GroupIndex.build(o.groups(self.columns), o.weights(self.columns),
+                                     o.num_groups, len(self.visit_order))
+            for o in self.objectives if not o.is_uniform
+        }
 
     def draw_block(self, begin: int, masses: Mapping[str, np.ndarray], config: SamplerConfig,
                    rng: np.random.Generator) -> _Block:
