@@ -116,8 +116,9 @@ def _guide(cumulative: np.ndarray) -> np.ndarray:
 
 
 def _cumsum(values: np.ndarray) -> np.ndarray:
-    """``np.cumsum(values)`` in torch's kernel, about four times numpy's on 64k rows."""
-    return torch.from_numpy(values).cumsum(0).numpy()
+    """``np.cumsum(values)`` in torch's kernel, about four times numpy's on 64k rows; a
+    read-only ``values`` (a view of an Arrow column) is copied first, as torch needs."""
+    return torch.from_numpy(np.require(values, requirements="W")).cumsum(0).numpy()
 
 
 def largest_remainder(quota: np.ndarray, total: int) -> np.ndarray:
