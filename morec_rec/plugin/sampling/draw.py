@@ -73,10 +73,10 @@ class GroupIndex:
         """int64 positions in ``order`` of weight ``keys`` in [0, total): for each key, the
         first position whose running sum exceeds it (``searchsorted(..., side="right")``).
 
-        The guide puts each key at most a bucket's rows before its position, one row on
-        average whatever the weights (a key lands in a bucket in proportion to its width,
-        and the ``n`` buckets hold ``n`` rows); keys still short after :data:`GUIDE_STEPS`
-        steps are binary-searched.
+        The guide puts each key at most a bucket's rows before its position: one row on
+        average, whatever the weights, for keys spread evenly over the total (the ``n``
+        equal buckets hold ``n`` rows); keys still short after :data:`GUIDE_STEPS` steps
+        are binary-searched.
         """
         assert self.cumulative is not None and self.guide is not None
         num_rows = len(self.order)
