@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from morec_rec.collectives import is_distributed
@@ -22,7 +24,7 @@ from morec_rec.collectives import is_distributed
 
 def sum_rows(ids: torch.Tensor, values: torch.Tensor,
              scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct ids of a row gradient and each one's summed rows, without a sort.
+    """The distinct ids of a row gradient and each one's summed rows, on CPU.
 
     Args:
         ids: int64 (n,), row ids, repeats allowed.
@@ -32,17 +34,26 @@ def sum_rows(ids: torch.Tensor, values: torch.Tensor,
 
     Returns:
         ``rows`` int64 (m,), the distinct ids in order of first appearance, and ``sums``
-        (m, D), ``sums[k]`` the sum of the values of ``rows[k]``: ``coalesce``'s result up
-        to the rows' order and float rounding, at O(n·D) whatever the table's size.
+        (m, D), ``sums[k]`` the sum of the values of ``rows[k]`` in order: ``coalesce``'s
+        result up to the rows' order and float rounding, at O(n·D) whatever the table's
+        size.
     """
-    positions = torch.arange(ids.numel(), device=ids.device)
+    positions = torch.arange(ids.numel())
     # Each id's first position: where it is its own representative, it starts a row.
     scratch.scatter_reduce_(0, ids, positions, "amin", include_self=False)
     first = scratch.index_select(0, ids)
     starts = first == positions
+    rows = ids[starts]
     slot = starts.cumsum(0).sub_(1).index_select(0, first)  # each value's row in the output
-    sums = values.new_zeros((int(starts.sum()), *values.shape[1:]))
-    return ids[starts], sums.index_add_(0, slot, values)
+    # The values grouped by row, each group summed by embedding_bag, whose kernel adds
+    # rows several times faster than index_add_'s one add per value (torch 2.13, CPU).
+    # The narrowest dtype lets numpy's stable sort use radix sort.
+    order = np.argsort(slot.numpy().astype(np.min_scalar_type(max(rows.numel() - 1, 0))),
+                       kind="stable")
+    bounds = torch.zeros(rows.numel() + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(slot, minlength=rows.numel()), 0, out=bounds[1:])
+    return rows, F.embedding_bag(torch.from_numpy(order), values, bounds, mode="sum",
+                                 include_last_offset=True)
 
 
 def all_gather_rows(rows: torch.Tensor, sums: torch.Tensor,
