@@ -98,10 +98,10 @@ class RowWiseAdam(torch.optim.SparseAdam):
     batches (on every rank) do not touch keep their weights and moments.
 
     The update and the state (``step``, ``exp_avg``, ``exp_avg_sq`` per table) are
-    ``SparseAdam``'s, computed on the touched rows with index ops rather than through
-    sparse tensor arithmetic, which costs several times more on CPU. Rows are gathered
-    with ``index_select``, not ``tensor[rows]``: advanced indexing's gather is several
-    times slower on CPU (torch 2.13).
+    ``SparseAdam``'s, computed on the touched rows rather than through sparse tensor
+    arithmetic, which costs several times more on CPU: the rows are gathered with
+    ``index_select`` (advanced indexing's gather is several times slower on CPU, torch
+    2.13), updated by the fused Adam kernel in one pass, and written back.
 
     ``step`` is a collective when a process group of more than one rank is initialised:
     every rank calls it at the same steps.
@@ -139,17 +139,19 @@ class RowWiseAdam(torch.optim.SparseAdam):
                 state["step"] += 1
                 if not rows.numel():
                     continue
-                if self.weight_decay:
-                    values = values.add(param.index_select(0, rows), alpha=self.weight_decay)
-                exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(
-                    values, values, value=1 - beta2)
-                state["exp_avg"][rows] = exp_avg
-                state["exp_avg_sq"][rows] = exp_avg_sq
+                weights, exp_avg, exp_avg_sq = (
+                    t.index_select(0, rows) for t in (param, state["exp_avg"], state["exp_avg_sq"]))
                 step = state["step"]
-                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-                param.index_add_(0, rows, exp_avg.div_(exp_avg_sq.sqrt_().add_(group["eps"])),
-                                 alpha=-step_size)
+                # torch.optim.Adam(fused=True)'s kernel over the touched rows, in one pass.
+                # SparseAdam adds ε to √v before the bias correction, Adam after it: ε is
+                # scaled to match. Adam's weight decay is the L2 term on the gradient.
+                torch._fused_adam_(
+                    [weights], [values], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step))],
+                    lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=self.weight_decay,
+                    eps=group["eps"] / math.sqrt(1 - beta2**step), amsgrad=False, maximize=False)
+                param.index_copy_(0, rows, weights)
+                state["exp_avg"].index_copy_(0, rows, exp_avg)
+                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
         return loss
 
 
