@@ -361,8 +361,9 @@ class _Window:
 
     @functools.cached_property
     def indexes(self) -> dict[str, GroupIndex]:
-        """Each drawing objective's index of the window, built at the window's first draw:
-        in the thread that draws, as the one that reads is the busier."""
+        """Each drawing objective's index of the window, built at the window's first draw,
+        in the thread that draws: built with the read, they made the reading thread the
+        sampler's slower one."""
         return {
             o.name: GroupIndex.build(o.groups(self.columns), o.weights(self.columns),
                                      o.num_groups, len(self.visit_order))
