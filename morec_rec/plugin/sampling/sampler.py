@@ -325,7 +325,10 @@ class _StreamReader:
     def _row_group(self, segment: Segment) -> pa.Table:
         key = (segment.group.file, segment.group.index)
         if self._cached is None or self._cached[0] != key:
-            table = self._files[key[0]].read_row_group(key[1], columns=self._columns)
+            # Decoded in this thread: Arrow's pool would run one thread per core beside the
+            # drawing thread and the trainer, and spends more CPU on these narrow columns.
+            table = self._files[key[0]].read_row_group(key[1], columns=self._columns,
+                                                      use_threads=False)
             self._cached = (key, table)
         return self._cached[1]
 
