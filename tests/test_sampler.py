@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
-from morec_rec.plugin.sampling.draw import GroupIndex, draw, largest_remainder
+from morec_rec.plugin.sampling.draw import GroupIndex, InverseCDF, draw, largest_remainder
 from morec_rec.plugin.sampling.objectives import Objective, build_objectives
 from morec_rec.plugin.sampling.sampler import BATCH, WeightedStreamSampler
 from morec_rec.plugin.sampling.store import StoreSpec, WeightStore
@@ -392,12 +392,13 @@ def test_rows_within_every_group_are_drawn_alike(weights: np.ndarray | None) -> 
     np.r_[0.0, 0.0, 2.0, 0.0, 3.0, 0.0],  # runs of zero weight
 ], ids=["lognormal", "crowded", "zeros"])
 def test_locate_matches_a_binary_search(weights: np.ndarray) -> None:
-    index = GroupIndex.build(None, weights, 1, len(weights))
-    total = index.cumulative[len(weights) - 1]
-    keys = np.r_[np.random.default_rng(1).random(20_000) * total, 0.0,
-                 index.cumulative[:len(weights)], np.nextafter(total, 0)]
-    expected = np.searchsorted(index.cumulative[:len(weights)], keys, side="right")
-    np.testing.assert_array_equal(index.locate(keys), expected)
+    inverse = InverseCDF.build(weights)
+    running = np.cumsum(weights)
+    assert inverse.total == running[-1]
+    keys = np.r_[np.random.default_rng(1).random(20_000) * inverse.total, 0.0, running,
+                 np.nextafter(inverse.total, 0)]
+    expected = np.searchsorted(running, keys, side="right")
+    np.testing.assert_array_equal(inverse.locate(keys), expected)
 
 
 def test_largest_remainder() -> None:

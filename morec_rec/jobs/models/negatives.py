@@ -9,15 +9,17 @@ from __future__ import annotations
 import numpy as np
 
 from morec_rec.errors import MorecError
+from morec_rec.plugin.sampling.draw import InverseCDF
 
 
 class NegativeSampler:
     """Draws item ids ∝ ``train_count ** beta``, never a row's own positive.
 
     With ``beta > 0`` items that never occur in training have weight 0 and are never
-    drawn; with ``beta == 0`` every item has weight 1. Draws are inverse-CDF lookups
-    (``searchsorted`` on the cumulative weights): O(log num_items) each, vectorised.
-    Holds only numpy arrays, so it pickles to DataLoader workers.
+    drawn; with ``beta == 0`` every item has weight 1. Draws are inverse-CDF lookups on
+    the cumulative weights (:class:`~morec_rec.plugin.sampling.draw.InverseCDF`): O(1)
+    expected steps each, vectorised. Holds only numpy arrays, so it pickles to
+    DataLoader workers.
 
     Args:
         train_count: int (num_items,), training interactions per item id.
@@ -35,17 +37,12 @@ class NegativeSampler:
         # With a single drawable item, a row whose positive is that item has no negative.
         if len(drawable) < 2:
             raise MorecError("negative sampler: fewer than 2 items can be drawn")
-        self._cdf = np.cumsum(weights)
+        self._inverse = InverseCDF.build(weights)
         self._last = int(drawable[-1])
 
     def draw(self, size: int | tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
         """int64 item ids of shape ``size``, independent draws ∝ weight."""
-        u = (rng.random(size) * self._cdf[-1]).ravel()
-        # Searching in ascending order keeps the binary searches' paths in cache: about
-        # 2.5 times faster for a batch's 10k draws, and the same ids.
-        ascending = np.argsort(u)
-        ids = np.empty(u.shape, dtype=np.int64)
-        ids[ascending] = np.searchsorted(self._cdf, u[ascending], side="right")
+        ids = self._inverse.locate((rng.random(size) * self._inverse.total).ravel())
         # u * total can round up to total itself; the last drawable item owns that edge.
         return np.minimum(ids, self._last, out=ids).reshape(size)
 

@@ -2,7 +2,8 @@
 
 All vectorised: one ``GroupIndex`` per (objective, window) orders the window's rows by
 group once; the sub-batches of many batches are then drawn together in a handful of numpy
-operations.
+operations. Draws by weight go through an :class:`InverseCDF`, which the negative sampler
+uses too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,79 @@ import torch
 
 
 @dataclasses.dataclass(frozen=True)
+class InverseCDF:
+    """Inverse-CDF lookups over the running sums of ``n`` weights >= 0, in one step on
+    average whatever the weights.
+
+    Attributes:
+        cumulative: float64 (n + 1,), the running sums, then +inf.
+        guide: int64 (n + 1,), ``guide[b]``: how many running sums fall in the buckets
+            before ``b`` of ``n`` equal buckets of the total.
+    """
+
+    cumulative: np.ndarray
+    guide: np.ndarray
+
+    @classmethod
+    def build(cls, weights: np.ndarray) -> "InverseCDF":
+        num_rows = len(weights)
+        cumulative = np.empty(num_rows + 1)
+        cumulative[:num_rows] = _cumsum(np.asarray(weights, dtype=np.float64))
+        cumulative[num_rows] = np.inf
+        running = cumulative[:num_rows]
+        guide = np.zeros(num_rows + 1, dtype=np.int64)
+        # A running sum's bucket is at most n, as the sum is at most the total.
+        counts = np.bincount(cls._bucket(running, running), minlength=num_rows + 1)
+        guide[1:] = _cumsum(counts[:num_rows])
+        return cls(cumulative, guide)
+
+    @property
+    def total(self) -> float:
+        """The sum of the weights."""
+        return float(self.cumulative[-2]) if len(self.cumulative) > 1 else 0.0
+
+    def locate(self, keys: np.ndarray) -> np.ndarray:
+        """int64 positions of weight ``keys`` in [0, total): for each key, the first
+        position whose running sum exceeds it (``searchsorted(..., side="right")``; a key
+        at the total or above gets ``n``).
+
+        The guide puts each key at most a bucket's rows before its position: one row on
+        average, whatever the weights, for keys spread evenly over the total (the ``n``
+        equal buckets hold ``n`` rows); keys still short after :data:`GUIDE_STEPS` steps
+        are binary-searched.
+        """
+        num_rows = len(self.guide) - 1
+        bucket = self._bucket(keys, self.cumulative[:num_rows])
+        position = self.guide[np.minimum(bucket, num_rows)]
+        short = np.flatnonzero(self.cumulative[position] <= keys)
+        for _ in range(GUIDE_STEPS):
+            if not short.size:
+                return position
+            position[short] += 1
+            short = short[self.cumulative[position[short]] <= keys[short]]
+        position[short] = np.searchsorted(self.cumulative, keys[short], side="right")
+        return position
+
+    @staticmethod
+    def _bucket(values: np.ndarray, running: np.ndarray) -> np.ndarray:
+        """int64 ``floor(values / total · n)``: the bucket of each value among ``n`` equal
+        buckets of the ``n`` running sums' total; monotone in the value, as rounding is."""
+        total = running[-1] if len(running) else 0.0
+        scale = len(running) / total if total > 0 else 0.0
+        return (values * scale).astype(np.int64)
+
+
+#: Rows :meth:`InverseCDF.locate` steps through before it binary-searches a key.
+GUIDE_STEPS = 4
+
+
+def _cumsum(values: np.ndarray) -> np.ndarray:
+    """``np.cumsum(values)`` in torch's kernel, about four times numpy's on 64k rows; a
+    read-only ``values`` (a view of an Arrow column) is copied first, as torch needs."""
+    return torch.from_numpy(np.require(values, requirements="W")).cumsum(0).numpy()
+
+
+@dataclasses.dataclass(frozen=True)
 class GroupIndex:
     """An objective's view of a window of ``n`` rows.
 
@@ -21,20 +95,17 @@ class GroupIndex:
         order: int64 (n,), window rows sorted by group (stable).
         start: int64 (G,), first position in ``order`` of each group.
         count: int64 (G,), rows of each group.
-        cumulative: float64 (n + 1,), running sum of the weights along ``order``, then
-            +inf; None when rows are drawn uniformly within a group.
-        guide: int64 (n + 1,), ``guide[b]``: how many running sums fall in the buckets
-            before ``b`` of ``n`` equal buckets of the total weight; None when uniform.
+        weighted: the weights' running sums along ``order``; None when rows are drawn
+            uniformly within a group.
         group_weight: float64 (G,), total weight of each group (row counts if uniform).
-        weight_before: float64 (G,), ``cumulative`` just before each group's first row;
+        weight_before: float64 (G,), the running sum just before each group's first row;
             None when uniform.
     """
 
     order: np.ndarray
     start: np.ndarray
     count: np.ndarray
-    cumulative: np.ndarray | None
-    guide: np.ndarray | None
+    weighted: InverseCDF | None
     group_weight: np.ndarray
     weight_before: np.ndarray | None
 
@@ -54,71 +125,17 @@ class GroupIndex:
             ordered = None if weights is None else weights[order]
         start = np.cumsum(count) - count
         if ordered is None:
-            return cls(order, start, count, None, None, count.astype(np.float64), None)
-        cumulative = np.empty(num_rows + 1)
-        cumulative[:num_rows] = _cumsum(np.asarray(ordered, dtype=np.float64))
-        cumulative[num_rows] = np.inf
-        before = np.concatenate([[0.0], cumulative[:num_rows]])
+            return cls(order, start, count, None, count.astype(np.float64), None)
+        weighted = InverseCDF.build(ordered)
+        before = np.concatenate([[0.0], weighted.cumulative[:num_rows]])
         weight_before = before[start]
         group_weight = before[start + count] - weight_before
-        return cls(order, start, count, cumulative, _guide(cumulative[:num_rows]),
-                   group_weight, weight_before)
+        return cls(order, start, count, weighted, group_weight, weight_before)
 
     @property
     def available(self) -> np.ndarray:
         """bool (G,): groups that hold rows of positive weight in this window."""
         return self.group_weight > 0
-
-    def locate(self, keys: np.ndarray) -> np.ndarray:
-        """int64 positions in ``order`` of weight ``keys`` in [0, total): for each key, the
-        first position whose running sum exceeds it (``searchsorted(..., side="right")``).
-
-        The guide puts each key at most a bucket's rows before its position: one row on
-        average, whatever the weights, for keys spread evenly over the total (the ``n``
-        equal buckets hold ``n`` rows); keys still short after :data:`GUIDE_STEPS` steps
-        are binary-searched.
-        """
-        assert self.cumulative is not None and self.guide is not None
-        num_rows = len(self.order)
-        bucket = _bucket(keys, self.cumulative[:num_rows])
-        position = self.guide[np.minimum(bucket, num_rows)]
-        short = np.flatnonzero(self.cumulative[position] <= keys)
-        for _ in range(GUIDE_STEPS):
-            if not short.size:
-                return position
-            position[short] += 1
-            short = short[self.cumulative[position[short]] <= keys[short]]
-        position[short] = np.searchsorted(self.cumulative, keys[short], side="right")
-        return position
-
-
-#: Rows :meth:`GroupIndex.locate` steps through before it binary-searches a key.
-GUIDE_STEPS = 4
-
-
-def _bucket(values: np.ndarray, cumulative: np.ndarray) -> np.ndarray:
-    """int64 ``floor(values / total · n)``: the bucket of each value among ``n`` equal
-    buckets of the ``n`` running sums' total; monotone in the value, as rounding is."""
-    total = cumulative[-1] if len(cumulative) else 0.0
-    scale = len(cumulative) / total if total > 0 else 0.0
-    return (values * scale).astype(np.int64)
-
-
-def _guide(cumulative: np.ndarray) -> np.ndarray:
-    """``guide[b]`` for ``b`` in ``[0, n]``: how many of the ``n`` running sums fall in a
-    bucket before ``b``; O(n), no search."""
-    num_rows = len(cumulative)
-    guide = np.zeros(num_rows + 1, dtype=np.int64)
-    # A running sum's bucket is at most n, as the sum is at most the total.
-    counts = np.bincount(_bucket(cumulative, cumulative), minlength=num_rows + 1)
-    guide[1:] = _cumsum(counts[:num_rows])
-    return guide
-
-
-def _cumsum(values: np.ndarray) -> np.ndarray:
-    """``np.cumsum(values)`` in torch's kernel, about four times numpy's on 64k rows; a
-    read-only ``values`` (a view of an Arrow column) is copied first, as torch needs."""
-    return torch.from_numpy(np.require(values, requirements="W")).cumsum(0).numpy()
 
 
 def largest_remainder(quota: np.ndarray, total: int) -> np.ndarray:
@@ -173,12 +190,12 @@ def draw(index: GroupIndex, masses: np.ndarray, total: int, rng: np.random.Gener
             fallback, starved.sum(axis=1), rng, mode)
     group = np.repeat(np.tile(np.arange(counts.shape[1]), batches), counts.ravel())
     u = rng.random(len(group))
-    if index.cumulative is None:
+    if index.weighted is None:
         # floor(u·count) < count for u < 1 and count < 2**53 (the product rounds down).
         position = index.start[group] + (u * index.count[group]).astype(np.int64)
     else:
         keys = index.weight_before[group] + u * index.group_weight[group]
         # Guard against float round-off at a group's upper end.
         last = index.start[group] + index.count[group] - 1
-        position = np.minimum(index.locate(keys), last)
+        position = np.minimum(index.weighted.locate(keys), last)
     return index.order[position].reshape(batches, total), starved
