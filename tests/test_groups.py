@@ -90,3 +90,18 @@ def test_encode_sorted_round_trip() -> None:
 def test_ranges() -> None:
     indices, offsets = arrays.ranges(np.array([5, 0, 9]), np.array([2, 0, 3]))
     assert indices.tolist() == [5, 6, 9, 10, 11] and offsets.tolist() == [0, 2, 2, 5]
+
+
+@pytest.mark.parametrize("weights", [
+    np.random.default_rng(0).lognormal(0.0, 2.0, 5000),  # heavy-tailed, like prices
+    np.r_[np.full(4000, 1e-9), 1e6, np.zeros(500), np.ones(499)],  # crowded buckets
+    np.r_[0.0, 0.0, 2.0, 0.0, 3.0, 0.0],  # runs of zero weight
+], ids=["lognormal", "crowded", "zeros"])
+def test_locate_matches_a_binary_search(weights: np.ndarray) -> None:
+    inverse = arrays.InverseCDF.build(weights)
+    running = np.cumsum(weights)
+    assert inverse.total == running[-1]
+    keys = np.r_[np.random.default_rng(1).random(20_000) * inverse.total, 0.0, running,
+                 np.nextafter(inverse.total, 0)]
+    expected = np.searchsorted(running, keys, side="right")
+    np.testing.assert_array_equal(inverse.locate(keys), expected)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
-from morec_rec.plugin.sampling.draw import GroupIndex, InverseCDF, draw, largest_remainder
+from morec_rec.plugin.sampling.draw import GroupIndex, draw, largest_remainder
 from morec_rec.plugin.sampling.objectives import Objective, build_objectives
 from morec_rec.plugin.sampling.sampler import BATCH, WeightedStreamSampler
 from morec_rec.plugin.sampling.store import StoreSpec, WeightStore
@@ -384,21 +384,6 @@ def test_rows_within_every_group_are_drawn_alike(weights: np.ndarray | None) -> 
     for half in (rows[:50], rows[50:]):
         deciles = np.bincount(half.ravel() // 50, minlength=40)  # 10 bins of 50 rows a group
         assert chi_square_p(deciles, np.full(40, half.size / 40)) > ALPHA, deciles
-
-
-@pytest.mark.parametrize("weights", [
-    np.random.default_rng(0).lognormal(0.0, 2.0, 5000),  # heavy-tailed, like prices
-    np.r_[np.full(4000, 1e-9), 1e6, np.zeros(500), np.ones(499)],  # crowded buckets
-    np.r_[0.0, 0.0, 2.0, 0.0, 3.0, 0.0],  # runs of zero weight
-], ids=["lognormal", "crowded", "zeros"])
-def test_locate_matches_a_binary_search(weights: np.ndarray) -> None:
-    inverse = InverseCDF.build(weights)
-    running = np.cumsum(weights)
-    assert inverse.total == running[-1]
-    keys = np.r_[np.random.default_rng(1).random(20_000) * inverse.total, 0.0, running,
-                 np.nextafter(inverse.total, 0)]
-    expected = np.searchsorted(running, keys, side="right")
-    np.testing.assert_array_equal(inverse.locate(keys), expected)
 
 
 def test_largest_remainder() -> None:

@@ -1,10 +1,14 @@
-"""Vectorised array helpers: sorted codes, per-group reductions, and gathers of ranges."""
+"""Vectorised array helpers: sorted codes, per-group reductions, gathers of ranges, and
+inverse-CDF lookups."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 
 def encode_sorted(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
@@ -76,3 +80,76 @@ def ranges(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarra
     np.cumsum(sizes, out=offsets[1:])
     indices = np.repeat(np.asarray(starts, dtype=np.int64) - offsets[:-1], sizes)
     return indices + np.arange(offsets[-1]), offsets
+
+
+@dataclasses.dataclass(frozen=True)
+class InverseCDF:
+    """Inverse-CDF lookups over the running sums of ``n`` weights >= 0, in one step on
+    average whatever the weights.
+
+    Attributes:
+        cumulative: float64 (n + 1,), the running sums, then +inf.
+        guide: int64 (n + 1,), ``guide[b]``: how many running sums fall in the buckets
+            before ``b`` of ``n`` equal buckets of the total.
+    """
+
+    cumulative: np.ndarray
+    guide: np.ndarray
+
+    @classmethod
+    def build(cls, weights: np.ndarray) -> "InverseCDF":
+        num_rows = len(weights)
+        cumulative = np.empty(num_rows + 1)
+        cumulative[:num_rows] = _cumsum(np.asarray(weights, dtype=np.float64))
+        cumulative[num_rows] = np.inf
+        running = cumulative[:num_rows]
+        guide = np.zeros(num_rows + 1, dtype=np.int64)
+        # A running sum's bucket is at most n, as the sum is at most the total.
+        counts = np.bincount(cls._bucket(running, running), minlength=num_rows + 1)
+        guide[1:] = _cumsum(counts[:num_rows])
+        return cls(cumulative, guide)
+
+    @property
+    def total(self) -> float:
+        """The sum of the weights."""
+        return float(self.cumulative[-2]) if len(self.cumulative) > 1 else 0.0
+
+    def locate(self, keys: np.ndarray) -> np.ndarray:
+        """int64 positions of weight ``keys`` in [0, total): for each key, the first
+        position whose running sum exceeds it (``searchsorted(..., side="right")``; a key
+        at the total or above gets ``n``).
+
+        The guide puts each key at most a bucket's rows before its position: one row on
+        average, whatever the weights, for keys spread evenly over the total (the ``n``
+        equal buckets hold ``n`` rows); keys still short after :data:`GUIDE_STEPS` steps
+        are binary-searched.
+        """
+        num_rows = len(self.guide) - 1
+        bucket = self._bucket(keys, self.cumulative[:num_rows])
+        position = self.guide[np.minimum(bucket, num_rows)]
+        short = np.flatnonzero(self.cumulative[position] <= keys)
+        for _ in range(GUIDE_STEPS):
+            if not short.size:
+                return position
+            position[short] += 1
+            short = short[self.cumulative[position[short]] <= keys[short]]
+        position[short] = np.searchsorted(self.cumulative, keys[short], side="right")
+        return position
+
+    @staticmethod
+    def _bucket(values: np.ndarray, running: np.ndarray) -> np.ndarray:
+        """int64 ``floor(values / total · n)``: the bucket of each value among ``n`` equal
+        buckets of the ``n`` running sums' total; monotone in the value, as rounding is."""
+        total = running[-1] if len(running) else 0.0
+        scale = len(running) / total if total > 0 else 0.0
+        return (values * scale).astype(np.int64)
+
+
+#: Rows :meth:`InverseCDF.locate` steps through before it binary-searches a key.
+GUIDE_STEPS = 4
+
+
+def _cumsum(values: np.ndarray) -> np.ndarray:
+    """``np.cumsum(values)`` in torch's kernel, about four times numpy's on 64k rows; a
+    read-only ``values`` (a view of an Arrow column) is copied first, as torch needs."""
+    return torch.from_numpy(np.require(values, requirements="W")).cumsum(0).numpy()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from morec_rec.errors import MorecError
-from morec_rec.plugin.sampling.draw import InverseCDF
+from morec_rec.data.arrays import InverseCDF
 
 
 class NegativeSampler:
@@ -17,7 +17,7 @@ class NegativeSampler:
 
     With ``beta > 0`` items that never occur in training have weight 0 and are never
     drawn; with ``beta == 0`` every item has weight 1. Draws are inverse-CDF lookups on
-    the cumulative weights (:class:`~morec_rec.plugin.sampling.draw.InverseCDF`): O(1)
+    the cumulative weights (:class:`~morec_rec.data.arrays.InverseCDF`): O(1)
     expected steps each, vectorised. Holds only numpy arrays, so it pickles to
     DataLoader workers.
 
