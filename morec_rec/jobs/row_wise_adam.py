@@ -56,6 +56,14 @@ def sum_rows(ids: torch.Tensor, values: torch.Tensor,
                                  include_last_offset=True)
 
 
+def write_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """``table.index_copy_(0, rows, values)`` for CPU tensors and distinct ``rows``, through
+    numpy, whose row assignment takes a third to a half of ``index_copy_``'s time (torch
+    2.13, CPU); autograd's version counter moves as an in-place op moves it."""
+    table.detach().numpy()[rows.numpy()] = values.numpy()
+    torch.autograd.graph.increment_version(table)
+
+
 def all_gather_rows(rows: torch.Tensor, sums: torch.Tensor,
                     scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean over the ranks of a row gradient (DDP's average).
@@ -101,7 +109,8 @@ class RowWiseAdam(torch.optim.SparseAdam):
     ``SparseAdam``'s, computed on the touched rows rather than through sparse tensor
     arithmetic, which costs several times more on CPU: the rows are gathered with
     ``index_select`` (advanced indexing's gather is several times slower on CPU, torch
-    2.13), updated by the fused Adam kernel in one pass, and written back.
+    2.13), updated by the fused Adam kernel in one pass, and written back
+    (:func:`write_rows`).
 
     ``step`` is a collective when a process group of more than one rank is initialised:
     every rank calls it at the same steps.
@@ -149,9 +158,9 @@ class RowWiseAdam(torch.optim.SparseAdam):
                     [weights], [values], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step))],
                     lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=self.weight_decay,
                     eps=group["eps"] / math.sqrt(1 - beta2**step), amsgrad=False, maximize=False)
-                param.index_copy_(0, rows, weights)
-                state["exp_avg"].index_copy_(0, rows, exp_avg)
-                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+                for table, updated in ((param, weights), (state["exp_avg"], exp_avg),
+                                       (state["exp_avg_sq"], exp_avg_sq)):
+                    write_rows(table, rows, updated)
         return loss
 
 
