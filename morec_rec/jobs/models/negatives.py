@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from morec_rec.errors import MorecError
 from morec_rec.data.arrays import InverseCDF
+from morec_rec.errors import MorecError
 
 
 class NegativeSampler:
