@@ -58,8 +58,8 @@ def sum_rows(ids: torch.Tensor, values: torch.Tensor,
 
 def write_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
     """``table.index_copy_(0, rows, values)`` for CPU tensors and distinct ``rows``, through
-    numpy, whose row assignment takes a third to a half of ``index_copy_``'s time (torch
-    2.13, CPU); autograd's version counter moves as an in-place op moves it."""
+    numpy, whose row assignment takes a third to two thirds of ``index_copy_``'s time
+    (torch 2.13, CPU); autograd's version counter moves as an in-place op moves it."""
     table.detach().numpy()[rows.numpy()] = values.numpy()
     torch.autograd.graph.increment_version(table)
 
