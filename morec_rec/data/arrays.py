@@ -98,6 +98,7 @@ class InverseCDF:
 
     @classmethod
     def build(cls, weights: np.ndarray) -> "InverseCDF":
+        """The lookups of ``weights`` (n,), >= 0, in order."""
         num_rows = len(weights)
         cumulative = np.empty(num_rows + 1)
         cumulative[:num_rows] = _cumsum(np.asarray(weights, dtype=np.float64))
