@@ -7,12 +7,14 @@ For each kind of batch at each batch size, one epoch of a loader with one worker
 drained with nothing else running, its batches crossing to this process either by value
 (pickled arrays through the worker's pipe) or through shared memory (torch's tensor
 sharing: a handshake per tensor). The kinds: the reference backbones' ``TrainBatch`` from
-the base loader (MF: ids and 10 negatives a row; SASRec: also the history), and a plugin
-job's batch from MoRec's loader (``plugin``: the example job's dict of user, item and
-negative ids, ``integration/example/torch_morec_job.py``, in a ``SegmentedBatch``). Per
-batch after 3 warm-up batches: wall time, this process's CPU (what the trainer would pay)
-and the worker's CPU, medians over ``--repeats`` alternating runs. The threshold
-``morec_rec.plugin.segments.BY_VALUE_MAX_BYTES`` is set from these numbers.
+the base loader (MF: ids and 10 negatives a row; SASRec: also the history), a plugin job's
+batch from MoRec's loader (``plugin``: the example job's dict of user, item and negative
+ids, ``integration/example/torch_morec_job.py``, in a ``SegmentedBatch``), and the weighted
+sampler's own ``SampledBatch`` (``sampler``: four objectives, every column, as a job that
+collates in the trainer receives it). Per batch after 3 warm-up batches: wall time, this
+process's CPU (what the trainer would pay) and the worker's CPU, medians over ``--repeats``
+alternating runs. The threshold ``morec_rec.plugin.segments.BY_VALUE_MAX_BYTES`` is set
+from these numbers.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.utils._pytree import tree_flatten
+from torch.utils.data import DataLoader
 from train_throughput import children_cpu_s, cpu_since  # the script beside this one
 
 from morec_rec import MoRec, SamplerConfig
@@ -42,6 +45,8 @@ from morec_rec.jobs.models import build_model
 from morec_rec.jobs.train import training_loader
 from morec_rec.plugin import segments
 from morec_rec.plugin.eval.ranking import PopularityScorer
+from morec_rec.plugin.sampling.objectives import build_objectives
+from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "example"))
 from torch_morec_job import make_batch  # noqa: E402
@@ -90,6 +95,17 @@ def plugin_drain(dataset: PreparedDataset, batch_size: int) -> dict[str, float]:
                  lambda b: sum(t.nbytes for t in tree_flatten(b.batch)[0]))
 
 
+def sampler_drain(dataset: PreparedDataset, batch_size: int) -> dict[str, float]:
+    """The weighted sampler's SampledBatches through a plain DataLoader."""
+    config = SamplerConfig(sub_batch_size=batch_size // 4)
+    sampler = WeightedStreamSampler(
+        dataset, build_objectives(config.objectives, dataset.manifest), config)
+    sampler.set_epoch(0)
+    return drain(DataLoader(sampler, batch_size=None, num_workers=1),
+                 sampler.batches_per_epoch(1) - WARMUP,
+                 lambda b: sum(t.nbytes for t in vars(b).values() if isinstance(t, torch.Tensor)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -107,7 +123,8 @@ def main() -> None:
         kinds: dict[str, Callable[[int], dict[str, float]]] = {
             "mf": lambda size: base_drain(dataset, "mf", size, env),
             "sasrec": lambda size: base_drain(dataset, "sasrec", size, env),
-            "plugin": lambda size: plugin_drain(dataset, size)}
+            "plugin": lambda size: plugin_drain(dataset, size),
+            "sampler": lambda size: sampler_drain(dataset, size)}
         for kind, drained in kinds.items():
             for batch_size in args.batch_sizes:
                 runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}

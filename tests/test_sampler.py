@@ -7,8 +7,11 @@ fails one with probability 1/1000 for a random seed, and never for the fixed one
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import pickle
+from multiprocessing.reduction import ForkingPickler
 from typing import Callable
 
 import numpy as np
@@ -21,6 +24,7 @@ from torch.utils.data import DataLoader
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
+from morec_rec.plugin import segments
 from morec_rec.plugin.sampling.draw import GroupIndex, draw, largest_remainder
 from morec_rec.plugin.sampling.objectives import Objective, build_objectives
 from morec_rec.plugin.sampling.sampler import BATCH, WeightedStreamSampler
@@ -153,6 +157,25 @@ def test_batch_layout_and_history(dataset: PreparedDataset) -> None:
     items = dataset.items()
     np.testing.assert_allclose(batch.price.numpy(),
                                items["price"].to_numpy()[batch.item_id.numpy()])
+
+
+@pytest.mark.parametrize("threshold, by_value", [(1 << 20, True), (100, False)])
+def test_a_batch_pickles_its_own_rows_by_value_within_the_threshold(
+        dataset: PreparedDataset, threshold: int, by_value: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(segments, "BY_VALUE_MAX_BYTES", threshold)
+    batch = next(iter(sampler(dataset)))  # its tensors are views of its block's columns
+    own = sum(getattr(batch, f.name).nbytes for f in dataclasses.fields(batch)
+              if isinstance(getattr(batch, f.name), torch.Tensor))
+    sent = ForkingPickler.dumps(batch)  # what a loader worker sends (torch's reductions)
+    if not by_value:  # torch's way: a handle per tensor
+        assert len(sent) < own
+        return
+    assert own < len(sent) < 2 * own  # the batch's own elements, not its block's
+    received = pickle.loads(sent)
+    _compare([received], [batch])
+    for name in ("price", "fairness_group", "popularity_group", "starved"):
+        assert torch.equal(getattr(received, name), getattr(batch, name)), name
 
 
 def _compare(a: list, b: list) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, SupportsIndex
 
+import numpy as np
 import torch
+
+from morec_rec.plugin import segments
 
 
 @dataclasses.dataclass
@@ -44,3 +48,20 @@ class SampledBatch:
 
     def __len__(self) -> int:
         return len(self.user_id)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        """Pickles a batch of CPU tensors within ``segments.BY_VALUE_MAX_BYTES`` by value
+        (each tensor's own elements, not the block it is a view of): a loader worker sends
+        it through its pipe rather than share each small tensor."""
+        values = [getattr(self, field.name) for field in dataclasses.fields(self)]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if (any(t.device.type != "cpu" for t in tensors)
+                or sum(t.nbytes for t in tensors) > segments.BY_VALUE_MAX_BYTES):
+            return super().__reduce_ex__(protocol)
+        return (_sampled_batch, tuple(v.numpy() if isinstance(v, torch.Tensor) else v
+                                      for v in values))
+
+
+def _sampled_batch(*values: Any) -> SampledBatch:
+    return SampledBatch(*(torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                          for v in values))
