@@ -10,7 +10,9 @@ directory. In one run, on the same files, for the columns each backbone's batche
   columns the sampler reads: those carried and those the objectives read), the floor any
   Parquet-based loader pays;
 * ``sampler_rows_per_s``: one epoch of the weighted streaming sampler with the four
-  objectives (rows yielded per second, in one process, no DataLoader workers).
+  objectives (rows yielded per second, in one process, no DataLoader workers);
+* ``*_cpu_ms_per_batch``: the process's CPU time (all its threads) per batch of rows,
+  for the scan and for the sampler: what a loader worker spends on them.
 
 Scan and sampler are timed alternately ``--repeats`` times; the medians are reported. Then
 ``peak_rss_mb``: peak resident memory of a process that runs the sampler (``sasrec``
@@ -46,6 +48,7 @@ from morec_rec.plugin.sampling.objectives import build_objectives
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
 OBJECTIVES = ("accuracy", "revenue", "fairness", "alignment")
+BATCH_SIZE = SamplerConfig().sub_batch_size * len(OBJECTIVES)
 #: The optional columns each backbone's collate asks the sampler for.
 CARRIED = {"mf": list(sampler_columns(MatrixFactorization.feature_names)),
            "sasrec": list(sampler_columns(SASRec.feature_names))}
@@ -74,10 +77,11 @@ def sample(dataset: PreparedDataset, carried: list[str], epochs: int = 1) -> int
     return rows
 
 
-def timed(run) -> tuple[int, float]:
-    start = time.perf_counter()
+def timed(run) -> tuple[int, float, float]:
+    """``run()``'s rows, wall seconds and this process's CPU seconds."""
+    start, cpu = time.perf_counter(), time.process_time()
     rows = run()
-    return rows, time.perf_counter() - start
+    return rows, time.perf_counter() - start, time.process_time() - cpu
 
 
 def replicate(dataset: PreparedDataset, factor: int, root: Path) -> PreparedDataset:
@@ -113,7 +117,7 @@ def peak_rss_mb(data: Path) -> dict[str, float]:
         "    return int(line.split()[1]) / 1024\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "base = status('VmRSS')\n"
-        "rows, seconds = timed(lambda: sample(PreparedDataset.open(sys.argv[1]), "
+        "rows, seconds, _ = timed(lambda: sample(PreparedDataset.open(sys.argv[1]), "
         "CARRIED['sasrec']))\n"
         "print(json.dumps({'rows': rows, 'rows_per_s': rows / seconds, "
         "'peak_rss_mb': status('VmHWM'), 'baseline_rss_mb': base}))\n"
@@ -141,28 +145,31 @@ def main() -> None:
         read = {backbone: make_sampler(dataset, carried).columns
                 for backbone, carried in CARRIED.items()}
         rates: dict[str, dict[str, list[float]]] = {
-            backbone: {"scan_rows_per_s": [], "sampler_rows_per_s": []} for backbone in CARRIED}
+            backbone: {f"{side}_{measure}": [] for side in ("scan", "sampler")
+                       for measure in ("rows_per_s", "cpu_ms_per_batch")}
+            for backbone in CARRIED}
         for _ in range(args.repeats):
             for backbone, carried in CARRIED.items():
-                rows, seconds = timed(lambda: scan(dataset, read[backbone]))
-                rates[backbone]["scan_rows_per_s"].append(rows / seconds)
-                rows, seconds = timed(lambda: sample(dataset, carried))
-                rates[backbone]["sampler_rows_per_s"].append(rows / seconds)
+                for side, run in (("scan", lambda: scan(dataset, read[backbone])),
+                                  ("sampler", lambda: sample(dataset, carried))):
+                    rows, seconds, cpu = timed(run)
+                    rates[backbone][f"{side}_rows_per_s"].append(rows / seconds)
+                    rates[backbone][f"{side}_cpu_ms_per_batch"].append(1e3 * cpu / rows
+                                                                       * BATCH_SIZE)
         memory = {"1x": peak_rss_mb(data),
                   "10x": peak_rss_mb(replicate(dataset, 10, Path(tmp) / "x10").root)}
     columns = {}
     for backbone, runs in rates.items():
-        scan_rate, sampler_rate = (statistics.median(runs[k])
-                                   for k in ("scan_rows_per_s", "sampler_rows_per_s"))
+        medians = {k: statistics.median(v) for k, v in runs.items()}
         columns[backbone] = {
-            "carried": CARRIED[backbone], "read": read[backbone],
-            "scan_rows_per_s": scan_rate, "sampler_rows_per_s": sampler_rate,
-            "sampler_over_scan": sampler_rate / scan_rate, "runs": runs}
+            "carried": CARRIED[backbone], "read": read[backbone], **medians,
+            "sampler_over_scan": medians["sampler_rows_per_s"] / medians["scan_rows_per_s"],
+            "runs": runs}
     result = {
         "dataset": str(args.data or "synth xbox, seed 0"),
         "train_rows": dataset.manifest["num_interactions"]["train"],
         "objectives": list(OBJECTIVES),
-        "batch_size": SamplerConfig().sub_batch_size * len(OBJECTIVES),
+        "batch_size": BATCH_SIZE,
         "columns": columns,
         "peak_rss_mb": {size: m["peak_rss_mb"] for size, m in memory.items()},
         "memory_runs": memory,
@@ -175,7 +182,9 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for backbone, c in columns.items():
         print(f"{backbone}: scan {c['scan_rows_per_s']:,.0f} rows/s, sampler "
-              f"{c['sampler_rows_per_s']:,.0f} rows/s ({c['sampler_over_scan']:.2f} of the scan)")
+              f"{c['sampler_rows_per_s']:,.0f} rows/s ({c['sampler_over_scan']:.2f} of the scan); "
+              f"CPU per batch: scan {c['scan_cpu_ms_per_batch']:.3f} ms, sampler "
+              f"{c['sampler_cpu_ms_per_batch']:.3f} ms")
     print("peak RSS " + ", ".join(f"{k} {v:,.0f} MB" for k, v in result["peak_rss_mb"].items()))
 
 
