@@ -72,23 +72,25 @@ def timed_steps(pipeline: TrainPipelineSparseDist, loader: Iterable, steps: int,
 
 
 def children_cpu_s() -> dict[int, float]:
-    """User + system CPU seconds of each live child process of this one (from /proc)."""
+    """CPU seconds of each live thread of this process's child processes, by thread id:
+    the scheduler's run time in ns (``/proc/<pid>/task/<tid>/schedstat``), where the
+    process's ``utime + stime`` count 10 ms ticks, too coarse for a block of steps."""
     seconds = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended meanwhile
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != os.getpid():  # ppid
+                continue
+            for task in (stat.parent / "task").iterdir():
+                seconds[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (FileNotFoundError, ProcessLookupError):  # the process or thread ended meanwhile
             continue
-        if int(fields[1]) == os.getpid():  # ppid
-            seconds[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf(
-                "SC_CLK_TCK")  # utime + stime
     return seconds
 
 
 def cpu_since(before: dict[int, float]) -> float:
-    """CPU seconds the child processes used since ``before`` (a child that has ended since
-    is left out; one started since counts whole)."""
-    return sum(now - before.get(pid, 0.0) for pid, now in children_cpu_s().items())
+    """CPU seconds the child processes' threads used since ``before`` (a thread that has
+    ended since is left out; one started since counts whole)."""
+    return sum(now - before.get(tid, 0.0) for tid, now in children_cpu_s().items())
 
 
 def eval_rate(model: torch.nn.Module, dataset: PreparedDataset, users: int) -> float:
