@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -14,6 +14,11 @@ from torch.utils._pytree import tree_flatten
 
 from morec_rec.plugin import segments
 from morec_rec.plugin.segments import SegmentedBatch
+
+
+class Pair(NamedTuple):
+    left: torch.Tensor
+    right: int
 
 
 @dataclasses.dataclass
@@ -27,10 +32,13 @@ def job_batch(kind: str) -> Any:
     user = torch.arange(6)
     if kind == "bfloat16":
         return {"user": user, "score": torch.ones(6, dtype=torch.bfloat16)}
+    if kind == "requires grad":
+        return {"user": user, "score": torch.ones(6, requires_grad=True)}
     if kind == "own class":
         return OwnBatch(user)
-    # Nested containers, a non-tensor leaf and a strided view of a larger tensor.
-    return {"user": user, "pair": (torch.arange(12).view(6, 2)[:, 1], 7), "tag": "x"}
+    # Nested containers, non-tensor leaves and a strided view of a larger tensor.
+    return {"user": user, "pair": Pair(torch.arange(12).view(6, 2)[:, 1], 7),
+            "more": [(user + 1, None)], "tag": "x"}
 
 
 def segmented(kind: str) -> SegmentedBatch:
@@ -56,15 +64,18 @@ def same_segmented(a: SegmentedBatch, b: SegmentedBatch) -> bool:
 
 
 def sent_by_value(batch: SegmentedBatch) -> bool:
+    """Whether every tensor of the job's batch is pickled as its values."""
     _, args = batch.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
     leaves, _ = tree_flatten(args[0])
-    return any(isinstance(leaf, segments._Array) for leaf in leaves)
+    return (any(isinstance(leaf, segments._Array) for leaf in leaves)
+            and not any(isinstance(leaf, torch.Tensor) for leaf in leaves))
 
 
 @pytest.mark.parametrize("kind, threshold, by_value", [
     ("containers", 1 << 20, True),
     ("containers", 8 * 6 * 2 - 1, False),  # one byte short of its two tensors' 96 bytes
     ("bfloat16", 1 << 20, False),  # numpy has no bfloat16
+    ("requires grad", 1 << 20, False),
     ("own class", 1 << 20, False),
 ])
 def test_a_batch_pickles_by_value_only_where_it_can(kind: str, threshold: int, by_value: bool,

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, SupportsIndex
+from typing import Any, Callable, SupportsIndex
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from morec_rec.errors import MorecError
 
@@ -141,31 +141,58 @@ def _ids(batch: SegmentedBatch, method: str, *args: Any, **kwargs: Any
 class _Array:
     """A tensor's values in a pickled batch (not a bare array: the batch may hold some)."""
 
+    __slots__ = ("values",)
+
     def __init__(self, values: np.ndarray) -> None:
         self.values = values
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _Array, (self.values,)
+
+
+def _map(batch: Any, leaf: type, function: Callable[[Any], Any]) -> Any:
+    """``batch`` with ``function`` applied to every object of exactly type ``leaf`` found
+    through nested dicts, lists, tuples and namedtuples (a dict or list subclass is not
+    entered); anything else is kept as it is.
+
+    A walk of its own rather than torch's pytree, which costs a loader worker several
+    times more a batch; other containers pickle their own way, tensors and all.
+    """
+    kind = type(batch)
+    if kind is leaf:
+        return function(batch)
+    if kind is dict:
+        return {key: _map(value, leaf, function) for key, value in batch.items()}
+    if kind is list or kind is tuple:
+        return kind(_map(value, leaf, function) for value in batch)
+    if issubclass(kind, tuple) and hasattr(kind, "_fields"):  # a namedtuple
+        return kind(*(_map(value, leaf, function) for value in batch))
+    return batch
+
 
 def _by_value(batch: Any) -> tuple[Any, bool]:
-    """``batch`` with each tensor as an :class:`_Array`, if it is a pytree of dense CPU
-    tensors that numpy can hold, within :data:`BY_VALUE_MAX_BYTES`; else ``batch``. And
+    """``batch`` with each tensor as an :class:`_Array`, if the tensors that
+    :func:`_map` finds are dense CPU tensors that numpy can hold (none requiring grad),
+    at least one and within :data:`BY_VALUE_MAX_BYTES` together; else ``batch``. And
     whether it was converted."""
-    leaves, _ = tree_flatten(batch)
-    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    if (not tensors or any(type(t) is not torch.Tensor or t.device.type != "cpu"
-                           or t.layout != torch.strided for t in tensors)
-            or sum(t.nbytes for t in tensors) > BY_VALUE_MAX_BYTES):
-        return batch, False
+    arrays: list[np.ndarray] = []
+
+    def to_array(tensor: torch.Tensor) -> _Array:
+        arrays.append(tensor.numpy())
+        return _Array(arrays[-1])
+
     try:
-        return tree_map(lambda t: _Array(t.numpy()) if isinstance(t, torch.Tensor) else t,
-                        batch), True
-    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16), or requires_grad
+        converted = _map(batch, torch.Tensor, to_array)
+    except (TypeError, RuntimeError):  # another device or layout, bfloat16, requires_grad
         return batch, False
+    if not arrays or sum(array.nbytes for array in arrays) > BY_VALUE_MAX_BYTES:
+        return batch, False
+    return converted, True
 
 
 def _segmented(batch: Any, by_value: bool, segment: np.ndarray, index: int,
                item_id: np.ndarray | None) -> SegmentedBatch:
     if by_value:
-        batch = tree_map(lambda a: torch.from_numpy(a.values) if isinstance(a, _Array) else a,
-                         batch)
+        batch = _map(batch, _Array, lambda array: torch.from_numpy(array.values))
     return SegmentedBatch(batch, torch.from_numpy(segment), index,
                           None if item_id is None else torch.from_numpy(item_id))
