@@ -2,7 +2,7 @@
 
     python benchmarks/morec_overhead.py --out benchmarks/results/morec_overhead.json \\
         [--profile demo | --data DIR] [--model mf] [--steps 40] [--pairs 30] \\
-        [--processes 5] [--threads N]
+        [--processes 10] [--threads N]
 
 Each process (a process group of one, as ``morec-rec run`` without torchrun) has one model and
 one ``TrainPipelineSparseDist`` (batch 1,024 rows), fed in turn by:
@@ -272,7 +272,7 @@ def main() -> None:
     parser.add_argument("--model", default="mf", choices=["mf", "sasrec"])
     parser.add_argument("--steps", type=int, default=40, help="steps a timed block")
     parser.add_argument("--pairs", type=int, default=30, help="rounds of blocks a process")
-    parser.add_argument("--processes", type=int, default=5,
+    parser.add_argument("--processes", type=int, default=10,
                         help="processes measured one after another (1: this one)")
     parser.add_argument("--threads", type=int,
                         help="the trainer's intra-op threads (default: torch's, one a core)")
