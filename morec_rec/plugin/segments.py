@@ -152,7 +152,7 @@ class _Array:
 
 def _map(batch: Any, leaf: type, function: Callable[[Any], Any]) -> Any:
     """``batch`` with ``function`` applied to every object of exactly type ``leaf`` found
-    through nested dicts, lists, tuples and namedtuples (a dict or list subclass is not
+    through nested dicts, lists, tuples and namedtuples (no other subclass of these is
     entered); anything else is kept as it is.
 
     A walk of its own rather than torch's pytree, which costs a loader worker several
