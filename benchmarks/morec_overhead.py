@@ -32,15 +32,15 @@ geometric mean of the two base feeds' in the same round, a few seconds apart (th
 the same, so both serve as the reference: a steadier one than either alone, and no choice
 of one, whose ratio to the other has read 0.99–1.02 across runs); a process's median over
 its rounds is recorded with a 95% bootstrap interval over them, for the rate and for the
-trainer's CPU time per step (``trainer_cpu_over_base``: above 1 is MoRec's extra CPU).
-``--processes`` such processes run one after another, each with its own model and
-loaders; the result is the mean of their medians with a 95% Student-t interval over the
-processes, since the medians of two processes differ by more than one process's interval.
-CPU time per step of the loader workers is recorded too. ``--threads`` sets the trainer's
-intra-op threads (torch's default is one a core, which the loader worker then shares).
-Each process then times one validation-and-update round (``MoRec.validate``: ranking
-metrics and per-group losses on the validation users, the controllers' step, the mass
-update, the publish) five times.
+trainer's CPU time per step and for its loader workers' (``trainer_cpu_over_base``,
+``loader_cpu_over_base``: above 1 is MoRec's extra CPU). ``--processes`` such processes
+run one after another, each with its own model and loaders; the result is the mean of
+their medians with a 95% Student-t interval over the processes, since the medians of two
+processes differ by more than one process's interval. Each feed's CPU time per step (ms)
+is recorded too. ``--threads`` sets the trainer's intra-op threads (torch's default is
+one a core, which the loader worker then shares). Each process then times one
+validation-and-update round (``MoRec.validate``: ranking metrics and per-group losses on
+the validation users, the controllers' step, the mass update, the publish) five times.
 """
 
 from __future__ import annotations
@@ -239,10 +239,12 @@ def measure(args: argparse.Namespace, data: Path) -> dict[str, Any]:
 
     rate = {k: [t.samples_per_s for t in v] for k, v in runs.items()}
     cpu = {k: [t.trainer_cpu_ms for t in v] for k, v in runs.items()}
+    loader_cpu = {k: [t.loader_cpu_ms for t in v] for k, v in runs.items()}
     return {
         "samples_per_s": {k: statistics.median(v) for k, v in rate.items()},
         "over_base": over_base(rate),
         "trainer_cpu_over_base": over_base(cpu),
+        "loader_cpu_over_base": over_base(loader_cpu),
         "cpu_ms_per_step": {
             k: {"trainer": statistics.median(t.trainer_cpu_ms for t in v),
                 "loader_workers": statistics.median(t.loader_cpu_ms for t in v)}
@@ -269,7 +271,7 @@ def summarise(processes: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         key: {name: across_processes([p[key][name]["median"] for p in processes])
               for name in COMPARED}
-        for key in ("over_base", "trainer_cpu_over_base")
+        for key in ("over_base", "trainer_cpu_over_base", "loader_cpu_over_base")
     } | {"processes": processes}
 
 
