@@ -7,8 +7,9 @@ directory. In one run, on the same files, for the columns each backbone's batche
 (``mf``: the ids; ``sasrec``: the ids and the history), it measures:
 
 * ``scan_rows_per_s``: ``pyarrow.parquet`` reading every row group of ``train/`` (the
-  columns the sampler reads: those carried and those the objectives read), the floor any
-  Parquet-based loader pays;
+  columns the sampler reads there, ``read``: the ids, those carried and those the
+  objectives read, less the item attributes it looks up by item id, ``looked_up``), the
+  floor any Parquet-based loader pays;
 * ``sampler_rows_per_s``: one epoch of the weighted streaming sampler with the four
   objectives (rows yielded per second, in one process, no DataLoader workers);
 * ``*_cpu_ms_per_batch``: the process's CPU time (all its threads) per batch of rows,
@@ -142,8 +143,9 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
                             "xbox", "--seed", "0", "--out", str(data)], check=True)
         dataset = PreparedDataset.open(data)
-        read = {backbone: make_sampler(dataset, carried).columns
-                for backbone, carried in CARRIED.items()}
+        samplers = {backbone: make_sampler(dataset, carried)
+                    for backbone, carried in CARRIED.items()}
+        read = {backbone: s.columns for backbone, s in samplers.items()}
         rates: dict[str, dict[str, list[float]]] = {
             backbone: {f"{side}_{measure}": [] for side in ("scan", "sampler")
                        for measure in ("rows_per_s", "cpu_ms_per_batch")}
@@ -162,7 +164,8 @@ def main() -> None:
     for backbone, runs in rates.items():
         medians = {k: statistics.median(v) for k, v in runs.items()}
         columns[backbone] = {
-            "carried": CARRIED[backbone], "read": read[backbone], **medians,
+            "carried": CARRIED[backbone], "read": read[backbone],
+            "looked_up": sorted(samplers[backbone].item_attributes), **medians,
             "sampler_over_scan": medians["sampler_rows_per_s"] / medians["scan_rows_per_s"],
             "runs": runs}
     result = {

@@ -11,10 +11,13 @@ import dataclasses
 import itertools
 import math
 import pickle
+import shutil
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import chi_square_p
@@ -22,7 +25,7 @@ from sampling_data import make_dataset
 from torch.utils.data import DataLoader
 
 from morec_rec.config import SamplerConfig
-from morec_rec.data.format import PreparedDataset
+from morec_rec.data.format import ITEMS, PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.plugin import segments
 from morec_rec.plugin.sampling.draw import GroupIndex, draw, largest_remainder
@@ -148,15 +151,15 @@ def test_batch_layout_and_history(dataset: PreparedDataset) -> None:
     batch = next(iter(sampler(dataset)))
     assert len(batch) == 4 * 64
     assert batch.objective.tolist() == [o for o in range(4) for _ in range(64)]
-    train = dataset.split("train").to_pylist()
-    history = {(r["user_id"], r["item_id"]): r["history"] for r in train}
-    lengths = batch.history_lengths.tolist()
-    values = batch.history_values.split(lengths)
-    for user, item, past in zip(batch.user_id.tolist(), batch.item_id.tolist(), values):
-        assert past.tolist() == history[(user, item)]
-    items = dataset.items()
-    np.testing.assert_allclose(batch.price.numpy(),
-                               items["price"].to_numpy()[batch.item_id.numpy()])
+    train = {(r["user_id"], r["item_id"]): r for r in dataset.split("train").to_pylist()}
+    rows = [train[key] for key in zip(batch.user_id.tolist(), batch.item_id.tolist())]
+    values = batch.history_values.split(batch.history_lengths.tolist())
+    assert [past.tolist() for past in values] == [row["history"] for row in rows]
+    # Looked up by item id, the item attributes are the rows' own values.
+    np.testing.assert_array_equal(batch.price.numpy(),
+                                  np.array([row["price"] for row in rows], dtype=np.float32))
+    for name in ("fairness_group", "popularity_group"):
+        assert getattr(batch, name).tolist() == [row[name] for row in rows], name
 
 
 @pytest.mark.parametrize("threshold, by_value", [(1 << 20, True), (100, False)])
@@ -425,6 +428,18 @@ def test_bad_masses(dataset: PreparedDataset, masses: dict, message: str) -> Non
         sampler(dataset, masses={k: np.array(v) for k, v in masses.items()})
 
 
+def test_item_attributes_need_the_items_in_id_order(dataset: PreparedDataset,
+                                                    tmp_path: Path) -> None:
+    shutil.copytree(dataset.root, tmp_path / "data")
+    items = tmp_path / "data" / ITEMS
+    table = pq.read_table(items)
+    pq.write_table(table.take(np.arange(table.num_rows)[::-1]), items)
+    with pytest.raises(MorecError, match=f"{items}: item_id must run 0..{table.num_rows - 1} "):
+        sampler(PreparedDataset.open(tmp_path / "data"))
+    with pytest.raises(MorecError, match=f"{dataset.root / ITEMS}: no column\\(s\\) timestamp"):
+        dataset.item_columns(["price", "timestamp"])
+
+
 def test_unknown_objective_name(dataset: PreparedDataset) -> None:
     with pytest.raises(MorecError, match="unknown objective 'novelty'"):
         sampler(dataset, ("accuracy", "novelty"))
@@ -436,8 +451,10 @@ def test_batches_carry_only_the_columns_asked_for(dataset: PreparedDataset) -> N
                               SamplerConfig(objectives=("accuracy", "fairness"),
                                             sub_batch_size=64, window_batches=8),
                               columns=["price"])
-    # The ids, the column asked for and fairness's own: no list column is read.
-    assert s.columns == ["fairness_group", "item_id", "price", "user_id"]
+    # The ids from the shards, the column asked for and fairness's own from the items:
+    # no list column, nor any column a lookup by item gives, is read row by row.
+    assert s.columns == ["item_id", "user_id"]
+    assert sorted(s.item_attributes) == ["fairness_group", "price"]
     batch = next(iter(s))
     assert batch.price is not None and batch.user_id.dtype == torch.int64
     assert (batch.fairness_group, batch.popularity_group, batch.history_values,

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -45,6 +46,10 @@ ROW_SCHEMA = pa.schema(
         pa.field("history", pa.list_(pa.field("item", pa.int32(), nullable=False)), nullable=False),
     ]
 )
+
+#: Row columns that hold the row's item's value of the same column of ``items.parquet``:
+#: a reader may look them up by ``item_id`` there instead of decoding them row by row.
+ITEM_ATTRIBUTES = ("price", "fairness_group", "popularity_group")
 
 ITEM_SCHEMA = pa.schema(
     [
@@ -153,6 +158,18 @@ class PreparedDataset:
 
     def items(self) -> pa.Table:
         return read_parquet(self.root / ITEMS)
+
+    def item_columns(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """``items.parquet``'s columns ``names`` as numpy arrays of shape (num_items,),
+        indexed by item id."""
+        path = self.root / ITEMS
+        missing = sorted(set(names) - set(ITEM_SCHEMA.names))
+        if missing:
+            raise MorecError(f"{path}: no column(s) {', '.join(missing)}")
+        table = read_parquet(path, ["item_id", *names])
+        if not np.array_equal(table["item_id"].to_numpy(), np.arange(table.num_rows)):
+            raise MorecError(f"{path}: item_id must run 0..{table.num_rows - 1} in order")
+        return {name: table[name].to_numpy() for name in names}
 
 
 def parquet_rows(path: Path) -> int:

@@ -23,10 +23,9 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from morec_rec.data.format import ITEMS, PreparedDataset
+from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 
 #: The objectives that have a loss form, in no particular order.
@@ -52,17 +51,11 @@ class ItemSideInformation:
     @classmethod
     def from_dataset(cls, dataset: PreparedDataset) -> ItemSideInformation:
         """From the prepared dataset's ``items.parquet``."""
-        path = dataset.root / ITEMS
-        table = pq.read_table(path, columns=["item_id", "price", "train_count",
-                                             "fairness_group"])
-        ids = table.column("item_id").to_numpy()
-        if not np.array_equal(ids, np.arange(len(ids))):
-            raise MorecError(f"{path}: item_id must run 0..{len(ids) - 1} in order")
-        groups = table.column("fairness_group").to_numpy().astype(np.int64)
+        items = dataset.item_columns(["price", "train_count", "fairness_group"])
+        groups = items["fairness_group"].astype(np.int64)
         return cls(
-            price=torch.from_numpy(table.column("price").to_numpy().astype(np.float32)),
-            popularity=torch.from_numpy(
-                np.maximum(table.column("train_count").to_numpy(), 1).astype(np.float32)),
+            price=torch.from_numpy(items["price"].astype(np.float32)),
+            popularity=torch.from_numpy(np.maximum(items["train_count"], 1).astype(np.float32)),
             fairness_group=torch.from_numpy(groups),
             num_fairness_groups=int(groups.max()) + 1 if len(groups) else 0)
 

@@ -22,9 +22,10 @@ announced so far, so the masses in force at a batch are a function of the store'
 versions and the batch index alone; a version that reaches a worker after it drew a batch
 the version should have applied to raises rather than apply late. Memory is bounded by
 two windows (the one being sampled and the next, read in a background thread), one block
-and one Parquet row group, whatever the size of the log. Randomness is derived from
-(seed, epoch, stream, window or block start), so no RNG state needs saving: an epoch and a
-position within it (:meth:`WeightedStreamSampler.set_epoch`) resume the stream.
+and one Parquet row group, whatever the size of the log, besides the item attributes it
+uses (one value an item each). Randomness is derived from (seed, epoch, stream, window or
+block start), so no RNG state needs saving: an epoch and a position within it
+(:meth:`WeightedStreamSampler.set_epoch`) resume the stream.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from morec_rec.config import SamplerConfig
-from morec_rec.data.format import PreparedDataset
+from morec_rec.data.format import ITEM_ATTRIBUTES, PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.plugin.sampling.draw import GroupIndex, draw, largest_remainder
 from morec_rec.plugin.sampling.objectives import Objective, check_masses
@@ -88,8 +89,10 @@ class WeightedStreamSampler(IterableDataset):
         store: where published masses come from; None keeps the initial masses.
         masses: initial masses by objective name (default: each objective's own), and
             the objectives' shares of a batch under :data:`BATCH` (default: equal).
-        columns: the :data:`OPTIONAL_COLUMNS` that batches carry (default: all of them);
-            the sampler reads those, the ids, and the columns its objectives read.
+        columns: the :data:`OPTIONAL_COLUMNS` that batches carry (default: all of them).
+            The sampler reads those, the ids and the columns its objectives read from the
+            training shards, except the item attributes
+            (:data:`~morec_rec.data.format.ITEM_ATTRIBUTES`), which it looks up by item id.
     """
 
     def __init__(
@@ -120,9 +123,11 @@ class WeightedStreamSampler(IterableDataset):
         if unknown:
             raise MorecError(f"sampler: columns {unknown} are not among "
                              f"{', '.join(OPTIONAL_COLUMNS)}")
-        self.columns = sorted(
-            {*ID_COLUMNS, *self.carried}.union(*(o.columns for o in self.objectives))
-        )
+        needed = {*ID_COLUMNS, *self.carried}.union(*(o.columns for o in self.objectives))
+        #: Item attributes by column name, looked up by item id rather than read by row.
+        self.item_attributes = dataset.item_columns(sorted(needed & set(ITEM_ATTRIBUTES)))
+        #: The columns read from the training shards.
+        self.columns = sorted(needed - set(self.item_attributes))
         masses = dict(masses or {})
         unknown = set(masses) - set(self._num_groups)
         if unknown:
@@ -229,8 +234,8 @@ class WeightedStreamSampler(IterableDataset):
         def build(number: int) -> _Window:
             begin = number * window_rows
             return _Window(reader.read(begin, min(begin + window_rows, end)),
-                           number * self.config.window_batches, self.objectives,
-                           {*ID_COLUMNS, *self.carried},
+                           self.item_attributes, number * self.config.window_batches,
+                           self.objectives, {*ID_COLUMNS, *self.carried},
                            _torch_generator([self.config.seed, epoch, stream, number]))
 
         last = -(-end // window_rows) - 1
@@ -338,15 +343,19 @@ class _Window:
 
     Args:
         table: the window's rows, a whole number of batches.
+        item_attributes: more columns of the rows, by item id: (num_items,) each.
         first: the stream position of the window's first batch.
     """
 
-    def __init__(self, table: pa.Table, first: int, objectives: Sequence[Objective],
-                 carried: Collection[str], generator: torch.Generator) -> None:
+    def __init__(self, table: pa.Table, item_attributes: Mapping[str, np.ndarray], first: int,
+                 objectives: Sequence[Objective], carried: Collection[str],
+                 generator: torch.Generator) -> None:
         self.first = first
         self.objectives = objectives
         self.columns = {name: table[name].to_numpy() for name in table.column_names
                         if name != "history"}
+        item = self.columns["item_id"].astype(np.int64)  # numpy gathers slower by int32
+        self.columns.update((name, values[item]) for name, values in item_attributes.items())
         # Converted to the batch's dtypes once per window; the int64 columns stacked, so
         # that a block takes them in one gather.
         names = [name for name in (*ID_COLUMNS, *OPTIONAL_COLUMNS)
