@@ -1,7 +1,7 @@
 """MoRec's overhead: training samples/s of the base pipeline against the MoRec pipeline.
 
     python benchmarks/morec_overhead.py --out benchmarks/results/morec_overhead.json \\
-        [--profile demo | --data DIR] [--model mf] [--steps 40] [--pairs 30] \\
+        [--profile demo | --data DIR] [--model mf] [--steps 40] [--pairs 32] \\
         [--processes 10] [--threads N]
 
 Each process (a process group of one, as ``morec-rec run`` without torchrun) has one model and
@@ -24,8 +24,9 @@ they share the model, its optimizer and the pipeline, whose forward sends a MoRe
 the hook of the feed being timed and any other batch to the model. Separate pipelines,
 each with its own model, differ by a few percent from one another on this machine
 whatever they run, which this design leaves out. The feeds are timed in blocks of
-``--steps`` steps, in turn, ``--pairs`` times, the order rotating from one round to the
-next. A block starts once the batches the pipeline holds from the previous feed are
+``--steps`` steps, in turn, ``--pairs`` times, in the orders of a Williams design (every
+feed right after every other once in four rounds, so that what a block leaves behind, the
+previous feed's worker waking and its batches, weighs on every feed alike). A block starts once the batches the pipeline holds from the previous feed are
 trained on (untimed) and never crosses an epoch's end (the rest of an epoch, the next
 epoch's start and its 20 warm-up steps run untimed). Each round gives MoRec's rate over the
 geometric mean of the two base feeds' in the same round, a few seconds apart (the two are
@@ -204,6 +205,14 @@ def paired_ratio(morec: list[float], base: list[float] | np.ndarray, resamples: 
     return {"median": float(np.median(ratios)), "low": float(low), "high": float(high)}
 
 
+def williams_orders(n: int) -> list[list[int]]:
+    """A Williams design: orders of ``range(n)`` (``n`` of them, ``2n`` for an odd ``n``)
+    in which every item comes right after every other equally often."""
+    first = [0] + [(k + 1) // 2 if k % 2 else n - k // 2 for k in range(1, n)]
+    orders = [[(x + shift) % n for x in first] for shift in range(n)]
+    return orders + [order[::-1] for order in orders] if n % 2 else orders
+
+
 def measure(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     """One process's measurement on the prepared dataset ``data``: the rounds of blocks,
     then the validation rounds."""
@@ -220,10 +229,10 @@ def measure(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         morecs[name], feeds[name] = morec_feed(dataset, config, env, pipeline, route, name)
     runs: dict[str, list[StepTiming]] = {name: [] for name in feeds}
     names = list(feeds)
+    orders = williams_orders(len(names))
     for round_ in range(args.pairs):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            runs[name].append(feeds[name].timed(args.steps))
+        for index in orders[round_ % len(orders)]:
+            runs[names[index]].append(feeds[names[index]].timed(args.steps))
         if round_ % 10 == 9:
             print(f"round {round_ + 1}: samples/s " + "; ".join(
                 f"{k} {v[-1].samples_per_s:,.0f}" for k, v in runs.items()), flush=True)
@@ -283,7 +292,8 @@ def main() -> None:
                         help="a prepared dataset (default: synth --profile, seed 0)")
     parser.add_argument("--model", default="mf", choices=["mf", "sasrec"])
     parser.add_argument("--steps", type=int, default=40, help="steps a timed block")
-    parser.add_argument("--pairs", type=int, default=30, help="rounds of blocks a process")
+    parser.add_argument("--pairs", type=int, default=32,
+                        help="rounds of blocks a process (a multiple of 4 balances the orders)")
     parser.add_argument("--processes", type=int, default=10,
                         help="processes measured one after another (1: this one)")
     parser.add_argument("--threads", type=int,
