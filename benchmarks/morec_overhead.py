@@ -26,9 +26,10 @@ each with its own model, differ by a few percent from one another on this machin
 whatever they run, which this design leaves out. The feeds are timed in blocks of
 ``--steps`` steps, in turn, ``--pairs`` times, in the orders of a Williams design (every
 feed right after every other once in four rounds, so that what a block leaves behind, the
-previous feed's worker waking and its batches, weighs on every feed alike). A block starts once the batches the pipeline holds from the previous feed are
-trained on (untimed) and never crosses an epoch's end (the rest of an epoch, the next
-epoch's start and its 20 warm-up steps run untimed). Each round gives MoRec's rate over the
+previous feed's worker waking and its batches, weighs on every feed alike). A block
+starts once the batches the pipeline holds from the previous feed are trained on
+(untimed) and never crosses an epoch's end (the rest of an epoch, the next epoch's start
+and its 20 warm-up steps run untimed). Each round gives MoRec's rate over the
 geometric mean of the two base feeds' in the same round, a few seconds apart (the two are
 the same, so both serve as the reference: a steadier one than either alone, and no choice
 of one, whose ratio to the other has read 0.99–1.02 across runs); a process's median over
