@@ -32,7 +32,7 @@ starts once the batches the pipeline holds from the previous feed are trained on
 and its 20 warm-up steps run untimed). Each round gives MoRec's rate over the
 geometric mean of the two base feeds' in the same round, a few seconds apart (the two are
 the same, so both serve as the reference: a steadier one than either alone, and no choice
-of one, whose ratio to the other has read 0.99–1.02 across runs); a process's median over
+of one, whose ratio to the other has read 0.99–1.03 across runs); a process's median over
 its rounds is recorded with a 95% bootstrap interval over them, for the rate and for the
 trainer's CPU time per step and for its loader workers' (``trainer_cpu_over_base``,
 ``loader_cpu_over_base``: above 1 is MoRec's extra CPU). ``--processes`` such processes

@@ -354,8 +354,9 @@ class _Window:
         self.objectives = objectives
         self.columns = {name: table[name].to_numpy() for name in table.column_names
                         if name != "history"}
-        item = self.columns["item_id"].astype(np.int64)  # numpy gathers slower by int32
-        self.columns.update((name, values[item]) for name, values in item_attributes.items())
+        if item_attributes:
+            item = self.columns["item_id"].astype(np.int64)  # numpy gathers slower by int32
+            self.columns.update((name, values[item]) for name, values in item_attributes.items())
         # Converted to the batch's dtypes once per window; the int64 columns stacked, so
         # that a block takes them in one gather.
         names = [name for name in (*ID_COLUMNS, *OPTIONAL_COLUMNS)
