@@ -32,7 +32,7 @@ from morec_rec.jobs.models.scorer import ModelScorer
 from morec_rec.jobs.run import Run
 from morec_rec.jobs.sharding import shard
 from morec_rec.plugin.eval.ranking import evaluate, load_task
-from morec_rec.plugin.loader import die_with_parent
+from morec_rec.plugin.workers import WorkerLoader, die_with_parent
 from morec_rec.plugin.sampling.objectives import Accuracy
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
@@ -81,9 +81,9 @@ def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distribu
                       seed=config.seed),
         rank=env.rank, world_size=env.world_size, columns=collate.columns,
     )
-    return sampler, DataLoader(sampler, batch_size=None, num_workers=config.num_workers,
-                               collate_fn=collate, persistent_workers=config.num_workers > 0,
-                               worker_init_fn=die_with_parent if config.num_workers else None)
+    return sampler, WorkerLoader(sampler, batch_size=None, num_workers=config.num_workers,
+                                 collate_fn=collate, persistent_workers=config.num_workers > 0,
+                                 worker_init_fn=die_with_parent if config.num_workers else None)
 
 
 T = TypeVar("T")

@@ -11,22 +11,15 @@ holds.
 
 from __future__ import annotations
 
-import ctypes
-import os
-import signal
-import sys
 from typing import Any, Callable, Iterator
-
-from torch.utils.data import DataLoader
 
 from morec_rec.plugin.sampling.sampled import SampledBatch
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 from morec_rec.plugin.segments import SegmentedBatch
+from morec_rec.plugin.workers import WorkerLoader, die_with_parent
 
 #: SampledBatch -> the job's batch.
 Collate = Callable[[SampledBatch], Any]
-
-_PR_SET_PDEATHSIG = 1
 
 
 class Segmenting:
@@ -41,17 +34,6 @@ class Segmenting:
     def __call__(self, sampled: SampledBatch) -> SegmentedBatch:
         return SegmentedBatch(self.collate(sampled), sampled.objective, sampled.batch_index,
                               sampled.item_id if self.item_ids else None)
-
-
-def die_with_parent(worker_id: int) -> None:
-    """A loader worker's init: on Linux the kernel kills it when its trainer dies, even by
-    SIGKILL (a worker blocked writing a batch into its pipe would live on otherwise)."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the trainer died before the request took effect
-        os._exit(1)
 
 
 class MoRecLoader:
@@ -74,7 +56,7 @@ class MoRecLoader:
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.batches_per_epoch = sampler.batches_per_epoch(num_workers)
-        self._loader = DataLoader(
+        self._loader = WorkerLoader(
             sampler, batch_size=None, num_workers=num_workers,
             collate_fn=Segmenting(collate, item_ids=item_ids),
             prefetch_factor=prefetch_factor if num_workers else None, pin_memory=pin_memory,
