@@ -101,7 +101,7 @@ def plugin_drain(dataset: PreparedDataset, batch_size: int, step_s: float) -> di
     num_items = dataset.manifest["num_items"]
     morec = MoRec(dataset, lambda rows: make_batch(rows.user_id, rows.item_id, num_items,
                                                    seed=rows.batch_index),
-                  scorer=PopularityScorer(dataset.items()["train_count"].to_numpy()),
+                  scorer=PopularityScorer(dataset.item_columns(["train_count"])["train_count"]),
                   sampler=SamplerConfig(sub_batch_size=batch_size // 4), num_workers=1)
     morec.set_epoch(0)
     return drain(morec.loader, morec.loader.batches_per_epoch - WARMUP,

@@ -171,7 +171,7 @@ def morec_feed(dataset: PreparedDataset, config: TrainConfig, env: distributed.E
     model = route.model
     sampler_config = SamplerConfig(sub_batch_size=config.batch_size // 4, seed=config.seed)
     collate = Collator(model.module.feature_names,
-                       NegativeSampler(dataset.items()["train_count"].to_numpy(),
+                       NegativeSampler(dataset.item_columns(["train_count"])["train_count"],
                                        config.negative_beta),
                        num_negatives(config.model), seed=config.seed, rank=env.rank)
     morec = MoRec(dataset, collate, rows=per_row_loss, columns=collate.columns,

@@ -245,7 +245,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         if args.model != "popular":
             raise MorecError("--data needs --model popular (or evaluate a run with --run)")
         dataset = PreparedDataset.open(args.data)
-        scorer = PopularityScorer(dataset.items()["train_count"].to_numpy())
+        scorer = PopularityScorer(dataset.item_columns(["train_count"])["train_count"])
         name = "popular"
     with torch.no_grad():
         metrics = evaluate(scorer, load_task(dataset, args.split))

@@ -80,7 +80,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
     progress = MoRecProgress(**meta["progress"]) if meta else MoRecProgress()
     run.truncate_log(progress.step if meta else None)
 
-    negatives = NegativeSampler(dataset.items()["train_count"].to_numpy(),
+    negatives = NegativeSampler(dataset.item_columns(["train_count"])["train_count"],
                                 train_config.negative_beta)
     feature_names, n = model.module.feature_names, num_negatives(train_config.model)
     collate = Collator(feature_names, negatives, n, seed=train_config.seed, rank=env.rank)

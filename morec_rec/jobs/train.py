@@ -72,7 +72,7 @@ def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distribu
     """The accuracy-only sampler of this rank and a loader of ``TrainBatch`` es over it."""
     collate = Collator(
         feature_names,
-        NegativeSampler(dataset.items()["train_count"].to_numpy(), config.negative_beta),
+        NegativeSampler(dataset.item_columns(["train_count"])["train_count"], config.negative_beta),
         num_negatives(config.model), seed=config.seed, rank=env.rank,
     )
     sampler = WeightedStreamSampler(
