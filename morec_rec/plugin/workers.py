@@ -68,7 +68,10 @@ class WorkerLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         iterator = super().__iter__()
+        # Neither attribute is public: where a torch or Python release renames one, the
+        # pipe keeps its size (tests/test_workers.py notices).
         queue = getattr(iterator, "_worker_result_queue", None)  # None without workers
-        if queue is not None:
-            resize_pipe(queue._reader.fileno(), RESULT_PIPE_BYTES)
+        reader = getattr(queue, "_reader", None)
+        if reader is not None:
+            resize_pipe(reader.fileno(), RESULT_PIPE_BYTES)
         return iterator
