@@ -53,7 +53,7 @@ def resize_pipe(fd: int, size: int) -> int:
         return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
     except OSError as e:
         held = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
-        logger.debug("loader result pipe kept at %d bytes: %s", held, e)
+        logger.debug("pipe kept at %d bytes, not %d: %s", held, size, e)
         return held
 
 
