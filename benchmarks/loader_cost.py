@@ -14,7 +14,10 @@ fed in turn, in blocks of ``--steps`` steps, by:
 * ``worker_ready_grouped``: the same, ``--group`` batches a request (a list the trainer
   unrolls);
 * ``loader``: the reference job's loader (``training_loader``: sampler and collate in the
-  worker).
+  worker);
+* ``loader_grouped``: its sampler and collate in a worker asked for ``--group`` batches a
+  request (the DataLoader's ``batch_size``; with one worker, a group's batches are
+  consecutive, so unrolling keeps their order).
 
 For each block, a step's wall time, the trainer process's CPU time (all its threads) and
 the time its main thread was runnable but waited for a CPU (``preempted_us``: the worker's
@@ -22,7 +25,7 @@ threads on its core), in microseconds; the feeds' order alternates between round
 medians over ``--rounds``. ``worker_ready`` less ``in_process`` is what torch's DataLoader
 costs the trainer to receive a batch from a worker, ``worker_ready_grouped`` the same
 spread over ``--group`` batches; ``loader`` less ``worker_ready``, what the worker making
-the batches beside the trainer costs it.
+the batches beside the trainer costs it; ``loader_grouped``, both with fewer requests.
 """
 
 from __future__ import annotations
@@ -76,11 +79,22 @@ def unrolled(loader: WorkerLoader) -> Iterator[Any]:
     return (batch for group in loader for batch in group)
 
 
-def epochs(sampler: WeightedStreamSampler, loader: WorkerLoader) -> Iterator[Any]:
-    """The loader's batches, epoch after epoch."""
+class GroupCollate:
+    """A collate applied to each of a request's sampled batches."""
+
+    def __init__(self, collate: Callable[[Any], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, sampled: list[Any]) -> list[Any]:
+        return [self.collate(batch) for batch in sampled]
+
+
+def epochs(sampler: WeightedStreamSampler, loader: WorkerLoader,
+           grouped: bool = False) -> Iterator[Any]:
+    """The loader's batches, epoch after epoch (each request's list unrolled, ``grouped``)."""
     for epoch in itertools.count():
         sampler.set_epoch(epoch)
-        yield from epoch_iterator(loader)
+        yield from (unrolled(loader) if grouped else epoch_iterator(loader))
 
 
 def runqueue_s() -> float:
@@ -110,7 +124,13 @@ def measure(data: Path, steps: int, rounds: int, group: int) -> dict[str, dict[s
     dataset = PreparedDataset.open(data)
     model, optimizer = build_sharded(config, dataset, env)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
-    real = epochs(*training_loader(dataset, config, env, model.module.feature_names))
+    sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
+    real = epochs(sampler, loader)
+    sampler_again, loader_again = training_loader(dataset, config, env,
+                                                  model.module.feature_names)
+    real_grouped = epochs(sampler_again, WorkerLoader(
+        sampler_again, batch_size=group, num_workers=1, persistent_workers=True,
+        collate_fn=GroupCollate(loader_again.collate_fn)), grouped=True)
     _, ahead = training_loader(dataset, TrainConfig(model="mf", num_workers=0), env,
                                model.module.feature_names)
     made = epoch_iterator(ahead)
@@ -128,6 +148,7 @@ def measure(data: Path, steps: int, rounds: int, group: int) -> dict[str, dict[s
         "worker_ready": lambda: block(pipeline, ready[1], steps),
         "worker_ready_grouped": lambda: block(pipeline, ready[group], steps),
         "loader": lambda: block(pipeline, real, steps),
+        "loader_grouped": lambda: block(pipeline, real_grouped, steps),
     }
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in feeds}
     for round_ in range(rounds):
