@@ -101,7 +101,7 @@ def load_task(dataset: PreparedDataset, split: str) -> RankingTask:
     starts = np.cumsum(count) - count
     gather, exclude_offsets = arrays.ranges(starts[user_id], count[user_id])
 
-    items = dataset.items()
+    items = dataset.item_columns(["price", "fairness_group", "popularity_group"])
     groups = dataset.manifest["groups"]
     return RankingTask(
         user_id=user_id,
@@ -110,10 +110,10 @@ def load_task(dataset: PreparedDataset, split: str) -> RankingTask:
         history_values=history.values.to_numpy().astype(np.int64),
         exclude_offsets=exclude_offsets.astype(np.int64),
         exclude_items=seen_item[order][gather],
-        price=items["price"].to_numpy(),
-        fairness_group=items["fairness_group"].to_numpy().astype(np.int64),
+        price=items["price"],
+        fairness_group=items["fairness_group"].astype(np.int64),
         num_fairness_groups=len(groups["fairness"]["names"]),
-        popularity_group=items["popularity_group"].to_numpy().astype(np.int64),
+        popularity_group=items["popularity_group"].astype(np.int64),
         num_popularity_groups=len(groups["popularity"]["q"]),
         q=np.asarray(groups["popularity"]["q"], dtype=np.float64),
     )
