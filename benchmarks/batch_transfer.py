@@ -3,9 +3,9 @@
     python benchmarks/batch_transfer.py --out benchmarks/results/batch_transfer.json \\
         [--profile demo] [--batch-sizes 1024 4096 16384] [--repeats 3] [--step-ms 3]
 
-For each kind of batch at each batch size, one epoch of a loader with one worker is
-drained, the trainer's step between two batches stood for by a sleep of ``--step-ms``
-(its core left to nothing else), the batches crossing to this process by value (pickled
+For each kind of batch at each batch size, one epoch of a loader with one worker, one
+batch a request, is drained, the trainer's step between two batches stood for by a sleep
+of ``--step-ms`` (its core left to nothing else), the batches crossing to this process by value (pickled
 arrays through the worker's result pipe, ``by_value``: the pipe sized to hold
 ``morec_rec.plugin.workers.RESULT_PIPE_BYTES``, as the package's loaders size it;
 ``by_value_64k``: left at Linux's 64 KiB) or through shared memory (torch's tensor
@@ -89,9 +89,10 @@ def base_drain(dataset: PreparedDataset, model: str, batch_size: int,
     manifest = dataset.manifest
     feature_names = build_model(model, manifest["num_users"], manifest["num_items"],
                                 manifest["history_length"]).feature_names
-    config = TrainConfig(model=model, batch_size=batch_size, num_workers=1)
-    sampler, loader = training_loader(dataset, config, env, feature_names)
-    return drain(loader, sampler.batches_per_epoch(config.num_workers) - WARMUP,
+    config = TrainConfig(model=model, batch_size=batch_size, num_workers=1,
+                         batches_per_request=1)
+    loader = training_loader(dataset, config, env, feature_names)
+    return drain(loader, loader.batches_per_epoch - WARMUP,
                  lambda b: sum(t.nbytes for t in (b.features.values(), b.features.lengths())),
                  step_s)
 

@@ -1,7 +1,7 @@
 """What a loader with a worker process costs the trainer a step, beside making the batches.
 
     python benchmarks/loader_cost.py --out benchmarks/results/loader_cost.json \\
-        [--profile demo] [--steps 100] [--rounds 12] [--group 4]
+        [--profile demo] [--steps 100] [--rounds 12] [--group K]
 
 One process, MF-BPR on the profile (seed 0), the reference job's model and
 ``TrainPipelineSparseDist`` at one trainer thread (as ``morec-rec train`` runs on 2 cores),
@@ -14,10 +14,9 @@ fed in turn, in blocks of ``--steps`` steps, by:
 * ``worker_ready_grouped``: the same, ``--group`` batches a request (a list the trainer
   unrolls);
 * ``loader``: the reference job's loader (``training_loader``: sampler and collate in the
-  worker);
-* ``loader_grouped``: its sampler and collate in a worker asked for ``--group`` batches a
-  request (the DataLoader's ``batch_size``; with one worker, a group's batches are
-  consecutive, so unrolling keeps their order).
+  worker), one batch a request (``batches_per_request=1``);
+* ``loader_grouped``: the same, ``--group`` batches a request (``TrainConfig``'s default
+  unless given).
 
 For each block, a step's wall time, the trainer process's CPU time (all its threads) and
 the time its main thread was runnable but waited for a CPU (``preempted_us``: the worker's
@@ -31,6 +30,7 @@ the batches beside the trainer costs it; ``loader_grouped``, both with fewer req
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -51,8 +51,8 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from morec_rec.config import TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.jobs import distributed
-from morec_rec.jobs.train import build_sharded, epoch_iterator, training_loader
-from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
+from morec_rec.jobs.train import build_sharded, training_loader
+from morec_rec.plugin.loader import SamplerLoader
 from morec_rec.plugin.workers import WorkerLoader
 
 READY = 64  # batches made ahead
@@ -79,22 +79,11 @@ def unrolled(loader: WorkerLoader) -> Iterator[Any]:
     return (batch for group in loader for batch in group)
 
 
-class GroupCollate:
-    """A collate applied to each of a request's sampled batches."""
-
-    def __init__(self, collate: Callable[[Any], Any]) -> None:
-        self.collate = collate
-
-    def __call__(self, sampled: list[Any]) -> list[Any]:
-        return [self.collate(batch) for batch in sampled]
-
-
-def epochs(sampler: WeightedStreamSampler, loader: WorkerLoader,
-           grouped: bool = False) -> Iterator[Any]:
-    """The loader's batches, epoch after epoch (each request's list unrolled, ``grouped``)."""
+def epochs(loader: SamplerLoader) -> Iterator[Any]:
+    """The loader's batches, epoch after epoch."""
     for epoch in itertools.count():
-        sampler.set_epoch(epoch)
-        yield from (unrolled(loader) if grouped else epoch_iterator(loader))
+        loader.set_epoch(epoch)
+        yield from loader
 
 
 def runqueue_s() -> float:
@@ -124,16 +113,12 @@ def measure(data: Path, steps: int, rounds: int, group: int) -> dict[str, dict[s
     dataset = PreparedDataset.open(data)
     model, optimizer = build_sharded(config, dataset, env)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
-    sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
-    real = epochs(sampler, loader)
-    sampler_again, loader_again = training_loader(dataset, config, env,
-                                                  model.module.feature_names)
-    real_grouped = epochs(sampler_again, WorkerLoader(
-        sampler_again, batch_size=group, num_workers=1, persistent_workers=True,
-        collate_fn=GroupCollate(loader_again.collate_fn)), grouped=True)
-    _, ahead = training_loader(dataset, TrainConfig(model="mf", num_workers=0), env,
-                               model.module.feature_names)
-    made = epoch_iterator(ahead)
+    real, real_grouped = (
+        epochs(training_loader(dataset, dataclasses.replace(config, batches_per_request=k), env,
+                               model.module.feature_names))
+        for k in (1, group))
+    made = epochs(training_loader(dataset, TrainConfig(model="mf", num_workers=0), env,
+                                  model.module.feature_names))
     payloads = [bytes(ForkingPickler.dumps(next(made))) for _ in range(READY)]
     ready = {k: unrolled(WorkerLoader(Ready(payloads, k), batch_size=None, num_workers=1,
                                       collate_fn=_as_is))
@@ -166,7 +151,7 @@ def main() -> None:
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--group", type=int, default=TrainConfig.batches_per_request)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / args.profile

@@ -62,7 +62,6 @@ from typing import Any, Callable
 import numpy as np
 import scipy.stats
 import torch
-from torch.utils.data import DataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from train_throughput import WARMUP, StepTiming, children_cpu_s, cpu_since  # beside this one
 
@@ -73,9 +72,9 @@ from morec_rec.jobs.collate import Collator
 from morec_rec.jobs.models import num_negatives, per_row_loss
 from morec_rec.jobs.models.negatives import NegativeSampler
 from morec_rec.jobs.models.scorer import ModelScorer
-from morec_rec.jobs.train import build_sharded, epoch_iterator, training_loader
+from morec_rec.jobs.train import build_sharded, training_loader
 from morec_rec.plugin.eval.ranking import load_task
-from morec_rec.plugin.loader import MoRecLoader
+from morec_rec.plugin.loader import SamplerLoader
 from morec_rec.plugin.morec import MoRec
 from morec_rec.plugin.segments import SegmentedBatch
 
@@ -105,11 +104,11 @@ class Feed:
 
     def __init__(self, pipeline: TrainPipelineSparseDist, route: Route,
                  hook: Callable[[SegmentedBatch], tuple[torch.Tensor, Any]] | None,
-                 loader: DataLoader | MoRecLoader, set_epoch: Callable[[int], None],
-                 batches_per_epoch: int, batch_size: int) -> None:
+                 loader: SamplerLoader, set_epoch: Callable[[int], None],
+                 batch_size: int) -> None:
         self.pipeline, self.route, self.hook = pipeline, route, hook
         self.loader, self.set_epoch = loader, set_epoch
-        self.batches_per_epoch, self.batch_size = batches_per_epoch, batch_size
+        self.batches_per_epoch, self.batch_size = loader.batches_per_epoch, batch_size
         self.epoch = -1
         self.route.hook = hook or self.route.hook
         self._next_epoch()
@@ -117,7 +116,7 @@ class Feed:
     def _next_epoch(self) -> None:
         self.epoch += 1
         self.set_epoch(self.epoch)
-        self.batches, self.stepped = epoch_iterator(self.loader), 0
+        self.batches, self.stepped = iter(self.loader), 0
         for _ in range(WARMUP):
             self._step()
 
@@ -149,9 +148,8 @@ class Feed:
 
 def base_feed(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
               pipeline: TrainPipelineSparseDist, route: Route) -> Feed:
-    sampler, loader = training_loader(dataset, config, env, route.model.module.feature_names)
-    return Feed(pipeline, route, None, loader, sampler.set_epoch,
-                sampler.batches_per_epoch(config.num_workers), config.batch_size)
+    loader = training_loader(dataset, config, env, route.model.module.feature_names)
+    return Feed(pipeline, route, None, loader, loader.set_epoch, config.batch_size)
 
 
 #: The MoRec feeds timed against the base, by their key in the results. Training
@@ -176,10 +174,11 @@ def morec_feed(dataset: PreparedDataset, config: TrainConfig, env: distributed.E
                        num_negatives(config.model), seed=config.seed, rank=env.rank)
     morec = MoRec(dataset, collate, rows=per_row_loss, columns=collate.columns,
                   scorer=ModelScorer(model.module, env.device), sampler=sampler_config,
-                  config=VARIANTS[name], num_workers=config.num_workers, device=env.device,
+                  config=VARIANTS[name], num_workers=config.num_workers,
+                  batches_per_request=config.batches_per_request, device=env.device,
                   chunk_users=config.eval_chunk_users)
     return morec, Feed(pipeline, route, morec.loss(model), morec.loader, morec.set_epoch,
-                       len(morec.loader), config.batch_size)
+                       config.batch_size)
 
 
 #: The feeds compared with the base: the MoRec variants and the A/A control.

@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
-from torch.utils.data import DataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from morec_rec.config import TrainConfig
@@ -60,9 +59,9 @@ from morec_rec.jobs import distributed
 from morec_rec.jobs.collate import Collator, TrainBatch, features_kjt
 from morec_rec.jobs.models import build_model
 from morec_rec.jobs.sharding import shard
-from morec_rec.jobs.train import epoch_iterator, training_loader
+from morec_rec.jobs.train import training_loader
+from morec_rec.plugin.loader import SamplerLoader
 from morec_rec.plugin.sampling.sampled import SampledBatch
-from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
 #: users, items of each size: the demo profile, Ta-Feng after its 5-core, Xbox, 10× Xbox.
 SIZES = {"demo": (10_000, 2_000), "tafeng": (26_000, 15_000), "xbox": (154_000, 5_000),
@@ -134,22 +133,23 @@ def project_step(dataset: PreparedDataset, users: int, items: int, ids: IdMap,
     model = build_model("mf", users, items, 0, embedding_dim=DIM)
     model, optimizer = shard(model, env.device, lr=config.lr,
                              table_optimizer=EmbOptimType(config.table_optimizer))
-    sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
-    loader.collate_fn = MappedCollate(loader.collate_fn, ids)  # before the workers start
+    job = training_loader(dataset, config, env, model.module.feature_names)  # never iterated
+    loader = SamplerLoader(job.sampler, MappedCollate(job.collate, ids),
+                           num_workers=config.num_workers,
+                           batches_per_request=config.batches_per_request)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
-    state = {"epoch": 0, "batches": epoch_iterator(loader)}
-    return Timed(lambda: _progress(pipeline, state, sampler, loader), threads)
+    state = {"epoch": 0, "batches": iter(loader)}
+    return Timed(lambda: _progress(pipeline, state, loader), threads)
 
 
-def _progress(pipeline: TrainPipelineSparseDist, state: dict, sampler: WeightedStreamSampler,
-              loader: DataLoader) -> None:
+def _progress(pipeline: TrainPipelineSparseDist, state: dict, loader: SamplerLoader) -> None:
     """One pipeline step; a new epoch of the loader when the last one ends."""
     try:
         pipeline.progress(state["batches"])
     except StopIteration:
         state["epoch"] += 1
-        sampler.set_epoch(state["epoch"])
-        state["batches"] = epoch_iterator(loader)
+        loader.set_epoch(state["epoch"])
+        state["batches"] = iter(loader)
         pipeline.progress(state["batches"])
 
 

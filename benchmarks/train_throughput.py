@@ -39,7 +39,7 @@ WARMUP = 20
 def train_rate(dataset: PreparedDataset, config: TrainConfig, steps: int,
                env: distributed.Environment) -> tuple[float, torch.nn.Module]:
     model, optimizer = build_sharded(config, dataset, env)
-    sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
+    loader = training_loader(dataset, config, env, model.module.feature_names)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
     return timed_steps(pipeline, loader, steps, config.batch_size).samples_per_s, model
 

@@ -215,6 +215,10 @@ class TrainConfig:
     patience: int = 3
     #: DataLoader worker processes per rank (0: load in the training process).
     num_workers: int = 1
+    #: Batches a loader worker makes for one request of the trainer (with workers): more
+    #: cost the trainer less a batch to receive, and draw more batches ahead of training,
+    #: which MoRec's mass updates then reach later.
+    batches_per_request: int = 4
     #: Users scored at a time in full-ranking evaluation.
     eval_chunk_users: int = 1024
     #: Save the ``last`` checkpoint every this many steps, as well as at every epoch's
@@ -235,6 +239,8 @@ class TrainConfig:
         _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
         _check(self.patience >= 1, "patience", self.patience, ">= 1")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
+        _check(self.batches_per_request >= 1, "batches_per_request", self.batches_per_request,
+               ">= 1")
         _check(self.eval_chunk_users >= 1, "eval_chunk_users", self.eval_chunk_users, ">= 1")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
 

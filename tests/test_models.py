@@ -145,8 +145,8 @@ def test_collator_builds_the_mf_features_alone() -> None:
                                            (SASRec, ("history",))])
 def test_pretraining_reads_the_history_only_for_a_model_that_takes_it(
         tiny: PreparedDataset, model: type, columns: tuple[str, ...]) -> None:
-    sampler, _ = training_loader(tiny, TrainConfig(num_workers=0),
-                                 Environment(0, 1, torch.device("cpu")), model.feature_names)
+    sampler = training_loader(tiny, TrainConfig(num_workers=0),
+                              Environment(0, 1, torch.device("cpu")), model.feature_names).sampler
     assert sampler.carried == columns
     assert ("history" in sampler.columns) == bool(columns)
 

@@ -171,21 +171,22 @@ def test_settings_that_need_a_scorer_say_so(tiny: Path, manifest: dict) -> None:
             control="training", coefficients="loss", hold={"accuracy": HoldTarget(value=1.0)}))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers, batches_per_request", [(0, 1), (2, 1), (2, 3)])
 def test_short_epochs_and_more_updates_than_batches(tiny: Path, manifest: dict,
-                                                   num_workers: int) -> None:
-    # 2 batches an epoch per worker stream, fewer than the 4 a loader with 2 workers may
-    # hold ahead; a validation round after every step, 3 epochs.
+                                                   num_workers: int,
+                                                   batches_per_request: int) -> None:
+    # 2 batches an epoch per worker stream, fewer than the 4 (or 16, 3 a request) a loader
+    # with 2 workers may hold ahead; a validation round after every step, 3 epochs.
     model = MF(manifest["num_users"], manifest["num_items"])
     morec = make(tiny, manifest, model, sampler=SamplerConfig(sub_batch_size=300),
-                 num_workers=num_workers)
+                 num_workers=num_workers, batches_per_request=batches_per_request)
     trained = train(morec, model, range(3), validate_every=1)
     assert [b.index for b in trained] == list(range(3 * morec.batches_per_epoch))
     journal = morec.state_dict()["journal"]
     assert morec.store.latest_version() == len(trained)
     # Every version applied from the batch its record named: batches carry the shares of
     # the masses in force, which follow the published ones.
-    assert len(journal) <= 1 + morec.loader.prefetch_factor * max(num_workers, 1)
+    assert len(journal) <= 1 + morec.loader.lookahead
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -90,7 +90,8 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
                                               seed=train_config.seed),
                   scorer=ModelScorer(model.module, env.device), representation=representation,
                   sampler=sampler_config,
-                  config=config, num_workers=train_config.num_workers, device=env.device,
+                  config=config, num_workers=train_config.num_workers,
+                  batches_per_request=train_config.batches_per_request, device=env.device,
                   chunk_users=train_config.eval_chunk_users)
     hook = morec.loss(model)
     if meta:

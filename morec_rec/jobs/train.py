@@ -13,12 +13,11 @@ after the last one trained (a batch's rows and negatives derive from its index).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torch.utils.data import DataLoader
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from morec_rec.config import SamplerConfig, TrainConfig
@@ -32,7 +31,7 @@ from morec_rec.jobs.models.scorer import ModelScorer
 from morec_rec.jobs.run import Run
 from morec_rec.jobs.sharding import shard
 from morec_rec.plugin.eval.ranking import evaluate, load_task
-from morec_rec.plugin.workers import WorkerLoader, die_with_parent
+from morec_rec.plugin.loader import SamplerLoader
 from morec_rec.plugin.sampling.objectives import Accuracy
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
@@ -68,8 +67,8 @@ def build_sharded(config: TrainConfig, dataset: PreparedDataset, env: distribute
 
 
 def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
-                    feature_names: Sequence[str]) -> tuple[WeightedStreamSampler, DataLoader]:
-    """The accuracy-only sampler of this rank and a loader of ``TrainBatch`` es over it."""
+                    feature_names: Sequence[str]) -> SamplerLoader[TrainBatch]:
+    """A loader of ``TrainBatch`` es over this rank's accuracy-only sampler."""
     collate = Collator(
         feature_names,
         NegativeSampler(dataset.item_columns(["train_count"])["train_count"], config.negative_beta),
@@ -81,19 +80,8 @@ def training_loader(dataset: PreparedDataset, config: TrainConfig, env: distribu
                       seed=config.seed),
         rank=env.rank, world_size=env.world_size, columns=collate.columns,
     )
-    return sampler, WorkerLoader(sampler, batch_size=None, num_workers=config.num_workers,
-                                 collate_fn=collate, persistent_workers=config.num_workers > 0,
-                                 worker_init_fn=die_with_parent if config.num_workers else None)
-
-
-T = TypeVar("T")
-
-
-def epoch_iterator(loader: Iterable[T]) -> Iterator[T]:
-    """An epoch of ``loader`` as a new iterator object. A DataLoader with persistent
-    workers hands back the same iterator every epoch, which TrainPipelineSparseDist,
-    meeting it again, takes for the one it saw exhausted and draws nothing from."""
-    return (batch for batch in loader)
+    return SamplerLoader(sampler, collate, num_workers=config.num_workers,
+                         batches_per_request=config.batches_per_request)
 
 
 def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
@@ -111,10 +99,10 @@ def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
         run.truncate_log(progress.step)  # records after the checkpoint go
     else:
         run.truncate_log(None)  # a new run, or one stopped before its first checkpoint
-    sampler, loader = training_loader(dataset, config, env, model.module.feature_names)
+    loader = training_loader(dataset, config, env, model.module.feature_names)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
-    stage = _Pretraining(model, optimizer, identity, dataset, sampler, loader, progress,
-                         config, run, env)
+    stage = _Pretraining(model, optimizer, identity, dataset, loader, progress, config, run,
+                         env)
     fit(pipeline, stage, run, env, config.checkpoint_every)
     return progress
 
@@ -128,13 +116,12 @@ class _Pretraining:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  identity: dict[str, Any], dataset: PreparedDataset,
-                 sampler: WeightedStreamSampler, loader: DataLoader,
-                 progress: PretrainingProgress, config: TrainConfig, run: Run,
-                 env: distributed.Environment) -> None:
+                 loader: SamplerLoader[TrainBatch], progress: PretrainingProgress,
+                 config: TrainConfig, run: Run, env: distributed.Environment) -> None:
         self.model, self.optimizer, self.identity = model, optimizer, identity
-        self.sampler, self.loader = sampler, loader
+        self.loader = loader
         self.progress, self.config, self.run, self.env = progress, config, run, env
-        self.batches_per_epoch = sampler.batches_per_epoch(config.num_workers)
+        self.batches_per_epoch = loader.batches_per_epoch
         self.samples_per_step = config.batch_size * env.world_size
         self.task = load_task(dataset, "valid")
         self.unlogged: list[torch.Tensor] = []  # per-step mean losses, on the device
@@ -145,8 +132,8 @@ class _Pretraining:
 
     def epoch_batches(self) -> Iterator[TrainBatch]:
         done = self.progress.step - self.progress.epoch * self.batches_per_epoch
-        self.sampler.set_epoch(self.progress.epoch, done)
-        return epoch_iterator(self.loader)
+        self.loader.set_epoch(self.progress.epoch, done)
+        return iter(self.loader)
 
     def step(self, output: Any) -> dict[str, str]:
         self.unlogged.append(output.per_row_loss.detach().mean())

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from morec_rec.collectives import all_reduce, is_distributed
-from morec_rec.config import MoRecConfig, SamplerConfig
+from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.plugin.adapters import register_pipelineable
@@ -112,7 +112,13 @@ class MoRec:
             or built-in names; default: ``sampler.objectives``.
         sampler: sizes, draw mode, the built-ins' update rule, seed.
         config: the coordinator (preference, held objectives, gains, coefficients).
-        num_workers, prefetch_factor: the loader's worker processes and their prefetch.
+        num_workers, prefetch_factor: the loader's worker processes and the requests each
+            prepares ahead.
+        batches_per_request: batches a worker makes for one request of the loader
+            (:class:`~morec_rec.plugin.loader.SamplerLoader`): more cost the trainer less
+            a batch to receive, and draw more batches ahead of training, which a mass
+            update then reaches later (default: the jobs',
+            ``TrainConfig.batches_per_request``).
         pin_memory: the loader puts each batch in page-locked memory (torch's pinning
             thread), so that its copy to a CUDA device can run ahead of the host.
         device: where validation batches go (the model's device).
@@ -131,8 +137,10 @@ class MoRec:
                  columns: Sequence[str] = (),
                  objectives: Sequence[Objective | str] | None = None,
                  sampler: SamplerConfig | None = None, config: MoRecConfig | None = None,
-                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
-                 device: torch.device | str = "cpu", chunk_users: int = 1024) -> None:
+                 num_workers: int = 0, prefetch_factor: int = 2,
+                 batches_per_request: int = TrainConfig.batches_per_request,
+                 pin_memory: bool = False, device: torch.device | str = "cpu",
+                 chunk_users: int = 1024) -> None:
         self.dataset = (dataset if isinstance(dataset, PreparedDataset)
                         else PreparedDataset.open(Path(dataset)))
         sampler, config = sampler or SamplerConfig(), config or MoRecConfig()
@@ -193,7 +201,8 @@ class MoRec:
                                   world_size=self.world_size, store=self._spec,
                                   masses=self._initial, columns=columns),
             collate, num_workers=num_workers, prefetch_factor=prefetch_factor,
-            pin_memory=pin_memory, item_ids=isinstance(self._terms, LossForms))
+            batches_per_request=batches_per_request, pin_memory=pin_memory,
+            item_ids=isinstance(self._terms, LossForms))
         self._losses = ObjectiveLosses(len(self.names))
         self._hook: MoRecLoss | BaselineLoss | None = None
         self._position = 0  # the next batch to train, before the hook has trained any

@@ -73,9 +73,11 @@ BATCH = "batch"
 class WeightedStreamSampler(IterableDataset):
     """Yields :class:`SampledBatch` es of one epoch, in a plain or stateful ``DataLoader``.
 
-    Use it with ``batch_size=None``. Every worker of every rank yields the same number of
-    batches per epoch (:meth:`batches_per_epoch`), so no rank waits for another, and a
-    DataLoader's round robin over its workers yields the batches in ``batch_index`` order:
+    Use it with ``batch_size=None``, or ``k`` for ``k`` consecutive batches of a worker's
+    stream a request (:class:`~morec_rec.plugin.loader.SamplerLoader` puts them back in
+    order). Every worker of every rank yields the same number of batches per epoch
+    (:meth:`batches_per_epoch`), so no rank waits for another, and a DataLoader's round
+    robin over its workers yields the batches in ``batch_index`` order:
     ``batch_index = epoch · batches_per_epoch + position`` on every rank. Call
     :meth:`set_epoch` before each epoch, also with ``persistent_workers=True`` (workers
     read it when the loader's iteration starts); a resume needs the same world size and
