@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_torchrun
 
+from morec_rec.config import TrainConfig
+
 EXAMPLE = ROOT / "integration" / "example"
 
 
@@ -45,8 +47,9 @@ BUILT_IN = ["accuracy", "revenue", "fairness", "alignment"]
 BATCH_SIZE, UPDATE_EVERY, EPOCHS, STEPS = 50, 8, 2, 64
 #: How far past the last trained batch an update may first apply: the batches the
 #: pipeline has taken from the loader ahead of training (at most 2) and those the
-#: loader's one worker prefetches (2).
-LOOKAHEAD = 4
+#: loader's one worker may have drawn (its 2 requests ahead and the one in hand, of
+#: the default batches a request, less the one yielded).
+LOOKAHEAD = 2 + 3 * TrainConfig.batches_per_request - 1
 
 
 def records(stdout: str) -> list[dict]:
