@@ -4,8 +4,9 @@
         [--profile demo] [--steps 100] [--rounds 12] [--group K]
 
 One process, MF-BPR on the profile (seed 0), the reference job's model and
-``TrainPipelineSparseDist`` at one trainer thread (as ``morec-rec train`` runs on 2 cores),
-fed in turn, in blocks of ``--steps`` steps, by:
+``TrainPipelineSparseDist`` at one trainer thread (the worker on a core of its own; what
+it takes from the trainer's core shows as preemption), fed in turn, in blocks of
+``--steps`` steps, by:
 
 * ``in_process``: 64 batches of the reference loader made ahead, pickled as a worker
   pickles them, and unpickled in the trainer as it steps (no worker at all);
@@ -109,7 +110,7 @@ def measure(data: Path, steps: int, rounds: int, group: int) -> dict[str, dict[s
     env = distributed.init()
     distributed.keep_freed_memory()
     config = TrainConfig(model="mf", num_workers=1)
-    distributed.share_cpus(config.num_workers)
+    torch.set_num_threads(1)  # the worker on a core of its own
     dataset = PreparedDataset.open(data)
     model, optimizer = build_sharded(config, dataset, env)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)

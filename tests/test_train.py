@@ -12,6 +12,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from conftest import run_cli, run_torchrun
@@ -153,3 +154,21 @@ def test_keep_freed_memory_applies_unless_the_environment_chose(
     out = subprocess.run([sys.executable, "-c", code], env=env | environment, check=True,
                          capture_output=True, text=True).stdout
     assert out.strip() == str(applied)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no affinity masks")
+@pytest.mark.parametrize("environment, threads", [
+    ({}, lambda cpus: cpus),  # loader workers share the trainer's CPUs
+    ({"LOCAL_WORLD_SIZE": "2"}, lambda cpus: max(cpus // 2, 1)),
+    ({"OMP_NUM_THREADS": "1"}, lambda cpus: 1),  # as torchrun sets it
+])
+def test_share_cpus_gives_the_trainer_its_ranks_share(environment: dict[str, str],
+                                                      threads: Callable[[int], int]) -> None:
+    code = ("import os, torch; from morec_rec.jobs.distributed import share_cpus; "
+            "print(share_cpus(), torch.get_num_threads(), len(os.sched_getaffinity(0)))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOCAL_WORLD_SIZE", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env | environment, check=True,
+                         capture_output=True, text=True).stdout.split()
+    returned, in_use, cpus = map(int, out)
+    assert returned == in_use == threads(cpus)

@@ -66,7 +66,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
     had; its log keeps the records up to that checkpoint. Without ``last`` it starts over.
     """
     env = distributed.init()
-    distributed.share_cpus(train_config.num_workers)
+    distributed.share_cpus()
     distributed.keep_freed_memory()
     model, optimizer = build_sharded(train_config, dataset, env)
     identity = model_identity(train_config, dataset)

@@ -53,19 +53,20 @@ def init() -> Environment:
     return Environment(dist.get_rank(), dist.get_world_size(), device)
 
 
-def share_cpus(num_workers: int) -> int:
-    """Sets this trainer's intra-op threads to the CPUs its rank may use less its loader's
-    ``num_workers`` worker processes (at least 1), unless ``OMP_NUM_THREADS`` is set
+def share_cpus() -> int:
+    """Sets this trainer's intra-op threads to the CPUs its rank may use (its share of the
+    affinity mask where several ranks share a machine), unless ``OMP_NUM_THREADS`` is set
     (torchrun sets 1 per rank by default); returns the threads in use.
 
-    torch's default, a thread per core, has the trainer's threads and the loader workers
-    contend for the same cores on a small machine.
+    The loader's workers share those CPUs: a worker wakes once for several batches
+    (``TrainConfig.batches_per_request``) and spends a fraction of a step's CPU on them,
+    less than a thread of its own would take from the trainer
+    (``benchmarks/table_size.py``: ``project_one_thread``).
     """
     if "OMP_NUM_THREADS" not in os.environ:
         usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                   else os.cpu_count() or 1)  # no affinity masks on macOS
-        cpus = usable // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(cpus - num_workers, 1))
+        torch.set_num_threads(max(usable // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1))
     return torch.get_num_threads()
 
 

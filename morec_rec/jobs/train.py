@@ -88,7 +88,7 @@ def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
           resume: bool = False) -> PretrainingProgress:
     """Trains until early stop or ``max_epochs``; returns the final progress."""
     env = distributed.init()
-    distributed.share_cpus(config.num_workers)
+    distributed.share_cpus()
     distributed.keep_freed_memory()
     model, optimizer = build_sharded(config, dataset, env)
     identity = model_identity(config, dataset)
