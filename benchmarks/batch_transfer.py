@@ -5,8 +5,8 @@
 
 For each kind of batch at each batch size, one epoch of a loader with one worker, one
 batch a request, is drained, the trainer's step between two batches stood for by a sleep
-of ``--step-ms`` (its core left to nothing else), the batches crossing to this process by value (pickled
-arrays through the worker's result pipe, ``by_value``: the pipe sized to hold
+of ``--step-ms`` (its core left to nothing else), the batches crossing to this process by
+value (pickled arrays through the worker's result pipe, ``by_value``: the pipe sized to hold
 ``morec_rec.plugin.workers.RESULT_PIPE_BYTES``, as the package's loaders size it;
 ``by_value_64k``: left at Linux's 64 KiB) or through shared memory (torch's tensor
 sharing: a handshake per tensor; ``shared_memory``). The kinds: the reference backbones'

@@ -273,6 +273,8 @@ def run_stages(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "job_wall_s_by_part": job["wall_s"],
         "test": {name: job[name] for name in ("base", "continued", "morec")},
         "imp": job["imp"], "valid": job["valid"], "control": job["control"],
+        "continued_versus_base": job["continued_versus_base"],
+        "morec_versus_continued": job["morec_versus_continued"],
         "restart": restart,
         "sasrec": {"samples_per_s": sasrec_rate, "train_rows": train_rows,
                    "epoch_hours": train_rows / sasrec_rate / 3600},
