@@ -14,10 +14,19 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from morec_rec.jobs import row_wise_adam
 from morec_rec.jobs.row_wise_adam import RowWiseAdam, sum_rows
 from morec_rec.jobs.sharding import ReplicatedEmbeddingCollection
 
 LR, WD = 0.1, 0.5
+
+
+@pytest.fixture(params=["touched rows", "whole table"])
+def update(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs a test with each of RowWiseAdam's two updates at every step: the touched rows
+    gathered and written back, or the whole table in place and the others put back."""
+    monkeypatch.setattr(row_wise_adam, "DENSE_FRACTION",
+                        float("inf") if request.param == "touched rows" else 0.0)
 
 
 def _step(table: nn.Embedding, optimizer: torch.optim.Optimizer, ids: list[int]) -> None:
@@ -47,7 +56,7 @@ def test_sum_rows_equals_coalesce() -> None:
     torch.testing.assert_close(sums[order], expected.values(), rtol=0, atol=1e-5)
 
 
-def test_only_touched_rows_move_and_keep_their_own_moments() -> None:
+def test_only_touched_rows_move_and_keep_their_own_moments(update: None) -> None:
     torch.manual_seed(0)
     table = nn.Embedding(4, 3, sparse=True)
     start = table.weight.detach().clone()
@@ -70,7 +79,7 @@ def test_only_touched_rows_move_and_keep_their_own_moments() -> None:
     assert not torch.allclose(dense.weight[3], table.weight[3])
 
 
-def test_steps_equal_torch_sparse_adam_on_the_same_gradients() -> None:
+def test_steps_equal_torch_sparse_adam_on_the_same_gradients(update: None) -> None:
     # Repeated and absent rows, an empty step, and rows that come back after a pause.
     batches = [[0, 2, 2, 5], [], [1, 2], [5, 5, 5, 0], [3]]
     torch.manual_seed(0)
@@ -93,7 +102,7 @@ def test_steps_equal_torch_sparse_adam_on_the_same_gradients() -> None:
         torch.testing.assert_close(state[moment], expected[moment], rtol=1e-6, atol=1e-7)
 
 
-def test_weight_decay_is_added_to_the_touched_rows_gradients() -> None:
+def test_weight_decay_is_added_to_the_touched_rows_gradients(update: None) -> None:
     # Rows at -3 and +3, each used once: g = 1, and with decay g + wd·w = -0.5 and 2.5,
     # so Adam's first step (≈ lr·sign) moves row 0 up and row 1 down; row 2 is untouched
     # and keeps its value although decay would pull it.
