@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_torchrun
+from dist import row_gather_job
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
@@ -21,17 +22,20 @@ from morec_rec.jobs.sharding import ReplicatedEmbeddingCollection
 LR, WD = 0.1, 0.5
 
 
-@pytest.fixture(params=["touched rows", "whole table"])
+@pytest.fixture(params=["touched rows", "whole table", "by the share touched"])
 def update(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Runs a test with each of RowWiseAdam's two updates at every step: the touched rows
-    gathered and written back, or the whole table in place and the others put back."""
-    monkeypatch.setattr(row_wise_adam, "DENSE_FRACTION",
-                        float("inf") if request.param == "touched rows" else 0.0)
+    """Runs a test with each of RowWiseAdam's updates at every step (the touched rows
+    gathered and written back; the whole table in place and the others put back, its
+    gradient summed over the whole table from the second step on), and as it chooses."""
+    if request.param != "by the share touched":
+        monkeypatch.setattr(row_wise_adam, "DENSE_FRACTION",
+                            float("inf") if request.param == "touched rows" else 0.0)
 
 
-def _step(table: nn.Embedding, optimizer: torch.optim.Optimizer, ids: list[int]) -> None:
+def _step(table: nn.Embedding, optimizer: torch.optim.Optimizer, ids: list[int],
+          scale: float = 1.0) -> None:
     optimizer.zero_grad()
-    table(torch.tensor(ids)).sum().backward()  # d/dw of a row's sum: 1 per use
+    (table(torch.tensor(ids)).sum() * scale).backward()  # d/dw of a row's sum: 1 per use
     optimizer.step()
 
 
@@ -43,6 +47,14 @@ def test_sum_rows_adds_each_ids_values_in_order_of_first_appearance() -> None:
     assert rows.tolist() == [3, 1, 0]
     assert sums.tolist() == [[301.0], [30.0], [1000.0]]
     assert scratch[[2, 4, 5]].tolist() == [99, 99, 99]  # untouched rows are never written
+
+
+def test_sum_table_counts_and_adds_each_rows_values_in_order() -> None:
+    ids = torch.tensor([3, 1, 3, 0, 1, 3])
+    values = torch.tensor([[1.0], [10.0], [100.0], [1000.0], [20.0], [200.0]])
+    counts, sums = row_wise_adam.sum_table(ids, values, 5)
+    assert counts.tolist() == [1, 2, 0, 3, 0]
+    assert sums.tolist() == [[1000.0], [30.0], [0.0], [301.0], [0.0]]
 
 
 def test_sum_rows_equals_coalesce() -> None:
@@ -80,8 +92,13 @@ def test_only_touched_rows_move_and_keep_their_own_moments(update: None) -> None
 
 
 def test_steps_equal_torch_sparse_adam_on_the_same_gradients(update: None) -> None:
-    # Repeated and absent rows, an empty step, and rows that come back after a pause.
-    batches = [[0, 2, 2, 5], [], [1, 2], [5, 5, 5, 0], [3]]
+    # Repeated and absent rows, empty steps, and rows that come back after a pause. As
+    # RowWiseAdam chooses (3/4 of the 6 rows touched or more), each step's gradient is
+    # summed by row or over the table (after such a step), then the update is by row or
+    # over the table (on such a step): rows → rows, rows → none, rows → rows, rows →
+    # table, table → rows, rows → table, table → table, table → none, rows → rows twice.
+    batches = [[0, 2, 2, 5], [], [1, 2], [0, 1, 2, 3, 4, 4], [2, 2], [0, 1, 2, 3, 4, 5, 5],
+               [5, 4, 3, 2, 1], [], [5, 5, 5, 0], [3]]
     torch.manual_seed(0)
     ours = nn.Embedding(6, 4, sparse=True)
     reference = nn.Embedding.from_pretrained(ours.weight.detach().clone(), freeze=False,
@@ -125,6 +142,14 @@ def test_two_ranks_average_their_touched_rows_and_stay_equal(tmp_path: Path) -> 
     for rank in ranks:
         assert rank["gathered"] == mean
         np.testing.assert_allclose(rank["table"], moved, rtol=0, atol=1e-6)
+    # The steps over both ranks' rows at once, the loss halved: the ranks' mean gradient.
+    reference = nn.Embedding.from_pretrained(torch.tensor(row_gather_job.START),
+                                             freeze=False, sparse=True)
+    optimizer = torch.optim.SparseAdam(reference.parameters(), lr=LR)
+    for ids in row_gather_job.STEPS:
+        _step(reference, optimizer, ids[0] + ids[1], scale=0.5)
+    for rank in ranks:
+        np.testing.assert_allclose(rank["steps"], reference.weight.tolist(), rtol=1e-6)
 
 
 def test_replicated_collection_looks_up_like_torchrec_once_per_table() -> None:

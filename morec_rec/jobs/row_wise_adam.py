@@ -23,8 +23,9 @@ from morec_rec.collectives import is_distributed
 
 
 #: The share of a table's rows a step must touch for :class:`RowWiseAdam` to update the
-#: table in place in one pass rather than gather and write back the touched rows: the
-#: two cost the same near 0.7 on CPU (torch 2.13, one or two threads).
+#: table in place in one pass rather than gather and write back the touched rows (the
+#: two cost the same near 0.7 on CPU, torch 2.13, one or two threads), and to sum the
+#: next step's gradient over the whole table.
 DENSE_FRACTION = 0.75
 
 
@@ -51,15 +52,31 @@ def sum_rows(ids: torch.Tensor, values: torch.Tensor,
     starts = first == positions
     rows = ids[starts]
     slot = starts.cumsum(0).sub_(1).index_select(0, first)  # each value's row in the output
+    return rows, sum_table(slot, values, rows.numel())[1]
+
+
+def sum_table(ids: torch.Tensor, values: torch.Tensor,
+              num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row gradient summed over a whole table of ``num_rows`` rows, on CPU.
+
+    Args:
+        ids: int64 (n,), row ids in ``[0, num_rows)``, repeats allowed.
+        values: (n, D), the gradient rows of ``ids``.
+
+    Returns:
+        ``counts`` int64 (num_rows,), the uses of each row, and ``sums`` (num_rows, D),
+        each row's values added in order (zero where it has none), at O(n·D + num_rows·D).
+    """
+    counts = torch.bincount(ids, minlength=num_rows)
     # The values grouped by row, each group summed by embedding_bag, whose kernel adds
     # rows several times faster than index_add_'s one add per value (torch 2.13, CPU).
     # The narrowest dtype lets numpy's stable sort use radix sort.
-    order = np.argsort(slot.numpy().astype(np.min_scalar_type(max(rows.numel() - 1, 0))),
+    order = np.argsort(ids.numpy().astype(np.min_scalar_type(max(num_rows - 1, 0))),
                        kind="stable")
-    bounds = torch.zeros(rows.numel() + 1, dtype=torch.long)
-    torch.cumsum(torch.bincount(slot, minlength=rows.numel()), 0, out=bounds[1:])
-    return rows, F.embedding_bag(torch.from_numpy(order), values, bounds, mode="sum",
-                                 include_last_offset=True)
+    bounds = torch.zeros(num_rows + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=bounds[1:])
+    return counts, F.embedding_bag(torch.from_numpy(order), values, bounds, mode="sum",
+                                   include_last_offset=True)
 
 
 def write_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
@@ -105,6 +122,18 @@ def all_gather_rows(rows: torch.Tensor, sums: torch.Tensor,
     return rows, sums.div_(world)
 
 
+def all_reduce_table(counts: torch.Tensor,
+                     sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sum_table`'s counts summed over the ranks and its sums averaged (DDP's
+    average); every rank calls with the same table. Without a process group of more than
+    one rank, the arguments unchanged."""
+    if not is_distributed():
+        return counts, sums
+    dist.all_reduce(counts)
+    dist.all_reduce(sums)
+    return counts, sums.div_(dist.get_world_size())
+
+
 class RowWiseAdam(torch.optim.SparseAdam):
     """torch's ``SparseAdam`` over replicated tables' sparse gradients, averaged over the
     ranks first (:func:`all_gather_rows`), with L2 weight decay added to the touched
@@ -118,8 +147,10 @@ class RowWiseAdam(torch.optim.SparseAdam):
     2.13), updated by the fused Adam kernel in one pass, and written back
     (:func:`write_rows`). Where a step touches at least :data:`DENSE_FRACTION` of a
     table's rows, the kernel runs over the whole table in place instead, and the rows it
-    did not touch are written back as they were: the same result, cheaper for small
-    tables; the per-step cost stays bounded by the step's rows either way.
+    did not touch are written back as they were; and the step after such a step sums the
+    gradient over the whole table (:func:`sum_table`, :func:`all_reduce_table`) rather
+    than by distinct row. The same results, cheaper for small tables; the per-step cost
+    stays bounded by the steps' rows either way.
 
     ``step`` is a collective when a process group of more than one rank is initialised:
     every rank calls it at the same steps.
@@ -128,8 +159,10 @@ class RowWiseAdam(torch.optim.SparseAdam):
     def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr)
         self.weight_decay = weight_decay
-        # sum_rows's buffers, one per table; not state: a checkpoint need not hold them.
+        # Per table, not state (a checkpoint need not hold them): sum_rows's buffer, and
+        # whether the last step touched most of its rows.
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}
+        self._whole_table: dict[torch.Tensor, bool] = {}
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -141,13 +174,9 @@ class RowWiseAdam(torch.optim.SparseAdam):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                scratch = self._scratch.get(param)
-                if scratch is None:
-                    scratch = self._scratch[param] = param.new_empty(len(param),
-                                                                     dtype=torch.long)
-                grad = param.grad
-                rows, values = all_gather_rows(
-                    *sum_rows(grad._indices()[0], grad._values(), scratch), scratch)
+                rows, row_grad, table_grad = self._average(param)
+                whole_table = rows.numel() >= DENSE_FRACTION * len(param)
+                self._whole_table[param] = whole_table
                 state = self.state[param]
                 if not state:
                     state["step"] = 0
@@ -157,23 +186,51 @@ class RowWiseAdam(torch.optim.SparseAdam):
                 if not rows.numel():
                     continue
                 tables = (param, state["exp_avg"], state["exp_avg_sq"])
-                if rows.numel() >= DENSE_FRACTION * len(param):
-                    # One pass over the whole tables in place, the gradient zero on the
-                    # rows not touched, which are then put back as they were.
-                    kept = torch.ones(len(param), dtype=torch.bool)
-                    kept[rows] = False
-                    kept = kept.nonzero().squeeze(1)
-                    saved = [table.index_select(0, kept) for table in tables]
-                    grad = torch.zeros_like(param).index_copy_(0, rows, values)
-                    self._adam(group, state["step"], tables, grad)
-                    for table, values_kept in zip(tables, saved):
-                        write_rows(table, kept, values_kept)
+                if whole_table:
+                    if table_grad is None:
+                        table_grad = torch.zeros_like(param).index_copy_(0, rows, row_grad)
+                    self._update_table(group, state["step"], tables, rows, table_grad)
                 else:
-                    touched = [table.index_select(0, rows) for table in tables]
-                    self._adam(group, state["step"], touched, values)
-                    for table, updated in zip(tables, touched):
-                        write_rows(table, rows, updated)
+                    if row_grad is None:
+                        row_grad = table_grad.index_select(0, rows)
+                    self._update_rows(group, state["step"], tables, rows, row_grad)
         return loss
+
+    def _average(self, param: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The rows of ``param`` that the step's gradients touch on any rank, int64 (m,),
+        and their gradient averaged over the ranks: by row, (m, D), or, where the last
+        step touched most of the table, over the whole table, (N, D); the other None."""
+        ids, values = param.grad._indices()[0], param.grad._values()
+        if self._whole_table.get(param, False):
+            counts, table_grad = all_reduce_table(*sum_table(ids, values, len(param)))
+            return counts.nonzero().squeeze(1), None, table_grad
+        scratch = self._scratch.get(param)
+        if scratch is None:
+            scratch = self._scratch[param] = param.new_empty(len(param), dtype=torch.long)
+        rows, row_grad = all_gather_rows(*sum_rows(ids, values, scratch), scratch)
+        return rows, row_grad, None
+
+    def _update_rows(self, group: dict[str, Any], step: int, tables: Sequence[torch.Tensor],
+                     rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Adam on ``rows`` of ``tables`` (weights and moments), gathered and written back;
+        ``grad`` (m, D) is theirs."""
+        touched = [table.index_select(0, rows) for table in tables]
+        self._adam(group, step, touched, grad)
+        for table, updated in zip(tables, touched):
+            write_rows(table, rows, updated)
+
+    def _update_table(self, group: dict[str, Any], step: int, tables: Sequence[torch.Tensor],
+                      rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Adam on ``rows`` of ``tables`` by one pass over the whole tables in place,
+        ``grad`` (N, D) zero elsewhere; the other rows are then put back as they were."""
+        kept = torch.ones(len(grad), dtype=torch.bool)
+        kept[rows] = False
+        kept = kept.nonzero().squeeze(1)
+        saved = [table.index_select(0, kept) for table in tables]
+        self._adam(group, step, tables, grad)
+        for table, values in zip(tables, saved):
+            write_rows(table, kept, values)
 
     def _adam(self, group: dict[str, Any], step: int, tables: Sequence[torch.Tensor],
               grad: torch.Tensor) -> None:

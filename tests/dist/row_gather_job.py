@@ -7,7 +7,9 @@ Run by ``tests/test_row_wise_adam.py``::
 
 Rank r looks up rows ``IDS[r]`` of a 6×2 table (sparse gradient: 1 per use of a row,
 all-ones upstream), and writes ``rank<r>.json`` with the gradient ``all_gather_rows``
-returns (summed into a dense table), and the table after one ``RowWiseAdam`` step.
+returns (summed into a dense table), and the table after one ``RowWiseAdam`` step; then
+the 4×2 table ``START`` after a ``RowWiseAdam`` step on each of ``STEPS`` (rank r looks
+up ``STEPS[k][r]``, the rows' sum the loss).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from morec_rec.jobs.row_wise_adam import RowWiseAdam, all_gather_rows, sum_rows
 
 #: Rank 0 touches rows 1 (twice) and 4; rank 1 touches rows 4 and 5, three rows in all.
 IDS = ([1, 1, 4], [4, 5])
+START = [[1.0, -1.0], [2.0, 0.5], [-3.0, 1.0], [0.0, 2.0]]
+#: Touching, over both ranks, 3 of 4 rows (updated over the table), then 1 (summed over
+#: the table, updated by row), then all 4 (by row, then over the table).
+STEPS = (([0, 1, 1], [2, 1]), ([3], [3, 3]), ([0, 1], [2, 3]))
 
 
 def main() -> None:
@@ -39,9 +45,16 @@ def main() -> None:
                                  scratch)
     gathered = torch.zeros(6, 2).index_add_(0, rows, sums)
     RowWiseAdam(table.parameters(), lr=0.1).step()
+    steps = nn.Embedding.from_pretrained(torch.tensor(START), freeze=False, sparse=True)
+    optimizer = RowWiseAdam(steps.parameters(), lr=0.1)
+    for ids in STEPS:
+        optimizer.zero_grad()
+        steps(torch.tensor(ids[rank])).sum().backward()
+        optimizer.step()
     (out / f"rank{rank}.json").write_text(json.dumps({
         "gathered": gathered.to_dense().tolist(),
-        "table": table.weight.detach().tolist()}))
+        "table": table.weight.detach().tolist(),
+        "steps": steps.weight.detach().tolist()}))
     dist.destroy_process_group()
 
 
