@@ -1,7 +1,7 @@
 """MoRec's overhead: training samples/s of the base pipeline against the MoRec pipeline.
 
     python benchmarks/morec_overhead.py --out benchmarks/results/morec_overhead.json \\
-        [--profile demo | --data DIR] [--model mf] [--steps 40] [--pairs 32] \\
+        [--profile demo | --data DIR] [--model mf] [--steps 40] [--pairs 30] \\
         [--processes 10] [--threads N]
 
 Each process (a process group of one, as ``morec-rec run`` without torchrun) has one model and
@@ -17,7 +17,11 @@ one ``TrainPipelineSparseDist`` (batch 1,024 rows), fed in turn by:
   device; the controller steps at validation rounds, not here);
 * MoRec under ``training`` control (``morec_training_control``): equal sub-batches
   (4 × 256 rows), and the hook also all-reduces the losses, steps the PI controller and
-  weighs the means every step.
+  weighs the means every step;
+* MoRec with four uniform objectives (``morec_uniform``): accuracy and three more that
+  draw nothing (the sampler serves each from the window's shuffled rows, as it serves
+  accuracy), so that its loader, masses, segments and hook are timed without the weighted
+  draws of the default objectives; ``morec`` over it is what the draws cost.
 
 Each feed has its own loader worker (an idle one holds its prefetched batches and waits);
 they share the model, its optimizer and the pipeline, whose forward sends a MoRec batch to
@@ -25,7 +29,7 @@ the hook of the feed being timed and any other batch to the model. Separate pipe
 each with its own model, differ by a few percent from one another on this machine
 whatever they run, which this design leaves out. The feeds are timed in blocks of
 ``--steps`` steps, in turn, ``--pairs`` times, in the orders of a Williams design (every
-feed right after every other once in four rounds, so that what a block leaves behind, the
+feed right after every other twice in ten rounds, so that what a block leaves behind, the
 previous feed's worker waking and its batches, weighs on every feed alike). A block
 starts once the batches the pipeline holds from the previous feed are trained on
 (untimed) and never crosses an epoch's end (the rest of an epoch, the next epoch's start
@@ -76,6 +80,7 @@ from morec_rec.jobs.train import build_sharded, training_loader
 from morec_rec.plugin.eval.ranking import load_task
 from morec_rec.plugin.loader import SamplerLoader
 from morec_rec.plugin.morec import MoRec
+from morec_rec.plugin.sampling.objectives import Objective, OneGroup
 from morec_rec.plugin.segments import SegmentedBatch
 
 
@@ -152,29 +157,40 @@ def base_feed(dataset: PreparedDataset, config: TrainConfig, env: distributed.En
     return Feed(pipeline, route, None, loader, loader.set_epoch, config.batch_size)
 
 
-#: The MoRec feeds timed against the base, by their key in the results. Training
-#: control holds a fixed target: measuring the base's losses is not part of a step.
-VARIANTS = {
-    "morec": MoRecConfig(),
-    "morec_training_control": MoRecConfig(control="training", coefficients="loss",
-                                          hold={"accuracy": HoldTarget(value=0.5)}),
+class Uniform(OneGroup):
+    """Every row equally likely, under a name of its own: drawn like accuracy."""
+
+    columns = ()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+#: The MoRec feeds timed against the base, by their key in the results: the configuration
+#: and the objectives (None: the defaults). Training control holds a fixed target:
+#: measuring the base's losses is not part of a step.
+VARIANTS: dict[str, tuple[MoRecConfig, list[Objective | str] | None]] = {
+    "morec": (MoRecConfig(), None),
+    "morec_training_control": (MoRecConfig(control="training", coefficients="loss",
+                                           hold={"accuracy": HoldTarget(value=0.5)}), None),
+    "morec_uniform": (MoRecConfig(), ["accuracy", *(Uniform(f"uniform{i}") for i in (1, 2, 3))]),
 }
 
 
 def morec_feed(dataset: PreparedDataset, config: TrainConfig, env: distributed.Environment,
                pipeline: TrainPipelineSparseDist, route: Route, name: str
                ) -> tuple[MoRec, Feed]:
-    """The MoRec feed ``VARIANTS[name]`` with the default objectives, its loader and hook
-    made as ``morec_rec.jobs.continued.continue_training`` makes them."""
-    model = route.model
+    """The MoRec feed ``VARIANTS[name]``, its loader and hook made as
+    ``morec_rec.jobs.continued.continue_training`` makes them."""
+    model, (morec_config, objectives) = route.model, VARIANTS[name]
     sampler_config = SamplerConfig(sub_batch_size=config.batch_size // 4, seed=config.seed)
     collate = Collator(model.module.feature_names,
                        NegativeSampler(dataset.item_columns(["train_count"])["train_count"],
                                        config.negative_beta),
                        num_negatives(config.model), seed=config.seed, rank=env.rank)
     morec = MoRec(dataset, collate, rows=per_row_loss, columns=collate.columns,
-                  scorer=ModelScorer(model.module, env.device), sampler=sampler_config,
-                  config=VARIANTS[name], num_workers=config.num_workers,
+                  scorer=ModelScorer(model.module, env.device), objectives=objectives,
+                  sampler=sampler_config, config=morec_config, num_workers=config.num_workers,
                   batches_per_request=config.batches_per_request, device=env.device,
                   chunk_users=config.eval_chunk_users)
     return morec, Feed(pipeline, route, morec.loss(model), morec.loader, morec.set_epoch,
@@ -292,8 +308,8 @@ def main() -> None:
                         help="a prepared dataset (default: synth --profile, seed 0)")
     parser.add_argument("--model", default="mf", choices=["mf", "sasrec"])
     parser.add_argument("--steps", type=int, default=40, help="steps a timed block")
-    parser.add_argument("--pairs", type=int, default=32,
-                        help="rounds of blocks a process (a multiple of 4 balances the orders)")
+    parser.add_argument("--pairs", type=int, default=30,
+                        help="rounds of blocks a process (a multiple of 10 balances the orders)")
     parser.add_argument("--processes", type=int, default=10,
                         help="processes measured one after another (1: this one)")
     parser.add_argument("--threads", type=int,

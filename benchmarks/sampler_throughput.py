@@ -12,10 +12,13 @@ directory. In one run, on the same files, for the columns each backbone's batche
   floor any Parquet-based loader pays;
 * ``sampler_rows_per_s``: one epoch of the weighted streaming sampler with the four
   objectives (rows yielded per second, in one process, no DataLoader workers);
+* ``uniform_sampler_rows_per_s``: the same with accuracy alone (the base jobs' sampler:
+  windows read, shuffled and cut into batches, no draws), what streaming in batches costs
+  before any objective draws;
 * ``*_cpu_ms_per_batch``: the process's CPU time (all its threads) per batch of rows,
-  for the scan and for the sampler: what a loader worker spends on them.
+  for the scan and for each sampler: what a loader worker spends on them.
 
-Scan and sampler are timed alternately ``--repeats`` times; the medians are reported. Then
+Scan and samplers are timed in turn ``--repeats`` times; the medians are reported. Then
 ``peak_rss_mb``: peak resident memory of a process that runs the sampler (``sasrec``
 columns) over the dataset (``1x``) and over a dataset listing every training shard ten
 times (``10x``, the same files linked, so ten times the rows: about 57M at xbox); each in
@@ -53,6 +56,8 @@ BATCH_SIZE = SamplerConfig().sub_batch_size * len(OBJECTIVES)
 #: The optional columns each backbone's collate asks the sampler for.
 CARRIED = {"mf": list(sampler_columns(MatrixFactorization.feature_names)),
            "sasrec": list(sampler_columns(SASRec.feature_names))}
+#: What is timed, each in turn: the scan, the four objectives' sampler, accuracy's alone.
+SIDES = ("scan", "sampler", "uniform_sampler")
 
 
 def scan(dataset: PreparedDataset, columns: list[str]) -> int:
@@ -64,13 +69,17 @@ def scan(dataset: PreparedDataset, columns: list[str]) -> int:
     return rows
 
 
-def make_sampler(dataset: PreparedDataset, carried: list[str]) -> WeightedStreamSampler:
-    return WeightedStreamSampler(dataset, build_objectives(OBJECTIVES, dataset.manifest),
-                                 SamplerConfig(objectives=OBJECTIVES), columns=carried)
+def make_sampler(dataset: PreparedDataset, carried: list[str],
+                 objectives: tuple[str, ...] = OBJECTIVES) -> WeightedStreamSampler:
+    """A sampler of ``objectives`` whose batches hold :data:`BATCH_SIZE` rows."""
+    config = SamplerConfig(objectives=objectives, sub_batch_size=BATCH_SIZE // len(objectives))
+    return WeightedStreamSampler(dataset, build_objectives(objectives, dataset.manifest),
+                                 config, columns=carried)
 
 
-def sample(dataset: PreparedDataset, carried: list[str], epochs: int = 1) -> int:
-    sampler = make_sampler(dataset, carried)
+def sample(dataset: PreparedDataset, carried: list[str], epochs: int = 1,
+           objectives: tuple[str, ...] = OBJECTIVES) -> int:
+    sampler = make_sampler(dataset, carried, objectives)
     rows = 0
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -147,13 +156,16 @@ def main() -> None:
                     for backbone, carried in CARRIED.items()}
         read = {backbone: s.columns for backbone, s in samplers.items()}
         rates: dict[str, dict[str, list[float]]] = {
-            backbone: {f"{side}_{measure}": [] for side in ("scan", "sampler")
+            backbone: {f"{side}_{measure}": [] for side in SIDES
                        for measure in ("rows_per_s", "cpu_ms_per_batch")}
             for backbone in CARRIED}
         for _ in range(args.repeats):
             for backbone, carried in CARRIED.items():
-                for side, run in (("scan", lambda: scan(dataset, read[backbone])),
-                                  ("sampler", lambda: sample(dataset, carried))):
+                for side, run in (
+                        ("scan", lambda: scan(dataset, read[backbone])),
+                        ("sampler", lambda: sample(dataset, carried)),
+                        ("uniform_sampler", lambda: sample(dataset, carried,
+                                                           objectives=("accuracy",)))):
                     rows, seconds, cpu = timed(run)
                     rates[backbone][f"{side}_rows_per_s"].append(rows / seconds)
                     rates[backbone][f"{side}_cpu_ms_per_batch"].append(1e3 * cpu / rows
@@ -166,7 +178,8 @@ def main() -> None:
         columns[backbone] = {
             "carried": CARRIED[backbone], "read": read[backbone],
             "looked_up": sorted(samplers[backbone].item_attributes), **medians,
-            "sampler_over_scan": medians["sampler_rows_per_s"] / medians["scan_rows_per_s"],
+            **{f"{side}_over_scan": medians[f"{side}_rows_per_s"] / medians["scan_rows_per_s"]
+               for side in SIDES[1:]},
             "runs": runs}
     result = {
         "dataset": str(args.data or "synth xbox, seed 0"),
@@ -185,9 +198,10 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for backbone, c in columns.items():
         print(f"{backbone}: scan {c['scan_rows_per_s']:,.0f} rows/s, sampler "
-              f"{c['sampler_rows_per_s']:,.0f} rows/s ({c['sampler_over_scan']:.2f} of the scan); "
-              f"CPU per batch: scan {c['scan_cpu_ms_per_batch']:.3f} ms, sampler "
-              f"{c['sampler_cpu_ms_per_batch']:.3f} ms")
+              f"{c['sampler_rows_per_s']:,.0f} rows/s ({c['sampler_over_scan']:.2f} of the scan), "
+              f"accuracy alone {c['uniform_sampler_over_scan']:.2f}; CPU per batch: scan "
+              f"{c['scan_cpu_ms_per_batch']:.3f} ms, sampler {c['sampler_cpu_ms_per_batch']:.3f} "
+              f"ms, accuracy alone {c['uniform_sampler_cpu_ms_per_batch']:.3f} ms")
     print("peak RSS " + ", ".join(f"{k} {v:,.0f} MB" for k, v in result["peak_rss_mb"].items()))
 
 
