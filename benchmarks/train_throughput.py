@@ -1,13 +1,14 @@
 """Training samples/s and evaluation users/s of both backbones, at the demo and xbox profiles.
 
     python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json \\
-        [--profiles demo xbox] [--steps 100]
+        [--profiles demo xbox] [--steps 100] [--repeats 3]
 
 For each profile (generated with seed 0) and backbone, in one process (a process group of
 one, as ``morec-rec train`` without torchrun): ``--steps`` steps of the training pipeline
-(``TrainPipelineSparseDist``, batch 1024, one loader worker) after 20 warm-up steps, and
-a full-ranking evaluation of up to ``--eval-users`` validation users. These are the base
-rates that MoRec's overhead is later compared with.
+(``TrainPipelineSparseDist``, batch 1024, one loader worker) after 20 warm-up steps, at
+the start of each of ``--repeats`` epochs, then as many full-ranking evaluations of up to
+``--eval-users`` validation users; the medians are reported, each block's rate beside
+them. These are the base rates that MoRec's overhead is later compared with.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,12 +38,17 @@ from morec_rec.plugin.eval.ranking import evaluate, load_task
 WARMUP = 20
 
 
-def train_rate(dataset: PreparedDataset, config: TrainConfig, steps: int,
-               env: distributed.Environment) -> tuple[float, torch.nn.Module]:
+def train_rates(dataset: PreparedDataset, config: TrainConfig, steps: int, repeats: int,
+                env: distributed.Environment) -> tuple[list[float], torch.nn.Module]:
+    """Samples/s of ``steps`` steps at the start of each of ``repeats`` epochs; the model."""
     model, optimizer = build_sharded(config, dataset, env)
     loader = training_loader(dataset, config, env, model.module.feature_names)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
-    return timed_steps(pipeline, loader, steps, config.batch_size).samples_per_s, model
+    rates = []
+    for epoch in range(repeats):
+        loader.set_epoch(epoch)
+        rates.append(timed_steps(pipeline, loader, steps, config.batch_size).samples_per_s)
+    return rates, model
 
 
 class StepTiming(NamedTuple):
@@ -110,6 +117,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100,
                         help="timed steps, after 20 warm-up ones, within one epoch of demo (198)")
     parser.add_argument("--eval-users", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed blocks of training, and evaluations, of each model")
     args = parser.parse_args()
     env = distributed.init()
     results = []
@@ -121,15 +130,19 @@ def main() -> None:
             dataset = PreparedDataset.open(data)
             for name in ("mf", "sasrec"):
                 config = TrainConfig(model=name, num_workers=1)
-                samples, model = train_rate(dataset, config, args.steps, env)
-                users = eval_rate(model, dataset, args.eval_users)
+                train, model = train_rates(dataset, config, args.steps, args.repeats, env)
+                evaluations = [eval_rate(model, dataset, args.eval_users)
+                               for _ in range(args.repeats)]
+                samples, users = statistics.median(train), statistics.median(evaluations)
                 results.append({"profile": profile, "model": name,
-                                "train_samples_per_s": samples, "eval_users_per_s": users})
+                                "train_samples_per_s": samples, "eval_users_per_s": users,
+                                "train_runs": train, "eval_runs": evaluations})
                 print(f"{profile:5} {name:7} train {samples:9,.0f} samples/s   "
                       f"evaluate {users:9,.0f} users/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "results": results, "steps": args.steps, "warmup_steps": WARMUP,
+        "repeats": args.repeats,
         "batch_size": TrainConfig().batch_size,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpus": os.cpu_count(), "device": str(env.device)},
