@@ -21,7 +21,8 @@ one ``TrainPipelineSparseDist`` (batch 1,024 rows), fed in turn by:
 * MoRec with four uniform objectives (``morec_uniform``): accuracy and three more that
   draw nothing (the sampler serves each from the window's shuffled rows, as it serves
   accuracy), so that its loader, masses, segments and hook are timed without the weighted
-  draws of the default objectives; ``morec`` over it is what the draws cost.
+  draws of the default objectives; ``morec`` over it is what the draws cost (with the
+  rows they draw).
 
 Each feed has its own loader worker (an idle one holds its prefetched batches and waits);
 they share the model, its optimizer and the pipeline, whose forward sends a MoRec batch to
