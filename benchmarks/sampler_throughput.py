@@ -16,7 +16,8 @@ directory. In one run, on the same files, for the columns each backbone's batche
   windows read, shuffled and cut into batches, no draws), what streaming in batches costs
   before any objective draws;
 * ``*_cpu_ms_per_batch``: the process's CPU time (all its threads) per batch of rows,
-  for the scan and for each sampler: what a loader worker spends on them.
+  for the scan and for each sampler: what a loader worker spends on them;
+* ``sampler_over_uniform_sampler``: what the objectives' draws leave of the base's rate.
 
 Scan and samplers are timed in turn ``--repeats`` times; the medians are reported. Then
 ``peak_rss_mb``: peak resident memory of a process that runs the sampler (``sasrec``
@@ -180,6 +181,8 @@ def main() -> None:
             "looked_up": sorted(samplers[backbone].item_attributes), **medians,
             **{f"{side}_over_scan": medians[f"{side}_rows_per_s"] / medians["scan_rows_per_s"]
                for side in SIDES[1:]},
+            "sampler_over_uniform_sampler": (medians["sampler_rows_per_s"]
+                                             / medians["uniform_sampler_rows_per_s"]),
             "runs": runs}
     result = {
         "dataset": str(args.data or "synth xbox, seed 0"),
