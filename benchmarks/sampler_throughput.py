@@ -10,6 +10,11 @@ directory. In one run, on the same files, for the columns each backbone's batche
   columns the sampler reads there, ``read``: the ids, those carried and those the
   objectives read, less the item attributes it looks up by item id, ``looked_up``), the
   floor any Parquet-based loader pays;
+* ``shuffle_rows_per_s``: that scan shuffled as the sampler shuffles, a window of
+  ``window_batches`` batches at a time, the window's columns gathered in its shuffled order
+  (fixed-width ones stacked as int64, lists taken in Arrow) and cut into batches, nothing
+  else, in one thread: the CPU any loader pays that shuffles the rows it streams (the
+  sampler reads in a thread of its own, so its rate in rows/s may be the higher);
 * ``sampler_rows_per_s``: one epoch of the weighted streaming sampler with the four
   objectives (rows yielded per second, in one process, no DataLoader workers);
 * ``uniform_sampler_rows_per_s``: the same with accuracy alone (the base jobs' sampler:
@@ -37,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,17 +63,51 @@ BATCH_SIZE = SamplerConfig().sub_batch_size * len(OBJECTIVES)
 #: The optional columns each backbone's collate asks the sampler for.
 CARRIED = {"mf": list(sampler_columns(MatrixFactorization.feature_names)),
            "sasrec": list(sampler_columns(SASRec.feature_names))}
-#: What is timed, each in turn: the scan, the four objectives' sampler, accuracy's alone.
-SIDES = ("scan", "sampler", "uniform_sampler")
+#: What is timed, each in turn: the scan, the scan shuffled, the four objectives' sampler,
+#: accuracy's alone.
+SIDES = ("scan", "shuffle", "sampler", "uniform_sampler")
 
 
-def scan(dataset: PreparedDataset, columns: list[str]) -> int:
-    rows = 0
+def row_groups(dataset: PreparedDataset, columns: list[str]) -> Iterator[pa.Table]:
+    """``columns`` of every row group of the training shards, in order."""
     for path in dataset.train_files:
         file = pq.ParquetFile(path)
         for index in range(file.num_row_groups):
-            rows += file.read_row_group(index, columns=columns).num_rows
+            yield file.read_row_group(index, columns=columns)
+
+
+def scan(dataset: PreparedDataset, columns: list[str]) -> int:
+    return sum(table.num_rows for table in row_groups(dataset, columns))
+
+
+def shuffle(dataset: PreparedDataset, columns: list[str]) -> int:
+    """The scan's rows shuffled a sampler's window at a time and cut into batches."""
+    window_rows = SamplerConfig().window_batches * BATCH_SIZE
+    generator = torch.Generator().manual_seed(0)
+    rows, pending, buffered = 0, [], 0
+    for table in row_groups(dataset, columns):
+        pending.append(table)
+        buffered += table.num_rows
+        if buffered >= window_rows:
+            table = pa.concat_tables(pending)
+            full = buffered // window_rows * window_rows
+            for begin in range(0, full, window_rows):
+                rows += shuffled_batches(table.slice(begin, window_rows), generator)
+            pending, buffered = [table.slice(full)], buffered - full
+    if buffered:
+        rows += shuffled_batches(pa.concat_tables(pending), generator)
     return rows
+
+
+def shuffled_batches(window: pa.Table, generator: torch.Generator) -> int:
+    """Gathers ``window``'s columns in a random order, cut into batches; its rows."""
+    order = torch.randperm(window.num_rows, generator=generator).numpy()
+    flat = [name for name in window.column_names if name != "history"]
+    stacked = np.stack([window[name].to_numpy() for name in flat], dtype=np.int64)
+    batches = torch.from_numpy(np.take(stacked, order, axis=1)).split(BATCH_SIZE, dim=1)
+    if "history" in window.column_names:
+        window["history"].combine_chunks().take(order)
+    return sum(batch.shape[1] for batch in batches)
 
 
 def make_sampler(dataset: PreparedDataset, carried: list[str],
@@ -164,6 +204,7 @@ def main() -> None:
             for backbone, carried in CARRIED.items():
                 for side, run in (
                         ("scan", lambda: scan(dataset, read[backbone])),
+                        ("shuffle", lambda: shuffle(dataset, read[backbone])),
                         ("sampler", lambda: sample(dataset, carried)),
                         ("uniform_sampler", lambda: sample(dataset, carried,
                                                            objectives=("accuracy",)))):
@@ -202,8 +243,10 @@ def main() -> None:
     for backbone, c in columns.items():
         print(f"{backbone}: scan {c['scan_rows_per_s']:,.0f} rows/s, sampler "
               f"{c['sampler_rows_per_s']:,.0f} rows/s ({c['sampler_over_scan']:.2f} of the scan), "
-              f"accuracy alone {c['uniform_sampler_over_scan']:.2f}; CPU per batch: scan "
-              f"{c['scan_cpu_ms_per_batch']:.3f} ms, sampler {c['sampler_cpu_ms_per_batch']:.3f} "
+              f"accuracy alone {c['uniform_sampler_over_scan']:.2f}, the scan shuffled "
+              f"{c['shuffle_over_scan']:.2f}; CPU per batch: scan "
+              f"{c['scan_cpu_ms_per_batch']:.3f} ms, shuffled {c['shuffle_cpu_ms_per_batch']:.3f} "
+              f"ms, sampler {c['sampler_cpu_ms_per_batch']:.3f} "
               f"ms, accuracy alone {c['uniform_sampler_cpu_ms_per_batch']:.3f} ms")
     print("peak RSS " + ", ".join(f"{k} {v:,.0f} MB" for k, v in result["peak_rss_mb"].items()))
 
