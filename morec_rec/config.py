@@ -310,7 +310,8 @@ class MoRecConfig:
     beta_min: float = 0.1
     #: Upper bound of β, >= ``beta_min``: accuracy's share is 91% at 10 (as above).
     beta_max: float = 10.0
-    #: Batches whose mean losses give the ``auto`` targets under ``training`` control.
+    #: Batches whose mean losses are what ``relative`` targets are relative to, under
+    #: ``training`` control.
     calibration_batches: int = 20
     #: Validation passes (signals, a controller step under ``validation`` control, then a
     #: mass update) per epoch of continued training.

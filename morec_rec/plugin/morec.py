@@ -261,8 +261,8 @@ class MoRec:
 
     def loss(self, model: nn.Module) -> MoRecLoss | BaselineLoss:
         """The loss hook of ``model``: TrainPipelineSparseDist's ``custom_model_fwd``, or
-        the plain loop's ``loss, output = hook(batch)``. Under ``training`` control with an
-        ``auto`` target it first measures the objectives' losses under ``model`` (a
+        the plain loop's ``loss, output = hook(batch)``. Under ``training`` control with a
+        ``relative`` target it first measures the objectives' losses under ``model`` (a
         collective, see :meth:`calibrate`)."""
         if self.rule is not None:
             assert self._terms is not None
