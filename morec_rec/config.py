@@ -198,7 +198,8 @@ class TrainConfig:
     #: The tables' optimizer, as FBGEMM names it: ``adam``, ``exact_sgd``,
     #: ``exact_adagrad`` or ``exact_row_wise_adagrad``. FBGEMM's CPU kernels have no Adam:
     #: on CPU, ``adam`` keeps the tables unsharded and updates the rows each batch touches
-    #: with torch's SparseAdam, as FBGEMM's fused Adam does on CUDA.
+    #: (SparseAdam's update, averaged over the ranks, with L2 weight decay), as FBGEMM's
+    #: fused Adam does on CUDA.
     table_optimizer: TableOptimizer = "adam"
     #: Training rows per batch on each rank.
     batch_size: int = 1024

@@ -1,7 +1,8 @@
 """Item groups of the objectives: popularity groups (alignment) and fairness groups.
 
-Both are computed per item over contiguous item ids ``0..num_items-1`` from arrays of
-item ids (one entry per interaction of a split).
+Both are computed per item over contiguous item ids ``0..num_items-1``: popularity
+groups from the items' training counts, fairness groups from their categories and the
+item ids of each split's rows.
 """
 
 from __future__ import annotations

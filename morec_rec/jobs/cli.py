@@ -202,7 +202,7 @@ def _train(args: argparse.Namespace) -> None:
             raise MorecError("--resume continues the run's own data and config: drop --data")
         run = Run.open(args.out)
         record = run.record
-        config = build(TrainConfig, record["config"], args)  # flags may extend, e.g. epochs
+        config = build(TrainConfig, record["config"], args)  # flags may extend, e.g. max_epochs
         dataset = PreparedDataset.open(record["data"])
         env = distributed.init()
         _check_batch(dataset, config, env.world_size)

@@ -1,9 +1,12 @@
 """A run directory: its record (config, data, versions), its log, and its checkpoints.
 
     RUN/run.json            what was run: config, dataset, versions, world size
-    RUN/log.jsonl           one JSON object per line: "step" and "eval" records
-    RUN/checkpoints/last    the end of the latest epoch (resume continues from it)
-    RUN/checkpoints/best    the best validation Hit@10 so far
+    RUN/log.jsonl           one JSON object per line: "step" and "eval" records, and
+                            "epoch" (pretraining) or "update" and "targets" (continued)
+    RUN/checkpoints/last    the latest checkpoint, every ``checkpoint_every`` steps and at
+                            each epoch's end (resume continues from it)
+    RUN/checkpoints/best    the selected validation pass: the best Hit@10 of a
+                            pretraining, the valid pass of highest Imp of continued training
 """
 
 from __future__ import annotations

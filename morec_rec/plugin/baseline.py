@@ -11,7 +11,7 @@ gradient-based rule compares the objectives' gradients with respect to the job's
 representation (``representation(batch, output)``, e.g. the embedding lookups' output):
 TorchRec's fused table optimizers never materialise the tables' gradients, and one
 backward pass of the combined loss then updates every parameter once. Its Gram matrix
-and the losses are summed over the ranks (one collective a step), so that every rank
+is summed and the losses averaged over the ranks (one collective a step), so that every rank
 computes the same weights: a rank's gradient with respect to its own rows is its part
 of the global one, and the global Gram matrix is the ranks' sum up to a positive scale,
 which none of the rules depends on.
@@ -151,7 +151,8 @@ class BaselineLoss:
         return flat @ flat.T
 
     def _weights(self, values: torch.Tensor, gram: torch.Tensor) -> np.ndarray:
-        """α from the losses and Gram matrix summed over the ranks (one collective)."""
+        """α from the losses averaged and the Gram matrix summed over the ranks (one
+        collective)."""
         n = len(self.names)
         reduced = all_reduce(torch.cat([values.to(torch.float64), gram.reshape(-1)])).numpy()
         world = dist.get_world_size() if is_distributed() else 1

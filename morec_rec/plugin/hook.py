@@ -30,8 +30,9 @@ from morec_rec.plugin.control.coordinator import Coordinator
 from morec_rec.plugin.segments import ExampleLayout, SegmentedBatch
 
 #: ``(job batch, model output) -> float (E,)``: each example's loss. Differentiable
-#: where the coefficients weigh the losses (``loss`` coefficients); detached is enough
-#: under ``sampling`` coefficients, where they are only measured.
+#: wherever the losses are weighed (``loss`` or ``loss_forms`` coefficients, and any
+#: baseline coordinator); detached is enough for MoRec's own coordinator under
+#: ``sampling`` coefficients, where they are only measured.
 Rows = Callable[[Any, Any], torch.Tensor]
 
 

@@ -17,7 +17,8 @@ users (validation control, alignment's exposure), the job's model measures each 
 validation loss (the objectives' signal), the controllers step, and the new masses are
 published to apply from the first batch no loader worker has drawn. With a baseline
 coordinator (``MoRecConfig.coordinator``) the same object draws plain batches and its hook
-is a :class:`~morec_rec.plugin.baseline.BaselineLoss`; validation rounds then only measure.
+is a :class:`~morec_rec.plugin.baseline.BaselineLoss`; validation rounds then step no
+controller (under ``loss`` coefficients they still update the objectives' masses).
 With ``loss_forms`` coefficients (MoRec without its data sampler) it draws plain batches
 too, and the same hook weighs the loss forms by MoRec's controlled coefficients; a
 baseline under ``loss`` coefficients keeps MoRec's sampler and weighs its sub-batches'

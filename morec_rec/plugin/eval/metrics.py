@@ -272,7 +272,8 @@ class Improvement:
     Attributes:
         per_metric: metric key -> (x − base)/base, or (base − x)/base for Pop-KL; None
             where the base is 0 and the ratio is undefined.
-        imp: the mean over all four terms; None if any is undefined.
+        imp: the mean over the requested terms (all four by default); None if any is
+            undefined.
         imp_defined: the mean over the defined terms; None if none is defined.
         undefined: the keys whose base is 0.
     """

@@ -3,7 +3,8 @@
 The row groups of all training shards are shuffled per epoch (the same permutation on
 every rank), laid end to end, and the resulting sequence of rows is cut into
 ``num_streams`` contiguous ranges whose lengths differ by at most one row. Stream
-``rank * num_workers + worker`` reads its range. Every row thus belongs to exactly one
+``rank * num_workers + role`` reads its range (a worker's role, which the sampler sets
+from its position in the epoch). Every row thus belongs to exactly one
 stream, and every stream holds at least ``total_rows // num_streams`` rows.
 """
 
