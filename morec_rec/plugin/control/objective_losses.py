@@ -1,4 +1,4 @@
-"""The objectives as differentiable losses of one batch (the paper's Eq. 15–17), for the baselines.
+"""The objectives as differentiable losses of one batch (the paper's Eq. 15–17), for baselines.
 
 MoRec turns each objective into a sampling distribution and trains on the model's own
 loss; the multi-objective baselines instead weigh one batch's per-row losses ``ℓ_i`` (of
