@@ -13,8 +13,9 @@ directory. In one run, on the same files, for the columns each backbone's batche
 * ``shuffle_rows_per_s``: that scan shuffled as the sampler shuffles, a window of
   ``window_batches`` batches at a time, the window's columns gathered in its shuffled order
   (fixed-width ones stacked as int64, lists taken in Arrow) and cut into batches, nothing
-  else, in one thread: the CPU any loader pays that shuffles the rows it streams (the
-  sampler reads in a thread of its own, so its rate in rows/s may be the higher);
+  else: the CPU any loader pays that shuffles the rows it streams. It shuffles in the
+  reading thread, after each read; the sampler reads the next window in a thread of its
+  own meanwhile, so its rate in rows/s may be the higher;
 * ``sampler_rows_per_s``: one epoch of the weighted streaming sampler with the four
   objectives (rows yielded per second, in one process, no DataLoader workers);
 * ``uniform_sampler_rows_per_s``: the same with accuracy alone (the base jobs' sampler:
