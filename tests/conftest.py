@@ -164,9 +164,10 @@ def cascade() -> RawData:
 TRAIN = ["--model", "mf", "--num-workers", "0", "--embedding-dim", "16"]
 
 
-def pretrained(data: Path, out: Path, max_epochs: int) -> Path:
-    """A base run of MF on ``data`` (batches of 128) in ``out``, pretrained by the CLI."""
-    done = run_cli("train", "--data", str(data), "--out", str(out), *TRAIN,
+def pretrained(data: Path, out: Path, max_epochs: int, model: str = "mf") -> Path:
+    """A base run of ``model`` on ``data`` (batches of 128) in ``out``, pretrained by the
+    CLI."""
+    done = run_cli("train", "--data", str(data), "--out", str(out), *TRAIN, "--model", model,
                    "--batch-size", "128", "--max-epochs", str(max_epochs))
     assert done.returncode == 0, done.stderr
     return out

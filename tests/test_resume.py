@@ -92,6 +92,24 @@ def test_a_killed_job_resumes_as_if_uninterrupted(tiny: Path, base: Path, uninte
     assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow
+def test_a_killed_sasrec_job_resumes_as_if_uninterrupted(tiny: Path, tmp_path: Path) -> None:
+    # SASRec's dropout draws from the trainer's default generator: the loop seeds it before
+    # each step, and the loader's iteration, which starts at the resumed step (mid-epoch,
+    # past the checkpoint at step 16), draws nothing from it.
+    base = pretrained(tiny, tmp_path / "base", max_epochs=1, model="sasrec")
+    args = ["--data", str(tiny), "--base", str(base), *MOREC, "--model", "sasrec",
+            "--num-workers", "2"]
+    whole, out = tmp_path / "whole", tmp_path / "job"
+    done = run_cli("run", *args, "--out", str(whole))
+    assert done.returncode == 0, done.stderr
+    done = killed("--at-step", "20", "--", "run", *args, "--out", str(out))
+    assert done.returncode == KILLED, done.stderr[-2000:]
+    done = run_cli("run", "--out", str(out), "--resume")
+    assert done.returncode == 0, done.stderr
+    assert_same_run(out, whole)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_on_two_ranks(tiny: Path, base: Path,
                                tmp_path_factory: pytest.TempPathFactory) -> Path:

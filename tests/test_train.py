@@ -66,13 +66,15 @@ def test_two_ranks_train_resume_and_evaluate(tiny: Path, tmp_path: Path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("table_optimizer", ["adam", "exact_row_wise_adagrad"])
-def test_resumed_training_equals_uninterrupted_training(tiny: Path, tmp_path: Path,
+@pytest.mark.parametrize(("model", "table_optimizer"), [
+    ("mf", "adam"), ("mf", "exact_row_wise_adagrad"), ("sasrec", "adam")])
+def test_resumed_training_equals_uninterrupted_training(tiny: Path, tmp_path: Path, model: str,
                                                         table_optimizer: str) -> None:
     # The model and the optimizer's state (Adam's moments and step, or the fused Adagrad's
-    # sums) come back from the checkpoint: losses and the model after it are those of a
-    # run that never stopped, and the log drops what was logged after the checkpoint.
-    args = [*TRAIN, "--patience", "10", "--table-optimizer", table_optimizer]
+    # sums) come back from the checkpoint, and SASRec's dropout draws what it would have
+    # drawn: losses and the model after it are those of a run that never stopped, and the
+    # log drops what was logged after the checkpoint.
+    args = [*TRAIN, "--model", model, "--patience", "10", "--table-optimizer", table_optimizer]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     for command in (["--data", str(tiny), "--out", str(whole), "--max-epochs", "2"],
                     ["--data", str(tiny), "--out", str(parts), "--max-epochs", "1"],

@@ -105,7 +105,7 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
         run.log({"kind": "targets", "target": morec.coordinator.targets,
                  "base_loss": morec.state_dict()["base_losses"]})
         stage.validate(model)
-    fit(pipeline, stage, run, env, train_config.checkpoint_every)
+    fit(pipeline, stage, run, env, train_config.checkpoint_every, train_config.seed)
     return progress
 
 

@@ -4,7 +4,9 @@ validations and checkpoints at their intervals.
 A :class:`Stage` (pretraining, MoRec continued training) says where an epoch starts, what
 its step records hold, when it validates and when it stops; :func:`fit` does the rest, the
 same way for both. Step records fall at fixed steps (every :data:`LOG_EVERY` and at every
-checkpoint), so a run resumed from a checkpoint logs what an uninterrupted one does.
+checkpoint), and the model's own randomness (dropout) at a step is drawn from a generator
+seeded by (seed, rank, step), so a run resumed from a checkpoint trains and logs what an
+uninterrupted one does, with no generator state saved.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import time
 from typing import Any, Iterator, Protocol
 
+import numpy as np
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
@@ -73,12 +76,19 @@ class Stage(Protocol):
 
 
 def fit(pipeline: TrainPipelineSparseDist, stage: Stage, run: Run,
-        env: distributed.Environment, checkpoint_every: int) -> None:
+        env: distributed.Environment, checkpoint_every: int, seed: int) -> None:
     """Trains ``stage`` until it is finished: each epoch's steps through ``pipeline``, a
     step record every :data:`LOG_EVERY` steps and at every checkpoint (``last``, every
     ``checkpoint_every`` steps, 0 for none, and at every epoch's end), a validation where
-    the stage says so and at every epoch's end unless its last step had one."""
+    the stage says so and at every epoch's end unless its last step had one.
+
+    Before step ``s`` (0-based, over all epochs) the default generator of ``env.device``,
+    which the model's random layers draw from, is seeded from (``seed``, rank, ``s``):
+    a step's dropout is the same however the run got there, and differs across ranks.
+    """
     progress = stage.progress
+    generator = _default_generator(env.device)
+    rank_seed = int(np.random.SeedSequence([seed, env.rank]).generate_state(1, np.uint32)[0])
     while not stage.finished():
         batches = stage.epoch_batches()
         done = progress.step - progress.epoch * stage.batches_per_epoch
@@ -89,6 +99,8 @@ def fit(pipeline: TrainPipelineSparseDist, stage: Stage, run: Run,
                    disable=None if env.is_main else True)
         validated = False
         while True:
+            # TrainPipelineSparseDist runs the forward of step ``progress.step`` in this call.
+            generator.manual_seed(rank_seed * 2**32 + progress.step)
             try:
                 output = pipeline.progress(batches)
             except StopIteration:
@@ -114,6 +126,13 @@ def fit(pipeline: TrainPipelineSparseDist, stage: Stage, run: Run,
         progress.epoch += 1
         stage.end_epoch()
         stage.save()
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator that random operations on ``device`` draw from by default."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index]
+    return torch.default_generator
 
 
 class _StepRecords:

@@ -103,7 +103,7 @@ def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
     stage = _Pretraining(model, optimizer, identity, dataset, loader, progress, config, run,
                          env)
-    fit(pipeline, stage, run, env, config.checkpoint_every)
+    fit(pipeline, stage, run, env, config.checkpoint_every, config.seed)
     return progress
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
+import torch
+
 from morec_rec.config import TrainConfig
 from morec_rec.errors import MorecError
 from morec_rec.plugin.sampling.sampled import SampledBatch
@@ -116,7 +118,10 @@ class SamplerLoader(Generic[T]):
             collate_fn=Indexed(collate),
             prefetch_factor=prefetch_factor if num_workers else None, pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
-            worker_init_fn=die_with_parent if num_workers else None)
+            worker_init_fn=die_with_parent if num_workers else None,
+            # Otherwise an iteration's start (a resumed run's first step) draws the workers'
+            # base seed from the trainer's default generator, which its dropout draws from.
+            generator=torch.Generator().manual_seed(sampler.config.seed))
         self._start = 0  # the epoch's first position
         self._next = 0  # the index of the next batch to yield
         self._running = False
