@@ -386,3 +386,38 @@ def test_evaluate_unfinished_run(run: Path, tmp_path: Path) -> None:
     assert "mf on test" in done.stdout
     shutil.rmtree(copied / "checkpoints" / "best")
     fails(run_cli("evaluate", "--run", str(copied)), str(copied), "nothing to evaluate")
+
+
+# 12. A resume that would change what a run computes.
+
+def test_a_resumed_run_keeps_its_settings_but_how_long_it_trains(run: Path,
+                                                                 tmp_path: Path) -> None:
+    copied = copy(run, tmp_path)
+    record = (copied / "run.json").read_bytes()
+    for flags in (("--lr", "0.01"), ("--num-workers", "1"), ("--model", "sasrec")):
+        field = flags[0][2:].replace("-", "_")
+        fails(run_cli("train", "--resume", "--out", str(copied), *flags),
+              str(copied / "run.json"), f"started with {field} = ", "may change only")
+    assert (copied / "run.json").read_bytes() == record
+    done = run_cli("train", "--resume", "--out", str(copied), "--max-epochs", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Recorded, so that a later resume goes on to the second epoch too.
+    assert json.loads((copied / "run.json").read_text())["config"]["max_epochs"] == 2
+
+
+def test_a_resumed_job_keeps_its_settings_but_how_long_it_trains(tiny: Path, run: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    done = run_cli("run", "--data", str(tiny), "--out", str(out), "--base", str(run), *JOB)
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = (out / "job.json").read_bytes()
+    for flags, field in ((("--lr", "0.01"), "lr"),
+                         (("--objectives", "accuracy,revenue", "--preference", "1"), "objectives"),
+                         (("--hold", "accuracy.relative=1.02"), "hold")):
+        fails(run_cli("run", "--out", str(out), "--resume", *flags), str(out / "job.json"),
+              f"started with {field} = ")
+    assert (out / "job.json").read_bytes() == job
+    done = run_cli("run", "--out", str(out), "--resume", "--epochs", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for record in (out / "job.json", out / "morec" / "run.json"):
+        assert json.loads(record.read_text())["morec"]["epochs"] == 2

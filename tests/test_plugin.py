@@ -225,3 +225,11 @@ def test_state_must_be_loaded_before_training(tiny: Path, manifest: dict) -> Non
     morec.validate(model)
     with pytest.raises(MorecError, match="before training or validation"):
         morec.load_state_dict(morec.state_dict())
+
+
+def test_state_must_be_loaded_with_the_same_loader_workers(tiny: Path, manifest: dict) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    state = make(tiny, manifest, model).state_dict()
+    with pytest.raises(MorecError, match=r"saved on 1 rank\(s\) with 0 loader worker\(s\) "
+                                         r"each, restored on 1 with 2: a resume needs the same"):
+        make(tiny, manifest, model, num_workers=2).load_state_dict(state)

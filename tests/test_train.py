@@ -53,6 +53,9 @@ def test_two_ranks_train_resume_and_evaluate(tiny: Path, tmp_path: Path,
     epochs = [r for r in _log(run) if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]  # continued, not restarted
     assert epochs[2]["step"] - steps[1] == steps[1] - steps[0]
+    # Its batches and epochs depend on the world size: one process may not resume it.
+    done = run_cli("train", "--out", str(run), "--resume", "--max-epochs", "4")
+    assert done.returncode == 2 and "started on 2 rank(s), not 1" in done.stderr
 
     two_ranks = _last_json(run_torchrun("integration/evaluate.py", str(run), "--split", "test",
                                         "--json"))

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from morec_rec.jobs.run import Run
 
 DEMO_PROFILE = "demo"
+#: The settings a resume may change: how long training goes on and how it saves and
+#: evaluates, never what a step computes. A flag for any other setting is refused.
+RESUMABLE = ("checkpoint_every", "epochs", "eval_chunk_users", "max_epochs", "patience")
 
 
 #: Third-party deprecation notices that say nothing about the user's job (the command line
@@ -92,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a backbone (also under torchrun)")
     train.add_argument("--data", type=Path, help="prepared dataset (not with --resume)")
     train.add_argument("--out", required=True, type=Path, help="run directory")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out with its settings (flags may change "
+                            f"only {', '.join(_flags(RESUMABLE))})")
     train.add_argument("--config", type=Path, help="TOML file with a [train] table")
     add_arguments(train, TrainConfig)
     train.set_defaults(command=_train)
@@ -123,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--continued", action="store_true",
                      help="also run accuracy-only continued training from the same base")
     run.add_argument("--resume", action="store_true",
-                     help="continue the job in --out with its settings (flags may extend "
-                          "them, e.g. --epochs)")
+                     help="continue the job in --out with its settings (flags may change "
+                          f"only {', '.join(_flags(RESUMABLE))})")
     _add_job_arguments(run)
     run.set_defaults(command=_run)
 
@@ -202,10 +207,12 @@ def _train(args: argparse.Namespace) -> None:
             raise MorecError("--resume continues the run's own data and config: drop --data")
         run = Run.open(args.out)
         record = run.record
-        config = build(TrainConfig, record["config"], args)  # flags may extend, e.g. max_epochs
+        config = build(TrainConfig, record["config"], args)
+        _keep_settings(args.out / RECORD, record["config"], config)
         dataset = PreparedDataset.open(record["data"])
         env = distributed.init()
         _check_batch(dataset, config, env.world_size)
+        run.resume(env.world_size, {"config": dataclasses.asdict(config)})
         _recover(args.out)
     else:
         if args.data is None:
@@ -359,6 +366,7 @@ def _run(args: argparse.Namespace) -> None:
     train = build(TrainConfig, job["train"], args)
     sampler = build(SamplerConfig, {**job["sampler"], "seed": train.seed}, args)
     morec = build(MoRecConfig, job["morec"], args)
+    _keep_job_settings(args.out, job, train, sampler, morec)
     dataset = PreparedDataset.open(job["data"])
     _check_job(dataset, job["base"], train, sampler)
     _recover(*(args.out / stage for stage in ("base", "morec", "continued")))
@@ -418,6 +426,32 @@ def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainCo
     dataset.check_batch(sampler.sub_batch_size * objectives,
                         world_size * max(train.num_workers, 1),
                         f"sub_batch_size = {sampler.sub_batch_size} × {objectives} objective(s)")
+
+
+def _keep_settings(record: Path, recorded: dict[str, Any], config: Any) -> None:
+    """Raises :class:`MorecError` naming the first setting of ``config`` (a config
+    dataclass) that differs from its value ``recorded`` in ``record`` and is not one of
+    :data:`RESUMABLE`."""
+    started = build(type(config), recorded, None)
+    for field in dataclasses.fields(config):
+        old, new = getattr(started, field.name), getattr(config, field.name)
+        if old != new and field.name not in RESUMABLE:
+            raise MorecError(f"{record}: started with {field.name} = {old!r}, not {new!r}; a "
+                             f"resume may change only {', '.join(_flags(RESUMABLE))}")
+
+
+def _keep_job_settings(out: Path, job: dict[str, Any], train: TrainConfig,
+                       sampler: SamplerConfig, morec: MoRecConfig) -> None:
+    """:func:`_keep_settings` for each config of the job in ``out``, before it is resumed."""
+    from morec_rec.jobs.job import JOB
+
+    for name, config in (("train", train), ("sampler", sampler), ("morec", morec)):
+        _keep_settings(out / JOB, job[name], config)
+
+
+def _flags(names: Sequence[str]) -> list[str]:
+    """The command-line flags of the config fields ``names``."""
+    return ["--" + name.replace("_", "-") for name in names]
 
 
 def _recover(*runs: Path) -> None:
@@ -485,6 +519,7 @@ def _demo(args: argparse.Namespace) -> None:
     _check_job(dataset, None, train, sampler)
     resume = (args.out / JOB).is_file()
     if resume:
+        _keep_job_settings(args.out, read_job(args.out), train, sampler, morec)
         _recover(*(args.out / stage for stage in ("base", "morec")))
     _print_results(run_job(dataset, args.out, train, sampler, morec, resume=resume), args.out)
 

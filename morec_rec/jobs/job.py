@@ -67,9 +67,12 @@ def evaluate_run(run: Run, split: str, env: distributed.Environment) -> RankingM
 
 
 def stage(root: Path, record: dict[str, Any], resume: bool) -> tuple[Run, bool]:
-    """The run of one stage: the existing one when resuming (True), else a new one."""
+    """The run of one stage: the existing one when resuming (True), its record rewritten
+    with ``record`` (the job's settings, which a resume may extend), else a new one."""
     if resume and (root / RECORD).is_file():
-        return Run.open(root), True
+        run = Run.open(root)
+        run.resume(record["world_size"], record)
+        return run, True
     return Run.create(root, record), False
 
 

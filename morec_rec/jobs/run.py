@@ -65,6 +65,23 @@ class Run:
         dist.barrier()
         return cls(root)
 
+    def resume(self, world_size: int, fields: Mapping[str, Any]) -> None:
+        """Continues this run on ``world_size`` ranks, ``fields`` of its record rewritten
+        (a resume's longer training; rank 0 writes, atomically; every rank waits).
+
+        Raises MorecError if the run started on another world size: its batches, and the
+        steps at which its epochs start, depend on it.
+        """
+        started = self.record.get("world_size")
+        if started != world_size:
+            raise MorecError(f"{self.root}: started on {started} rank(s), not {world_size}: a "
+                             "resume needs the world size the run started with")
+        if dist.get_rank() == 0:
+            partial = self.root / (RECORD + ".partial")
+            partial.write_text(json.dumps({**self.record, **fields}, indent=2) + "\n")
+            partial.rename(self.root / RECORD)
+        dist.barrier()
+
     @classmethod
     def open(cls, root: Path) -> "Run":
         root = Path(root)

@@ -385,7 +385,8 @@ class MoRec:
     def state_dict(self) -> dict[str, Any]:
         """Everything MoRec needs to go on exactly where the hook last trained (JSON-
         serialisable, the same on every rank): the position, the versions published
-        (those in force there merged into one), the controllers, the reference."""
+        (those in force there merged into one), the controllers, the reference, and the
+        world size and loader workers the position counts batches of."""
         position = self.position
         applied = [m for m in self._journal if m.effective_from <= position]
         merged: dict[str, Any] = {}
@@ -397,6 +398,7 @@ class MoRec:
                      "values": {k: v.tolist() for k, v in m.values.items()}}
                     for m in self._journal if m.effective_from > position]
         return {"format": STATE_FORMAT, "position": position, "journal": journal,
+                "world_size": self.world_size, "num_workers": self.loader.num_workers,
                 "coordinator": None if self.coordinator is None
                 else self.coordinator.state_dict(),
                 "rule": self.rule.state_dict() if hasattr(self.rule, "state_dict") else None,
@@ -411,6 +413,14 @@ class MoRec:
                              f"expected {STATE_FORMAT}")
         if self._journal or self._hook is not None and self._hook.trained is not None:
             raise MorecError("load_state_dict() must come before training or validation")
+        # The position's batches, and where its epochs start, depend on both; a state
+        # that does not record them (an older format 1) is taken as matching.
+        saved = (state.get("world_size", self.world_size),
+                 state.get("num_workers", self.loader.num_workers))
+        if saved != (self.world_size, self.loader.num_workers):
+            raise MorecError(f"MoRec state saved on {saved[0]} rank(s) with {saved[1]} loader "
+                             f"worker(s) each, restored on {self.world_size} with "
+                             f"{self.loader.num_workers}: a resume needs the same")
         self._base, self._base_losses = state["base"], state["base_losses"]
         if self.coordinator is None and self._base_losses is not None:
             self.coordinator = Coordinator.from_config(self.config, self.names,
