@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT
 
 from morec_rec.jobs.cli import main
 
@@ -152,3 +157,15 @@ def test_demo_runs_the_job_and_reruns(tmp_path: Path,
     assert capsys.readouterr().out == first
     assert main(["demo", "--out", str(tmp_path / "run"), "--seed", "1"]) == 2
     assert "holds other data than the demo's" in _error(capsys)
+    assert main(["demo", "--out", str(tmp_path / "run"), "--lr", "0.01"]) == 2
+    assert "job.json: started with lr = 0.001, not 0.01" in _error(capsys)
+    # Killed during MoRec training, a demo run again goes on where it stopped.
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "killed_job.py"),
+                             "--at-step", "5", "--", "demo", "--out", str(tmp_path / "killed")],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert main(["demo", "--out", str(tmp_path / "killed")]) == 0
+    resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    for key in ("base", "morec", "imp", "valid", "control"):
+        assert resumed[key] == results[key], key

@@ -495,7 +495,7 @@ DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2}}
 
 def _demo(args: argparse.Namespace) -> None:
     from morec_rec.data.prepare import check_writable
-    from morec_rec.jobs.job import JOB, RESULTS, run_job
+    from morec_rec.jobs.job import JOB, RESULTS, read_job, run_job
 
     train, sampler, morec = _job_configs(args, DEMO_SETTINGS)
     data = args.out / "data"
@@ -511,15 +511,16 @@ def _demo(args: argparse.Namespace) -> None:
     else:
         manifest = synthesize(DEMO_PROFILE, data, config)
     print(summary(data, manifest))
+    resume = (args.out / JOB).is_file()
+    if resume:
+        _keep_job_settings(args.out, read_job(args.out), train, sampler, morec)
     if (args.out / RESULTS).is_file():  # a finished demo: show its results again
         _print_results(json.loads((args.out / RESULTS).read_text()), args.out)
         return
     # An interrupted demo continues where it stopped.
     dataset = PreparedDataset.open(data)
     _check_job(dataset, None, train, sampler)
-    resume = (args.out / JOB).is_file()
     if resume:
-        _keep_job_settings(args.out, read_job(args.out), train, sampler, morec)
         _recover(*(args.out / stage for stage in ("base", "morec")))
     _print_results(run_job(dataset, args.out, train, sampler, morec, resume=resume), args.out)
 
