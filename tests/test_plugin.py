@@ -219,12 +219,14 @@ def test_a_restored_morec_goes_on_as_if_uninterrupted(tiny: Path, manifest: dict
         np.testing.assert_allclose(restored.masses[name], final[name], rtol=0, atol=1e-12)
 
 
-def test_state_must_be_loaded_before_training(tiny: Path, manifest: dict) -> None:
+def test_state_must_be_loaded_before_the_hook(tiny: Path, manifest: dict) -> None:
     model = MF(manifest["num_users"], manifest["num_items"])
-    morec = make(tiny, manifest, model)
-    morec.validate(model)
-    with pytest.raises(MorecError, match="before training or validation"):
-        morec.load_state_dict(morec.state_dict())
+    state = make(tiny, manifest, model).state_dict()
+    for first in (MoRec.validate, MoRec.loss):
+        morec = make(tiny, manifest, model)
+        first(morec, model)
+        with pytest.raises(MorecError, match=r"must come before loss\(\), training and valid"):
+            morec.load_state_dict(state)
 
 
 def test_state_must_be_loaded_with_the_same_loader_workers(tiny: Path, manifest: dict) -> None:

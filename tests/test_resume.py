@@ -93,6 +93,23 @@ def test_a_killed_job_resumes_as_if_uninterrupted(tiny: Path, base: Path, uninte
 
 
 @pytest.mark.slow
+def test_a_killed_job_under_training_control_resumes_as_if_uninterrupted(
+        tiny: Path, base: Path, tmp_path: Path) -> None:
+    # The controller's target is relative to the base's losses, measured before continued
+    # training: the resumed job restores them rather than measuring the resumed model.
+    args = ["--data", str(tiny), "--base", str(base), *MOREC, "--control", "training",
+            "--coefficients", "loss"]
+    whole, out = tmp_path / "whole", tmp_path / "job"
+    done = run_cli("run", *args, "--out", str(whole))
+    assert done.returncode == 0, done.stderr
+    done = killed("--at-step", "20", "--", "run", *args, "--out", str(out))
+    assert done.returncode == KILLED, done.stderr[-2000:]
+    done = run_cli("run", "--out", str(out), "--resume")
+    assert done.returncode == 0, done.stderr
+    assert_same_run(out, whole)
+
+
+@pytest.mark.slow
 def test_a_killed_sasrec_job_resumes_as_if_uninterrupted(tiny: Path, tmp_path: Path) -> None:
     # SASRec's dropout draws from the trainer's default generator: the loop seeds it before
     # each step, and the loader's iteration, which starts at the resumed step (mid-epoch,

@@ -93,9 +93,9 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
                   config=config, num_workers=train_config.num_workers,
                   batches_per_request=train_config.batches_per_request, device=env.device,
                   chunk_users=train_config.eval_chunk_users)
-    hook = morec.loss(model)
-    if meta:
+    if meta:  # before loss(), which would otherwise measure the resumed model's losses
         morec.load_state_dict(meta["morec"])
+    hook = morec.loss(model)
     pipeline = TrainPipelineSparseDist(model, optimizer, env.device, custom_model_fwd=hook)
     stage = _ContinuedTraining(morec, morec.coordinator, model, optimizer, identity, progress,
                                config, run, env)

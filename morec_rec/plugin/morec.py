@@ -406,13 +406,17 @@ class MoRec:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores a :meth:`state_dict` into a MoRec made with the same settings, before
-        it publishes anything (a collective: the versions are republished into this
-        MoRec's own namespace of the store, so a fresh store loses none)."""
+        :meth:`loss` and before it publishes anything (a collective: the versions are
+        republished into this MoRec's own namespace of the store, so a fresh store loses
+        none)."""
         if state.get("format") != STATE_FORMAT:
             raise MorecError(f"MoRec state of format {state.get('format')!r}, "
                              f"expected {STATE_FORMAT}")
-        if self._journal or self._hook is not None and self._hook.trained is not None:
-            raise MorecError("load_state_dict() must come before training or validation")
+        # Under training control loss() measures the objectives' losses under the model
+        # it is given: after a resume those of the resumed model, not the base's.
+        if self._journal or self._hook is not None:
+            raise MorecError("load_state_dict() must come before loss(), training and "
+                             "validation")
         # The position's batches, and where its epochs start, depend on both; a state
         # that does not record them (an older format 1) is taken as matching.
         saved = (state.get("world_size", self.world_size),
