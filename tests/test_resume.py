@@ -74,6 +74,19 @@ def assert_same_run(resumed: Path, whole: Path) -> None:
         assert results[0][key] == results[1][key], key
 
 
+def assert_killed_at_step_20_resumes(args: list[str], tmp_path: Path) -> None:
+    """Runs the job of ``args`` whole, and killed at step 20 (past the checkpoint at 16,
+    mid-epoch) then resumed; asserts the two are the same run."""
+    whole, out = tmp_path / "whole", tmp_path / "job"
+    done = run_cli("run", *args, "--out", str(whole))
+    assert done.returncode == 0, done.stderr
+    done = killed("--at-step", "20", "--", "run", *args, "--out", str(out))
+    assert done.returncode == KILLED, done.stderr[-2000:]
+    done = run_cli("run", "--out", str(out), "--resume")
+    assert done.returncode == 0, done.stderr
+    assert_same_run(out, whole)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", [
     ["--at-step", "9"],  # after the pass at step 8 published, before its batch trains
@@ -97,34 +110,19 @@ def test_a_killed_job_under_training_control_resumes_as_if_uninterrupted(
         tiny: Path, base: Path, tmp_path: Path) -> None:
     # The controller's target is relative to the base's losses, measured before continued
     # training: the resumed job restores them rather than measuring the resumed model.
-    args = ["--data", str(tiny), "--base", str(base), *MOREC, "--control", "training",
-            "--coefficients", "loss"]
-    whole, out = tmp_path / "whole", tmp_path / "job"
-    done = run_cli("run", *args, "--out", str(whole))
-    assert done.returncode == 0, done.stderr
-    done = killed("--at-step", "20", "--", "run", *args, "--out", str(out))
-    assert done.returncode == KILLED, done.stderr[-2000:]
-    done = run_cli("run", "--out", str(out), "--resume")
-    assert done.returncode == 0, done.stderr
-    assert_same_run(out, whole)
+    assert_killed_at_step_20_resumes(["--data", str(tiny), "--base", str(base), *MOREC,
+                                      "--control", "training", "--coefficients", "loss"],
+                                     tmp_path)
 
 
 @pytest.mark.slow
 def test_a_killed_sasrec_job_resumes_as_if_uninterrupted(tiny: Path, tmp_path: Path) -> None:
     # SASRec's dropout draws from the trainer's default generator: the loop seeds it before
-    # each step, and the loader's iteration, which starts at the resumed step (mid-epoch,
-    # past the checkpoint at step 16), draws nothing from it.
+    # each step, and the loader's iteration, which starts at the resumed step, draws nothing
+    # from it.
     base = pretrained(tiny, tmp_path / "base", max_epochs=1, model="sasrec")
-    args = ["--data", str(tiny), "--base", str(base), *MOREC, "--model", "sasrec",
-            "--num-workers", "2"]
-    whole, out = tmp_path / "whole", tmp_path / "job"
-    done = run_cli("run", *args, "--out", str(whole))
-    assert done.returncode == 0, done.stderr
-    done = killed("--at-step", "20", "--", "run", *args, "--out", str(out))
-    assert done.returncode == KILLED, done.stderr[-2000:]
-    done = run_cli("run", "--out", str(out), "--resume")
-    assert done.returncode == 0, done.stderr
-    assert_same_run(out, whole)
+    assert_killed_at_step_20_resumes(["--data", str(tiny), "--base", str(base), *MOREC,
+                                      "--model", "sasrec", "--num-workers", "2"], tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -72,13 +72,13 @@ class Run:
         Raises MorecError if the run started on another world size: its batches, and the
         steps at which its epochs start, depend on it.
         """
-        started = self.record.get("world_size")
-        if started != world_size:
-            raise MorecError(f"{self.root}: started on {started} rank(s), not {world_size}: a "
-                             "resume needs the world size the run started with")
+        record = self.record
+        if record.get("world_size") != world_size:
+            raise MorecError(f"{self.root}: started on {record.get('world_size')} rank(s), not "
+                             f"{world_size}: a resume needs the world size the run started with")
         if dist.get_rank() == 0:
             partial = self.root / (RECORD + ".partial")
-            partial.write_text(json.dumps({**self.record, **fields}, indent=2) + "\n")
+            partial.write_text(json.dumps({**record, **fields}, indent=2) + "\n")
             partial.rename(self.root / RECORD)
         dist.barrier()
 
