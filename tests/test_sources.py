@@ -107,6 +107,21 @@ def test_generic_numeric_seconds_and_no_rating(tmp_path: Path) -> None:
     assert raw.interactions["rating"].null_count == 2
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+@pytest.mark.parametrize("empty", ["inter", "items"])
+def test_generic_file_without_rows(tmp_path: Path, suffix: str, empty: str) -> None:
+    tables = {"inter": pa.table({"user": ["a"], "item": ["x"], "timestamp": ["100"]}),
+              "items": pa.table({"item": ["x"], "price": ["3"], "category": ["c"]})}
+    tables[empty] = tables[empty].slice(0, 0)
+    for name, table in tables.items():
+        if suffix == ".parquet":
+            pq.write_table(table, tmp_path / f"{name}{suffix}")
+        else:
+            pa.csv.write_csv(table, tmp_path / f"{name}{suffix}")
+    with pytest.raises(MorecError, match=rf"{empty}{suffix}: no rows$"):
+        generic.read(tmp_path / f"inter{suffix}", tmp_path / f"items{suffix}", SourceConfig())
+
+
 def test_generic_needs_meta(tmp_path: Path) -> None:
     with pytest.raises(MorecError, match="needs --meta"):
         generic.read(tmp_path / "i.csv", None, SourceConfig())

@@ -48,10 +48,17 @@ def read_table(path: Path, columns: Iterable[str], delimiter: str = ",") -> pa.T
     Strings keep identifiers intact (leading zeros); numbers are converted afterwards by
     :func:`to_float` / :func:`to_seconds`, which report the first value that does not parse.
     A ``.parquet`` / ``.pq`` suffix selects Parquet; anything else is read as CSV, plain,
-    compressed (``.gz``, ``.bz2``, ``.zst``) or as the only file of a ``.zip``.
+    compressed (``.gz``, ``.bz2``, ``.zst``) or as the only file of a ``.zip``. A file
+    without rows is an error.
     """
-    path = require_file(path)
-    columns = list(columns)
+    table = _read_table(require_file(path), list(columns), delimiter)
+    if table.num_rows == 0:
+        raise MorecError(f"{path}: no rows")
+    return table
+
+
+def _read_table(path: Path, columns: list[str], delimiter: str) -> pa.Table:
+    """:func:`read_table`'s reading, empty or not."""
     if path.suffix in (".parquet", ".pq"):
         try:
             schema = pq.read_schema(path)
