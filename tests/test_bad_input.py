@@ -274,6 +274,33 @@ def test_manifest_counts_are_checked(tiny: Path, tmp_path: Path, fields: dict[st
         PreparedDataset.open(data)
 
 
+@pytest.mark.parametrize(("file", "column", "value"), [
+    ("train/part-00000.parquet", "item_id", 138), ("train/part-00000.parquet", "user_id", -1),
+    ("valid.parquet", "history", 138), ("test.parquet", "user_id", 259)])
+@pytest.mark.parametrize("statistics", [True, False])
+def test_ids_outside_the_manifest_counts(tiny: Path, tmp_path: Path, file: str, column: str,
+                                         value: int, statistics: bool) -> None:
+    data = Path(shutil.copytree(tiny, tmp_path / "data"))
+    table = pq.read_table(data / file)
+    if column == "history":  # the first non-empty history's last item
+        history = table[column].combine_chunks()
+        flat = history.values.to_numpy().copy()
+        ends = history.offsets.to_numpy()[1:]
+        flat[ends[history.value_lengths().to_numpy() > 0][0] - 1] = value
+        values = pa.ListArray.from_arrays(history.offsets, flat, type=history.type)
+    else:
+        ids = table[column].to_numpy().copy()
+        ids[len(ids) // 2] = value
+        values = pa.array(ids, table[column].type)
+    pq.write_table(table.set_column(table.schema.get_field_index(column),
+                                    table.schema.field(column), values),
+                   data / file, write_statistics=statistics)
+    count = "num_users" if column == "user_id" else "num_items"
+    with pytest.raises(MorecError, match=re.escape(
+            f"{data / file}: {column} holds {value}, not an id of {count} = ")):
+        PreparedDataset.open(data)
+
+
 # 5. An output that cannot be written.
 
 @pytest.mark.parametrize(("command", "place"), [

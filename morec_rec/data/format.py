@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from morec_rec.errors import MorecError
@@ -81,7 +82,8 @@ class PreparedDataset:
     @classmethod
     def open(cls, root: Path | str) -> "PreparedDataset":
         """Opens ``root``; raises :class:`MorecError` unless it is a complete dataset whose
-        manifest's counts match its files' (read from the Parquet footers only)."""
+        manifest's counts match its files' and whose rows' ids are ids of its users and
+        items (both read from the Parquet footers where they hold statistics)."""
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
@@ -106,12 +108,14 @@ class PreparedDataset:
         for file in dataset.files():
             if not file.is_file():
                 raise MorecError(f"{root}: not a prepared dataset ({file.name} is missing)")
-        dataset._check_row_counts()
+        dataset._check_files()
         return dataset
 
-    def _check_row_counts(self) -> None:
+    def _check_files(self) -> None:
         """Checks the manifest's counts against the Parquet footers (a truncated file has
-        none): the items, the users, a valid and a test row per user, each shard's rows."""
+        none): the items, the users, a valid and a test row per user, each shard's rows;
+        then the ids of the rows' ``user_id``, ``item_id`` and ``history`` against the
+        manifest's ``num_users`` and ``num_items``."""
         path = self.root / MANIFEST
         users, items = self.manifest["num_users"], self.manifest["num_items"]
         expected = [(self.root / ITEMS, "num_items", items),
@@ -123,10 +127,35 @@ class PreparedDataset:
             expected.append((self.root / shard["path"], field,
                              _require_count(shard, "rows", path, field)))
         for file, field, count in expected:
-            rows = parquet_rows(file)
-            if rows != count:
+            metadata = parquet_metadata(file)
+            if metadata.num_rows != count:
                 raise MorecError(f"{path}: {field} = {count} does not match {file} "
-                                 f"({rows} rows)")
+                                 f"({metadata.num_rows} rows)")
+            if file.name not in (ITEMS, USERS):
+                self._check_ids(file, metadata)
+
+    def _check_ids(self, file: Path, metadata: pq.FileMetaData) -> None:
+        """Raises :class:`MorecError` naming ``file`` and the column unless the ids of its
+        rows are ids of the manifest's users and items: from the row groups' statistics,
+        or from the column's values where a writer kept none."""
+        limits = {"user_id": "num_users", "item_id": "num_items", "history": "num_items"}
+        for index in range(metadata.num_columns):
+            column = metadata.schema.column(index).path.split(".")[0]
+            if column not in limits:
+                continue
+            chunks = [metadata.row_group(group).column(index).statistics
+                      for group in range(metadata.num_row_groups)]
+            if all(s is not None and (s.has_min_max or not s.num_values) for s in chunks):
+                values = [v for s in chunks if s.has_min_max for v in (s.min, s.max)]
+            else:
+                data = read_parquet(file, [column])[column]
+                extremes = pc.min_max(pc.list_flatten(data) if column == "history" else data)
+                values = [v.as_py() for v in extremes.values() if v.is_valid]
+            count = limits[column]
+            bad = [v for v in values if not 0 <= v < self.manifest[count]]
+            if bad:
+                raise MorecError(f"{file}: {column} holds {bad[0]}, not an id of {count} = "
+                                 f"{self.manifest[count]} in {self.root / MANIFEST}")
 
     def check_batch(self, batch_size: int, num_streams: int, setting: str) -> None:
         """Raises :class:`MorecError` naming ``setting`` (e.g. ``batch_size = 4096``)
@@ -172,11 +201,11 @@ class PreparedDataset:
         return {name: table[name].to_numpy() for name in names}
 
 
-def parquet_rows(path: Path) -> int:
-    """The rows of a dataset's Parquet file, from its footer; an unreadable footer (as in
-    a truncated file) is a :class:`MorecError`."""
+def parquet_metadata(path: Path) -> pq.FileMetaData:
+    """A dataset's Parquet file's footer; an unreadable one (as in a truncated file) is a
+    :class:`MorecError`."""
     try:
-        return pq.read_metadata(path).num_rows
+        return pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise MorecError(f"{path}: corrupt Parquet file ({str(e).splitlines()[0]})") from None
 
