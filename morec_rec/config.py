@@ -469,7 +469,8 @@ def reference() -> str:
 def _default_text(field: dataclasses.Field[Any], toml: bool = False) -> str:
     """A field's default as a flag (``a,b``, ``'x'``, ``k.f=1``) or as TOML (``["a", "b"]``,
     ``"x"``, ``{ k = { f = 1 } }``) writes it."""
-    value = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+    value = (field.default if field.default_factory is dataclasses.MISSING
+             else field.default_factory())
     if isinstance(value, dict):
         entries = {key: {f: v for f, v in dataclasses.asdict(target).items() if v is not None}
                    for key, target in value.items()}

@@ -368,6 +368,7 @@ def test_validation_control_targets_observe_and_q() -> None:
 
 
 def test_validation_control_needs_a_metric() -> None:
-    config = MoRecConfig(control="validation", preference=(1.0,), hold={"novelty": HoldTarget(relative=1.0)})
+    config = MoRecConfig(control="validation", preference=(1.0,),
+                         hold={"novelty": HoldTarget(relative=1.0)})
     with pytest.raises(MorecError, match="'novelty' has no validation metric to control on"):
         Coordinator.from_config(config, ("accuracy", "novelty"), None)

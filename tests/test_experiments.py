@@ -13,7 +13,8 @@ RECORDS = sorted(p.parent for p in ROOT.glob("*/results.json"))
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_generator_changes_nothing(tmp_path):

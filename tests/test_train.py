@@ -41,10 +41,11 @@ def _evaluate_json(*args: str) -> dict:
 def test_two_ranks_train_resume_and_evaluate(tiny: Path, tmp_path: Path,
                                              table_optimizer: str) -> None:
     # adam: tables replicated on CPU (FBGEMM has no CPU Adam); row-wise Adagrad: tables
-    # sharded row-wise over the 2 ranks, so the 1-process evaluation reshards them.
+    # sharded row-wise over the 2 ranks, so the 1-process evaluation reshards them, and
+    # the validations inside an epoch use them between two steps of the pipeline.
     run = tmp_path / "run"
     run_torchrun("integration/train.py", "--data", str(tiny), "--out", str(run),
-                 *TRAIN, "--max-epochs", "2", "--patience", "10",
+                 *TRAIN, "--max-epochs", "2", "--patience", "10", "--eval-every", "5",
                  "--table-optimizer", table_optimizer)
     assert [r["epoch"] for r in _log(run) if r["kind"] == "epoch"] == [1, 2]
     steps = [r["step"] for r in _log(run) if r["kind"] == "epoch"]

@@ -140,6 +140,7 @@ def main() -> None:
                                   "mean_logit": logits.mean().item()}), flush=True)
             if step % args.update_every == 0:
                 record = morec.validate(pipeline.detach())
+                pipeline.attach(model, sparse_dist=False)  # keep the held batch's input dist
                 if rank == 0:
                     print(json.dumps({"step": step, **record}), flush=True)
     gc.collect()  # the sharded model's reference cycle holds the group: free it first

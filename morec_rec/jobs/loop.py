@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -116,16 +116,30 @@ def fit(pipeline: TrainPipelineSparseDist, stage: Stage, run: Run,
                 records.log()
             validated = stage.validation_due(done)
             if validated:
-                stage.validate(pipeline.detach())
+                validate_detached(pipeline, stage.validate)
             if checkpoint:
                 stage.save()
         bar.close()
         records.log()
         if not validated:
-            stage.validate(pipeline.detach())
+            validate_detached(pipeline, stage.validate)
         progress.epoch += 1
         stage.end_epoch()
         stage.save()
+
+
+def validate_detached(pipeline: TrainPipelineSparseDist,
+                      validate: Callable[[torch.nn.Module], Any]) -> None:
+    """``validate`` of the pipeline's own model between two of its steps.
+
+    The model is re-attached without restarting the input distribution of the batch the
+    pipeline holds (``sparse_dist=False``, TorchRec's way for a model used outside the
+    loop): the restart that ``progress`` would make on its own fails in the all-to-all
+    of a sharded ``EmbeddingCollection``.
+    """
+    model = pipeline.detach()
+    validate(model)
+    pipeline.attach(model, sparse_dist=False)
 
 
 def _default_generator(device: torch.device) -> torch.Generator:

@@ -8,6 +8,7 @@
         batches = iter(morec.loader)
         ... pipeline.progress(batches) ...
         every N steps: morec.validate(pipeline.detach())
+                       pipeline.attach(model, sparse_dist=False)
 
 It owns the sampler (with its loader), the weight store, the coordinator and the loss
 hook. The model and the job's batch type stay as they are: the loader hands the pipeline
@@ -318,7 +319,8 @@ class MoRec:
         control, and publishes the objectives' new masses (and shares of a batch) to
         apply from the first batch no loader worker has drawn. The first round's metrics
         are the reference (:attr:`base`). Give a TorchRec pipeline's model as
-        ``pipeline.detach()`` returns it.
+        ``pipeline.detach()`` returns it, then ``pipeline.attach(model,
+        sparse_dist=False)``.
 
         Returns the round's record: ``metrics`` (None without a scorer), ``measures`` (the
         controlled values), ``group_loss`` (the signal), ``coefficients`` (each held

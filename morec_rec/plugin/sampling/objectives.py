@@ -101,7 +101,8 @@ class Accuracy(OneGroup):
 
 
 class Revenue(OneGroup):
-    """Rows drawn in proportion to the item's price (the paper's Eq. 5); free items are never drawn."""
+    """Rows drawn in proportion to the item's price (the paper's Eq. 5); free items are
+    never drawn."""
 
     name = "revenue"
     columns = ("price",)
