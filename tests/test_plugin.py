@@ -7,6 +7,7 @@ ahead of training and an update was published but not yet in force."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -187,6 +188,24 @@ def test_short_epochs_and_more_updates_than_batches(tiny: Path, manifest: dict,
     # Every version applied from the batch its record named: batches carry the shares of
     # the masses in force, which follow the published ones.
     assert len(journal) <= 1 + morec.loader.lookahead
+
+
+@pytest.mark.parametrize(("validate_every", "warned"), [(1, True), (8, False)])
+def test_a_round_before_the_last_rounds_masses_apply_is_reported(
+        tiny: Path, manifest: dict, caplog: pytest.LogCaptureFixture, validate_every: int,
+        warned: bool) -> None:
+    # 16 batches an epoch. A round publishes from 2 batches past the one trained (those
+    # the pipeline holds): a round after every batch comes before the last one's apply.
+    model = MF(manifest["num_users"], manifest["num_items"])
+    morec = make(tiny, manifest, model)
+    with caplog.at_level(logging.WARNING, logger="morec_rec.plugin.morec"):
+        train(morec, model, range(1), validate_every=validate_every)
+    messages = [r.getMessage() for r in caplog.records if r.name == "morec_rec.plugin.morec"]
+    assert messages == ([
+        "validation round at batch 2: the masses published by the round before apply from "
+        "batch 3, not trained yet, so this round measures none of them; validate at "
+        "intervals longer than the loader's lookahead (0 batches) plus the batches the "
+        "pipeline holds, or pass a smaller batches_per_request"] if warned else [])
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -490,7 +490,10 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
 
 
 #: The demo's settings beside the defaults: small enough for a few minutes on 2 CPU cores.
-DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2}}
+#: Its epochs are short, 12 batches between two of MoRec's 16 rounds an epoch, so a
+#: worker request brings one batch: every mass update then applies before the next round
+#: (``MoRec.loader.lookahead``).
+DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2, "batches_per_request": 1}}
 
 
 def _demo(args: argparse.Namespace) -> None:

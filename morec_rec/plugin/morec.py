@@ -29,6 +29,7 @@ mean losses (MoRec with the baseline as its coordinator).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -61,6 +62,8 @@ from morec_rec.plugin.sampling.sampler import BATCH, WeightedStreamSampler
 from morec_rec.plugin.sampling.store import Masses, StoreSpec, WeightStore, publish_and_sync
 from morec_rec.plugin.segments import ExampleLayout
 from morec_rec.plugin.validation import group_losses, loss_groups, validation_signal
+
+logger = logging.getLogger(__name__)
 
 #: The version of :meth:`MoRec.state_dict`'s layout.
 STATE_FORMAT = 1
@@ -193,6 +196,7 @@ class MoRec:
                                 else np.full(len(self.objectives), 1 / len(self.objectives)))
         self._masses = dict(self._initial)  # the latest published, rank 0's update input
         self._journal: list[Masses] = []  # every version published by this job
+        self._warned_unseen = False
 
         spec, self._store_server = StoreSpec.for_loader(num_workers)
         self._spec = dataclasses.replace(spec, prefix=f"{spec.prefix}/{_generation()}")
@@ -370,12 +374,29 @@ class MoRec:
                 updated[BATCH] = shares
         if not updated:
             return {}
+        self._warn_if_unseen()
         # Versions apply in order: never before the one published last.
         effective_from = max(_max_over_ranks(self.loader.undrawn),
                              self._journal[-1].effective_from if self._journal else 0)
         masses = self._append(publish_and_sync(self.store, updated, effective_from))
         return {"version": masses.version, "effective_from": effective_from,
                 "masses": {k: v.tolist() for k, v in masses.values.items()}}
+
+    def _warn_if_unseen(self) -> None:
+        """Warns, once, of a round that comes before the masses of the round before it
+        apply: it measures training that none of them drew, so the controllers and the
+        updates act on the round before last."""
+        last = self._journal[-1] if self._journal else None
+        if (last is None or last.effective_from <= self.position or self._warned_unseen
+                or self.rank != 0):
+            return
+        self._warned_unseen = True
+        logger.warning(
+            "validation round at batch %d: the masses published by the round before apply "
+            "from batch %d, not trained yet, so this round measures none of them; validate "
+            "at intervals longer than the loader's lookahead (%d batches) plus the batches "
+            "the pipeline holds, or pass a smaller batches_per_request",
+            self.position, last.effective_from, self.loader.lookahead)
 
     def _append(self, version: int) -> Masses:
         self.loader.sampler.announce(version)
