@@ -23,6 +23,7 @@ from morec_rec.data.format import PreparedDataset
 from morec_rec.data.sources.tables import to_seconds
 from morec_rec.errors import MorecError
 from morec_rec.jobs import checkpoint, distributed
+from morec_rec.jobs.run import hold
 
 #: Small and fast training settings (the tiny profile has 3,220 training rows).
 TRAIN = ("--max-epochs", "1", "--batch-size", "256", "--num-workers", "0",
@@ -398,6 +399,18 @@ def test_wrong_model_for_the_base_leaves_out_untouched(tiny: Path, run: Path,
     assert (out / "results.json").is_file()
 
 
+def test_a_job_writes_only_into_an_empty_directory(tiny: Path, run: Path,
+                                                   tmp_path: Path) -> None:
+    data = Path(shutil.copytree(tiny, tmp_path / "data"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    for out in (data, tmp_path / "notes", run):
+        before = sorted(p.name for p in out.iterdir())
+        fails(run_cli("run", "--data", str(data), "--out", str(out), *JOB), str(out),
+              "output exists and is not an empty directory")
+        assert sorted(p.name for p in out.iterdir()) == before
+
+
 # 11. Evaluating a run that did not finish.
 
 def test_evaluate_unfinished_run(run: Path, tmp_path: Path) -> None:
@@ -426,6 +439,10 @@ def test_a_resumed_run_keeps_its_settings_but_how_long_it_trains(run: Path,
         fails(run_cli("train", "--resume", "--out", str(copied), *flags),
               str(copied / "run.json"), f"started with {field} = ", "may change only")
     assert (copied / "run.json").read_bytes() == record
+    with hold(copied):
+        fails(run_cli("train", "--resume", "--out", str(copied), "--max-epochs", "2"),
+              str(copied), "another morec-rec process is writing here")
+    assert (copied / "run.json").read_bytes() == record
     done = run_cli("train", "--resume", "--out", str(copied), "--max-epochs", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     # Recorded, so that a later resume goes on to the second epoch too.
@@ -443,6 +460,10 @@ def test_a_resumed_job_keeps_its_settings_but_how_long_it_trains(tiny: Path, run
                          (("--hold", "accuracy.relative=1.02"), "hold")):
         fails(run_cli("run", "--out", str(out), "--resume", *flags), str(out / "job.json"),
               f"started with {field} = ")
+    assert (out / "job.json").read_bytes() == job
+    with hold(out):  # another process writing the job, e.g. the ranks of a killed torchrun
+        fails(run_cli("run", "--out", str(out), "--resume", "--epochs", "2"), str(out),
+              "another morec-rec process is writing here")
     assert (out / "job.json").read_bytes() == job
     done = run_cli("run", "--out", str(out), "--resume", "--epochs", "2")
     assert done.returncode == 0, done.stderr[-3000:]

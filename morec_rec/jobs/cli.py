@@ -198,7 +198,7 @@ def _synth(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from morec_rec.data.prepare import check_writable
     from morec_rec.jobs import distributed
-    from morec_rec.jobs.run import RECORD, Run
+    from morec_rec.jobs.run import RECORD, Run, hold
     from morec_rec.jobs.train import train
 
     resume = args.resume or _is_restart(args.out / RECORD, args.data)
@@ -212,8 +212,6 @@ def _train(args: argparse.Namespace) -> None:
         dataset = PreparedDataset.open(record["data"])
         env = distributed.init()
         _check_batch(dataset, config, env.world_size)
-        run.resume(env.world_size, {"config": dataclasses.asdict(config)})
-        _recover(args.out)
     else:
         if args.data is None:
             raise MorecError("train needs --data (or --resume)")
@@ -225,7 +223,11 @@ def _train(args: argparse.Namespace) -> None:
         run = Run.create(args.out, {"config": dataclasses.asdict(config),
                                     "data": str(dataset.root.resolve()),
                                     "world_size": env.world_size})
-    progress = train(dataset, config, run, resume=resume)
+    with hold(args.out):
+        if resume:
+            run.resume(env.world_size, {"config": dataclasses.asdict(config)})
+            run.recover()
+        progress = train(dataset, config, run, resume=resume)
     if distributed.init().is_main:
         print(f"trained {config.model}: {progress.epoch} epoch(s), {progress.step} steps; best "
               f"validation hit@10 {progress.best_hit:.4f} at step {progress.best_step}; "
@@ -369,7 +371,6 @@ def _run(args: argparse.Namespace) -> None:
     _keep_job_settings(args.out, job, train, sampler, morec)
     dataset = PreparedDataset.open(job["data"])
     _check_job(dataset, job["base"], train, sampler)
-    _recover(*(args.out / stage for stage in ("base", "morec", "continued")))
     _print_results(run_job(dataset, args.out, train, sampler, morec, base=job["base"],
                            with_continued=job["continued"] or args.continued, resume=True),
                    args.out)
@@ -454,21 +455,6 @@ def _flags(names: Sequence[str]) -> list[str]:
     return ["--" + name.replace("_", "-") for name in names]
 
 
-def _recover(*runs: Path) -> None:
-    """Completes the checkpoint saves that a kill interrupted in the run directories
-    ``runs`` (rank 0; every rank waits), before a resumed run looks for its checkpoints."""
-    import torch.distributed as dist
-
-    from morec_rec.jobs import checkpoint, distributed
-    from morec_rec.jobs.run import Run
-
-    if distributed.init().is_main:
-        for run in map(Run, runs):
-            checkpoint.recover(run.last)
-            checkpoint.recover(run.best)
-    dist.barrier()
-
-
 def _print_results(results: dict[str, Any], out: Path) -> None:
     from morec_rec.jobs import distributed
 
@@ -523,8 +509,6 @@ def _demo(args: argparse.Namespace) -> None:
     # An interrupted demo continues where it stopped.
     dataset = PreparedDataset.open(data)
     _check_job(dataset, None, train, sampler)
-    if resume:
-        _recover(*(args.out / stage for stage in ("base", "morec")))
     _print_results(run_job(dataset, args.out, train, sampler, morec, resume=resume), args.out)
 
 

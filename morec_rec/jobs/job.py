@@ -33,7 +33,7 @@ from morec_rec.errors import MorecError
 from morec_rec.jobs import checkpoint, distributed
 from morec_rec.jobs.continued import continue_training
 from morec_rec.jobs.models.scorer import ModelScorer
-from morec_rec.jobs.run import RECORD, Run, read_log
+from morec_rec.jobs.run import RECORD, Run, hold, read_log
 from morec_rec.jobs.train import build_sharded, model_identity, train
 from morec_rec.plugin.eval.metrics import RankingMetrics, improvement, is_valid
 from morec_rec.plugin.eval.ranking import evaluate, load_task
@@ -161,14 +161,17 @@ def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
     """The whole job into ``out`` (see the module docstring); returns the results.
 
     With ``resume``, continues the job in ``out`` (the settings may extend its own, e.g.
-    more epochs); otherwise ``out`` must hold no earlier job.
+    more epochs); otherwise ``out`` must be absent or empty but for the dataset.
     """
     env = distributed.init()
-    taken = [name for name in (JOB, "base", "morec", "continued", RESULTS)
-             if (out / name).exists()]
-    if taken and not resume:
-        raise MorecError(f"{out}: holds {', '.join(taken)} of an earlier job; pass --resume "
-                         "to continue it, or choose another --out")
+    if not resume and out.is_dir():
+        taken = [name for name in (JOB, "base", "morec", "continued", RESULTS)
+                 if (out / name).exists()]
+        if taken:
+            raise MorecError(f"{out}: holds {', '.join(taken)} of an earlier job; pass "
+                             "--resume to continue it, or choose another --out")
+        if any(path.resolve() != dataset.root.resolve() for path in out.iterdir()):
+            raise MorecError(f"{out}: output exists and is not an empty directory")
     check_settings(dataset, sampler_config, config)  # before hours of pretraining
     if with_continued:
         check_settings(dataset, *accuracy_only(sampler_config, config))
@@ -180,8 +183,22 @@ def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
     dist.barrier()  # every rank has checked ``out`` before rank 0 writes to it
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / (JOB + ".partial")).write_text(json.dumps(settings, indent=2) + "\n")
-        (out / (JOB + ".partial")).rename(out / JOB)
+    with hold(out):
+        if resume:
+            for stage in ("base", "morec", "continued"):
+                Run(out / stage).recover()
+        if env.is_main:
+            (out / (JOB + ".partial")).write_text(json.dumps(settings, indent=2) + "\n")
+            (out / (JOB + ".partial")).rename(out / JOB)
+        return _run_stages(dataset, out, train_config, sampler_config, config, settings,
+                           base, with_continued, resume)
+
+
+def _run_stages(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
+                sampler_config: SamplerConfig, config: MoRecConfig, settings: dict[str, Any],
+                base: Path | None, with_continued: bool, resume: bool) -> dict[str, Any]:
+    """:func:`run_job`'s stages and results, once ``out`` holds the job's record."""
+    env = distributed.init()
     wall_s: dict[str, float] = {}
     if base is None:
         with timed(wall_s, "base"):

@@ -11,11 +11,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
+import os
 import platform
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -82,6 +86,16 @@ class Run:
             partial.rename(self.root / RECORD)
         dist.barrier()
 
+    def recover(self) -> None:
+        """Completes the checkpoint saves that a kill interrupted, before a resumed run
+        looks for its checkpoints (rank 0; every rank waits)."""
+        from morec_rec.jobs import checkpoint
+
+        if dist.get_rank() == 0:
+            checkpoint.recover(self.last)
+            checkpoint.recover(self.best)
+        dist.barrier()
+
     @classmethod
     def open(cls, root: Path) -> "Run":
         root = Path(root)
@@ -106,6 +120,35 @@ class Run:
         if dist.get_rank() == 0:
             with open(self.root / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def hold(root: Path) -> Iterator[None]:
+    """Keeps other morec-rec processes from writing to the directory ``root`` while the
+    body runs: rank 0 holds an exclusive ``flock`` on it, which the kernel drops when the
+    process ends, however it ends (other ranks take nothing).
+
+    Raises:
+        MorecError: another process holds it (a run still going, or the ranks of a
+            killed ``torchrun`` that have not ended yet).
+    """
+    if dist.is_initialized() and dist.get_rank() != 0:
+        yield
+        return
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MorecError(f"{root}: another morec-rec process is writing here (a run "
+                             "still going, or the ranks of a killed torchrun not ended yet); "
+                             "wait for it to end") from None
+        except OSError as error:  # a file system without locks: nothing to hold
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+        yield
+    finally:
+        os.close(fd)
 
 
 def versions() -> dict[str, str]:
