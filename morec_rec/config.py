@@ -20,7 +20,7 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Mapping, TypeVar
 
 from morec_rec.errors import MorecError
 
@@ -379,9 +379,12 @@ def _check(ok: bool, field: str, value: Any, expected: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type,
-                  exclude: tuple[str, ...] = ()) -> None:
+                  exclude: tuple[str, ...] = (), defaults: Mapping[str, Any] | None = None,
+                  ) -> None:
     """Adds one ``--flag`` per field of the dataclass ``cls`` (but ``exclude``), its help the
-    field's doc and default; unset flags stay absent."""
+    field's doc and default (``defaults``' value, where the command sets its own); unset
+    flags stay absent."""
+    defaults = defaults or {}
     group = parser.add_argument_group(cls.__name__, _first_sentence(cls))
     docs = field_docs(cls)
     for field in dataclasses.fields(cls):
@@ -390,7 +393,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type,
         kind = _field_type(cls, field.name)
         flag = "--" + field.name.replace("_", "-")
         # argparse formats help with %: a literal one is %%.
-        help = f"{_plain(docs[field.name])} (default: {_default_text(field)})".replace("%", "%%")
+        default = (_value_text(defaults[field.name]) if field.name in defaults
+                   else _default_text(field))
+        help = f"{_plain(docs[field.name])} (default: {default})".replace("%", "%%")
         if kind is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help)
@@ -469,8 +474,12 @@ def reference() -> str:
 def _default_text(field: dataclasses.Field[Any], toml: bool = False) -> str:
     """A field's default as a flag (``a,b``, ``'x'``, ``k.f=1``) or as TOML (``["a", "b"]``,
     ``"x"``, ``{ k = { f = 1 } }``) writes it."""
-    value = (field.default if field.default_factory is dataclasses.MISSING
-             else field.default_factory())
+    return _value_text(field.default if field.default_factory is dataclasses.MISSING
+                       else field.default_factory(), toml)
+
+
+def _value_text(value: Any, toml: bool = False) -> str:
+    """:func:`_default_text` of a value."""
     if isinstance(value, dict):
         entries = {key: {f: v for f, v in dataclasses.asdict(target).items() if v is not None}
                    for key, target in value.items()}

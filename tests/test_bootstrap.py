@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from morec_rec.jobs.bootstrap import paired_bootstrap
-from morec_rec.plugin.eval.metrics import RankingMetricSums, user_rows
+from morec_rec.jobs.bootstrap import PairedBootstrap, paired_bootstrap
+from morec_rec.jobs.cli import format_comparison
+from morec_rec.plugin.eval.metrics import METRICS, RankingMetricSums, user_rows
 
 # Six items: price i + 1, fairness group i mod 2, popularity group i mod 3.
 PRICE = np.arange(6, dtype=np.float64) + 1
@@ -80,6 +83,22 @@ def test_imp_over_chosen_terms_leaves_the_others_out() -> None:
                             imp_terms=("hit", "pop_kl"))
     gain = both.difference["hit@2"] / both.b["hit@2"]
     assert both.imp == pytest.approx(gain / 2) and both.imp_positive == 1.0
+
+
+def test_an_undefined_imp_term_is_named() -> None:
+    metrics = {"hit@10": 0.2, "rhit@10": 2.0, "pop_kl@10": 0.3}
+    result = PairedBootstrap(
+        a={**metrics, "min_hit@10": 0.1}, b={**metrics, "min_hit@10": 0.0},
+        difference={**dict.fromkeys(metrics, 0.0), "min_hit@10": 0.1},
+        interval=dict.fromkeys([*metrics, "min_hit@10"], (0.0, 0.0)),
+        above=dict.fromkeys([*metrics, "min_hit@10"], 0.0), imp=0.0,
+        imp_undefined=("min_hit@10",), imp_interval=(0.0, 0.0), imp_positive=0.0,
+        imp_terms=METRICS, resamples=10, level=0.95, seed=0)
+    assert format_comparison("A", "B", "test", 5, result, as_json=False).splitlines()[-1] == (
+        "  Imp of A over B (over hit, rhit, pop_kl; B's min_hit@10 = 0) +0.00% "
+        "[+0.00%, +0.00%]; > 0 in 0.0% of the resamples")
+    assert json.loads(format_comparison("A", "B", "test", 5, result, as_json=True))[
+        "imp_undefined"] == ["min_hit@10"]
 
 
 def test_one_user_more_is_within_noise() -> None:

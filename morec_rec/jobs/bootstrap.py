@@ -33,6 +33,8 @@ class PairedBootstrap:
             Pop-KL, lower is better: A ahead is ``1 - above`` less the ties).
         imp: Imp of A over B (B as the base; over the defined ones of ``imp_terms``; None
             if none is).
+        imp_undefined: the metrics of ``imp_terms`` that Imp leaves out, B's being 0 on
+            the users as evaluated.
         imp_interval: the percentile interval of that Imp over the resamples.
         imp_positive: the share of resamples in which A's Imp over B is > 0. A term
             undefined in a resample (B's metric 0 there) is left out of that resample's
@@ -47,6 +49,7 @@ class PairedBootstrap:
     interval: dict[str, tuple[float, float]]
     above: dict[str, float]
     imp: float | None
+    imp_undefined: tuple[str, ...]
     imp_interval: tuple[float, float]
     imp_positive: float
     imp_terms: tuple[str, ...]
@@ -93,11 +96,12 @@ def paired_bootstrap(rows_a: np.ndarray, rows_b: np.ndarray, q: np.ndarray, *, k
     differences = np.array(differences)
     bounds = np.percentile(differences, tails, axis=0)
     keys = list(a)
+    gain = improvement(b, a, imp_terms)
     return PairedBootstrap(
         a=a, b=b, difference={m: a[m] - b[m] for m in keys},
         interval={m: (float(bounds[0, i]), float(bounds[1, i])) for i, m in enumerate(keys)},
         above={m: float(np.mean(differences[:, i] > 0)) for i, m in enumerate(keys)},
-        imp=improvement(b, a, imp_terms).imp_defined,
+        imp=gain.imp_defined, imp_undefined=gain.undefined,
         imp_interval=tuple(float(x) for x in np.nanpercentile(imps, tails)),
         imp_positive=float(np.nanmean(np.array(imps) > 0)),
         imp_terms=tuple(imp_terms), resamples=resamples, level=level, seed=seed,

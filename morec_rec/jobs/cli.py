@@ -13,7 +13,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Sequence
 
 from morec_rec.config import (
     MoRecConfig,
@@ -34,9 +34,16 @@ if TYPE_CHECKING:
     from morec_rec.jobs.run import Run
 
 DEMO_PROFILE = "demo"
+#: The demo's settings beside the defaults: small enough for a few minutes on 2 CPU cores.
+#: Its epochs are short, 12 batches between two of MoRec's 16 rounds an epoch, so a
+#: worker request brings one batch: every mass update then applies before the next round
+#: (``MoRec.loader.lookahead``).
+DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2, "batches_per_request": 1}}
 #: The settings a resume may change: how long training goes on and how it saves and
 #: evaluates, never what a step computes. A flag for any other setting is refused.
 RESUMABLE = ("checkpoint_every", "epochs", "eval_chunk_users", "max_epochs", "patience")
+#: A job's configs, in its record's order.
+JOB_CONFIGS = (TrainConfig, SamplerConfig, MoRecConfig)
 
 
 #: Third-party deprecation notices that say nothing about the user's job (the command line
@@ -97,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, type=Path, help="run directory")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out with its settings (flags may change "
-                            f"only {', '.join(_flags(RESUMABLE))})")
+                            f"only {_resumable(TrainConfig)})")
     train.add_argument("--config", type=Path, help="TOML file with a [train] table")
     add_arguments(train, TrainConfig)
     train.set_defaults(command=_train)
@@ -129,13 +136,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="also run accuracy-only continued training from the same base")
     run.add_argument("--resume", action="store_true",
                      help="continue the job in --out with its settings (flags may change "
-                          f"only {', '.join(_flags(RESUMABLE))})")
+                          f"only {_resumable(*JOB_CONFIGS)})")
     _add_job_arguments(run)
     run.set_defaults(command=_run)
 
     demo = commands.add_parser("demo", help="the main job on the embedded default data")
     demo.add_argument("--out", required=True, type=Path, help="output directory")
-    _add_job_arguments(demo)
+    _add_job_arguments(demo, DEMO_SETTINGS)
     demo.set_defaults(command=_demo)
     return parser
 
@@ -150,12 +157,16 @@ def _imp_terms(text: str) -> tuple[str, ...]:
     return terms
 
 
-def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_job_arguments(parser: argparse.ArgumentParser,
+                       defaults: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """The job's flags, their help showing ``defaults`` (by table) where given."""
+    defaults = defaults or {}
     parser.add_argument("--config", type=Path,
                         help="TOML file with [train], [sampler] and [morec] tables")
-    add_arguments(parser, TrainConfig)
-    add_arguments(parser, SamplerConfig, exclude=("seed",))  # one seed: the train config's
-    add_arguments(parser, MoRecConfig)
+    add_arguments(parser, TrainConfig, defaults=defaults.get("train"))
+    # One seed: the train config's.
+    add_arguments(parser, SamplerConfig, exclude=("seed",), defaults=defaults.get("sampler"))
+    add_arguments(parser, MoRecConfig, defaults=defaults.get("morec"))
 
 
 def _job_configs(args: argparse.Namespace,
@@ -208,7 +219,7 @@ def _train(args: argparse.Namespace) -> None:
         run = Run.open(args.out)
         record = run.record
         config = build(TrainConfig, record["config"], args)
-        _keep_settings(args.out / RECORD, record["config"], config)
+        _keep_settings(args.out / RECORD, record["config"], config, _resumable(TrainConfig))
         dataset = PreparedDataset.open(record["data"])
         env = distributed.init()
         _check_batch(dataset, config, env.world_size)
@@ -331,7 +342,12 @@ def format_comparison(a: str, b: str, split: str, users: int, result: PairedBoot
                      f"  {100 * result.above[key]:5.1f}%")
     imp = "undefined" if result.imp is None else f"{100 * result.imp:+.2f}%"
     low, high = result.imp_interval
-    over = "" if set(result.imp_terms) == set(METRICS) else f" ({', '.join(result.imp_terms)})"
+    terms = [term for term in result.imp_terms
+             if not any(key.startswith(term + "@") for key in result.imp_undefined)]
+    notes = [] if set(terms) == set(METRICS) else [f"over {', '.join(terms)}"]
+    if result.imp_undefined:
+        notes.append(f"B's {', '.join(result.imp_undefined)} = 0")
+    over = f" ({'; '.join(notes)})" if notes else ""
     lines.append(f"  Imp of A over B{over} {imp} [{100 * low:+.2f}%, {100 * high:+.2f}%]; "
                  f"> 0 in {100 * result.imp_positive:.1f}% of the resamples")
     return "\n".join(lines)
@@ -429,16 +445,16 @@ def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainCo
                         f"sub_batch_size = {sampler.sub_batch_size} × {objectives} objective(s)")
 
 
-def _keep_settings(record: Path, recorded: dict[str, Any], config: Any) -> None:
+def _keep_settings(record: Path, recorded: dict[str, Any], config: Any, flags: str) -> None:
     """Raises :class:`MorecError` naming the first setting of ``config`` (a config
     dataclass) that differs from its value ``recorded`` in ``record`` and is not one of
-    :data:`RESUMABLE`."""
+    :data:`RESUMABLE` (whose ``flags`` the message lists)."""
     started = build(type(config), recorded, None)
     for field in dataclasses.fields(config):
         old, new = getattr(started, field.name), getattr(config, field.name)
         if old != new and field.name not in RESUMABLE:
             raise MorecError(f"{record}: started with {field.name} = {old!r}, not {new!r}; a "
-                             f"resume may change only {', '.join(_flags(RESUMABLE))}")
+                             f"resume may change only {flags}")
 
 
 def _keep_job_settings(out: Path, job: dict[str, Any], train: TrainConfig,
@@ -447,12 +463,13 @@ def _keep_job_settings(out: Path, job: dict[str, Any], train: TrainConfig,
     from morec_rec.jobs.job import JOB
 
     for name, config in (("train", train), ("sampler", sampler), ("morec", morec)):
-        _keep_settings(out / JOB, job[name], config)
+        _keep_settings(out / JOB, job[name], config, _resumable(*JOB_CONFIGS))
 
 
-def _flags(names: Sequence[str]) -> list[str]:
-    """The command-line flags of the config fields ``names``."""
-    return ["--" + name.replace("_", "-") for name in names]
+def _resumable(*configs: type) -> str:
+    """The flags of the :data:`RESUMABLE` settings that the dataclasses ``configs`` hold."""
+    names = {field.name for config in configs for field in dataclasses.fields(config)}
+    return ", ".join("--" + name.replace("_", "-") for name in RESUMABLE if name in names)
 
 
 def _print_results(results: dict[str, Any], out: Path) -> None:
@@ -475,13 +492,6 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
     print(f"results and plots in {out}")
 
 
-#: The demo's settings beside the defaults: small enough for a few minutes on 2 CPU cores.
-#: Its epochs are short, 12 batches between two of MoRec's 16 rounds an epoch, so a
-#: worker request brings one batch: every mass update then applies before the next round
-#: (``MoRec.loader.lookahead``).
-DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2, "batches_per_request": 1}}
-
-
 def _demo(args: argparse.Namespace) -> None:
     from morec_rec.data.prepare import check_writable
     from morec_rec.jobs.job import JOB, RESULTS, read_job, run_job
@@ -499,14 +509,18 @@ def _demo(args: argparse.Namespace) -> None:
                              "choose another --out")
     else:
         manifest = synthesize(DEMO_PROFILE, data, config)
-    print(summary(data, manifest))
+        print(summary(data, manifest))
     resume = (args.out / JOB).is_file()
     if resume:
-        _keep_job_settings(args.out, read_job(args.out), train, sampler, morec)
-    if (args.out / RESULTS).is_file():  # a finished demo: show its results again
-        _print_results(json.loads((args.out / RESULTS).read_text()), args.out)
-        return
-    # An interrupted demo continues where it stopped.
+        job = read_job(args.out)
+        _keep_job_settings(args.out, job, train, sampler, morec)
+        settings = {"train": train, "sampler": sampler, "morec": morec}
+        if (args.out / RESULTS).is_file() and all(
+                dataclasses.asdict(settings[name]) == job[name] for name in settings):
+            # A finished demo, asked for nothing more: its results again.
+            _print_results(json.loads((args.out / RESULTS).read_text()), args.out)
+            return
+    # An interrupted demo, or a finished one asked for more, goes on where it stopped.
     dataset = PreparedDataset.open(data)
     _check_job(dataset, None, train, sampler)
     _print_results(run_job(dataset, args.out, train, sampler, morec, resume=resume), args.out)
