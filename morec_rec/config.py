@@ -45,9 +45,9 @@ class HoldTarget:
     """Where a PI controller holds an objective's controlled quantity: ``relative`` times
     its value at the base model, or the absolute ``value``. Exactly one is set, and > 0.
 
-    Under ``validation`` control the quantity is itself relative to the base (1 there), so
-    the two coincide; under ``training`` control it is a mean training loss, and a
-    ``relative`` target needs the base's loss measured first.
+    Under ``validation`` control the quantity is itself relative to the base (1 there), and
+    only ``relative`` targets are taken; under ``training`` control it is a mean training
+    loss, and a ``relative`` target needs the base's loss measured first.
     """
 
     relative: float | None = None
@@ -293,10 +293,11 @@ class MoRecConfig:
     #: Objectives held by a PI controller: objective name -> its target, ``relative`` to
     #: the controlled quantity's value at the base model (under ``training`` control the
     #: base's mean loss on that objective's sub-batches, measured before continued
-    #: training; under ``validation`` control, 1) or an absolute ``value``. In TOML a
-    #: table, ``[morec.hold]`` with ``accuracy = { relative = 1.01 }``; as a flag, TOML's
-    #: dotted keys, ``--hold accuracy.relative=1.01,revenue.value=0.2`` (``--hold ''``:
-    #: none). The default holds validation Hit@10 1% short of the base's.
+    #: training; under ``validation`` control, 1), or under ``training`` control an
+    #: absolute ``value`` of the loss. In TOML a table, ``[morec.hold]`` with
+    #: ``accuracy = { relative = 1.01 }``; as a flag, TOML's dotted keys, ``--hold
+    #: accuracy.relative=1.01,fairness.relative=0.98`` (``--hold ''``: none). The default
+    #: holds validation Hit@10 1% short of the base's.
     hold: dict[str, HoldTarget] = dataclasses.field(
         default_factory=lambda: {"accuracy": HoldTarget(relative=1.01)})
     #: Proportional gain of every controller, >= 0: the proportional term lies in (0, kp).
@@ -335,6 +336,12 @@ class MoRecConfig:
                self.coefficients, "loss under control = training")
         _check(all(isinstance(t, HoldTarget) for t in self.hold.values()), "hold", self.hold,
                "objective name -> HoldTarget")
+        absolute = [name for name, target in self.hold.items() if target.value is not None]
+        if self.control == "validation" and absolute:
+            raise MorecError(
+                f"config: hold.{absolute[0]}: an absolute value under validation control, "
+                f"whose quantity is relative to the base's metric (1 at the base): give "
+                f"{absolute[0]}.relative (e.g. 1.01 for 1% short of the base's)")
         _check(self.kp >= 0, "kp", self.kp, ">= 0")
         _check(self.ki >= 0, "ki", self.ki, ">= 0")
         _check(0 <= self.beta_min <= self.beta_max, "beta_min", self.beta_min,
@@ -517,20 +524,28 @@ def build(cls: type[C], file_values: dict[str, Any], args: argparse.Namespace | 
     unknown = sorted(set(file_values) - names)
     if unknown:
         raise MorecError(f"config: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
-    values = dict(file_values)
+    # The file's values are checked even where a flag overrides them.
+    values = _typed(cls, file_values)
     if args is not None:
-        values.update({k: v for k, v in vars(args).items() if k in names})
+        values.update(_typed(cls, {k: v for k, v in vars(args).items() if k in names}))
+    return cls(**values)
+
+
+def _typed(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` of fields of ``cls``, each as its field's type; MorecError naming the
+    first that is not of it."""
+    typed = {}
     for name, value in values.items():
         kind = _field_type(cls, name)
         if kind is tuple and isinstance(value, (list, tuple)):  # TOML arrays, comma lists
-            value = values[name] = _tuple_of(cls, name, value)
+            value = _tuple_of(cls, name, value)
         if kind is dict and isinstance(value, dict):  # TOML tables, dotted-key flags
-            value = values[name] = _dict_of(cls, name, value)
+            value = _dict_of(cls, name, value)
         if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
-            raise MorecError(f"config: {name} = {value!r} is not a {kind.__name__}")
-        if kind is float:
-            values[name] = float(value)
-    return cls(**values)
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            raise MorecError(f"config: {name} = {value!r} is not {article} {kind.__name__}")
+        typed[name] = float(value) if kind is float else value
+    return typed
 
 
 def load_file(path: Path | None, sections: tuple[str, ...]) -> dict[str, dict[str, Any]]:

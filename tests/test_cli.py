@@ -135,6 +135,21 @@ def test_bad_config_values(files: tuple[Path, Path], tmp_path: Path,
     assert message in _error(capsys)
 
 
+def test_flags_are_spelled_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "job"), "--epoch", "2"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --epoch 2" in _error(capsys)
+
+
+def test_a_job_is_not_a_run_to_evaluate(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "morec").mkdir()
+    (tmp_path / "job.json").write_text("{}")
+    assert main(["evaluate", "--run", str(tmp_path)]) == 2
+    assert f"a job, not a run: evaluate one of its runs ({tmp_path / 'morec'})" in _error(capsys)
+
+
 def test_unknown_config_key(files: tuple[Path, Path], tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "c.toml"
@@ -154,7 +169,8 @@ def test_demo_runs_the_job_and_reruns(tmp_path: Path,
         "hit@10", "rhit@10", "pop_kl@10", "min_hit@10"}
     assert {"imp", "valid"} <= set(results)
     assert main(["demo", "--out", str(tmp_path / "run")]) == 0  # shows the finished job
-    assert capsys.readouterr().out == first
+    again = capsys.readouterr().out
+    assert first.endswith(again) and "prepared" not in again  # the data is reused
     assert main(["demo", "--out", str(tmp_path / "run"), "--seed", "1"]) == 2
     assert "holds other data than the demo's" in _error(capsys)
     assert main(["demo", "--out", str(tmp_path / "run"), "--lr", "0.01"]) == 2
@@ -169,3 +185,8 @@ def test_demo_runs_the_job_and_reruns(tmp_path: Path,
     resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
     for key in ("base", "morec", "imp", "valid", "control"):
         assert resumed[key] == results[key], key
+    # Asked for more, a finished demo goes on.
+    assert main(["demo", "--out", str(tmp_path / "killed"), "--epochs", "3"]) == 0
+    assert json.loads((tmp_path / "killed" / "job.json").read_text())["morec"]["epochs"] == 3
+    record = json.loads((tmp_path / "killed" / "morec" / "run.json").read_text())
+    assert record["morec"]["epochs"] == 3

@@ -21,11 +21,11 @@ def _flags(*argv: str) -> argparse.Namespace:
 
 def test_hold_from_toml_flag_and_record_agree(tmp_path: Path) -> None:
     path = tmp_path / "job.toml"
-    path.write_text("[morec]\nki = 20\n\n[morec.hold]\naccuracy = { relative = 1.02 }\n"
-                    "revenue.value = 0.2\n")
+    path.write_text("[morec]\nki = 20\ncontrol = 'training'\ncoefficients = 'loss'\n\n"
+                    "[morec.hold]\naccuracy = { relative = 1.02 }\nrevenue.value = 0.2\n")
     from_file = build(MoRecConfig, load_file(path, ("morec",))["morec"], None)
-    from_flag = build(MoRecConfig, {"ki": 20}, _flags("--hold",
-                                                      "accuracy.relative=1.02,revenue.value=0.2"))
+    from_flag = build(MoRecConfig, {"ki": 20, "control": "training", "coefficients": "loss"},
+                      _flags("--hold", "accuracy.relative=1.02,revenue.value=0.2"))
     record = json.loads(json.dumps(dataclasses.asdict(from_file)))  # as run.json keeps it
     assert from_file.hold == from_flag.hold == build(MoRecConfig, record, None).hold == HOLD
     assert from_file == from_flag
@@ -45,7 +45,13 @@ def test_hold_flag_replaces_the_files_table() -> None:
     ({"accuracy": {"relative": -1}}, "hold.accuracy: hold target {relative = -1.0}"),
     ({"accuracy": {"relative": "1.01"}}, "hold.accuracy = {'relative': '1.01'} needs numbers"),
     ({"accuracy": 1.01}, "hold.accuracy = 1.01 is not a table of relative, value"),
+    ({"accuracy": {"value": 0.2}}, "hold.accuracy: an absolute value under validation control"),
 ])
 def test_bad_hold_names_the_entry(hold: dict, message: str) -> None:
     with pytest.raises(MorecError, match=message.replace("{", r"\{").replace("(", r"\(")):
         build(MoRecConfig, {"hold": hold}, None)
+
+
+def test_a_file_value_of_the_wrong_type_is_refused_under_its_flag() -> None:
+    with pytest.raises(MorecError, match="config: epochs = '2' is not an int"):
+        build(MoRecConfig, {"epochs": "2"}, _flags("--epochs", "1"))

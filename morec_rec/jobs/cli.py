@@ -76,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line, as every other error (the usage is one ``--help`` away)."""
+    """Usage errors in one line, as every other error (the usage is one ``--help`` away);
+    a flag is spelled out (``--epoch`` is no ``--epochs``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -305,8 +309,13 @@ def _evaluable(root: Path, is_main: bool) -> Run:
     """The run at ``root`` if it has a best checkpoint to evaluate (else MorecError); prints
     a warning (on rank 0) if its training did not finish."""
     from morec_rec.jobs import checkpoint
+    from morec_rec.jobs.job import JOB
     from morec_rec.jobs.run import Run
 
+    if (root / JOB).is_file():
+        stages = ", ".join(str(root / stage) for stage in ("base", "morec", "continued")
+                           if (root / stage).is_dir())
+        raise MorecError(f"{root}: a job, not a run: evaluate one of its runs ({stages})")
     run = Run.open(root)
     if checkpoint.resolve(run.best) is None:
         raise MorecError(f"{root}: nothing to evaluate: no best checkpoint (the run stopped "
