@@ -106,12 +106,18 @@ def test_a_killed_job_resumes_as_if_uninterrupted(tiny: Path, base: Path, uninte
 
 
 @pytest.mark.slow
-def test_a_killed_job_under_training_control_resumes_as_if_uninterrupted(
-        tiny: Path, base: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [
     # The controller's target is relative to the base's losses, measured before continued
     # training: the resumed job restores them rather than measuring the resumed model.
-    assert_killed_at_step_20_resumes(["--data", str(tiny), "--base", str(base), *MOREC,
-                                      "--control", "training", "--coefficients", "loss"],
+    ["--control", "training", "--coefficients", "loss"],
+    # No sampler: the controlled coefficients weigh the loss forms.
+    ["--coefficients", "loss_forms"],
+    # A baseline coordinator whose rule keeps state (EPO's preference-ray solution).
+    ["--coordinator", "epo", "--coefficients", "loss"],
+], ids=["training-control", "loss-forms", "epo"])
+def test_a_killed_job_of_each_coordination_resumes_as_if_uninterrupted(
+        tiny: Path, base: Path, tmp_path: Path, mode: list[str]) -> None:
+    assert_killed_at_step_20_resumes(["--data", str(tiny), "--base", str(base), *MOREC, *mode],
                                      tmp_path)
 
 

@@ -3,10 +3,10 @@
     python tests/dist/killed_job.py --at-step N -- run ...      (torchrun: rank 0 only)
     python tests/dist/killed_job.py --between-renames N -- run ...
 
-``--at-step N``: in the middle of MoRec training step N + 1 (inside the loss hook, before
-the backward), so N steps are done. ``--between-renames N``: in the N-th checkpoint save
-of ``last``, right after the old ``last`` was renamed aside and before the new one takes
-its place. Under torchrun only the first attempt is killed: a restart
+``--at-step N``: in the middle of MoRec training step N + 1 (inside the loss hook,
+MoRec's or a baseline coordinator's, before the backward), so N steps are done.
+``--between-renames N``: in the N-th checkpoint save of ``last``, right after the old
+``last`` was renamed aside and before the new one takes its place. Under torchrun only the first attempt is killed: a restart
 (``--max-restarts``) runs to its end.
 """
 
@@ -17,6 +17,7 @@ import sys
 
 from morec_rec.jobs.cli import main
 from morec_rec.jobs import checkpoint
+from morec_rec.plugin.baseline import BaselineLoss
 from morec_rec.plugin.hook import MoRecLoss
 
 
@@ -28,18 +29,23 @@ def kill() -> None:
 
 
 def kill_at_step(n: int) -> None:
-    call = MoRecLoss.__call__
     steps = 0
 
-    def counted(self, batch):
-        nonlocal steps
-        if self.model.training:
-            steps += 1
-            if steps == n + 1:
-                kill()
-        return call(self, batch)
+    def counting(hook: type) -> None:
+        call = hook.__call__
 
-    MoRecLoss.__call__ = counted
+        def counted(self, batch):
+            nonlocal steps
+            if self.model.training:
+                steps += 1
+                if steps == n + 1:
+                    kill()
+            return call(self, batch)
+
+        hook.__call__ = counted
+
+    counting(MoRecLoss)
+    counting(BaselineLoss)  # a baseline coordinator's hook, and MoRec's under loss_forms
 
 
 def kill_between_renames(n: int) -> None:
