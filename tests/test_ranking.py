@@ -10,6 +10,7 @@ import torch
 from sampling_data import make_dataset
 
 from morec_rec.data.format import PreparedDataset
+from morec_rec.errors import MorecError
 from morec_rec.plugin.eval.ranking import PopularityScorer, RankingTask, evaluate, load_task, top_k
 
 
@@ -47,6 +48,13 @@ def test_popular_excludes_seen_items() -> None:
     assert metrics.rhit == pytest.approx(3.0 / 2)  # price of item 2 is 3, one of two users
 
 
+def test_scores_of_another_shape_are_refused() -> None:
+    task = _task(exclude=[[], []], held_out=[2, 3])
+    with pytest.raises(MorecError, match=r"scorer: scores of shape \(2, 5\) for 2 users, "
+                                         r"expected \(users, 6\)"):
+        evaluate(lambda users: torch.zeros(len(users), 5), task, k=2)
+
+
 @pytest.mark.parametrize("chunk_users", [1, 2, 5])
 def test_chunking_does_not_change_metrics(tmp_path: Path, chunk_users: int) -> None:
     dataset = make_dataset(tmp_path / "d")
@@ -75,7 +83,5 @@ def test_test_task_excludes_train_and_valid_items(tmp_path: Path) -> None:
 
 
 def test_split_must_be_held_out(tmp_path: Path) -> None:
-    from morec_rec.errors import MorecError
-
     with pytest.raises(MorecError, match="'valid' or 'test'"):
         load_task(PreparedDataset.open(make_dataset(tmp_path / "d").root), "train")

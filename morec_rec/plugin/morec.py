@@ -262,6 +262,8 @@ class MoRec:
         """The loader's next iteration yields the batches of ``epoch`` from
         :attr:`position` on: all of a new epoch, the rest of the one a restored job
         stopped in."""
+        if epoch < 0:
+            raise MorecError(f"set_epoch: epoch {epoch} must be >= 0")
         start = self.position - epoch * self.batches_per_epoch
         self.loader.set_epoch(epoch, min(max(start, 0), self.batches_per_epoch))
 

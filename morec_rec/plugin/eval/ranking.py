@@ -189,7 +189,12 @@ def _top_lists(scorer: Scorer, task: RankingTask, k: int,
         users = local.rows(begin, begin + chunk_users)
         # A rank whose slice has run out still takes part in the scorer's collective.
         padding = len(users) == 0
-        scores = scorer(task.rows(0, 1) if padding else users)
+        chunk = task.rows(0, 1) if padding else users
+        scores = scorer(chunk)
+        if tuple(scores.shape) != (len(chunk), task.num_items):
+            raise MorecError(f"scorer: scores of shape {tuple(scores.shape)} for {len(chunk)} "
+                             f"users, expected (users, {task.num_items}): every item's score "
+                             "for each user of the chunk")
         if padding:
             continue
         excluded = torch.from_numpy(np.repeat(np.arange(len(users)),
