@@ -160,6 +160,8 @@ def test_baseline_coordinators_run_as_a_choice_of_the_same_job(
     if ranks == 1:
         done = run_cli("run", *args)
         assert done.returncode == 0, done.stderr
+        title = {"static": "Static weights", "mgda": "MGDA", "pe-mtl": "PE-MTL", "epo": "EPO"}
+        assert f"{title[coordinator]} against the base on test" in done.stdout
     else:
         run_torchrun("integration/run.py", *args, timeout=300)
     results = json.loads((out / "results.json").read_text())

@@ -486,12 +486,16 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
 
     if not distributed.init().is_main:
         return
-    rows = [name for name in ("base", "continued", "morec") if name in results]
+    # The coordinated run is ``morec`` in the results, whichever coordinator it had.
+    coordinator = results["settings"]["morec"]["coordinator"]
+    rows = {"base": "base", "continued": "continued", "morec": coordinator}
     keys = list(results["base"])
     print(f"{'':<12}" + "".join(f"{key:>12}" for key in keys))
-    for name in rows:
-        print(f"{name:<12}" + "".join(f"{results[name][key]:>12.4f}" for key in keys))
-    print(f"MoRec against the base on test: {results['imp_text']}, "
+    for name, label in rows.items():
+        if name in results:
+            print(f"{label:<12}" + "".join(f"{results[name][key]:>12.4f}" for key in keys))
+    title = {"morec": "MoRec", "static": "Static weights"}.get(coordinator, coordinator.upper())
+    print(f"{title} against the base on test: {results['imp_text']}, "
           f"{'valid' if results['valid'] else 'INVALID'} (hit@10 >= 97% of the base's)")
     for name, held in results["control"].items():
         print(f"controller of {name}, last fifth of training: mean "
