@@ -397,6 +397,16 @@ def test_wrong_model_for_the_base_leaves_out_untouched(tiny: Path, run: Path,
     done = run_cli(*args)  # the retry with the base's model
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "results.json").is_file()
+    # The base's model settings are the job's defaults: a SASRec base needs no --model.
+    sasrec = tmp_path / "sasrec"
+    done = run_cli("train", "--data", str(tiny), "--out", str(sasrec), *TRAIN,
+                   "--model", "sasrec")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli("run", "--data", str(tiny), "--out", str(tmp_path / "on_sasrec"), "--base",
+                   str(sasrec), *JOB)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "on_sasrec" / "job.json").read_text())["train"]["model"] \
+        == "sasrec"
 
 
 def test_a_job_writes_only_into_an_empty_directory(tiny: Path, run: Path,

@@ -135,7 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="pretrain, continue with MoRec, evaluate on test")
     run.add_argument("--data", type=Path, help="prepared dataset (not with --resume)")
     run.add_argument("--out", required=True, type=Path, help="output directory")
-    run.add_argument("--base", type=Path, help="an existing base run (default: pretrain one)")
+    run.add_argument("--base", type=Path,
+                     help="an existing base run (default: pretrain one); its model, "
+                          "embedding size and table optimizer are the job's defaults")
     run.add_argument("--continued", action="store_true",
                      help="also run accuracy-only continued training from the same base")
     run.add_argument("--resume", action="store_true",
@@ -378,7 +380,7 @@ def _run(args: argparse.Namespace) -> None:
     if not (args.resume or _is_restart(args.out / JOB, args.data)):
         if args.data is None:
             raise MorecError("run needs --data (or --resume)")
-        train, sampler, morec = _job_configs(args)
+        train, sampler, morec = _job_configs(args, _base_model(args.base))
         dataset = PreparedDataset.open(args.data)
         _check_job(dataset, args.base, train, sampler)
         check_writable(args.out)
@@ -399,6 +401,18 @@ def _run(args: argparse.Namespace) -> None:
     _print_results(run_job(dataset, args.out, train, sampler, morec, base=job["base"],
                            with_continued=job["continued"] or args.continued, resume=True),
                    args.out)
+
+
+def _base_model(base: Path | None) -> dict[str, dict[str, Any]]:
+    """The model settings of the run ``base`` (its model, embedding size and table
+    optimizer), as the defaults of a job that continues it; none without a base."""
+    from morec_rec.jobs.run import Run
+
+    if base is None:
+        return {}
+    recorded = Run.open(base).record["config"]
+    return {"train": {key: recorded[key]
+                      for key in ("model", "embedding_dim", "table_optimizer")}}
 
 
 def _is_restart(record: Path, data: Path | None) -> bool:
