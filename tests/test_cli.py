@@ -168,9 +168,11 @@ def test_demo_runs_the_job_and_reruns(tmp_path: Path,
     assert set(results["base"]) == set(results["morec"]) == {
         "hit@10", "rhit@10", "pop_kl@10", "min_hit@10"}
     assert {"imp", "valid"} <= set(results)
+    written = (tmp_path / "run" / "results.json").stat().st_mtime_ns
     assert main(["demo", "--out", str(tmp_path / "run")]) == 0  # shows the finished job
     again = capsys.readouterr().out
     assert first.endswith(again) and "prepared" not in again  # the data is reused
+    assert (tmp_path / "run" / "results.json").stat().st_mtime_ns == written  # not rerun
     assert main(["demo", "--out", str(tmp_path / "run"), "--seed", "1"]) == 2
     assert "holds other data than the demo's" in _error(capsys)
     assert main(["demo", "--out", str(tmp_path / "run"), "--lr", "0.01"]) == 2

@@ -543,7 +543,8 @@ def _demo(args: argparse.Namespace) -> None:
         _keep_job_settings(args.out, job, train, sampler, morec)
         settings = {"train": train, "sampler": sampler, "morec": morec}
         if (args.out / RESULTS).is_file() and all(
-                dataclasses.asdict(settings[name]) == job[name] for name in settings):
+                build(type(given), job[name], None) == given
+                for name, given in settings.items()):
             # A finished demo, asked for nothing more: its results again.
             _print_results(json.loads((args.out / RESULTS).read_text()), args.out)
             return
