@@ -460,7 +460,9 @@ def reference() -> str:
         "(`--config FILE`) is TOML with one table per dataclass; each field is also a flag",
         "(`history_length` becomes `--history-length`; a tuple is a comma list on the",
         "command line, an array in TOML). Flags override the file, the file overrides the",
-        "defaults. Unknown keys and out-of-range values are errors that name the key.",
+        "defaults; `demo` has defaults of its own, and `run --base RUN` takes the base's",
+        "model, embedding size and table optimizer (their `--help` shows them). Unknown",
+        "keys and out-of-range values are errors that name the key.",
         "In a Python job the same dataclasses are built directly, e.g.",
         "`MoRecConfig(hold={\"accuracy\": HoldTarget(relative=1.02)})`.",
     ]

@@ -326,7 +326,9 @@ class MoRec:
         apply from the first batch no loader worker has drawn. The first round's metrics
         are the reference (:attr:`base`). Give a TorchRec pipeline's model as
         ``pipeline.detach()`` returns it, then ``pipeline.attach(model,
-        sparse_dist=False)``.
+        sparse_dist=False)``. Warns (once) of a round that comes before the masses of the
+        round before it apply: fewer batches between two rounds than the loader's
+        :attr:`~morec_rec.plugin.loader.SamplerLoader.lookahead` and the pipeline's.
 
         Returns the round's record: ``metrics`` (None without a scorer), ``measures`` (the
         controlled values), ``group_loss`` (the signal), ``coefficients`` (each held
