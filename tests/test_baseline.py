@@ -54,7 +54,8 @@ def _step(rule: Any, hook: BaselineLoss | None = None,
     hook = hook or _hook(rule)
     hook.model.zero_grad()
     rows = torch.tensor([0, 1])
-    loss, _ = hook(SegmentedBatch(rows, torch.tensor(segment), 0, item_id=rows))
+    index = 0 if hook.trained is None else hook.trained + 1  # the hook's next batch
+    loss, _ = hook(SegmentedBatch(rows, torch.tensor(segment), index, item_id=rows))
     loss.backward()
     assert hook.model.theta.grad is not None
     return hook.model.theta.grad, hook

@@ -122,14 +122,14 @@ def test_under_validation_control_the_hook_uses_the_coefficients_in_force() -> N
     c.observe({"accuracy": 1.0})  # err = −0.5: P = 0.5/(1 + e^−0.5) = 0.3112, I = 0.05
     beta = 0.5 / (1 + math.exp(-0.5)) + 0.05 + 0.6
     hook = make_hook(FixedModel(LOSSES), c)
-    for _ in range(3):
-        loss, _ = hook(segmented(SEGMENTS))
+    for index in range(3):
+        loss, _ = hook(segmented(SEGMENTS, index))
         assert loss.item() == pytest.approx(beta * 0.75 + 0.08 * 1.0 + 0.12 * 3.0, rel=1e-12)
     assert controller_steps(c) == 1  # only the observation stepped it
     # The job's next validation moves q: I = 0.05 + 0.05 = 0.1 (below 0.7 − P = 0.389).
     c.observe({"accuracy": 1.0})
     beta = 0.5 / (1 + math.exp(-0.5)) + 0.1 + 0.6
-    loss, _ = hook(segmented(SEGMENTS))
+    loss, _ = hook(segmented(SEGMENTS, 3))
     assert loss.item() == pytest.approx(beta * 0.75 + 0.08 * 1.0 + 0.12 * 3.0, rel=1e-12)
     assert controller_steps(c) == 2
 
@@ -214,6 +214,25 @@ def test_loss_coefficients_refuse_per_example_losses_without_a_gradient() -> Non
     with torch.no_grad():  # a pass without gradient (validation) needs none
         loss, _ = hook(segmented(SEGMENTS))
     assert loss.item() == pytest.approx(np.dot(c.q, MEANS), rel=1e-12)
+
+
+def test_a_batch_trained_again_is_refused() -> None:
+    # As a loader iterated again without set_epoch yields the batches of its last epoch.
+    hook = make_hook(FixedModel(LOSSES), coordinator())
+    hook(segmented(SEGMENTS, 4))
+    with pytest.raises(MorecError, match="batch 4 comes after batch 4 was trained: call "
+                                         r"morec.set_epoch\(epoch\) before iterating"):
+        hook(segmented(SEGMENTS, 4))
+
+
+def test_a_model_that_returns_only_its_output_is_refused() -> None:
+    class Scores(nn.Module):
+        def forward(self, batch: object) -> torch.Tensor:
+            return torch.zeros(2, 2)  # would unpack into a "loss" and an "output"
+
+    with pytest.raises(MorecError, match=r"the model returned Tensor of shape \(2, 2\): MoRec "
+                                         r"calls model\(batch\) for \(loss, output\)"):
+        make_hook(Scores(), coordinator())(segmented(SEGMENTS))
 
 
 def test_objective_losses_reduce_to_the_means_since_the_last_call() -> None:

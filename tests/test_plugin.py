@@ -248,9 +248,19 @@ def test_state_must_be_loaded_before_the_hook(tiny: Path, manifest: dict) -> Non
             morec.load_state_dict(state)
 
 
-def test_state_must_be_loaded_with_the_same_loader_workers(tiny: Path, manifest: dict) -> None:
+def test_state_must_be_loaded_with_the_same_loader_workers_and_sampler(tiny: Path, manifest: dict) -> None:
     model = MF(manifest["num_users"], manifest["num_items"])
     state = make(tiny, manifest, model).state_dict()
     with pytest.raises(MorecError, match=r"saved on 1 rank\(s\) with 0 loader worker\(s\) "
                                          r"each, restored on 1 with 2: a resume needs the same"):
         make(tiny, manifest, model, num_workers=2).load_state_dict(state)
+    # The batches depend on the objectives and the sampler's settings too.
+    with pytest.raises(MorecError, match=r"saved with objectives \['accuracy', 'revenue', "
+                                         r"'fairness', 'alignment', 'cheap'\], restored with "
+                                         r"\['accuracy', 'revenue', 'fairness', 'alignment'\]"):
+        make(tiny, manifest, model, objectives=["accuracy", "revenue", "fairness", "alignment"],
+             config=MoRecConfig(beta_max=2.0)).load_state_dict(state)
+    with pytest.raises(MorecError, match="saved with sampler sub_batch_size = 40, restored "
+                                         "with 32: a resume needs the same"):
+        make(tiny, manifest, model, sampler=SamplerConfig(sub_batch_size=32)).load_state_dict(
+            state)

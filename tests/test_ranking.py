@@ -48,11 +48,14 @@ def test_popular_excludes_seen_items() -> None:
     assert metrics.rhit == pytest.approx(3.0 / 2)  # price of item 2 is 3, one of two users
 
 
-def test_scores_of_another_shape_are_refused() -> None:
+def test_scores_of_another_shape_or_type_are_refused() -> None:
     task = _task(exclude=[[], []], held_out=[2, 3])
     with pytest.raises(MorecError, match=r"scorer: scores of shape \(2, 5\) for 2 users, "
                                          r"expected \(users, 6\)"):
         evaluate(lambda users: torch.zeros(len(users), 5), task, k=2)
+    with pytest.raises(MorecError, match=r"scorer: returned ndarray, expected a float tensor "
+                                         r"\(users, 6\)"):
+        evaluate(lambda users: np.zeros((len(users), 6)), task, k=2)
 
 
 @pytest.mark.parametrize("chunk_users", [1, 2, 5])

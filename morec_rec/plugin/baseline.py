@@ -31,7 +31,13 @@ from morec_rec.collectives import all_reduce, is_distributed
 from morec_rec.errors import MorecError
 from morec_rec.plugin.control.objective_losses import ItemSideInformation, objective_losses
 from morec_rec.plugin.control.rules import Rule
-from morec_rec.plugin.hook import Examples, ObjectiveLosses, segment_sums
+from morec_rec.plugin.hook import (
+    Examples,
+    ObjectiveLosses,
+    model_output,
+    next_trained,
+    segment_sums,
+)
 from morec_rec.plugin.segments import SegmentedBatch
 
 #: ``(job batch, model output) -> tensor(s)``: the shared representation whose gradients a
@@ -112,7 +118,7 @@ class BaselineLoss:
         self._segments = torch.arange(len(self.names))
 
     def __call__(self, batch: SegmentedBatch) -> tuple[torch.Tensor, Any]:
-        loss, output = self.model(batch.batch)
+        loss, output = model_output(self.model, batch.batch)
         per_example = self.examples.losses(batch.batch, loss, output, len(batch.segment))
         values = self.terms(per_example, self.examples.expand(batch.segment, per_example),
                             None if batch.item_id is None
@@ -126,7 +132,7 @@ class BaselineLoss:
             raise MorecError("a baseline coordinator weighs the per-example losses, which "
                              "have no gradient here (rows= computes them from a detached "
                              "output?)")
-        self.trained = batch.index
+        self.trained = next_trained(self.trained, batch.index)
         if self.rule.needs_gradients:
             self.weights = self._weights(values.detach(), self._gram(values, batch.batch,
                                                                      output))

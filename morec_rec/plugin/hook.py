@@ -69,6 +69,29 @@ class Examples:
         return self.layout.expand(per_row, per_example.shape[0])
 
 
+def model_output(model: Callable[[Any], Any], batch: Any) -> tuple[torch.Tensor, Any]:
+    """``model(batch)`` as ``(loss, output)``, the pair TorchRec's pipeline takes from a
+    model; MorecError for a model that returns anything else."""
+    result = model(batch)
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        shape = f" of shape {tuple(result.shape)}" if isinstance(result, torch.Tensor) else ""
+        raise MorecError(f"the model returned {type(result).__name__}{shape}: MoRec calls "
+                         "model(batch) for (loss, output), as TorchRec's pipeline does; wrap "
+                         "a model that returns only its output in a module that adds the loss")
+    return result[0], result[1]
+
+
+def next_trained(trained: int | None, index: int) -> int:
+    """``index``, the batch a hook trains on, which must come after ``trained``, the last
+    one it trained on (MorecError otherwise: a loader iterated again without
+    ``set_epoch`` yields the epoch it yielded before)."""
+    if trained is not None and index <= trained:
+        raise MorecError(f"loss hook: batch {index} comes after batch {trained} was trained: "
+                         "call morec.set_epoch(epoch) before iterating morec.loader for each "
+                         "epoch")
+    return index
+
+
 def segment_sums(values: torch.Tensor, segment: torch.Tensor,
                  num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(n,) sums of the (E,) ``values`` by their (E,) segment, and (n,) counts, in
@@ -164,12 +187,12 @@ class MoRecLoss:
         self._q: tuple[np.ndarray, torch.Tensor] | None = None  # q, and its device copy
 
     def __call__(self, batch: SegmentedBatch) -> tuple[torch.Tensor, Any]:
-        loss, output = self.model(batch.batch)
+        loss, output = model_output(self.model, batch.batch)
         per_example = self.examples.losses(batch.batch, loss, output, batch.segment.shape[0])
         segment = self.examples.expand(batch.segment, per_example)
         self.losses.add(per_example, segment)
-        if self.model.training:
-            self.trained = batch.index
+        if self.model.training and torch.is_grad_enabled():
+            self.trained = next_trained(self.trained, batch.index)
         if not self.weigh:
             return loss, output
         if torch.is_grad_enabled() and not per_example.requires_grad:

@@ -29,6 +29,7 @@ mean losses (MoRec with the baseline as its coordinator).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import uuid
@@ -55,7 +56,7 @@ from morec_rec.plugin.control.objective_losses import ItemSideInformation, check
 from morec_rec.plugin.control.rules import Coefficients, Rule, build_rule
 from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.eval.ranking import K, Scorer, evaluate, load_task
-from morec_rec.plugin.hook import Examples, MoRecLoss, ObjectiveLosses, Rows
+from morec_rec.plugin.hook import Examples, MoRecLoss, ObjectiveLosses, Rows, model_output
 from morec_rec.plugin.loader import Collate, MoRecLoader, Segmenting
 from morec_rec.plugin.sampling.objectives import Objective, ValidationSignal, build_objectives
 from morec_rec.plugin.sampling.sampler import BATCH, WeightedStreamSampler
@@ -306,7 +307,7 @@ class MoRec:
         with torch.no_grad():
             for _, sampled in zip(range(num_batches), sampler):
                 batch = segmenting(sampled).to(self.device)
-                loss, output = model(batch.batch)
+                loss, output = model_output(model, batch.batch)
                 per_example = self.examples.losses(batch.batch, loss, output,
                                                    len(batch.segment))
                 losses.add(per_example, self.examples.expand(batch.segment, per_example))
@@ -412,8 +413,9 @@ class MoRec:
     def state_dict(self) -> dict[str, Any]:
         """Everything MoRec needs to go on exactly where the hook last trained (JSON-
         serialisable, the same on every rank): the position, the versions published
-        (those in force there merged into one), the controllers, the reference, and the
-        world size and loader workers the position counts batches of."""
+        (those in force there merged into one), the controllers, the reference, and what
+        the position's batches depend on: the world size, the loader workers, the
+        objectives and the sampler's settings."""
         position = self.position
         applied = [m for m in self._journal if m.effective_from <= position]
         merged: dict[str, Any] = {}
@@ -426,6 +428,8 @@ class MoRec:
                     for m in self._journal if m.effective_from > position]
         return {"format": STATE_FORMAT, "position": position, "journal": journal,
                 "world_size": self.world_size, "num_workers": self.loader.num_workers,
+                "objectives": self.names,
+                "sampler": json.loads(json.dumps(dataclasses.asdict(self.sampler_config))),
                 "coordinator": None if self.coordinator is None
                 else self.coordinator.state_dict(),
                 "rule": self.rule.state_dict() if hasattr(self.rule, "state_dict") else None,
@@ -452,6 +456,15 @@ class MoRec:
             raise MorecError(f"MoRec state saved on {saved[0]} rank(s) with {saved[1]} loader "
                              f"worker(s) each, restored on {self.world_size} with "
                              f"{self.loader.num_workers}: a resume needs the same")
+        # So do the objectives and the sampler's settings (a state without them: as above).
+        if state.get("objectives", self.names) != self.names:
+            raise MorecError(f"MoRec state saved with objectives {state['objectives']}, "
+                             f"restored with {self.names}: a resume needs the same")
+        sampler = json.loads(json.dumps(dataclasses.asdict(self.sampler_config)))
+        for key, value in state.get("sampler", sampler).items():
+            if sampler.get(key) != value:
+                raise MorecError(f"MoRec state saved with sampler {key} = {value!r}, restored "
+                                 f"with {sampler.get(key)!r}: a resume needs the same")
         self._base, self._base_losses = state["base"], state["base_losses"]
         if self.coordinator is None and self._base_losses is not None:
             self.coordinator = Coordinator.from_config(self.config, self.names,

@@ -22,7 +22,7 @@ from torch import nn
 from morec_rec.collectives import all_reduce
 from morec_rec.data import arrays
 from morec_rec.plugin.eval.metrics import RankingMetrics
-from morec_rec.plugin.hook import Examples
+from morec_rec.plugin.hook import Examples, model_output
 from morec_rec.plugin.loader import Collate
 from morec_rec.plugin.sampling.objectives import ValidationSignal
 from morec_rec.plugin.sampling.sampled import SampledBatch
@@ -84,7 +84,7 @@ def group_losses(model: nn.Module, rows: pa.Table, collate: Collate,
         padding = c >= chunks  # no chunk left for this rank: still join the collective
         chunk = rows.slice(0 if padding else c * chunk_rows, 1 if padding else chunk_rows)
         batch = move(collate(rows_batch(chunk, batch_index=c)), device)
-        loss, output = model(batch)
+        loss, output = model_output(model, batch)
         if padding:
             continue
         per_example = examples.losses(batch, loss, output, chunk.num_rows)

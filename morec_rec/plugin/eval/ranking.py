@@ -191,6 +191,9 @@ def _top_lists(scorer: Scorer, task: RankingTask, k: int,
         padding = len(users) == 0
         chunk = task.rows(0, 1) if padding else users
         scores = scorer(chunk)
+        if not isinstance(scores, torch.Tensor):
+            raise MorecError(f"scorer: returned {type(scores).__name__}, expected a float "
+                             f"tensor (users, {task.num_items})")
         if tuple(scores.shape) != (len(chunk), task.num_items):
             raise MorecError(f"scorer: scores of shape {tuple(scores.shape)} for {len(chunk)} "
                              f"users, expected (users, {task.num_items}): every item's score "
