@@ -248,7 +248,8 @@ def test_state_must_be_loaded_before_the_hook(tiny: Path, manifest: dict) -> Non
             morec.load_state_dict(state)
 
 
-def test_state_must_be_loaded_with_the_same_loader_workers_and_sampler(tiny: Path, manifest: dict) -> None:
+def test_state_must_be_loaded_with_the_same_loader_workers_and_sampler(tiny: Path,
+                                                                       manifest: dict) -> None:
     model = MF(manifest["num_users"], manifest["num_items"])
     state = make(tiny, manifest, model).state_dict()
     with pytest.raises(MorecError, match=r"saved on 1 rank\(s\) with 0 loader worker\(s\) "
