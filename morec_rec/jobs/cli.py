@@ -243,7 +243,6 @@ def _train(args: argparse.Namespace) -> None:
     with hold(args.out):
         if resume:
             run.resume(env.world_size, {"config": dataclasses.asdict(config)})
-            run.recover()
         progress = train(dataset, config, run, resume=resume)
     if distributed.init().is_main:
         print(f"trained {config.model}: {progress.epoch} epoch(s), {progress.step} steps; best "
@@ -407,12 +406,12 @@ def _base_model(base: Path | None) -> dict[str, dict[str, Any]]:
     """The model settings of the run ``base`` (its model, embedding size and table
     optimizer), as the defaults of a job that continues it; none without a base."""
     from morec_rec.jobs.run import Run
+    from morec_rec.jobs.train import MODEL_SETTINGS
 
     if base is None:
         return {}
     recorded = Run.open(base).record["config"]
-    return {"train": {key: recorded[key]
-                      for key in ("model", "embedding_dim", "table_optimizer")}}
+    return {"train": {name: recorded[name] for name in MODEL_SETTINGS}}
 
 
 def _is_restart(record: Path, data: Path | None) -> bool:
@@ -468,25 +467,29 @@ def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainCo
                         f"sub_batch_size = {sampler.sub_batch_size} × {objectives} objective(s)")
 
 
-def _keep_settings(record: Path, recorded: dict[str, Any], config: Any, flags: str) -> None:
+def _keep_settings(record: Path, recorded: dict[str, Any], config: Any, flags: str) -> bool:
     """Raises :class:`MorecError` naming the first setting of ``config`` (a config
     dataclass) that differs from its value ``recorded`` in ``record`` and is not one of
-    :data:`RESUMABLE` (whose ``flags`` the message lists)."""
+    :data:`RESUMABLE` (whose ``flags`` the message lists); returns whether one of those
+    differs."""
     started = build(type(config), recorded, None)
     for field in dataclasses.fields(config):
         old, new = getattr(started, field.name), getattr(config, field.name)
         if old != new and field.name not in RESUMABLE:
             raise MorecError(f"{record}: started with {field.name} = {old!r}, not {new!r}; a "
                              f"resume may change only {flags}")
+    return started != config
 
 
 def _keep_job_settings(out: Path, job: dict[str, Any], train: TrainConfig,
-                       sampler: SamplerConfig, morec: MoRecConfig) -> None:
-    """:func:`_keep_settings` for each config of the job in ``out``, before it is resumed."""
+                       sampler: SamplerConfig, morec: MoRecConfig) -> bool:
+    """:func:`_keep_settings` for each config of the job in ``out``, before it is resumed;
+    whether any of them changes."""
     from morec_rec.jobs.job import JOB
 
-    for name, config in (("train", train), ("sampler", sampler), ("morec", morec)):
-        _keep_settings(out / JOB, job[name], config, _resumable(*JOB_CONFIGS))
+    changed = [_keep_settings(out / JOB, job[name], config, _resumable(*JOB_CONFIGS))
+               for name, config in (("train", train), ("sampler", sampler), ("morec", morec))]
+    return any(changed)
 
 
 def _resumable(*configs: type) -> str:
@@ -539,12 +542,8 @@ def _demo(args: argparse.Namespace) -> None:
         print(summary(data, manifest))
     resume = (args.out / JOB).is_file()
     if resume:
-        job = read_job(args.out)
-        _keep_job_settings(args.out, job, train, sampler, morec)
-        settings = {"train": train, "sampler": sampler, "morec": morec}
-        if (args.out / RESULTS).is_file() and all(
-                build(type(given), job[name], None) == given
-                for name, given in settings.items()):
+        changed = _keep_job_settings(args.out, read_job(args.out), train, sampler, morec)
+        if (args.out / RESULTS).is_file() and not changed:
             # A finished demo, asked for nothing more: its results again.
             _print_results(json.loads((args.out / RESULTS).read_text()), args.out)
             return

@@ -183,10 +183,7 @@ def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
     dist.barrier()  # every rank has checked ``out`` before rank 0 writes to it
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    with hold(out):
-        if resume:
-            for stage in ("base", "morec", "continued"):
-                Run(out / stage).recover()
+    with hold(out):  # a resumed stage completes its interrupted saves (Run.resume)
         if env.is_main:
             (out / (JOB + ".partial")).write_text(json.dumps(settings, indent=2) + "\n")
             (out / (JOB + ".partial")).rename(out / JOB)

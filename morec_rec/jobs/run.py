@@ -70,30 +70,25 @@ class Run:
         return cls(root)
 
     def resume(self, world_size: int, fields: Mapping[str, Any]) -> None:
-        """Continues this run on ``world_size`` ranks, ``fields`` of its record rewritten
-        (a resume's longer training; rank 0 writes, atomically; every rank waits).
+        """Continues this run on ``world_size`` ranks: completes the checkpoint saves that
+        a kill interrupted, and rewrites ``fields`` of its record (a resume's longer
+        training). Rank 0 writes, atomically; every rank waits.
 
         Raises MorecError if the run started on another world size: its batches, and the
         steps at which its epochs start, depend on it.
         """
+        from morec_rec.jobs import checkpoint
+
         record = self.record
         if record.get("world_size") != world_size:
             raise MorecError(f"{self.root}: started on {record.get('world_size')} rank(s), not "
                              f"{world_size}: a resume needs the world size the run started with")
         if dist.get_rank() == 0:
+            checkpoint.recover(self.last)
+            checkpoint.recover(self.best)
             partial = self.root / (RECORD + ".partial")
             partial.write_text(json.dumps({**record, **fields}, indent=2) + "\n")
             partial.rename(self.root / RECORD)
-        dist.barrier()
-
-    def recover(self) -> None:
-        """Completes the checkpoint saves that a kill interrupted, before a resumed run
-        looks for its checkpoints (rank 0; every rank waits)."""
-        from morec_rec.jobs import checkpoint
-
-        if dist.get_rank() == 0:
-            checkpoint.recover(self.last)
-            checkpoint.recover(self.best)
         dist.barrier()
 
     @classmethod

@@ -46,11 +46,14 @@ class PretrainingProgress(Progress):
     stale: int = 0  # validations since the best
 
 
+#: The settings of a ``TrainConfig`` that make its model and its checkpoints' layout.
+MODEL_SETTINGS = ("model", "embedding_dim", "table_optimizer")
+
+
 def model_identity(config: TrainConfig, dataset: PreparedDataset) -> dict[str, Any]:
     """What a checkpoint must match to be loaded into this model."""
     manifest = dataset.manifest
-    return {"model": config.model, "embedding_dim": config.embedding_dim,
-            "table_optimizer": config.table_optimizer,
+    return {**{name: getattr(config, name) for name in MODEL_SETTINGS},
             "num_users": manifest["num_users"], "num_items": manifest["num_items"]}
 
 
