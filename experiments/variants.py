@@ -9,7 +9,9 @@ FLAGS`` (runs already finished are read, not rerun). Its test metrics, Imp over 
 validity and, by a paired bootstrap over the test users against the base (``morec-rec
 evaluate --against``), the change of min-Hit@10 with its 95% interval, go into table
 ``--table`` of ``experiments/<experiment>/results.json`` (replaced if there), with the
-share of resamples in which min-Hit@10 is above the base's. With ``--trajectory`` the
+share of resamples in which min-Hit@10 is above the base's. With ``--timing`` each row
+also gives the wall time of its MoRec stage and of that stage's validation passes (the
+sum of their ``seconds`` in its log). With ``--trajectory`` the
 validation metrics of every pass of every run go into table ``<table>_trajectory`` too
 (``experiments/trajectory.py`` plots them). ``python experiments/tables.py`` then renders
 the tables into the experiment's README.
@@ -43,6 +45,11 @@ COLUMNS = [
     {"key": "valid", "label": "valid", "format": "text"},
 ]
 
+TIMING_COLUMNS = [
+    {"key": "morec_s", "label": "MoRec stage (s)", "format": "f1"},
+    {"key": "validation_s", "label": "its validation passes (s)", "format": "f1"},
+]
+
 
 def _variant(args: argparse.Namespace, index: int, name: str, flags: str) -> dict[str, Any]:
     out = args.runs / str(index)
@@ -51,11 +58,15 @@ def _variant(args: argparse.Namespace, index: int, name: str, flags: str) -> dic
     paired = json.loads(morec_rec("evaluate", "--run", str(out / "morec"), "--against",
                              str(args.base), "--json", "--resamples", str(args.resamples)))
     low, high = paired["interval"]["min_hit@10"]
+    timing = {}
+    if args.timing:
+        timing = {"morec_s": results["wall_s"]["morec"],
+                  "validation_s": sum(r["seconds"] for r in _evals(out))}
     return metric_row(name, results["morec"], flags=f"`{flags}`" if flags else "(defaults)",
                       min_hit_diff=paired["difference"]["min_hit@10"],
                       min_hit_ci={"low": low, "high": high, "decimals": 4},
                       min_hit_above=round(100 * paired["above"]["min_hit@10"], 1),
-                      imp=imp_cell(results), valid=valid_cell(results))
+                      imp=imp_cell(results), valid=valid_cell(results), **timing)
 
 
 TRAJECTORY_COLUMNS = [
@@ -65,11 +76,15 @@ TRAJECTORY_COLUMNS = [
 ]
 
 
+def _evals(out: Path) -> list[dict[str, Any]]:
+    """The validation passes' records of the MoRec run under ``out``, in step order."""
+    records = (json.loads(line) for line in (out / "morec" / "log.jsonl").open())
+    return [r for r in records if r["kind"] == "eval" and r["split"] == "valid"]
+
+
 def _trajectory(out: Path, name: str) -> list[dict[str, Any]]:
     """The validation metrics of each pass of the MoRec run under ``out``, in step order."""
-    records = (json.loads(line) for line in (out / "morec" / "log.jsonl").open())
-    return [metric_row(name, record, step=record["step"]) for record in records
-            if record["kind"] == "eval" and record["split"] == "valid"]
+    return [metric_row(name, record, step=record["step"]) for record in _evals(out)]
 
 
 def main() -> None:
@@ -84,6 +99,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=FLAGS")
     parser.add_argument("--trajectory", action="store_true",
                         help="also record every validation pass of every run")
+    parser.add_argument("--timing", action="store_true",
+                        help="also record the MoRec stage's and its validation's wall time")
     args = parser.parse_args()
     rows, trajectory = [], []
     for index, variant in enumerate(args.variant):
@@ -93,7 +110,8 @@ def main() -> None:
             trajectory += _trajectory(args.runs / str(index), name)
     base = json.loads((args.runs / "0" / "results.json").read_text())["base"]
     rows.insert(0, metric_row("base", base, flags=""))
-    tables = {args.table: {"title": args.title, "columns": COLUMNS, "rows": rows}}
+    columns = COLUMNS + (TIMING_COLUMNS if args.timing else [])
+    tables = {args.table: {"title": args.title, "columns": columns, "rows": rows}}
     if args.trajectory:
         tables[f"{args.table}_trajectory"] = {
             "title": "Validation metrics at each pass of each run", "columns": TRAJECTORY_COLUMNS,

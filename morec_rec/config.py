@@ -318,6 +318,11 @@ class MoRecConfig:
     #: Validation passes (signals, a controller step under ``validation`` control, then a
     #: mass update) per epoch of continued training.
     updates_per_epoch: int = 16
+    #: Validation users a pass measures (ranking metrics and group losses): a fixed
+    #: sample, the same users at every pass and for the reference, drawn with the
+    #: sampler's seed; 0: all of them. A pass ranks every item for each of its users, so
+    #: where users × items is large a sample bounds what the passes cost.
+    validation_users: int = 0
     #: The share of the base's validation Hit@10 a pass needs to be selected: 0.97, the
     #: validity threshold, or more where validation and test are known to disagree.
     select_hit: float = 0.97
@@ -349,6 +354,7 @@ class MoRecConfig:
         _check(self.calibration_batches >= 1, "calibration_batches", self.calibration_batches,
                ">= 1")
         _check(self.updates_per_epoch >= 1, "updates_per_epoch", self.updates_per_epoch, ">= 1")
+        _check(self.validation_users >= 0, "validation_users", self.validation_users, ">= 0")
         _check(self.select_hit > 0, "select_hit", self.select_hit, "> 0")
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(self.continued_lr >= 0, "continued_lr", self.continued_lr, ">= 0")

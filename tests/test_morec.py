@@ -76,6 +76,7 @@ def test_run_writes_results_logs_and_plots(tiny: Path, base: Path, tmp_path: Pat
     # One pass on the base, then updates_per_epoch passes an epoch, each followed by a
     # mass update that applies after the batches already in flight (none before training).
     assert len(evals) == 1 + 2 * 3 and evals[0]["step"] == 0 and evals[0]["imp"] == 0
+    assert all(e["seconds"] > 0 for e in evals)  # each pass's wall time
     assert [u["version"] for u in updates] == list(range(len(evals) + 1))
     assert updates[1]["effective_from"] == 0
     assert all(u["effective_from"] > 0 for u in updates[2:])
@@ -250,8 +251,8 @@ def test_an_interrupted_job_resumes_as_if_uninterrupted(tiny: Path, base: Path,
         assert done.returncode == 0, done.stderr
     # Model, optimizer, masses, controller and progress came back from the checkpoint, and
     # the stream went on as it would have: the same steps, losses, β, passes and masses.
-    # (Rates differ, and the resumed run's weight store numbers its publications anew.)
-    logs = [[{k: v for k, v in r.items() if k not in ("samples_per_s", "version")}
+    # (Times differ, and the resumed run's weight store numbers its publications anew.)
+    logs = [[{k: v for k, v in r.items() if k not in ("samples_per_s", "seconds", "version")}
              for r in _log(p / "morec")] for p in (parts, whole)]
     assert logs[0] == logs[1]
     whole_meta, parts_meta = (read_meta(p / "morec" / "checkpoints" / "last")

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from morec_rec import (
     SamplerConfig,
     SegmentedBatch,
 )
+from morec_rec.data.format import PreparedDataset
 from morec_rec.plugin.sampling.sampler import BATCH
 
 
@@ -208,6 +211,55 @@ def test_a_round_before_the_last_rounds_masses_apply_is_reported(
         "pipeline holds, or pass a smaller batches_per_request"] if warned else [])
 
 
+def hit_by_hand(model: MF, dataset: PreparedDataset, users: np.ndarray) -> float:
+    """Hit@10 of ``model`` over ``users``' validation items, each user's training items
+    excluded, ties to the lower item id: the metric computed without MoRec's evaluation."""
+    train = pa.concat_tables(pq.read_table(f, columns=["user_id", "item_id"])
+                             for f in dataset.train_files)
+    valid = dataset.split("valid").to_pydict()
+    held = dict(zip(valid["user_id"], valid["item_id"]))
+    seen: dict[int, set[int]] = {}
+    for user, item in zip(train["user_id"].to_pylist(), train["item_id"].to_pylist()):
+        seen.setdefault(user, set()).add(item)
+    with torch.no_grad():
+        scores = (model.user.weight @ model.item.weight.T).numpy()
+    hits = 0
+    for user in users.tolist():
+        ranked = sorted((i for i in range(scores.shape[1]) if i not in seen[user]),
+                        key=lambda i: (-scores[user, i], i))
+        hits += held[user] in ranked[:10]
+    return hits / len(users)
+
+
+def test_validation_measures_a_fixed_sample_of_users(tiny: Path, manifest: dict) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    dataset = PreparedDataset.open(tiny)
+    everyone = dataset.split("valid")["user_id"].to_numpy()
+    size = len(everyone) // 3
+    records, samples = [], []
+    for seed in (0, 0, 1):
+        morec = make(tiny, manifest, model, sampler=SamplerConfig(sub_batch_size=40, seed=seed),
+                     config=MoRecConfig(preference=(0.25,) * 4, validation_users=size))
+        morec.loss(model)
+        records.append(morec.validate(model))
+        samples.append(morec._valid_rows["user_id"].to_numpy())
+    # The same users for the same seed, others for another; distinct, in user order.
+    np.testing.assert_array_equal(samples[0], samples[1])
+    assert not np.array_equal(samples[0], samples[2])
+    for users in samples:
+        assert len(users) == size and np.all(np.diff(users) > 0)
+        assert np.isin(users, everyone).all()
+    for record, users in zip(records, samples):
+        assert record["metrics"]["hit@10"] == pytest.approx(hit_by_hand(model, dataset, users))
+    # 0, or at least the number of validation users, measures them all.
+    for size in (0, len(everyone), len(everyone) + 1):
+        morec = make(tiny, manifest, model, config=MoRecConfig(
+            preference=(0.25,) * 4, validation_users=size))
+        morec.loss(model)
+        assert morec.validate(model)["metrics"]["hit@10"] == pytest.approx(
+            hit_by_hand(model, dataset, everyone))
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_restored_morec_goes_on_as_if_uninterrupted(tiny: Path, manifest: dict,
                                                       num_workers: int) -> None:
@@ -265,3 +317,9 @@ def test_state_must_be_loaded_with_the_same_loader_workers_and_sampler(tiny: Pat
                                          "with 32: a resume needs the same"):
         make(tiny, manifest, model, sampler=SamplerConfig(sub_batch_size=32)).load_state_dict(
             state)
+    # The reference is of the validation users.
+    with pytest.raises(MorecError, match="saved with validation_users = 0, restored with 50: "
+                                         "a resume needs the same"):
+        make(tiny, manifest, model, config=MoRecConfig(
+            preference=(0.25,) * 4, beta_max=2.0, ki=5.0, validation_users=50)
+             ).load_state_dict(state)

@@ -20,6 +20,7 @@ the same base: the row every MoRec result must beat.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -213,14 +214,15 @@ class _ContinuedTraining:
 
     def validate(self, model: torch.nn.Module) -> None:
         """One validation round: the selection, the controllers, a mass update."""
-        progress = self.progress
+        progress, started = self.progress, time.perf_counter()
         record = self.morec.validate(model)
         selection = select(progress, record["metrics"], self.config.select_hit)
         if selection["selected"]:
             self._save(self.run.best)
         self.run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
                       "step": progress.step, **selection, "controlled": record["measures"],
-                      "group_loss": record["group_loss"]})
+                      "group_loss": record["group_loss"],
+                      "seconds": round(time.perf_counter() - started, 3)})
         if "version" in record:
             self.run.log({"kind": "update", "epoch": progress.epoch, "step": progress.step,
                           **{k: record[k] for k in ("version", "effective_from", "masses")}})

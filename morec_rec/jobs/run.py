@@ -1,8 +1,9 @@
 """A run directory: its record (config, data, versions), its log, and its checkpoints.
 
     RUN/run.json            what was run: config, dataset, versions, world size
-    RUN/log.jsonl           one JSON object per line: "step" and "eval" records, and
-                            "epoch" (pretraining) or "update" and "targets" (continued)
+    RUN/log.jsonl           one JSON object per line: "step" and "eval" records (an
+                            eval's "seconds": its pass's wall time), and "epoch"
+                            (pretraining) or "update" and "targets" (continued)
     RUN/checkpoints/last    the latest checkpoint, every ``checkpoint_every`` steps and at
                             each epoch's end (resume continues from it)
     RUN/checkpoints/best    the selected validation pass: the best Hit@10 of a

@@ -13,6 +13,7 @@ after the last one trained (a batch's rows and negatives derive from its index).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -152,6 +153,7 @@ class _Pretraining:
         return bool(self.config.eval_every) and self.progress.step % self.config.eval_every == 0
 
     def validate(self, model: torch.nn.Module) -> None:
+        started = time.perf_counter()
         model.eval()
         with torch.no_grad():
             metrics = evaluate(ModelScorer(model.module, self.env.device), self.task,
@@ -165,7 +167,8 @@ class _Pretraining:
         else:
             progress.stale += 1
         self.run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
-                      "step": progress.step, **metrics.as_dict(), "best": better})
+                      "step": progress.step, **metrics.as_dict(), "best": better,
+                      "seconds": round(time.perf_counter() - started, 3)})
 
     def end_epoch(self) -> None:
         progress = self.progress

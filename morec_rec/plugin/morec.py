@@ -62,7 +62,12 @@ from morec_rec.plugin.sampling.objectives import Objective, ValidationSignal, bu
 from morec_rec.plugin.sampling.sampler import BATCH, WeightedStreamSampler
 from morec_rec.plugin.sampling.store import Masses, StoreSpec, WeightStore, publish_and_sync
 from morec_rec.plugin.segments import ExampleLayout
-from morec_rec.plugin.validation import group_losses, loss_groups, validation_signal
+from morec_rec.plugin.validation import (
+    group_losses,
+    loss_groups,
+    sample_users,
+    validation_signal,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +219,10 @@ class MoRec:
         self._hook: MoRecLoss | BaselineLoss | None = None
         self._position = 0  # the next batch to train, before the hook has trained any
         self._base: dict[str, float] | None = None
-        self._valid_rows = self.dataset.split("valid")
-        self._task = load_task(self.dataset, "valid") if scorer is not None else None
+        self._valid_rows = sample_users(self.dataset.split("valid"), config.validation_users,
+                                        sampler.seed)
+        self._task = (load_task(self.dataset, "valid", self._valid_rows) if scorer is not None
+                      else None)
 
     @property
     def _sampling(self) -> bool:
@@ -413,9 +420,9 @@ class MoRec:
     def state_dict(self) -> dict[str, Any]:
         """Everything MoRec needs to go on exactly where the hook last trained (JSON-
         serialisable, the same on every rank): the position, the versions published
-        (those in force there merged into one), the controllers, the reference, and what
-        the position's batches depend on: the world size, the loader workers, the
-        objectives and the sampler's settings."""
+        (those in force there merged into one), the controllers, the reference (and the
+        number of validation users it is of), and what the position's batches depend on:
+        the world size, the loader workers, the objectives and the sampler's settings."""
         position = self.position
         applied = [m for m in self._journal if m.effective_from <= position]
         merged: dict[str, Any] = {}
@@ -430,6 +437,7 @@ class MoRec:
                 "world_size": self.world_size, "num_workers": self.loader.num_workers,
                 "objectives": self.names,
                 "sampler": json.loads(json.dumps(dataclasses.asdict(self.sampler_config))),
+                "validation_users": self.config.validation_users,
                 "coordinator": None if self.coordinator is None
                 else self.coordinator.state_dict(),
                 "rule": self.rule.state_dict() if hasattr(self.rule, "state_dict") else None,
@@ -465,6 +473,11 @@ class MoRec:
             if sampler.get(key) != value:
                 raise MorecError(f"MoRec state saved with sampler {key} = {value!r}, restored "
                                  f"with {sampler.get(key)!r}: a resume needs the same")
+        # The reference, and every pass's measures against it, are of the validation users.
+        users = state.get("validation_users", self.config.validation_users)
+        if users != self.config.validation_users:
+            raise MorecError(f"MoRec state saved with validation_users = {users}, restored "
+                             f"with {self.config.validation_users}: a resume needs the same")
         self._base, self._base_losses = state["base"], state["base_losses"]
         if self.coordinator is None and self._base_losses is not None:
             self.coordinator = Coordinator.from_config(self.config, self.names,

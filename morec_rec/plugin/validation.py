@@ -32,6 +32,18 @@ from morec_rec.plugin.segments import move
 EXPOSURE_GROUPS = "popularity_group"
 #: The row column whose groups the ranking metrics' per-group Hit is over.
 HIT_GROUPS = "fairness_group"
+#: Keeps the validation sample's draws apart from the sampler's, which share its seed
+#: (``b"valid"`` as an integer: no epoch or stream number reaches it).
+_SAMPLE_STREAM = 0x76616C6964
+
+
+def sample_users(rows: pa.Table, size: int, seed: int) -> pa.Table:
+    """``size`` of a split's ``rows`` (one a user), drawn without replacement from ``seed``
+    and kept in their order; all of them where ``size`` is 0 or not below their number."""
+    if not 0 < size < rows.num_rows:
+        return rows
+    rng = np.random.default_rng([seed, _SAMPLE_STREAM])
+    return rows.take(np.sort(rng.choice(rows.num_rows, size, replace=False)))
 
 
 def loss_groups(manifest: Mapping[str, Any]) -> dict[str, int]:

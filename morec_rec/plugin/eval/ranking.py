@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
@@ -79,11 +80,14 @@ def _jagged_slice(offsets: np.ndarray, begin: int, end: int) -> tuple[slice, np.
     return slice(offsets[begin], offsets[end]), offsets[begin : end + 1] - offsets[begin]
 
 
-def load_task(dataset: PreparedDataset, split: str) -> RankingTask:
-    """The ranking task of ``split`` (``valid`` or ``test``) of a prepared dataset."""
+def load_task(dataset: PreparedDataset, split: str, held: pa.Table | None = None
+              ) -> RankingTask:
+    """The ranking task of ``split`` (``valid`` or ``test``) of a prepared dataset: its
+    users, or those of ``held``, rows of the split (default: all of them)."""
     if split not in ("valid", "test"):
         raise MorecError(f"evaluation split must be 'valid' or 'test', got {split!r}")
-    held = dataset.split(split)
+    if held is None:
+        held = dataset.split(split)
     user_id = held["user_id"].to_numpy().astype(np.int64)
     history = held["history"].combine_chunks()
 
