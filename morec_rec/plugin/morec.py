@@ -122,7 +122,8 @@ class MoRec:
         objectives: in segment order, ``Objective`` instances (user subclasses welcome)
             or built-in names; default: ``sampler.objectives``.
         sampler: sizes, draw mode, the built-ins' update rule, seed.
-        config: the coordinator (preference, held objectives, gains, coefficients).
+        config: the coordinator (preference, held objectives, gains, coefficients) and
+            the validation users a round measures.
         num_workers, prefetch_factor: the loader's worker processes and the requests each
             prepares ahead.
         batches_per_request: batches a worker makes for one request of the loader
@@ -329,7 +330,8 @@ class MoRec:
 
     def validate(self, model: nn.Module) -> dict[str, Any]:
         """One validation round (a collective): measures ``model`` (in eval mode without
-        gradient; its mode is restored), steps the controllers under ``validation``
+        gradient; its mode is restored) on the validation users (all, or the fixed sample
+        of ``MoRecConfig.validation_users``), steps the controllers under ``validation``
         control, and publishes the objectives' new masses (and shares of a batch) to
         apply from the first batch no loader worker has drawn. The first round's metrics
         are the reference (:attr:`base`). Give a TorchRec pipeline's model as
