@@ -25,8 +25,8 @@ one ``TrainPipelineSparseDist`` (batch 1,024 rows), fed in turn by:
   rows they draw).
 
 Each feed has its own loader worker (an idle one holds its prefetched batches and waits);
-they share the model, its optimizer and the pipeline, whose forward sends a MoRec batch to
-the hook of the feed being timed and any other batch to the model. Separate pipelines,
+they share the model, its optimizer and the pipeline, whose forward sends each batch to
+the hook of the MoRec feed it came from and a base feed's to the model. Separate pipelines,
 each with its own model, differ by a few percent from one another on this machine
 whatever they run, which this design leaves out. The feeds are timed in blocks of
 ``--steps`` steps, in turn, ``--pairs`` times, in the orders of a Williams design (every
@@ -61,8 +61,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import scipy.stats
@@ -88,41 +89,47 @@ from morec_rec.plugin.segments import SegmentedBatch
 #: Batches ``TrainPipelineSparseDist`` holds ahead of the one it trains on.
 PIPELINE_DEPTH = 2
 
+#: A MoRec feed's loss hook.
+Hook = Callable[[SegmentedBatch], tuple[torch.Tensor, Any]]
+
 
 class Route:
-    """The pipeline's forward: a MoRec batch to ``hook`` (the timed feed's), any other
-    batch to the model."""
+    """The pipeline's forward: each batch to the hook of the feed it came from, or to the
+    model for a base feed's, in the order the pipeline drew them (a MoRec hook trains
+    its own loader's batches, in order, as it requires)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        self.hook: Callable[[SegmentedBatch], tuple[torch.Tensor, Any]] | None = None
+        self._hooks: deque[Hook | None] = deque()  # of the batches drawn, not yet trained
+
+    def tag(self, batches: Iterator[Any], hook: Hook | None) -> Iterator[Any]:
+        """``batches``, each noted as ``hook``'s (None: the model's) as it is drawn."""
+        for batch in batches:
+            self._hooks.append(hook)
+            yield batch
 
     def __call__(self, batch: Any) -> tuple[torch.Tensor, Any]:
-        if isinstance(batch, SegmentedBatch):
-            assert self.hook is not None
-            return self.hook(batch)
-        return self.model(batch)
+        hook = self._hooks.popleft()
+        return self.model(batch) if hook is None else hook(batch)
 
 
 class Feed:
     """A loader into the shared pipeline, stepped in timed blocks that never cross an
     epoch's end."""
 
-    def __init__(self, pipeline: TrainPipelineSparseDist, route: Route,
-                 hook: Callable[[SegmentedBatch], tuple[torch.Tensor, Any]] | None,
+    def __init__(self, pipeline: TrainPipelineSparseDist, route: Route, hook: Hook | None,
                  loader: SamplerLoader, set_epoch: Callable[[int], None],
                  batch_size: int) -> None:
         self.pipeline, self.route, self.hook = pipeline, route, hook
         self.loader, self.set_epoch = loader, set_epoch
         self.batches_per_epoch, self.batch_size = loader.batches_per_epoch, batch_size
         self.epoch = -1
-        self.route.hook = hook or self.route.hook
         self._next_epoch()
 
     def _next_epoch(self) -> None:
         self.epoch += 1
         self.set_epoch(self.epoch)
-        self.batches, self.stepped = iter(self.loader), 0
+        self.batches, self.stepped = self.route.tag(iter(self.loader), self.hook), 0
         for _ in range(WARMUP):
             self._step()
 
@@ -133,8 +140,6 @@ class Feed:
     def timed(self, steps: int) -> StepTiming:
         """``steps`` steps, timed, after those of the batches the pipeline holds from the
         previous feed; first the rest of the epoch if it has too few left."""
-        # The held batches of another MoRec feed go to this feed's hook: either takes them.
-        self.route.hook = self.hook or self.route.hook
         if self.stepped + 2 * PIPELINE_DEPTH + steps > self.batches_per_epoch:
             try:
                 while True:
