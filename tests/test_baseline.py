@@ -45,7 +45,7 @@ GRAM = GRADIENTS @ GRADIENTS.T  # [[1.25, 0.5], [0.5, 1]]
 
 def _hook(rule: Any, terms: Any = None) -> BaselineLoss:
     return BaselineLoss(Linear(), rule, NAMES, Examples(rows=lambda batch, output: output[0]),
-                        terms or LossForms(NAMES, ITEMS), ObjectiveLosses(len(NAMES)),
+                        terms or LossForms(NAMES, ITEMS), ObjectiveLosses(NAMES),
                         representation=lambda batch, output: output[1])
 
 
@@ -114,4 +114,4 @@ def test_mgda_over_sub_batches_weighs_each_segments_mean_loss() -> None:
 def test_a_gradient_rule_without_a_representation_is_refused() -> None:
     with pytest.raises(MorecError, match="representation="):
         BaselineLoss(Linear(), MGDA(), NAMES, Examples(), LossForms(NAMES, ITEMS),
-                     ObjectiveLosses(2), None)
+                     ObjectiveLosses(NAMES), None)

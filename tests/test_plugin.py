@@ -168,6 +168,24 @@ def test_a_jobs_objective_and_rows_go_through_every_call(tiny: Path, manifest: d
     np.testing.assert_array_equal(restored.masses["fairness"], sampling.masses["fairness"])
 
 
+def test_a_diverged_model_is_reported_not_measured(tiny: Path, manifest: dict) -> None:
+    # Every reading stops at NaN instead of handing it to the controllers as a number:
+    # a NaN loss is not an objective without rows, a NaN score not a ranking.
+    model = MF(manifest["num_users"], manifest["num_items"])
+    morec = make(tiny, manifest, model)
+    hook = morec.loss(model)
+    morec.set_epoch(0)
+    with torch.no_grad():
+        model.user.weight[:5] = torch.nan
+    hook(next(iter(morec.loader)))
+    with pytest.raises(MorecError, match=r"training loss since the last read: \w+ nan"):
+        morec.objective_losses()
+    with pytest.raises(MorecError, match=r"scorer: NaN scores for 5 of 259 users \(user ids "
+                                         r"0, 1, 2, 3, 4\)"):
+        morec.validate(model)
+    assert morec.store.latest_version() == 0  # nothing published
+
+
 def test_settings_that_need_a_scorer_say_so(tiny: Path, manifest: dict) -> None:
     with pytest.raises(MorecError, match="validation control needs the job's scorer"):
         MoRec(tiny, Collate(manifest["num_items"]), rows=rows)

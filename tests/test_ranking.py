@@ -58,6 +58,26 @@ def test_scores_of_another_shape_or_type_are_refused() -> None:
         evaluate(lambda users: np.zeros((len(users), 6)), task, k=2)
 
 
+def test_nan_scores_are_refused_where_they_could_rank() -> None:
+    # User 1's NaN is on an item it saw (excluded), user 2's on one it could be shown;
+    # the chunk of users 0-1 ranks, the one with user 2 is refused.
+    task = _task(exclude=[[], [4], []], held_out=[2, 3, 1])
+
+    def scorer(users: RankingTask) -> torch.Tensor:
+        scores = torch.arange(6, dtype=torch.float32).repeat(len(users), 1)
+        scores[torch.from_numpy(users.user_id) > 0, 4] = torch.nan
+        return scores
+
+    assert evaluate(scorer, task.rows(0, 2), k=2).hit == 0.5  # user 1: [5, 3], held out 3
+    # Ties in the top k + 1 take the stable sort, which ranks NaN first too.
+    tied = lambda users: torch.where(scorer(users).isnan(), torch.nan, 1.0)  # noqa: E731
+    for chunk_users in (1, 3):
+        for scores in (scorer, tied):
+            with pytest.raises(MorecError, match=r"scorer: NaN scores for 1 of \d users "
+                                                 r"\(user ids 2\): the model's parameters"):
+                evaluate(scores, task, k=2, chunk_users=chunk_users)
+
+
 @pytest.mark.parametrize("chunk_users", [1, 2, 5])
 def test_chunking_does_not_change_metrics(tmp_path: Path, chunk_users: int) -> None:
     dataset = make_dataset(tmp_path / "d")

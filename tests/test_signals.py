@@ -172,6 +172,27 @@ def test_a_group_without_rows_is_nan(dataset: PreparedDataset) -> None:
     np.testing.assert_allclose(fairness, numpy_means(rows, "fairness_group", 5), rtol=1e-12)
 
 
+def test_a_nan_or_infinite_loss_is_refused(dataset: PreparedDataset) -> None:
+    rows = dataset.split("valid")
+    first = rows["item_id"][0].as_py()
+    group = rows["fairness_group"][0].as_py()
+    for value in (np.nan, np.inf):
+
+        class Diverged(ItemLoss):
+            """ItemLoss, ``value`` for the first validation row's item."""
+
+            def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, ModelOutput]:
+                loss, output = super().forward(batch)
+                items = batch.features["item_id"].values()
+                return loss, ModelOutput(torch.where(items == first, value, output.per_row_loss))
+
+        with torch.no_grad(), pytest.raises(MorecError, match=(
+                rf"validation loss: {value} for fairness_group \[{group}\]: the model's "
+                "parameters or outputs hold NaN or inf")):
+            group_losses(Diverged(), rows, collator(dataset), loss_groups(dataset.manifest),
+                         examples=Examples(per_row_loss), chunk_rows=16)
+
+
 def test_rows_batch_round_trip(dataset: PreparedDataset) -> None:
     rows = dataset.split("valid").slice(13, 20)  # a slice: its lists do not start at 0
     batch = rows_batch(rows, batch_index=9)

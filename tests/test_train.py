@@ -178,3 +178,13 @@ def test_share_cpus_gives_the_trainer_its_ranks_share(environment: dict[str, str
                          capture_output=True, text=True).stdout.split()
     returned, in_use, cpus = map(int, out)
     assert returned == in_use == threads(cpus)
+
+
+def test_a_diverged_model_stops_the_job(tiny: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # Adam moves each row by about lr: scores of 1e30-long vectors overflow to inf, and
+    # the BPR loss of inf - inf is NaN from the second step.
+    assert main(["train", "--data", str(tiny), "--out", str(tmp_path / "r"), *TRAIN,
+                 "--lr", "1e30", "--max-epochs", "1"]) == 2
+    assert "training loss nan at step 2: the model's parameters or outputs hold NaN" in (
+        _error(capsys))

@@ -23,6 +23,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from morec_rec.config import SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
+from morec_rec.errors import MorecError
 from morec_rec.jobs import checkpoint, distributed
 from morec_rec.jobs.collate import Collator, TrainBatch
 from morec_rec.jobs.loop import Progress, fit
@@ -146,6 +147,12 @@ class _Pretraining:
     def record(self) -> dict[str, Any]:
         losses = torch.stack(self.unlogged).tolist()  # one read of the device per record
         self.unlogged = []
+        diverged = np.flatnonzero(~np.isfinite(losses))
+        if diverged.size:
+            step = self.progress.step - len(losses) + int(diverged[0]) + 1
+            raise MorecError(f"training loss {losses[diverged[0]]} at step {step}: the model's "
+                             "parameters or outputs hold NaN or inf; training diverged? "
+                             "(a lower --lr?)")
         self.progress.epoch_loss_sum += sum(losses)
         return {"loss": float(np.mean(losses))}
 

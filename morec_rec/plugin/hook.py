@@ -18,7 +18,7 @@ step on every batch's all-reduced losses (a host synchronisation per step, by de
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -101,6 +101,15 @@ def segment_sums(values: torch.Tensor, segment: torch.Tensor,
     return sums, counts
 
 
+def check_finite(names: Sequence[str], losses: np.ndarray, what: str) -> None:
+    """MorecError naming the objectives whose ``losses`` (float (n,), in ``names``' order)
+    are NaN or infinite: a diverged model, whose measurements no controller should read."""
+    bad = [f"{name} {value}" for name, value in zip(names, losses) if not np.isfinite(value)]
+    if bad:
+        raise MorecError(f"{what}: {', '.join(bad)}: the model's parameters or outputs hold "
+                         "NaN or inf; training diverged?")
+
+
 class ObjectiveLosses:
     """Per-objective sums of per-example losses, kept on the losses' device until read.
 
@@ -112,8 +121,9 @@ class ObjectiveLosses:
 
     FOLD = 32
 
-    def __init__(self, num_objectives: int) -> None:
-        self.num_objectives = num_objectives
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.num_objectives = len(self.names)
         self._sums: torch.Tensor | None = None  # float64 (2n,): sums, then counts
         self._values: torch.Tensor | None = None  # float64 (FOLD·E,): pending losses
         self._segments: list[torch.Tensor] = []  # int64 (E,) each: their segments
@@ -146,12 +156,14 @@ class ObjectiveLosses:
 
     def reduce(self) -> np.ndarray:
         """float64 (n,): each objective's mean loss since the last call, over every rank
-        (NaN where none); then starts over. A collective; reads the device once."""
+        (NaN where none); then starts over. A collective; reads the device once. Raises
+        MorecError on every rank where a loss was NaN or infinite."""
         self._fold()
         flat = (torch.zeros(2 * self.num_objectives, dtype=torch.float64)
                 if self._sums is None else self._sums)
         self._sums = None
         total, count = all_reduce(flat).numpy().reshape(2, -1)
+        check_finite(self.names, total, "training loss since the last read")
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(count > 0, total / count, np.nan)
 
@@ -212,6 +224,7 @@ class MoRecLoss:
             if not (count > 0).all():
                 raise MorecError(f"training control needs rows of every objective in each "
                                  f"step; counts {count.tolist()}")
+            check_finite(self.losses.names, total, "this step's training loss")
             self.coordinator.step(total / count)
         q = self.coordinator.q
         if self._q is None or not np.array_equal(self._q[0], q) \

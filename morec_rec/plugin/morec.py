@@ -216,7 +216,7 @@ class MoRec:
             collate, num_workers=num_workers, prefetch_factor=prefetch_factor,
             batches_per_request=batches_per_request, pin_memory=pin_memory,
             item_ids=isinstance(self._terms, LossForms))
-        self._losses = ObjectiveLosses(len(self.names))
+        self._losses = ObjectiveLosses(self.names)
         self._hook: MoRecLoss | BaselineLoss | None = None
         self._position = 0  # the next batch to train, before the hook has trained any
         self._base: dict[str, float] | None = None
@@ -310,7 +310,7 @@ class MoRec:
         if num_batches < 1:
             raise MorecError(f"{self.dataset.root}: too few training rows for one batch of "
                              f"{sampler.batch_size} per rank")
-        losses = ObjectiveLosses(len(self.names))
+        losses = ObjectiveLosses(self.names)
         segmenting = Segmenting(self.collate)
         with torch.no_grad():
             for _, sampled in zip(range(num_batches), sampler):
@@ -323,8 +323,8 @@ class MoRec:
 
     def objective_losses(self) -> dict[str, float | None]:
         """Each objective's mean training loss over every rank since the last call (None
-        for one that drew no row): a collective that reads the device once, for the
-        job's log interval."""
+        for one that drew no row; MorecError where one was NaN or infinite): a collective
+        that reads the device once, for the job's log interval."""
         return {name: None if np.isnan(v) else float(v)
                 for name, v in zip(self.names, self._losses.reduce())}
 

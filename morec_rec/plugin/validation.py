@@ -21,6 +21,7 @@ from torch import nn
 
 from morec_rec.collectives import all_reduce
 from morec_rec.data import arrays
+from morec_rec.errors import MorecError
 from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.hook import Examples, model_output
 from morec_rec.plugin.loader import Collate
@@ -86,7 +87,8 @@ def group_losses(model: nn.Module, rows: pa.Table, collate: Collate,
     called in whatever mode the caller set (eval, under ``torch.no_grad``); ``examples``
     finds the per-example losses and lays them over the rows. A collective under
     ``torch.distributed``: every rank makes the same number of model calls. Returns
-    float64 (num_groups[column],) per column, NaN for a group without examples.
+    float64 (num_groups[column],) per column, NaN for a group without examples; raises
+    MorecError where a loss is NaN or infinite.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     chunks = -(-rows.num_rows // chunk_rows)
@@ -108,9 +110,15 @@ def group_losses(model: nn.Module, rows: pa.Table, collate: Collate,
             counts[column] += np.bincount(group, minlength=groups)
     flat = torch.from_numpy(np.concatenate([*sums.values(), *counts.values()]))
     total, count = np.split(all_reduce(flat).numpy(), 2)
+    split_at = np.cumsum(list(num_groups.values()))[:-1]
+    for column, group_total in zip(num_groups, np.split(total, split_at)):
+        undefined = np.flatnonzero(~np.isfinite(group_total))
+        if undefined.size:  # every rank raises: the sums are the all-reduced ones
+            raise MorecError(f"validation loss: {group_total[undefined[0]]} for {column} "
+                             f"{undefined.tolist()}: the model's parameters or outputs hold "
+                             "NaN or inf; training diverged?")
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(count > 0, total / count, np.nan)
-    split_at = np.cumsum(list(num_groups.values()))[:-1]
     return dict(zip(num_groups, np.split(means, split_at)))
 
 

@@ -98,9 +98,9 @@ def run_fixed(rank: int) -> dict[str, dict]:
     coordinator = Coordinator(OBJECTIVES, (0.4, 0.6), 0.2, {"accuracy": FIXED_TARGET},
                               FIXED_GAINS)
     model = FixedLosses(rank)
-    weighed = MoRecLoss(model, coordinator, Examples(per_row_loss), ObjectiveLosses(3),
+    weighed = MoRecLoss(model, coordinator, Examples(per_row_loss), ObjectiveLosses(OBJECTIVES),
                         weigh=True, control_per_step=True)
-    sampling = MoRecLoss(model, coordinator, Examples(per_row_loss), ObjectiveLosses(3),
+    sampling = MoRecLoss(model, coordinator, Examples(per_row_loss), ObjectiveLosses(OBJECTIVES),
                          weigh=False, control_per_step=False)
     steps, own, reduced = [], [], {"fixed": [], "sampling": []}
     for step in range(FIXED_STEPS):
@@ -168,7 +168,7 @@ def run_pipeline(rank: int) -> dict:
     # Fairness has preference 0: q = (β, 0.2 · 1, 0).
     coordinator = Coordinator(OBJECTIVES, (1.0, 0.0), 0.2, {"accuracy": 0.5},
                               PIGains(kp=0.1, ki=0.05, beta_min=0.6, beta_max=1.3))
-    hook = MoRecLoss(dmp, coordinator, Examples(per_row_loss), ObjectiveLosses(3),
+    hook = MoRecLoss(dmp, coordinator, Examples(per_row_loss), ObjectiveLosses(OBJECTIVES),
                      weigh=True, control_per_step=True)
     register_pipelineable()  # as MoRec does: TorchRec takes a SegmentedBatch
     pipeline = TrainPipelineSparseDist(dmp, optimizer, torch.device("cpu"),

@@ -140,7 +140,8 @@ class PopularityScorer:
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """int64 (C, k) item ids by descending score, equal scores by ascending item id."""
+    """int64 (C, k) item ids by descending score, equal scores by ascending item id (NaN
+    above every number, as torch orders it)."""
     k = min(k, scores.shape[1])
     values, items = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1)
     # Rows with equal adjacent scores in their top k+1 take the exact, stable order.
@@ -208,4 +209,12 @@ def _top_lists(scorer: Scorer, task: RankingTask, k: int,
                                               np.diff(users.exclude_offsets)))
         scores[excluded.to(scores.device),
                torch.from_numpy(users.exclude_items).to(scores.device)] = -torch.inf
-        yield users, top_k(scores, k).cpu().numpy()
+        top = top_k(scores, k)
+        # torch ranks NaN above every number: a user with a NaN score has one first.
+        undefined = scores.gather(1, top[:, :1]).isnan().squeeze(1).cpu().numpy()
+        if undefined.any():
+            ids = users.user_id[undefined]
+            raise MorecError(f"scorer: NaN scores for {len(ids)} of {len(users)} users (user "
+                             f"ids {', '.join(map(str, ids[:5]))}{', ...' if len(ids) > 5 else ''}"
+                             "): the model's parameters or outputs hold NaN; training diverged?")
+        yield users, top.cpu().numpy()
