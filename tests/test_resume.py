@@ -11,6 +11,7 @@ launchers of one rank each (as on two machines) is the job on one launcher of tw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TRAIN, free_port, pretrained, run_cli, run_torchrun
+from conftest import ROOT, TRAIN, descendants, free_port, pretrained, run_cli, run_torchrun
 
 from morec_rec.errors import MorecError
 from morec_rec.jobs import distributed
@@ -233,6 +234,32 @@ def test_loader_workers_die_with_a_killed_trainer(tiny: Path, base: Path,
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ranks_die_with_a_killed_torchrun() -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master-port={free_port()}", str(ROOT / "tests" / "dist" / "waiting_job.py")]
+    launcher = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+    ranks: list[int] = []
+    try:
+        assert launcher.stdout is not None
+        ready = [launcher.stdout.readline() for _ in range(2)]
+        assert sorted(ready) == ["rank 0 ready\n", "rank 1 ready\n"]
+        ranks = descendants(launcher.pid)
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(ranks) == 2 and not [pid for pid in ranks if _alive(pid)]
+    finally:  # nothing left running, whatever failed
+        for pid in ranks or descendants(launcher.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+        launcher.wait()
 
 
 def test_a_restart_on_the_agents_shared_store_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

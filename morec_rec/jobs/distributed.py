@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from morec_rec.errors import MorecError
+from morec_rec.plugin.workers import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +35,18 @@ class Environment:
 def init() -> Environment:
     """Initialises ``torch.distributed`` once: NCCL with CUDA, gloo on CPU.
 
-    Under torchrun the group comes from its environment (``RANK``, ``WORLD_SIZE``, ...);
-    a plain ``python`` process gets a group of one (over a HashStore), so the sharded code
-    path is the same on a laptop and in a job.
+    Under torchrun the group comes from its environment (``RANK``, ``WORLD_SIZE``, ...),
+    and the rank ends with torchrun's agent, however that ends; a plain ``python``
+    process gets a group of one (over a HashStore), so the sharded code path is the same
+    on a laptop and in a job.
     """
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
         if "RANK" in os.environ:
             _check_restart()
+            if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent is the parent
+                die_with_parent()
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

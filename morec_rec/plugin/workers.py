@@ -30,9 +30,11 @@ RESULT_PIPE_BYTES = 1 << 20
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(worker_id: int) -> None:
-    """A loader worker's init: on Linux the kernel kills it when its trainer dies, even by
-    SIGKILL (a worker blocked writing a batch into its pipe would live on otherwise)."""
+def die_with_parent(worker_id: int | None = None) -> None:
+    """Has Linux kill this process when its parent dies, even by SIGKILL: a loader
+    worker's init (``worker_id`` unused; a worker blocked writing a batch into its pipe
+    would live on otherwise), and a torchrun rank's start (ranks would train on without
+    their launcher, into the run a relaunch resumes)."""
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
