@@ -194,6 +194,24 @@ def test_settings_that_need_a_scorer_say_so(tiny: Path, manifest: dict) -> None:
             control="training", coefficients="loss", hold={"accuracy": HoldTarget(value=1.0)}))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_batch_no_stream_holds_is_refused(tiny: Path, manifest: dict, num_workers: int) -> None:
+    # tiny's 3,220 training rows: 1,610 a stream with two workers.
+    streams = max(num_workers, 1)
+    rows = sum(shard["rows"] for shard in manifest["shards"]) // streams
+    too_many = rows // 5 + 1
+    model = MF(manifest["num_users"], manifest["num_items"])
+    with pytest.raises(MorecError, match=(
+            rf"sub_batch_size = {too_many} × 5 objective\(s\): {5 * too_many:,} rows a batch "
+            rf"exceed the {rows:,} training rows of each of "
+            rf"{streams} stream\(s\) .*: no step would run")):
+        make(tiny, manifest, model, sampler=SamplerConfig(sub_batch_size=too_many),
+             num_workers=num_workers)
+    fits = make(tiny, manifest, model, sampler=SamplerConfig(sub_batch_size=too_many - 1),
+                num_workers=num_workers)
+    assert fits.batches_per_epoch == streams
+
+
 @pytest.mark.parametrize("num_workers, batches_per_request", [(0, 1), (2, 1), (2, 3)])
 def test_short_epochs_and_more_updates_than_batches(tiny: Path, manifest: dict,
                                                    num_workers: int,

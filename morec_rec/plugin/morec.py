@@ -183,6 +183,9 @@ class MoRec:
         self.chunk_users = chunk_users
         self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
                                       if dist.is_initialized() else (0, 1))
+        self.dataset.check_batch(
+            sampler.sub_batch_size * len(self.objectives), self.world_size * max(num_workers, 1),
+            f"sub_batch_size = {sampler.sub_batch_size} × {len(self.objectives)} objective(s)")
 
         self._base_losses: dict[str, float] | None = None
         self.coordinator: Coordinator | None = None  # made by loss() after calibration
