@@ -187,8 +187,8 @@ def test_a_nan_or_infinite_loss_is_refused(dataset: PreparedDataset) -> None:
                 return loss, ModelOutput(torch.where(items == first, value, output.per_row_loss))
 
         with torch.no_grad(), pytest.raises(MorecError, match=(
-                rf"validation loss: {value} for fairness_group \[{group}\]: the model's "
-                "parameters or outputs hold NaN or inf")):
+                rf"validation loss: fairness_group {group} {value}, popularity_group \d+ "
+                rf"{value}: the model's parameters or outputs hold NaN or inf")):
             group_losses(Diverged(), rows, collator(dataset), loss_groups(dataset.manifest),
                          examples=Examples(per_row_loss), chunk_rows=16)
 

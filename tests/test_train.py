@@ -186,5 +186,4 @@ def test_a_diverged_model_stops_the_job(tiny: Path, tmp_path: Path,
     # the BPR loss of inf - inf is NaN from the second step.
     assert main(["train", "--data", str(tiny), "--out", str(tmp_path / "r"), *TRAIN,
                  "--lr", "1e30", "--max-epochs", "1"]) == 2
-    assert "training loss nan at step 2: the model's parameters or outputs hold NaN" in (
-        _error(capsys))
+    assert "training loss: step 2 nan, step 3 nan, " in _error(capsys)

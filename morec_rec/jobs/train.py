@@ -23,7 +23,6 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from morec_rec.config import SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
-from morec_rec.errors import MorecError
 from morec_rec.jobs import checkpoint, distributed
 from morec_rec.jobs.collate import Collator, TrainBatch
 from morec_rec.jobs.loop import Progress, fit
@@ -33,6 +32,7 @@ from morec_rec.jobs.models.scorer import ModelScorer
 from morec_rec.jobs.run import Run
 from morec_rec.jobs.sharding import shard
 from morec_rec.plugin.eval.ranking import evaluate, load_task
+from morec_rec.plugin.hook import check_finite
 from morec_rec.plugin.loader import SamplerLoader
 from morec_rec.plugin.sampling.objectives import Accuracy
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
@@ -147,12 +147,8 @@ class _Pretraining:
     def record(self) -> dict[str, Any]:
         losses = torch.stack(self.unlogged).tolist()  # one read of the device per record
         self.unlogged = []
-        diverged = np.flatnonzero(~np.isfinite(losses))
-        if diverged.size:
-            step = self.progress.step - len(losses) + int(diverged[0]) + 1
-            raise MorecError(f"training loss {losses[diverged[0]]} at step {step}: the model's "
-                             "parameters or outputs hold NaN or inf; training diverged? "
-                             "(a lower --lr?)")
+        steps = range(self.progress.step - len(losses) + 1, self.progress.step + 1)
+        check_finite([f"step {step}" for step in steps], np.array(losses), "training loss")
         self.progress.epoch_loss_sum += sum(losses)
         return {"loss": float(np.mean(losses))}
 

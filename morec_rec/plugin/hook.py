@@ -102,8 +102,9 @@ def segment_sums(values: torch.Tensor, segment: torch.Tensor,
 
 
 def check_finite(names: Sequence[str], losses: np.ndarray, what: str) -> None:
-    """MorecError naming the objectives whose ``losses`` (float (n,), in ``names``' order)
-    are NaN or infinite: a diverged model, whose measurements no controller should read."""
+    """MorecError naming the entries (objectives, groups, steps) whose ``losses`` (float
+    (n,), in ``names``' order) are NaN or infinite: a diverged model, whose measurements
+    no controller should read."""
     bad = [f"{name} {value}" for name, value in zip(names, losses) if not np.isfinite(value)]
     if bad:
         raise MorecError(f"{what}: {', '.join(bad)}: the model's parameters or outputs hold "

@@ -21,9 +21,8 @@ from torch import nn
 
 from morec_rec.collectives import all_reduce
 from morec_rec.data import arrays
-from morec_rec.errors import MorecError
 from morec_rec.plugin.eval.metrics import RankingMetrics
-from morec_rec.plugin.hook import Examples, model_output
+from morec_rec.plugin.hook import Examples, check_finite, model_output
 from morec_rec.plugin.loader import Collate
 from morec_rec.plugin.sampling.objectives import ValidationSignal
 from morec_rec.plugin.sampling.sampled import SampledBatch
@@ -110,15 +109,12 @@ def group_losses(model: nn.Module, rows: pa.Table, collate: Collate,
             counts[column] += np.bincount(group, minlength=groups)
     flat = torch.from_numpy(np.concatenate([*sums.values(), *counts.values()]))
     total, count = np.split(all_reduce(flat).numpy(), 2)
-    split_at = np.cumsum(list(num_groups.values()))[:-1]
-    for column, group_total in zip(num_groups, np.split(total, split_at)):
-        undefined = np.flatnonzero(~np.isfinite(group_total))
-        if undefined.size:  # every rank raises: the sums are the all-reduced ones
-            raise MorecError(f"validation loss: {group_total[undefined[0]]} for {column} "
-                             f"{undefined.tolist()}: the model's parameters or outputs hold "
-                             "NaN or inf; training diverged?")
+    # Every rank raises alike: the sums are the all-reduced ones.
+    check_finite([f"{column} {g}" for column, n in num_groups.items() for g in range(n)],
+                 total, "validation loss")
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(count > 0, total / count, np.nan)
+    split_at = np.cumsum(list(num_groups.values()))[:-1]
     return dict(zip(num_groups, np.split(means, split_at)))
 
 
