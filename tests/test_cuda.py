@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from morec_rec import MoRec, MoRecConfig, SamplerConfig
+from morec_rec import MoRec, MoRecConfig, MorecError, SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.plugin.eval.ranking import evaluate, load_task
 
@@ -94,3 +94,13 @@ def test_ranking_on_the_device_gives_the_cpus_metrics(tiny: Path) -> None:
         on_cpu = evaluate(model.scores, task, chunk_users=64).as_dict()
         on_device = evaluate(model.to(CUDA).scores, task, chunk_users=64).as_dict()
     assert on_device == on_cpu
+
+
+def test_nan_scores_on_the_device_are_refused(tiny: Path) -> None:
+    # The check reads each user's first-ranked score: CUDA's topk must rank NaN first too.
+    dataset = PreparedDataset.open(tiny)
+    model = MF(dataset.manifest["num_users"], dataset.manifest["num_items"]).to(CUDA)
+    with torch.no_grad():
+        model.user.weight[3] = torch.nan
+        with pytest.raises(MorecError, match=r"NaN scores for 1 of 64 users \(user ids 3\)"):
+            evaluate(model.scores, load_task(dataset, "test"), chunk_users=64)
