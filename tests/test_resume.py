@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -243,6 +244,16 @@ def test_ranks_die_with_a_killed_torchrun() -> None:
     launcher = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
     ranks: list[int] = []
+
+    def kill_all() -> None:
+        for pid in ranks or descendants(launcher.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+        launcher.wait()
+
+    stuck = threading.Timer(120, kill_all)  # a hung start: the reads below then end empty
+    stuck.start()
     try:
         assert launcher.stdout is not None
         ready = [launcher.stdout.readline() for _ in range(2)]
@@ -255,11 +266,8 @@ def test_ranks_die_with_a_killed_torchrun() -> None:
             time.sleep(0.1)
         assert len(ranks) == 2 and not [pid for pid in ranks if _alive(pid)]
     finally:  # nothing left running, whatever failed
-        for pid in ranks or descendants(launcher.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        launcher.kill()
-        launcher.wait()
+        stuck.cancel()
+        kill_all()
 
 
 def test_a_restart_on_the_agents_shared_store_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
