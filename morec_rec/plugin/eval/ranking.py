@@ -210,11 +210,13 @@ def _top_lists(scorer: Scorer, task: RankingTask, k: int,
         scores[excluded.to(scores.device),
                torch.from_numpy(users.exclude_items).to(scores.device)] = -torch.inf
         top = top_k(scores, k)
-        # torch ranks NaN above every number: a user with a NaN score has one first.
-        undefined = scores.gather(1, top[:, :1]).isnan().squeeze(1).cpu().numpy()
+        # torch ranks NaN above every number: a user with a NaN score has one first. One
+        # copy to the host brings the flags with the lists.
+        host = torch.cat([top, scores.gather(1, top[:, :1]).isnan()], dim=1).cpu().numpy()
+        items, undefined = host[:, :-1], host[:, -1].astype(bool)
         if undefined.any():
             ids = users.user_id[undefined]
             raise MorecError(f"scorer: NaN scores for {len(ids)} of {len(users)} users (user "
                              f"ids {', '.join(map(str, ids[:5]))}{', ...' if len(ids) > 5 else ''}"
                              "): the model's parameters or outputs hold NaN; training diverged?")
-        yield users, top.cpu().numpy()
+        yield users, items
