@@ -102,5 +102,5 @@ def test_nan_scores_on_the_device_are_refused(tiny: Path) -> None:
     model = MF(dataset.manifest["num_users"], dataset.manifest["num_items"]).to(CUDA)
     with torch.no_grad():
         model.user.weight[3] = torch.nan
-        with pytest.raises(MorecError, match=r"NaN scores for 1 of 64 users \(user ids 3\)"):
+        with pytest.raises(MorecError, match=r"NaN scores for 1 of \d+ users \(user ids 3\)"):
             evaluate(model.scores, load_task(dataset, "test"), chunk_users=64)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_torchrun
 from sampling_data import make_dataset
 
 from morec_rec.data.format import PreparedDataset
@@ -76,6 +78,22 @@ def test_nan_scores_are_refused_where_they_could_rank() -> None:
             with pytest.raises(MorecError, match=r"scorer: NaN scores for 1 of \d users "
                                                  r"\(user ids 2\): the model's parameters"):
                 evaluate(scores, task, k=2, chunk_users=chunk_users)
+
+
+def test_ranks_evaluate_as_one_process_and_refuse_nan_scores_together(tmp_path: Path) -> None:
+    # The last user's scores are NaN on the last rank only: every rank raises (none is left
+    # waiting in the next collective), and names the users it has.
+    dataset = make_dataset(tmp_path / "d")
+    run_torchrun("tests/dist/eval_job.py", "--data", str(dataset.root), "--out", str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    task = load_task(dataset, "valid")
+    alone = evaluate(PopularityScorer(dataset.items()["train_count"].to_numpy()), task)
+    for rank in ranks:
+        assert rank["metrics"] == pytest.approx(alone.as_dict(), rel=1e-12)
+    assert [rank["error"] for rank in ranks] == [
+        f"scorer: NaN scores for 1 of {len(task)} users ({named}): the model's parameters or "
+        "outputs hold NaN; training diverged?"
+        for named in ("on other ranks", f"user ids {task.user_id[-1]}")]
 
 
 @pytest.mark.parametrize("chunk_users", [1, 2, 5])

@@ -21,6 +21,7 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from morec_rec.collectives import all_reduce
 from morec_rec.config import SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.jobs import checkpoint, distributed
@@ -145,7 +146,8 @@ class _Pretraining:
         return {}
 
     def record(self) -> dict[str, Any]:
-        losses = torch.stack(self.unlogged).tolist()  # one read of the device per record
+        # The ranks' mean per step (equal batches): every rank sees a NaN together.
+        losses = (all_reduce(torch.stack(self.unlogged)) / self.env.world_size).tolist()
         self.unlogged = []
         steps = range(self.progress.step - len(losses) + 1, self.progress.step + 1)
         check_finite([f"step {step}" for step in steps], np.array(losses), "training loss")

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from morec_rec.collectives import all_reduce, is_distributed
+from morec_rec.collectives import all_reduce
 from morec_rec.data import arrays
 from morec_rec.data.format import PreparedDataset, read_parquet
 from morec_rec.errors import MorecError
@@ -154,15 +154,23 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def evaluate(scorer: Scorer, task: RankingTask, *, k: int = K,
              chunk_users: int = 1024) -> RankingMetrics:
-    """Metrics of ``scorer`` on ``task``; under ``torch.distributed`` every rank must call it."""
+    """Metrics of ``scorer`` on ``task``; under ``torch.distributed`` every rank must call it.
+
+    Raises MorecError on every rank, together, if any rank's users have NaN scores.
+    """
     sums = RankingMetricSums.from_topk(np.zeros((0, k), dtype=np.int64),
                                        np.zeros(0, dtype=np.int64), *_item_groups(task))
-    for users, top in _top_lists(scorer, task, k, chunk_users):
-        sums = sums + RankingMetricSums.from_topk(top, users.held_out, *_item_groups(task))
-    if is_distributed():
-        flat = all_reduce(torch.from_numpy(sums.to_array()))
-        sums = RankingMetricSums.from_array(flat.numpy(), k=k,
-                                            num_fairness_groups=task.num_fairness_groups)
+    undefined = []
+    for users, top, nan in _top_lists(scorer, task, k, chunk_users):
+        undefined.append(users.user_id[nan])
+        sums = sums + RankingMetricSums.from_topk(top[~nan], users.held_out[~nan],
+                                                  *_item_groups(task))
+    ids = np.concatenate([np.zeros(0, dtype=np.int64), *undefined])
+    # The count of undefined users travels with the sums, so that every rank decides alike.
+    flat = all_reduce(torch.from_numpy(np.append(sums.to_array(), len(ids)))).numpy()
+    _refuse_undefined(int(flat[-1]), int(flat[0] + flat[-1]), ids)
+    sums = RankingMetricSums.from_array(flat[:-1], k=k,
+                                        num_fairness_groups=task.num_fairness_groups)
     return sums.finalize(task.q)
 
 
@@ -172,9 +180,20 @@ def evaluate_users(scorer: Scorer, task: RankingTask, *, k: int = K,
     for paired comparisons (:mod:`morec_rec.jobs.bootstrap`). One process: U·D floats."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise MorecError("per-user evaluation runs in one process, not under torchrun")
-    empty = np.zeros((0, 3 + 2 * task.num_fairness_groups + task.num_popularity_groups))
-    return np.concatenate([empty, *(user_rows(top, users.held_out, *_item_groups(task))
-                                    for users, top in _top_lists(scorer, task, k, chunk_users))])
+    rows = [np.zeros((0, 3 + 2 * task.num_fairness_groups + task.num_popularity_groups))]
+    for users, top, nan in _top_lists(scorer, task, k, chunk_users):
+        _refuse_undefined(int(nan.sum()), len(users), users.user_id[nan])
+        rows.append(user_rows(top, users.held_out, *_item_groups(task)))
+    return np.concatenate(rows)
+
+
+def _refuse_undefined(count: int, total: int, ids: np.ndarray) -> None:
+    """MorecError if ``count`` of ``total`` users had NaN scores (``ids``: this rank's)."""
+    if count:
+        named = (f"user ids {', '.join(map(str, ids[:5]))}{', ...' if len(ids) > 5 else ''}"
+                 if len(ids) else "on other ranks")
+        raise MorecError(f"scorer: NaN scores for {count} of {total} users ({named}): the "
+                         "model's parameters or outputs hold NaN; training diverged?")
 
 
 def _item_groups(task: RankingTask) -> tuple[Any, ...]:
@@ -184,9 +203,10 @@ def _item_groups(task: RankingTask) -> tuple[Any, ...]:
 
 
 def _top_lists(scorer: Scorer, task: RankingTask, k: int,
-               chunk_users: int) -> Iterator[tuple[RankingTask, np.ndarray]]:
-    """This rank's users a chunk at a time, with their top-``k`` items (U, k) (a
-    collective: every rank makes the same number of scorer calls)."""
+               chunk_users: int) -> Iterator[tuple[RankingTask, np.ndarray, np.ndarray]]:
+    """This rank's users a chunk at a time, with their top-``k`` items (U, k) and whether
+    their scores hold NaN at an item they could be shown (bool (U,); their lists mean
+    nothing). A collective: every rank makes the same number of scorer calls."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     per_rank = -(-len(task) // world)
     local = task.rows(rank * per_rank, (rank + 1) * per_rank)
@@ -213,10 +233,4 @@ def _top_lists(scorer: Scorer, task: RankingTask, k: int,
         # torch ranks NaN above every number: a user with a NaN score has one first. One
         # copy to the host brings the flags with the lists.
         host = torch.cat([top, scores.gather(1, top[:, :1]).isnan()], dim=1).cpu().numpy()
-        items, undefined = host[:, :-1], host[:, -1].astype(bool)
-        if undefined.any():
-            ids = users.user_id[undefined]
-            raise MorecError(f"scorer: NaN scores for {len(ids)} of {len(users)} users (user "
-                             f"ids {', '.join(map(str, ids[:5]))}{', ...' if len(ids) > 5 else ''}"
-                             "): the model's parameters or outputs hold NaN; training diverged?")
-        yield users, items
+        yield users, host[:, :-1], host[:, -1].astype(bool)
