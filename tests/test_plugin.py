@@ -210,6 +210,12 @@ def test_a_batch_no_stream_holds_is_refused(tiny: Path, manifest: dict, num_work
     fits = make(tiny, manifest, model, sampler=SamplerConfig(sub_batch_size=too_many - 1),
                 num_workers=num_workers)
     assert fits.batches_per_epoch == streams
+    # MoRec without its sampler draws the whole batch from accuracy's: named as given.
+    too_many = rows // 4 + 1
+    with pytest.raises(MorecError, match=rf"sub_batch_size = {too_many} × 4 objective\(s\): "):
+        make(tiny, manifest, model, objectives=["accuracy", "revenue", "fairness", "alignment"],
+             sampler=SamplerConfig(sub_batch_size=too_many),
+             config=MoRecConfig(coefficients="loss_forms"), num_workers=num_workers)
 
 
 @pytest.mark.parametrize("num_workers, batches_per_request", [(0, 1), (2, 1), (2, 3)])

@@ -159,6 +159,11 @@ class MoRec:
         self.objectives = _objectives(self.dataset, sampler, objectives)
         #: The objectives the coefficients weigh, in segment (or weight) order.
         self.names = [o.name for o in self.objectives]
+        self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
+                                      if dist.is_initialized() else (0, 1))
+        self.dataset.check_batch(
+            sampler.sub_batch_size * len(self.objectives), self.world_size * max(num_workers, 1),
+            f"sub_batch_size = {sampler.sub_batch_size} × {len(self.objectives)} objective(s)")
         self.rule: Rule | None = None
         self._terms: LossForms | SubBatchMeans | None = None
         if config.coordinator != "morec":
@@ -181,11 +186,6 @@ class MoRec:
         self.representation = representation
         self.device = torch.device(device)
         self.chunk_users = chunk_users
-        self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
-                                      if dist.is_initialized() else (0, 1))
-        self.dataset.check_batch(
-            sampler.sub_batch_size * len(self.objectives), self.world_size * max(num_workers, 1),
-            f"sub_batch_size = {sampler.sub_batch_size} × {len(self.objectives)} objective(s)")
 
         self._base_losses: dict[str, float] | None = None
         self.coordinator: Coordinator | None = None  # made by loss() after calibration
