@@ -160,15 +160,14 @@ def evaluate(scorer: Scorer, task: RankingTask, *, k: int = K,
     """
     sums = RankingMetricSums.from_topk(np.zeros((0, k), dtype=np.int64),
                                        np.zeros(0, dtype=np.int64), *_item_groups(task))
-    undefined = []
+    undefined = [np.zeros(0, dtype=np.int64)]
     for users, top, nan in _top_lists(scorer, task, k, chunk_users):
         undefined.append(users.user_id[nan])
-        sums = sums + RankingMetricSums.from_topk(top[~nan], users.held_out[~nan],
-                                                  *_item_groups(task))
-    ids = np.concatenate([np.zeros(0, dtype=np.int64), *undefined])
+        sums = sums + RankingMetricSums.from_topk(top, users.held_out, *_item_groups(task))
+    ids = np.concatenate(undefined)
     # The count of undefined users travels with the sums, so that every rank decides alike.
     flat = all_reduce(torch.from_numpy(np.append(sums.to_array(), len(ids)))).numpy()
-    _refuse_undefined(int(flat[-1]), int(flat[0] + flat[-1]), ids)
+    _refuse_undefined(int(flat[-1]), len(task), ids)
     sums = RankingMetricSums.from_array(flat[:-1], k=k,
                                         num_fairness_groups=task.num_fairness_groups)
     return sums.finalize(task.q)
@@ -181,14 +180,18 @@ def evaluate_users(scorer: Scorer, task: RankingTask, *, k: int = K,
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise MorecError("per-user evaluation runs in one process, not under torchrun")
     rows = [np.zeros((0, 3 + 2 * task.num_fairness_groups + task.num_popularity_groups))]
+    undefined = [np.zeros(0, dtype=np.int64)]
     for users, top, nan in _top_lists(scorer, task, k, chunk_users):
-        _refuse_undefined(int(nan.sum()), len(users), users.user_id[nan])
+        undefined.append(users.user_id[nan])
         rows.append(user_rows(top, users.held_out, *_item_groups(task)))
+    ids = np.concatenate(undefined)
+    _refuse_undefined(len(ids), len(task), ids)
     return np.concatenate(rows)
 
 
 def _refuse_undefined(count: int, total: int, ids: np.ndarray) -> None:
-    """MorecError if ``count`` of ``total`` users had NaN scores (``ids``: this rank's)."""
+    """MorecError if ``count`` of the task's ``total`` users had NaN scores (``ids``: this
+    rank's)."""
     if count:
         named = (f"user ids {', '.join(map(str, ids[:5]))}{', ...' if len(ids) > 5 else ''}"
                  if len(ids) else "on other ranks")
