@@ -170,8 +170,8 @@ class SamplerConfig:
     #: ``loss`` (the method's rule) or the lowest validation ``hit`` (Hit@10, the group that
     #: min-Hit@10 measures).
     fairness_signal: FairnessSignal = "loss"
-    #: Seeds the sampler's draws (the jobs of ``run`` and ``demo`` use ``--seed`` of
-    #: training instead: it is no flag there).
+    #: Seeds the sampler's draws (the jobs of ``run`` and ``demo`` use training's
+    #: ``seed``: it is no flag there, and an error in their ``[sampler]`` table).
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -214,6 +214,12 @@ class TrainConfig:
     eval_every: int = 0
     #: Stop after this many validations without a better validation Hit@10.
     patience: int = 3
+    #: Validation users each validation ranks: a fixed sample, the same users every time,
+    #: drawn with ``seed``; 0: all of them. In ``run`` and ``demo`` MoRec's validation
+    #: passes measure the same sample. Every validation ranks every item for each of its
+    #: users, so where users × items is large a sample bounds what validations cost (the
+    #: test split is always ranked in full).
+    validation_users: int = 0
     #: DataLoader worker processes per rank (0: load in the training process).
     num_workers: int = 1
     #: Batches a loader worker makes for one request of the trainer (with workers): more
@@ -239,6 +245,7 @@ class TrainConfig:
         _check(self.max_epochs >= 1, "max_epochs", self.max_epochs, ">= 1")
         _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
         _check(self.patience >= 1, "patience", self.patience, ">= 1")
+        _check(self.validation_users >= 0, "validation_users", self.validation_users, ">= 0")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         _check(self.batches_per_request >= 1, "batches_per_request", self.batches_per_request,
                ">= 1")
@@ -321,7 +328,10 @@ class MoRecConfig:
     #: Validation users a pass measures (ranking metrics and group losses): a fixed
     #: sample, the same users at every pass and for the reference, drawn with the
     #: sampler's seed; 0: all of them. A pass ranks every item for each of its users, so
-    #: where users × items is large a sample bounds what the passes cost.
+    #: where users × items is large a sample bounds what the passes cost. (The jobs of
+    #: ``run`` and ``demo`` use training's ``validation_users``, which pretraining's
+    #: validations measure too: it is no flag there, and an error in their ``[morec]``
+    #: table.)
     validation_users: int = 0
     #: The share of the base's validation Hit@10 a pass needs to be selected: 0.97, the
     #: validity threshold, or more where validation and test are known to disagree.

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT
 
-from morec_rec.jobs.cli import main
+from morec_rec.jobs.cli import _job_configs, _parser, main
 
 INTERACTIONS = "user,item,timestamp\n" + "".join(
     f"u{u},i{i},{10 * u + i}\n" for u in range(6) for i in range(5)
@@ -140,6 +140,32 @@ def test_flags_are_spelled_out(tmp_path: Path, capsys: pytest.CaptureFixture[str
         main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "job"), "--epoch", "2"])
     assert exited.value.code == 2
     assert "unrecognized arguments: --epoch 2" in _error(capsys)
+
+
+def test_a_job_takes_its_seed_and_validation_users_from_train(tmp_path: Path) -> None:
+    # One flag each sets every stage: pretraining and MoRec validate the same users.
+    args = _parser().parse_args(["run", "--data", str(tmp_path), "--out", str(tmp_path / "j"),
+                                 "--seed", "3", "--validation-users", "40"])
+    train, sampler, morec = _job_configs(args)
+    assert (train.seed, sampler.seed) == (3, 3)
+    assert (train.validation_users, morec.validation_users) == (40, 40)
+    config = tmp_path / "c.toml"
+    config.write_text("[train]\nseed = 4\nvalidation_users = 50\n")
+    train, sampler, morec = _job_configs(_parser().parse_args(
+        ["run", "--data", str(tmp_path), "--out", str(tmp_path / "j"), "--config", str(config)]))
+    assert (sampler.seed, morec.validation_users) == (4, 50)
+
+
+@pytest.mark.parametrize(("table", "key"), [("morec", "validation_users"), ("sampler", "seed")])
+def test_a_jobs_shared_setting_in_its_stage_table_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str, key: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f"[{table}]\n{key} = 7\n")
+    assert main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "j"),
+                 "--config", str(config)]) == 2
+    assert (f"{config}: [{table}] {key}: a job takes it from [train] for every stage; set it "
+            f"there") in _error(capsys)
+    assert not (tmp_path / "j").exists()
 
 
 def test_a_job_is_not_a_run_to_evaluate(tmp_path: Path,

@@ -95,6 +95,23 @@ def test_resumed_training_equals_uninterrupted_training(tiny: Path, tmp_path: Pa
             == _evaluate_json("--run", str(whole), "--split", "test"))
 
 
+def test_validations_rank_a_fixed_sample_of_the_users(tiny: Path, tmp_path: Path) -> None:
+    # Every validation ranks the same 40 users of tiny's 259; the hit rates are over them.
+    runs = {users: tmp_path / str(users) for users in (0, 40)}
+    for users, run in runs.items():
+        done = run_cli("train", "--data", str(tiny), "--out", str(run), *TRAIN, "--max-epochs",
+                       "2", "--patience", "10", "--validation-users", str(users))
+        assert done.returncode == 0, done.stderr
+    evals = {users: [r for r in _log(run) if r["kind"] == "eval"] for users, run in runs.items()}
+    assert [r["users"] for r in evals[0]] == [259, 259]
+    assert [r["users"] for r in evals[40]] == [40, 40]
+    for record in evals[40]:
+        assert record["hit@10"] * 40 == pytest.approx(round(record["hit@10"] * 40), abs=1e-9)
+    # The sample changes what is measured, never what is trained.
+    assert ([r["loss"] for r in _log(runs[0]) if r["kind"] == "step"]
+            == [r["loss"] for r in _log(runs[40]) if r["kind"] == "step"])
+
+
 def test_popular_baseline(tiny: Path) -> None:
     result = _evaluate_json("--data", str(tiny), "--model", "popular", "--split", "test")
     assert result["model"] == "popular" and 0 < result["hit@10"] < 1

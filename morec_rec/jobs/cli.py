@@ -44,6 +44,10 @@ DEMO_SETTINGS = {"train": {"max_epochs": 20, "patience": 2, "batches_per_request
 RESUMABLE = ("checkpoint_every", "epochs", "eval_chunk_users", "max_epochs", "patience")
 #: A job's configs, in its record's order.
 JOB_CONFIGS = (TrainConfig, SamplerConfig, MoRecConfig)
+#: A job's settings that every stage takes from ``[train]``: one seed, and one sample of
+#: validation users for pretraining and MoRec alike. No flag sets them in their own table,
+#: and a config file that does is refused.
+FROM_TRAIN = {"sampler": ("seed",), "morec": ("validation_users",)}
 
 
 #: Third-party deprecation notices that say nothing about the user's job (the command line
@@ -170,9 +174,10 @@ def _add_job_arguments(parser: argparse.ArgumentParser,
     parser.add_argument("--config", type=Path,
                         help="TOML file with [train], [sampler] and [morec] tables")
     add_arguments(parser, TrainConfig, defaults=defaults.get("train"))
-    # One seed: the train config's.
-    add_arguments(parser, SamplerConfig, exclude=("seed",), defaults=defaults.get("sampler"))
-    add_arguments(parser, MoRecConfig, defaults=defaults.get("morec"))
+    add_arguments(parser, SamplerConfig, exclude=FROM_TRAIN["sampler"],
+                  defaults=defaults.get("sampler"))
+    add_arguments(parser, MoRecConfig, exclude=FROM_TRAIN["morec"],
+                  defaults=defaults.get("morec"))
 
 
 def _job_configs(args: argparse.Namespace,
@@ -180,10 +185,16 @@ def _job_configs(args: argparse.Namespace,
                  ) -> tuple[TrainConfig, SamplerConfig, MoRecConfig]:
     """The job's configs: ``defaults`` < the config file < flags."""
     file = load_file(args.config, ("train", "sampler", "morec"))
+    for table, names in FROM_TRAIN.items():
+        for name in set(names) & set(file[table]):
+            raise MorecError(f"{args.config}: [{table}] {name}: a job takes it from [train] "
+                             f"for every stage; set it there")
     tables = {k: {**(defaults or {}).get(k, {}), **v} for k, v in file.items()}
     train = build(TrainConfig, tables["train"], args)
-    sampler = build(SamplerConfig, {**tables["sampler"], "seed": train.seed}, args)
-    return train, sampler, build(MoRecConfig, tables["morec"], args)
+    shared = {table: {name: getattr(train, name) for name in names}
+              for table, names in FROM_TRAIN.items()}
+    return (train, build(SamplerConfig, {**tables["sampler"], **shared["sampler"]}, args),
+            build(MoRecConfig, {**tables["morec"], **shared["morec"]}, args))
 
 
 def _add_common(parser: argparse.ArgumentParser, tables: str) -> None:

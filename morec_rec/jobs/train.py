@@ -3,7 +3,8 @@
 One code path for one process and for ``torchrun --nproc_per_node=N``: the tables are
 sharded by TorchRec's planner over the process group (of one, without torchrun), each
 rank reads its own stream of the training rows, and validation ranks all items for each
-validation user (users split across ranks). Training stops when validation Hit@10 has
+validation user, or for a fixed sample of them (``validation_users``; users split across
+ranks). Training stops when validation Hit@10 has
 not improved for ``patience`` validations ("pretrain to convergence"). Checkpoints are
 taken every ``checkpoint_every`` steps and at the end of every epoch (``last``) and at
 every new best validation (``best``); a resumed run continues from ``last``, at the batch
@@ -37,6 +38,7 @@ from morec_rec.plugin.hook import check_finite
 from morec_rec.plugin.loader import SamplerLoader
 from morec_rec.plugin.sampling.objectives import Accuracy
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
+from morec_rec.plugin.validation import sample_users
 
 
 @dataclasses.dataclass
@@ -129,7 +131,8 @@ class _Pretraining:
         self.progress, self.config, self.run, self.env = progress, config, run, env
         self.batches_per_epoch = loader.batches_per_epoch
         self.samples_per_step = config.batch_size * env.world_size
-        self.task = load_task(dataset, "valid")
+        self.task = load_task(dataset, "valid", sample_users(
+            dataset.split("valid"), config.validation_users, config.seed))
         self.unlogged: list[torch.Tensor] = []  # per-step mean losses, on the device
 
     def finished(self) -> bool:
@@ -172,7 +175,8 @@ class _Pretraining:
         else:
             progress.stale += 1
         self.run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
-                      "step": progress.step, **metrics.as_dict(), "best": better,
+                      "step": progress.step, "users": metrics.users, **metrics.as_dict(),
+                      "best": better,
                       "seconds": round(time.perf_counter() - started, 3)})
 
     def end_epoch(self) -> None:
