@@ -14,6 +14,7 @@ from sampling_data import make_dataset
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.plugin.eval.ranking import PopularityScorer, RankingTask, evaluate, load_task, top_k
+from morec_rec.plugin.validation import sample_users
 
 
 def _task(exclude: list[list[int]], held_out: list[int], num_items: int = 6) -> RankingTask:
@@ -121,6 +122,24 @@ def test_test_task_excludes_train_and_valid_items(tmp_path: Path) -> None:
     assert len(test) == dataset.manifest["num_users"]
     histories = dataset.split("test")["history"].to_pylist()[:3]
     np.testing.assert_array_equal(np.diff(test.history_offsets)[:3], [len(h) for h in histories])
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_a_task_of_some_users_is_the_whole_tasks_rows_of_them(tmp_path: Path,
+                                                               split: str) -> None:
+    # Only the sampled users' training (and, for test, validation) rows are kept as the
+    # files are read; what each user excludes, holds out and has seen stays as it was.
+    dataset = make_dataset(tmp_path / "d")
+    whole = load_task(dataset, split)
+    some = load_task(dataset, split, sample_users(dataset.split(split), 5, seed=3))
+    assert len(some) == 5 and len(whole) == dataset.manifest["num_users"]
+    for row, user in enumerate(some.user_id):
+        mine, theirs = some.rows(row, row + 1), whole.rows(int(user), int(user) + 1)
+        assert mine.user_id.tolist() == theirs.user_id.tolist() == [user]
+        for name in ("held_out", "exclude_offsets", "exclude_items", "history_offsets",
+                     "history_values"):
+            np.testing.assert_array_equal(getattr(mine, name), getattr(theirs, name))
+    assert some.exclude_items.size < whole.exclude_items.size
 
 
 def test_split_must_be_held_out(tmp_path: Path) -> None:

@@ -91,16 +91,22 @@ def load_task(dataset: PreparedDataset, split: str, held: pa.Table | None = None
     user_id = held["user_id"].to_numpy().astype(np.int64)
     history = held["history"].combine_chunks()
 
-    # Training items per user (CSR), plus the validation item when ranking for test.
-    train = [read_parquet(path, ["user_id", "item_id"]) for path in dataset.train_files]
-    seen_user = np.concatenate([t["user_id"].to_numpy() for t in train]).astype(np.int64)
-    seen_item = np.concatenate([t["item_id"].to_numpy() for t in train]).astype(np.int64)
-    if split == "test":
-        valid = read_parquet(dataset.root / "valid.parquet", ["user_id", "item_id"])
-        seen_user = np.concatenate([seen_user, valid["user_id"].to_numpy()])
-        seen_item = np.concatenate([seen_item, valid["item_id"].to_numpy()])
-    order = np.argsort(seen_user, kind="stable")
+    # Training items of the task's users (CSR), plus the validation item when ranking
+    # for test; a file's other users' rows are dropped as it is read.
     num_users = dataset.manifest["num_users"]
+    wanted = np.zeros(num_users, dtype=bool)
+    wanted[user_id] = True
+    seen = ([*dataset.train_files, dataset.root / "valid.parquet"] if split == "test"
+            else dataset.train_files)
+    parts = []
+    for path in seen:
+        table = read_parquet(path, ["user_id", "item_id"])
+        users = table["user_id"].to_numpy()
+        kept = wanted[users]
+        parts.append((users[kept], table["item_id"].to_numpy()[kept]))
+    seen_user = np.concatenate([users for users, _ in parts]).astype(np.int64)
+    seen_item = np.concatenate([items for _, items in parts]).astype(np.int64)
+    order = np.argsort(seen_user, kind="stable")
     count = np.bincount(seen_user, minlength=num_users)
     starts = np.cumsum(count) - count
     gather, exclude_offsets = arrays.ranges(starts[user_id], count[user_id])
