@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from morec_rec.collectives import all_reduce
-from morec_rec.data import arrays
 from morec_rec.data.format import PreparedDataset, read_parquet
 from morec_rec.errors import MorecError
 from morec_rec.plugin.eval.metrics import RankingMetrics, RankingMetricSums, user_rows
@@ -83,7 +82,7 @@ def _jagged_slice(offsets: np.ndarray, begin: int, end: int) -> tuple[slice, np.
 def load_task(dataset: PreparedDataset, split: str, held: pa.Table | None = None
               ) -> RankingTask:
     """The ranking task of ``split`` (``valid`` or ``test``) of a prepared dataset: its
-    users, or those of ``held``, rows of the split (default: all of them)."""
+    users, or those of ``held``, rows of the split (one a user; default: all of them)."""
     if split not in ("valid", "test"):
         raise MorecError(f"evaluation split must be 'valid' or 'test', got {split!r}")
     if held is None:
@@ -91,25 +90,25 @@ def load_task(dataset: PreparedDataset, split: str, held: pa.Table | None = None
     user_id = held["user_id"].to_numpy().astype(np.int64)
     history = held["history"].combine_chunks()
 
-    # Training items of the task's users (CSR), plus the validation item when ranking
-    # for test; a file's other users' rows are dropped as it is read.
-    num_users = dataset.manifest["num_users"]
-    wanted = np.zeros(num_users, dtype=bool)
-    wanted[user_id] = True
+    # What each user has seen: training items, and the validation item when ranking for
+    # test. Rows of users outside the task are dropped as a file is read; the rest, in
+    # the order of their users in the task (stable: file order within a user), are the
+    # exclusion lists end to end.
+    place = np.full(dataset.manifest["num_users"], -1, dtype=np.int64)
+    place[user_id] = np.arange(len(user_id))
     seen = ([*dataset.train_files, dataset.root / "valid.parquet"] if split == "test"
             else dataset.train_files)
-    parts = []
+    places, items = [], []
     for path in seen:
         table = read_parquet(path, ["user_id", "item_id"])
-        users = table["user_id"].to_numpy()
-        kept = wanted[users]
-        parts.append((users[kept], table["item_id"].to_numpy()[kept]))
-    seen_user = np.concatenate([users for users, _ in parts]).astype(np.int64)
-    seen_item = np.concatenate([items for _, items in parts]).astype(np.int64)
-    order = np.argsort(seen_user, kind="stable")
-    count = np.bincount(seen_user, minlength=num_users)
-    starts = np.cumsum(count) - count
-    gather, exclude_offsets = arrays.ranges(starts[user_id], count[user_id])
+        row_place = place[table["user_id"].to_numpy()]
+        kept = row_place >= 0
+        places.append(row_place[kept])
+        items.append(table["item_id"].to_numpy()[kept])
+    row_place = np.concatenate(places)
+    exclude_offsets = np.zeros(len(user_id) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_place, minlength=len(user_id)), out=exclude_offsets[1:])
+    exclude_items = np.concatenate(items)[np.argsort(row_place, kind="stable")]
 
     items = dataset.item_columns(["price", "fairness_group", "popularity_group"])
     groups = dataset.manifest["groups"]
@@ -118,8 +117,8 @@ def load_task(dataset: PreparedDataset, split: str, held: pa.Table | None = None
         held_out=held["item_id"].to_numpy().astype(np.int64),
         history_offsets=history.offsets.to_numpy().astype(np.int64),
         history_values=history.values.to_numpy().astype(np.int64),
-        exclude_offsets=exclude_offsets.astype(np.int64),
-        exclude_items=seen_item[order][gather],
+        exclude_offsets=exclude_offsets,
+        exclude_items=exclude_items.astype(np.int64),
         price=items["price"],
         fairness_group=items["fairness_group"].astype(np.int64),
         num_fairness_groups=len(groups["fairness"]["names"]),
