@@ -4,11 +4,11 @@ One code path for one process and for ``torchrun --nproc_per_node=N``: the table
 sharded by TorchRec's planner over the process group (of one, without torchrun), each
 rank reads its own stream of the training rows, and validation ranks all items for each
 validation user, or for a fixed sample of them (``validation_users``; users split across
-ranks). Training stops when validation Hit@10 has
-not improved for ``patience`` validations ("pretrain to convergence"). Checkpoints are
-taken every ``checkpoint_every`` steps and at the end of every epoch (``last``) and at
-every new best validation (``best``); a resumed run continues from ``last``, at the batch
-after the last one trained (a batch's rows and negatives derive from its index).
+ranks). Training stops when validation Hit@10 has not improved for ``patience``
+validations ("pretrain to convergence"). Checkpoints are taken every
+``checkpoint_every`` steps and at the end of every epoch (``last``) and at every new best
+validation (``best``); a resumed run continues from ``last``, at the batch after the
+last one trained (a batch's rows and negatives derive from its index).
 """
 
 from __future__ import annotations

@@ -98,17 +98,17 @@ def load_task(dataset: PreparedDataset, split: str, held: pa.Table | None = None
     place[user_id] = np.arange(len(user_id))
     seen = ([*dataset.train_files, dataset.root / "valid.parquet"] if split == "test"
             else dataset.train_files)
-    places, items = [], []
+    places, seen_items = [], []
     for path in seen:
         table = read_parquet(path, ["user_id", "item_id"])
         row_place = place[table["user_id"].to_numpy()]
         kept = row_place >= 0
         places.append(row_place[kept])
-        items.append(table["item_id"].to_numpy()[kept])
+        seen_items.append(table["item_id"].to_numpy()[kept])
     row_place = np.concatenate(places)
     exclude_offsets = np.zeros(len(user_id) + 1, dtype=np.int64)
     np.cumsum(np.bincount(row_place, minlength=len(user_id)), out=exclude_offsets[1:])
-    exclude_items = np.concatenate(items)[np.argsort(row_place, kind="stable")]
+    exclude_items = np.concatenate(seen_items)[np.argsort(row_place, kind="stable")]
 
     items = dataset.item_columns(["price", "fairness_group", "popularity_group"])
     groups = dataset.manifest["groups"]
