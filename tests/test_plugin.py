@@ -292,15 +292,18 @@ def test_validation_measures_a_fixed_sample_of_users(tiny: Path, manifest: dict)
         morec = make(tiny, manifest, model, sampler=SamplerConfig(sub_batch_size=40, seed=seed),
                      config=MoRecConfig(preference=(0.25,) * 4, validation_users=size))
         morec.loss(model)
-        assert morec.validate(model)["metrics"]["hit@10"] == pytest.approx(
+        record = morec.validate(model)
+        assert record["users"] == size
+        assert record["metrics"]["hit@10"] == pytest.approx(
             hit_by_hand(model, dataset, samples[2 * seed]))
     # 0, or at least the number of validation users, measures them all.
     for size in (0, len(everyone), len(everyone) + 1):
         morec = make(tiny, manifest, model, config=MoRecConfig(
             preference=(0.25,) * 4, validation_users=size))
         morec.loss(model)
-        assert morec.validate(model)["metrics"]["hit@10"] == pytest.approx(
-            hit_by_hand(model, dataset, everyone))
+        record = morec.validate(model)
+        assert record["users"] == len(everyone)
+        assert record["metrics"]["hit@10"] == pytest.approx(hit_by_hand(model, dataset, everyone))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

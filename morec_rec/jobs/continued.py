@@ -220,7 +220,8 @@ class _ContinuedTraining:
         if selection["selected"]:
             self._save(self.run.best)
         self.run.log({"kind": "eval", "split": "valid", "epoch": progress.epoch,
-                      "step": progress.step, **selection, "controlled": record["measures"],
+                      "step": progress.step, "users": record["users"], **selection,
+                      "controlled": record["measures"],
                       "group_loss": record["group_loss"],
                       "seconds": round(time.perf_counter() - started, 3)})
         if "version" in record:

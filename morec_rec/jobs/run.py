@@ -2,8 +2,8 @@
 
     RUN/run.json            what was run: config, dataset, versions, world size
     RUN/log.jsonl           one JSON object per line: "step" and "eval" records (an
-                            eval's "seconds": its pass's wall time; a pretraining
-                            eval's "users": the users it ranked), and "epoch"
+                            eval's "seconds": its pass's wall time, "users": the
+                            validation users it measured), and "epoch"
                             (pretraining) or "update" and "targets" (continued)
     RUN/checkpoints/last    the latest checkpoint, every ``checkpoint_every`` steps and at
                             each epoch's end (resume continues from it)

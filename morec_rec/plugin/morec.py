@@ -343,10 +343,10 @@ class MoRec:
         round before it apply: fewer batches between two rounds than the loader's
         :attr:`~morec_rec.plugin.loader.SamplerLoader.lookahead` and the pipeline's.
 
-        Returns the round's record: ``metrics`` (None without a scorer), ``measures`` (the
-        controlled values), ``group_loss`` (the signal), ``coefficients`` (each held
-        objective's β), ``q``, and the ``version``, ``effective_from`` and ``masses``
-        published (absent if none).
+        Returns the round's record: ``users`` (the validation users measured),
+        ``metrics`` (None without a scorer), ``measures`` (the controlled values),
+        ``group_loss`` (the signal), ``coefficients`` (each held objective's β), ``q``, and
+        the ``version``, ``effective_from`` and ``masses`` published (absent if none).
         """
         if self.coordinator is None:
             raise MorecError("validate() needs the coordinator that loss(model) makes: "
@@ -361,6 +361,7 @@ class MoRec:
                                          metrics.as_dict(), metrics.k)
             self.coordinator.observe(measures)
         record: dict[str, Any] = {
+            "users": len(self._valid_rows),
             "metrics": None if metrics is None else metrics.as_dict(), "measures": measures,
             "group_loss": {k: v.tolist() for k, v in signal.group_loss.items()},
             "coefficients": self.coordinator.coefficients,
