@@ -13,7 +13,14 @@ from sampling_data import make_dataset
 
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
-from morec_rec.plugin.eval.ranking import PopularityScorer, RankingTask, evaluate, load_task, top_k
+from morec_rec.plugin.eval.ranking import (
+    PopularityScorer,
+    RankingTask,
+    evaluate,
+    load_task,
+    rank_users,
+    top_k,
+)
 from morec_rec.plugin.validation import sample_users
 
 
@@ -82,19 +89,53 @@ def test_nan_scores_are_refused_where_they_could_rank() -> None:
 
 
 def test_ranks_evaluate_as_one_process_and_refuse_nan_scores_together(tmp_path: Path) -> None:
-    # The last user's scores are NaN on the last rank only: every rank raises (none is left
-    # waiting in the next collective), and names the users it has.
+    # Two ranks give one process's metrics, whether each holds the whole task or its own
+    # share, and where a rank has no user (it pads the scorer's collective). The last
+    # user's scores are NaN on the last rank only: every rank raises (none is left waiting
+    # in the next collective), and names the users it has.
     dataset = make_dataset(tmp_path / "d")
     run_torchrun("tests/dist/eval_job.py", "--data", str(dataset.root), "--out", str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     task = load_task(dataset, "valid")
-    alone = evaluate(PopularityScorer(dataset.items()["train_count"].to_numpy()), task)
+    scorer = PopularityScorer(dataset.items()["train_count"].to_numpy())
+    alone = {"whole": evaluate(scorer, task), "share": evaluate(scorer, task),
+             "first_user": evaluate(scorer, task.rows(0, 1))}
+    assert alone["first_user"].users == 1
     for rank in ranks:
-        assert rank["metrics"] == pytest.approx(alone.as_dict(), rel=1e-12)
-    assert [rank["error"] for rank in ranks] == [
+        assert rank["metrics"].keys() == alone.keys()
+        for name, metrics in alone.items():
+            assert rank["metrics"][name] == pytest.approx(metrics.as_dict(), rel=1e-12)
+    assert [rank["errors"]["nan"] for rank in ranks] == [
         f"scorer: NaN scores for 1 of {len(task)} users ({named}): the model's parameters or "
         "outputs hold NaN; training diverged?"
         for named in ("on other ranks", f"user ids {task.user_id[-1]}")]
+    assert [rank["errors"]["other_share"] for rank in ranks] == [
+        f"ranking task: loaded for rank {1 - r} of 2, evaluated on rank {r} of 2: load each "
+        "rank's own share (load_task(..., rank=, world_size=)) or the whole task"
+        for r in range(2)]
+
+
+def test_a_ranks_share_is_its_consecutive_users_of_the_task(tmp_path: Path) -> None:
+    # ⌈U/W⌉ users a rank in task order; the shares together are the whole task, and a
+    # share is evaluated on its own rank only.
+    assert [rank_users(7, r, 3) for r in range(3)] == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert [rank_users(2, r, 4) for r in range(4)] == [slice(0, 1), slice(1, 2), slice(2, 2),
+                                                      slice(2, 2)]
+    dataset = make_dataset(tmp_path / "d")
+    whole = load_task(dataset, "test")
+    shares = [load_task(dataset, "test", rank=r, world_size=3) for r in range(3)]
+    assert [share.share for share in shares] == [(0, 3), (1, 3), (2, 3)]
+    for name in ("user_id", "held_out", "exclude_items", "history_values"):
+        np.testing.assert_array_equal(
+            np.concatenate([getattr(share, name) for share in shares]), getattr(whole, name))
+    bounds = [rank_users(len(whole), r, 3).stop for r in range(2)]
+    for part, share in zip(np.split(np.arange(len(whole)), bounds), shares):
+        np.testing.assert_array_equal(np.diff(share.exclude_offsets),
+                                      np.diff(whole.exclude_offsets)[part])
+    with pytest.raises(MorecError, match="loaded for rank 1 of 3, evaluated on rank 0 of 1"):
+        evaluate(PopularityScorer(np.arange(whole.num_items)), shares[1])
+    with pytest.raises(MorecError, match="rank 3 is outside world size 3"):
+        load_task(dataset, "test", rank=3, world_size=3)
 
 
 @pytest.mark.parametrize("chunk_users", [1, 2, 5])

@@ -284,7 +284,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         scorer = PopularityScorer(dataset.item_columns(["train_count"])["train_count"])
         name = "popular"
     with torch.no_grad():
-        metrics = evaluate(scorer, load_task(dataset, args.split))
+        metrics = evaluate(scorer, load_task(dataset, args.split, rank=env.rank,
+                                             world_size=env.world_size))
     if env.is_main:
         print(format_metrics(name, args.split, metrics.users, metrics.as_dict(), args.json))
 

@@ -63,7 +63,8 @@ def evaluate_run(run: Run, split: str, env: distributed.Environment) -> RankingM
 
     scorer, dataset, config = run_scorer(run, env)
     with torch.no_grad():
-        return evaluate(scorer, load_task(dataset, split), chunk_users=config.eval_chunk_users)
+        task = load_task(dataset, split, rank=env.rank, world_size=env.world_size)
+        return evaluate(scorer, task, chunk_users=config.eval_chunk_users)
 
 
 def stage(root: Path, record: dict[str, Any], resume: bool) -> tuple[Run, bool]:

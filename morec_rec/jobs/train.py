@@ -132,7 +132,8 @@ class _Pretraining:
         self.batches_per_epoch = loader.batches_per_epoch
         self.samples_per_step = config.batch_size * env.world_size
         self.task = load_task(dataset, "valid", sample_users(
-            dataset.split("valid"), config.validation_users, config.seed))
+            dataset.split("valid"), config.validation_users, config.seed),
+            rank=env.rank, world_size=env.world_size)
         self.unlogged: list[torch.Tensor] = []  # per-step mean losses, on the device
 
     def finished(self) -> bool:

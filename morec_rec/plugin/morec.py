@@ -225,8 +225,8 @@ class MoRec:
         self._base: dict[str, float] | None = None
         self._valid_rows = sample_users(self.dataset.split("valid"), config.validation_users,
                                         sampler.seed)
-        self._task = (load_task(self.dataset, "valid", self._valid_rows) if scorer is not None
-                      else None)
+        self._task = (load_task(self.dataset, "valid", self._valid_rows, rank=self.rank,
+                                world_size=self.world_size) if scorer is not None else None)
 
     @property
     def _sampling(self) -> bool:

@@ -7,9 +7,11 @@ Run by ``tests/test_ranking.py``::
 
 Each rank evaluates the dataset's validation task, in chunks of ``CHUNK_USERS``, with a
 popularity scorer that meets the other ranks in a collective at every call (as a sharded
-model's lookups do); then again with the last user's scores NaN at every item (the last
-rank's user). Each rank writes ``rank<r>.json``: the metrics, and the second evaluation's
-error.
+model's lookups do): the whole task (``whole``), its own share of it (``share``), and its
+share of a task of the first user alone (``first_user``: rank 0 scores it, rank 1 pads);
+then its share again with the last user's scores NaN at every item (the last rank's
+user), and the other rank's share. Each rank writes ``rank<r>.json``: the metrics, and
+the errors of the last two.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,6 +47,15 @@ class CollectiveScorer:
         return scores
 
 
+def error(evaluation: Callable[[], object]) -> str | None:
+    """The MorecError that ``evaluation`` raises, or None."""
+    try:
+        evaluation()
+    except MorecError as e:
+        return str(e)
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True)
@@ -51,17 +63,22 @@ def main() -> None:
     args = parser.parse_args()
     env = distributed.init()
     dataset = PreparedDataset.open(args.data)
-    task = load_task(dataset, "valid")
+    rows = dataset.split("valid")
     train_count = dataset.items()["train_count"].to_numpy()
-    metrics = evaluate(CollectiveScorer(train_count), task, chunk_users=CHUNK_USERS)
-    try:
-        evaluate(CollectiveScorer(train_count, int(task.user_id[-1])), task,
-                 chunk_users=CHUNK_USERS)
-        error = None
-    except MorecError as e:
-        error = str(e)
+    scorer = CollectiveScorer(train_count)
+    share = load_task(dataset, "valid", rank=env.rank, world_size=env.world_size)
+    tasks = {"whole": load_task(dataset, "valid"), "share": share,
+             "first_user": load_task(dataset, "valid", rows.slice(0, 1), rank=env.rank,
+                                     world_size=env.world_size)}
+    metrics = {name: evaluate(scorer, task, chunk_users=CHUNK_USERS).as_dict()
+               for name, task in tasks.items()}
+    last_user = CollectiveScorer(train_count, rows["user_id"][-1].as_py())
+    other = load_task(dataset, "valid", rank=(env.rank + 1) % env.world_size,
+                      world_size=env.world_size)
+    errors = {"nan": error(lambda: evaluate(last_user, share, chunk_users=CHUNK_USERS)),
+              "other_share": error(lambda: evaluate(scorer, other))}
     (args.out / f"rank{env.rank}.json").write_text(
-        json.dumps({"metrics": metrics.as_dict(), "error": error}))
+        json.dumps({"metrics": metrics, "errors": errors}))
     distributed.shutdown()
 
 

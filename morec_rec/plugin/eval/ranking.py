@@ -4,8 +4,10 @@ For each user of the validation or test split, every item is scored; the user's 
 items (and, for test, the validation item) are excluded; the top K (ties broken by the
 lower item id) are compared with the held-out item. Users are scored in chunks of
 ``chunk_users`` so memory stays at one (chunk × items) score matrix; under
-``torch.distributed`` each rank scores a contiguous slice of the users, and the metrics'
-additive sums are all-reduced, so any number of ranks gives the same numbers.
+``torch.distributed`` each rank scores its share of the users (a contiguous slice, see
+:func:`rank_users`), and the metrics' additive sums are all-reduced, so any number of
+ranks gives the same numbers. A rank may load only its share (``load_task(..., rank=,
+world_size=)``): what it holds then grows with its users' training rows, not the whole log's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class RankingTask:
         exclude_offsets, exclude_items: the items excluded per user, jagged, the same way.
         price, fairness_group, popularity_group: per item id, shape (num_items,).
         q: float64 (num_popularity_groups,), the training share of each popularity group.
+        share: ``(rank, world_size)`` whose users these are: rank r's share of the task's
+            users (:func:`rank_users`); ``(0, 1)``, the whole task, serves any rank.
     """
 
     user_id: np.ndarray
@@ -50,6 +54,7 @@ class RankingTask:
     popularity_group: np.ndarray
     num_popularity_groups: int
     q: np.ndarray
+    share: tuple[int, int] = (0, 1)
 
     @property
     def num_items(self) -> int:
@@ -79,14 +84,26 @@ def _jagged_slice(offsets: np.ndarray, begin: int, end: int) -> tuple[slice, np.
     return slice(offsets[begin], offsets[end]), offsets[begin : end + 1] - offsets[begin]
 
 
-def load_task(dataset: PreparedDataset, split: str, held: pa.Table | None = None
-              ) -> RankingTask:
+def rank_users(num_users: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s share of ``num_users`` users in task order: ``⌈U/W⌉`` consecutive
+    users a rank, the last ranks' shares shorter or empty."""
+    per_rank = -(-num_users // world_size)
+    return slice(min(rank * per_rank, num_users), min((rank + 1) * per_rank, num_users))
+
+
+def load_task(dataset: PreparedDataset, split: str, held: pa.Table | None = None, *,
+              rank: int = 0, world_size: int = 1) -> RankingTask:
     """The ranking task of ``split`` (``valid`` or ``test``) of a prepared dataset: its
-    users, or those of ``held``, rows of the split (one a user; default: all of them)."""
+    users, or those of ``held``, rows of the split (one a user; default: all of them);
+    with ``world_size`` > 1, rank ``rank``'s share of those users (:func:`rank_users`)."""
     if split not in ("valid", "test"):
         raise MorecError(f"evaluation split must be 'valid' or 'test', got {split!r}")
+    if not 0 <= rank < world_size:
+        raise MorecError(f"ranking task: rank {rank} is outside world size {world_size}")
     if held is None:
         held = dataset.split(split)
+    share = rank_users(held.num_rows, rank, world_size)
+    held = held.slice(share.start, share.stop - share.start)
     user_id = held["user_id"].to_numpy().astype(np.int64)
     history = held["history"].combine_chunks()
 
@@ -125,6 +142,7 @@ def load_task(dataset: PreparedDataset, split: str, held: pa.Table | None = None
         popularity_group=items["popularity_group"].astype(np.int64),
         num_popularity_groups=len(groups["popularity"]["q"]),
         q=np.asarray(groups["popularity"]["q"], dtype=np.float64),
+        share=(rank, world_size),
     )
 
 
@@ -159,21 +177,27 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def evaluate(scorer: Scorer, task: RankingTask, *, k: int = K,
              chunk_users: int = 1024) -> RankingMetrics:
-    """Metrics of ``scorer`` on ``task``; under ``torch.distributed`` every rank must call it.
+    """Metrics of ``scorer`` on ``task``; under ``torch.distributed`` every rank must call it,
+    each with the whole task or with its own share (``load_task(..., rank=, world_size=)``).
 
     Raises MorecError on every rank, together, if any rank's users have NaN scores.
     """
+    local = _local_users(task)
+    # Every rank makes as many scorer calls as the rank with the most users.
+    calls = int(all_reduce(torch.tensor([-(-len(local) // chunk_users)]),
+                           dist.ReduceOp.MAX).item())
     sums = RankingMetricSums.from_topk(np.zeros((0, k), dtype=np.int64),
                                        np.zeros(0, dtype=np.int64), *_item_groups(task))
     undefined = [np.zeros(0, dtype=np.int64)]
-    for users, top, nan in _top_lists(scorer, task, k, chunk_users):
+    for users, top, nan in _top_lists(scorer, local, k, chunk_users, calls):
         undefined.append(users.user_id[nan])
         sums = sums + RankingMetricSums.from_topk(top, users.held_out, *_item_groups(task))
     ids = np.concatenate(undefined)
-    # The count of undefined users travels with the sums, so that every rank decides alike.
-    flat = all_reduce(torch.from_numpy(np.append(sums.to_array(), len(ids)))).numpy()
-    _refuse_undefined(int(flat[-1]), len(task), ids)
-    sums = RankingMetricSums.from_array(flat[:-1], k=k,
+    # The counts of undefined users and of users travel with the sums, so that every rank
+    # decides alike.
+    flat = all_reduce(torch.from_numpy(np.append(sums.to_array(), [len(ids), len(local)])))
+    _refuse_undefined(int(flat[-2]), int(flat[-1]), ids)
+    sums = RankingMetricSums.from_array(flat[:-2].numpy(), k=k,
                                         num_fairness_groups=task.num_fairness_groups)
     return sums.finalize(task.q)
 
@@ -186,7 +210,9 @@ def evaluate_users(scorer: Scorer, task: RankingTask, *, k: int = K,
         raise MorecError("per-user evaluation runs in one process, not under torchrun")
     rows = [np.zeros((0, 3 + 2 * task.num_fairness_groups + task.num_popularity_groups))]
     undefined = [np.zeros(0, dtype=np.int64)]
-    for users, top, nan in _top_lists(scorer, task, k, chunk_users):
+    local = _local_users(task)
+    for users, top, nan in _top_lists(scorer, local, k, chunk_users,
+                                      -(-len(local) // chunk_users)):
         undefined.append(users.user_id[nan])
         rows.append(user_rows(top, users.held_out, *_item_groups(task)))
     ids = np.concatenate(undefined)
@@ -210,26 +236,48 @@ def _item_groups(task: RankingTask) -> tuple[Any, ...]:
             task.num_popularity_groups)
 
 
-def _top_lists(scorer: Scorer, task: RankingTask, k: int,
-               chunk_users: int) -> Iterator[tuple[RankingTask, np.ndarray, np.ndarray]]:
-    """This rank's users a chunk at a time, with their top-``k`` items (U, k) and whether
-    their scores hold NaN at an item they could be shown (bool (U,); their lists mean
-    nothing). A collective: every rank makes the same number of scorer calls."""
+def _local_users(task: RankingTask) -> RankingTask:
+    """This rank's users of ``task``: the task itself if it is this rank's share, its
+    share of them if it is the whole task; MorecError for another rank's share."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    per_rank = -(-len(task) // world)
-    local = task.rows(rank * per_rank, (rank + 1) * per_rank)
-    for begin in range(0, per_rank, chunk_users):
+    if task.share == (rank, world):
+        return task
+    if task.share == (0, 1):
+        share = rank_users(len(task), rank, world)
+        return task.rows(share.start, share.stop)
+    raise MorecError(f"ranking task: loaded for rank {task.share[0]} of {task.share[1]}, "
+                     f"evaluated on rank {rank} of {world}: load each rank's own share "
+                     "(load_task(..., rank=, world_size=)) or the whole task")
+
+
+def _placeholder(task: RankingTask) -> RankingTask:
+    """One stand-in user for a scorer call whose scores are discarded: user 0, whose
+    history is item 0 (a scorer may expect every user to have one), nothing excluded."""
+    zero = np.zeros(1, dtype=np.int64)
+    return dataclasses.replace(task, user_id=zero, held_out=zero,
+                               history_offsets=np.array([0, 1]), history_values=zero,
+                               exclude_offsets=np.zeros(2, dtype=np.int64),
+                               exclude_items=np.zeros(0, dtype=np.int64))
+
+
+def _top_lists(scorer: Scorer, local: RankingTask, k: int, chunk_users: int, calls: int
+               ) -> Iterator[tuple[RankingTask, np.ndarray, np.ndarray]]:
+    """This rank's users (``local``) a chunk at a time, with their top-``k`` items (U, k)
+    and whether their scores hold NaN at an item they could be shown (bool (U,); their
+    lists mean nothing). A collective: every rank makes ``calls`` scorer calls, at least
+    its own number of chunks."""
+    for begin in range(0, calls * chunk_users, chunk_users):
         users = local.rows(begin, begin + chunk_users)
-        # A rank whose slice has run out still takes part in the scorer's collective.
+        # A rank whose users have run out still takes part in the scorer's collective.
         padding = len(users) == 0
-        chunk = task.rows(0, 1) if padding else users
+        chunk = _placeholder(local) if padding else users
         scores = scorer(chunk)
         if not isinstance(scores, torch.Tensor):
             raise MorecError(f"scorer: returned {type(scores).__name__}, expected a float "
-                             f"tensor (users, {task.num_items})")
-        if tuple(scores.shape) != (len(chunk), task.num_items):
+                             f"tensor (users, {local.num_items})")
+        if tuple(scores.shape) != (len(chunk), local.num_items):
             raise MorecError(f"scorer: scores of shape {tuple(scores.shape)} for {len(chunk)} "
-                             f"users, expected (users, {task.num_items}): every item's score "
+                             f"users, expected (users, {local.num_items}): every item's score "
                              "for each user of the chunk")
         if padding:
             continue
