@@ -98,8 +98,8 @@ def test_ranks_evaluate_as_one_process_and_refuse_nan_scores_together(tmp_path: 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     task = load_task(dataset, "valid")
     scorer = PopularityScorer(dataset.items()["train_count"].to_numpy())
-    alone = {"whole": evaluate(scorer, task), "share": evaluate(scorer, task),
-             "first_user": evaluate(scorer, task.rows(0, 1))}
+    whole = evaluate(scorer, task)
+    alone = {"whole": whole, "share": whole, "first_user": evaluate(scorer, task.rows(0, 1))}
     assert alone["first_user"].users == 1
     for rank in ranks:
         assert rank["metrics"].keys() == alone.keys()
