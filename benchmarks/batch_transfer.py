@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.utils._pytree import tree_flatten
+from synthetic import synth  # the script beside this one
 from train_throughput import children_cpu_s, cpu_since  # the script beside this one
 
 from morec_rec import MoRec, SamplerConfig
@@ -134,9 +134,7 @@ def main() -> None:
     env = distributed.init()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / args.profile
-        subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
-                        args.profile, "--seed", "0", "--out", str(data)], check=True)
+        data = synth(args.profile, Path(tmp))
         dataset = PreparedDataset.open(data)
         kinds: dict[str, Callable[[int], dict[str, float]]] = {
             "mf": lambda size: base_drain(dataset, "mf", size, env, step_s),

@@ -38,8 +38,6 @@ import os
 import pickle
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from multiprocessing.reduction import ForkingPickler
@@ -48,6 +46,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from synthetic import synth  # the script beside this one
 
 from morec_rec.config import TrainConfig
 from morec_rec.data.format import PreparedDataset
@@ -155,9 +154,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=TrainConfig.batches_per_request)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / args.profile
-        subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
-                        args.profile, "--seed", "0", "--out", str(data)], check=True)
+        data = synth(args.profile, Path(tmp))
         results = measure(data, args.steps, args.rounds, args.group)
     for name, row in results.items():
         print(f"{name:22} wall {row['wall_us']:7.0f} us a step, trainer CPU "

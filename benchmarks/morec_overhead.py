@@ -69,6 +69,7 @@ import numpy as np
 import scipy.stats
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from synthetic import synth  # beside this one
 from train_throughput import WARMUP, StepTiming, children_cpu_s, cpu_since  # beside this one
 
 from morec_rec.config import HoldTarget, MoRecConfig, SamplerConfig, TrainConfig
@@ -326,11 +327,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if data is None:
-            data = Path(tmp) / args.profile
-            subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
-                            args.profile, "--seed", "0", "--out", str(data)], check=True)
+        data = args.data or synth(args.profile, Path(tmp))
         if args.processes == 1:
             results = measure(args, data)
         else:

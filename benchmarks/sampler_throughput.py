@@ -50,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from synthetic import synth  # the script beside this one
 
 from morec_rec.config import SamplerConfig
 from morec_rec.data.format import MANIFEST, PreparedDataset
@@ -162,7 +163,8 @@ def peak_rss_mb(data: Path) -> dict[str, float]:
     """
     code = (
         "import json, sys\n"
-        "from benchmarks.sampler_throughput import CARRIED, sample, timed\n"
+        "sys.path.insert(0, 'benchmarks')  # the scripts import their neighbours\n"
+        "from sampler_throughput import CARRIED, sample, timed\n"
         "from morec_rec.data.format import PreparedDataset\n"
         "def status(field):\n"
         "    line = next(l for l in open('/proc/self/status') if l.startswith(field + ':'))\n"
@@ -188,11 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if data is None:
-            data = Path(tmp) / "xbox"
-            subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
-                            "xbox", "--seed", "0", "--out", str(data)], check=True)
+        data = args.data or synth("xbox", Path(tmp))
         dataset = PreparedDataset.open(data)
         samplers = {backbone: make_sampler(dataset, carried)
                     for backbone, carried in CARRIED.items()}

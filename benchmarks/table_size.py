@@ -39,8 +39,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +49,7 @@ import torch.nn.functional as F
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from synthetic import synth  # the script beside this one
 
 from morec_rec.config import TrainConfig
 from morec_rec.data.format import PreparedDataset
@@ -196,9 +195,7 @@ def main() -> None:
     heap_kept = distributed.keep_freed_memory()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "demo"
-        subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
-                        "demo", "--seed", "0", "--out", str(data)], check=True)
+        data = synth("demo", Path(tmp))
         dataset = PreparedDataset.open(data)
         id_range = (dataset.manifest["num_users"], dataset.manifest["num_items"])
         for size in args.sizes:

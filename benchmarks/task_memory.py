@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from synthetic import synth  # the script beside this one
 
 MODES = ("whole", "share")
 MEASURES = ("held_mb", "seconds", "peak_over_base_mb")
@@ -95,11 +96,7 @@ def main() -> None:
     if args.out is None:
         parser.error("--out is required")
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data
-        if data is None:
-            data = Path(tmp) / "xbox"
-            subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
-                            "xbox", "--seed", "0", "--out", str(data)], check=True)
+        data = args.data or synth("xbox", Path(tmp))
         runs: dict[str, dict[str, list[list[dict[str, float]]]]] = {
             str(w): {mode: [] for mode in MODES} for w in args.worlds}
         for repeat in range(args.repeats):

@@ -18,8 +18,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Iterable, NamedTuple
 
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from synthetic import synth  # the script beside this one
 
 from morec_rec.config import TrainConfig
 from morec_rec.data.format import PreparedDataset
@@ -124,9 +123,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for profile in args.profiles:
-            data = Path(tmp) / profile
-            subprocess.run([sys.executable, "-m", "morec_rec.jobs.cli", "synth", "--profile",
-                            profile, "--seed", "0", "--out", str(data)], check=True)
+            data = synth(profile, Path(tmp))
             dataset = PreparedDataset.open(data)
             for name in ("mf", "sasrec"):
                 config = TrainConfig(model=name, num_workers=1)

@@ -53,8 +53,9 @@ def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
     ("table_size.py", ["--sizes", "demo", "--steps", "5", "--repeats", "1"]),
     ("sasrec_step.py", ["--batch-size", "64", "--repeats", "1"]),
     ("prepare_throughput.py", ["--profile", "tiny"]),
+    ("task_memory.py", ["--worlds", "1", "2", "--repeats", "1"]),  # + --data: tiny
 ])
 def test_benchmark_runs(script: str, args: list[str], tiny: Path, tmp_path: Path) -> None:
-    if script == "sampler_throughput.py":
+    if script in ("sampler_throughput.py", "task_memory.py"):
         args = [*args, "--data", str(tiny)]
     assert run_benchmark(script, tmp_path, *args)

@@ -182,23 +182,18 @@ def evaluate(scorer: Scorer, task: RankingTask, *, k: int = K,
 
     Raises MorecError on every rank, together, if any rank's users have NaN scores.
     """
-    local = _local_users(task)
-    # Every rank makes as many scorer calls as the rank with the most users.
-    calls = int(all_reduce(torch.tensor([-(-len(local) // chunk_users)]),
-                           dist.ReduceOp.MAX).item())
     sums = RankingMetricSums.from_topk(np.zeros((0, k), dtype=np.int64),
                                        np.zeros(0, dtype=np.int64), *_item_groups(task))
     undefined = [np.zeros(0, dtype=np.int64)]
-    for users, top, nan in _top_lists(scorer, local, k, chunk_users, calls):
+    for users, top, nan in _top_lists(scorer, task, k, chunk_users):
         undefined.append(users.user_id[nan])
         sums = sums + RankingMetricSums.from_topk(top, users.held_out, *_item_groups(task))
     ids = np.concatenate(undefined)
-    # The counts of undefined users and of users travel with the sums, so that every rank
-    # decides alike.
-    flat = all_reduce(torch.from_numpy(np.append(sums.to_array(), [len(ids), len(local)])))
-    _refuse_undefined(int(flat[-2]), int(flat[-1]), ids)
-    sums = RankingMetricSums.from_array(flat[:-2].numpy(), k=k,
+    # The count of undefined users travels with the sums, so that every rank decides alike.
+    flat = all_reduce(torch.from_numpy(np.append(sums.to_array(), len(ids)))).numpy()
+    sums = RankingMetricSums.from_array(flat[:-1], k=k,
                                         num_fairness_groups=task.num_fairness_groups)
+    _refuse_undefined(int(flat[-1]), sums.users, ids)
     return sums.finalize(task.q)
 
 
@@ -210,9 +205,7 @@ def evaluate_users(scorer: Scorer, task: RankingTask, *, k: int = K,
         raise MorecError("per-user evaluation runs in one process, not under torchrun")
     rows = [np.zeros((0, 3 + 2 * task.num_fairness_groups + task.num_popularity_groups))]
     undefined = [np.zeros(0, dtype=np.int64)]
-    local = _local_users(task)
-    for users, top, nan in _top_lists(scorer, local, k, chunk_users,
-                                      -(-len(local) // chunk_users)):
+    for users, top, nan in _top_lists(scorer, task, k, chunk_users):
         undefined.append(users.user_id[nan])
         rows.append(user_rows(top, users.held_out, *_item_groups(task)))
     ids = np.concatenate(undefined)
@@ -260,24 +253,27 @@ def _placeholder(task: RankingTask) -> RankingTask:
                                exclude_items=np.zeros(0, dtype=np.int64))
 
 
-def _top_lists(scorer: Scorer, local: RankingTask, k: int, chunk_users: int, calls: int
-               ) -> Iterator[tuple[RankingTask, np.ndarray, np.ndarray]]:
-    """This rank's users (``local``) a chunk at a time, with their top-``k`` items (U, k)
+def _top_lists(scorer: Scorer, task: RankingTask, k: int,
+               chunk_users: int) -> Iterator[tuple[RankingTask, np.ndarray, np.ndarray]]:
+    """This rank's users of ``task`` a chunk at a time, with their top-``k`` items (U, k)
     and whether their scores hold NaN at an item they could be shown (bool (U,); their
-    lists mean nothing). A collective: every rank makes ``calls`` scorer calls, at least
-    its own number of chunks."""
+    lists mean nothing). A collective: every rank makes as many scorer calls as the rank
+    with the most chunks."""
+    local = _local_users(task)
+    calls = int(all_reduce(torch.tensor([-(-len(local) // chunk_users)]),
+                           dist.ReduceOp.MAX).item())
     for begin in range(0, calls * chunk_users, chunk_users):
         users = local.rows(begin, begin + chunk_users)
         # A rank whose users have run out still takes part in the scorer's collective.
         padding = len(users) == 0
-        chunk = _placeholder(local) if padding else users
+        chunk = _placeholder(task) if padding else users
         scores = scorer(chunk)
         if not isinstance(scores, torch.Tensor):
             raise MorecError(f"scorer: returned {type(scores).__name__}, expected a float "
-                             f"tensor (users, {local.num_items})")
-        if tuple(scores.shape) != (len(chunk), local.num_items):
+                             f"tensor (users, {task.num_items})")
+        if tuple(scores.shape) != (len(chunk), task.num_items):
             raise MorecError(f"scorer: scores of shape {tuple(scores.shape)} for {len(chunk)} "
-                             f"users, expected (users, {local.num_items}): every item's score "
+                             f"users, expected (users, {task.num_items}): every item's score "
                              "for each user of the chunk")
         if padding:
             continue
