@@ -47,6 +47,8 @@ def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
 @pytest.mark.parametrize("script, args", [
     ("batch_transfer.py", ["--profile", "tiny", "--batch-sizes", "64", "--repeats", "1"]),
     ("loader_cost.py", ["--profile", "tiny", "--steps", "5", "--rounds", "1", "--group", "2"]),
+    ("negative_sampling.py", ["--profiles", "tiny", "--batch-size", "64", "--batches", "5",
+                              "--rounds", "1"]),
     ("sampler_throughput.py", ["--repeats", "1"]),  # + --data: the tiny dataset
     ("train_throughput.py", ["--profiles", "demo", "--steps", "5", "--eval-users", "100",
                              "--repeats", "1"]),

@@ -97,11 +97,15 @@ def test_ranges() -> None:
     np.r_[np.full(4000, 1e-9), 1e6, np.zeros(500), np.ones(499)],  # crowded buckets
     np.r_[0.0, 0.0, 2.0, 0.0, 3.0, 0.0],  # runs of zero weight
 ], ids=["lognormal", "crowded", "zeros"])
-def test_locate_matches_a_binary_search(weights: np.ndarray) -> None:
-    inverse = arrays.InverseCDF.build(weights)
+@pytest.mark.parametrize("per_row", [None, 1 / 1000, 16])
+def test_locate_matches_a_binary_search(weights: np.ndarray, per_row: float | None) -> None:
+    # Guides of one bucket a row (the default), far fewer (long runs of steps, then the
+    # binary search) and many more.
+    buckets = None if per_row is None else max(1, int(per_row * len(weights)))
+    inverse = arrays.InverseCDF.build(weights, buckets)
     running = inverse.cumulative[:len(weights)]
     np.testing.assert_allclose(running, np.cumsum(weights), rtol=1e-12)
     keys = np.r_[np.random.default_rng(1).random(20_000) * inverse.total, 0.0, running,
-                 np.nextafter(inverse.total, 0)]
+                 np.nextafter(inverse.total, 0), inverse.total, 2 * inverse.total]
     expected = np.searchsorted(running, keys, side="right")
     np.testing.assert_array_equal(inverse.locate(keys), expected)

@@ -88,10 +88,13 @@ def test_negative_sampler_pickles_and_is_deterministic_for_a_seed() -> None:
                                                                 np.random.default_rng(7)))
 
 
-def test_negative_draws_are_the_inverse_cdf_of_the_generators_uniforms() -> None:
+@pytest.mark.parametrize("buckets_per_item", [1, 16, 1000])
+def test_negative_draws_are_the_inverse_cdf_of_the_generators_uniforms(
+        buckets_per_item: int) -> None:
     # The draws of a seed are fixed: item k owns [cdf[k - 1], cdf[k]) of the generator's
-    # uniforms scaled to the total weight, whatever order the lookups run in.
-    sampler = NegativeSampler(COUNTS)
+    # uniforms scaled to the total weight, whatever order the lookups run in, whatever
+    # the guide.
+    sampler = NegativeSampler(COUNTS, buckets_per_item=buckets_per_item)
     cdf = np.cumsum(COUNTS.astype(float) ** 0.75)
     u = np.random.default_rng(3).random((64, 10)) * cdf[-1]
     expected = np.array([[np.flatnonzero(cdf > x)[0] for x in row] for row in u])
@@ -106,6 +109,11 @@ def test_negative_draws_are_the_inverse_cdf_of_the_generators_uniforms() -> None
 def test_negative_sampler_rejects_bad_input(counts: list[int], beta: float) -> None:
     with pytest.raises(MorecError):
         NegativeSampler(np.array(counts), beta)
+
+
+def test_negative_sampler_rejects_a_guide_without_buckets() -> None:
+    with pytest.raises(MorecError, match="buckets_per_item 0"):
+        NegativeSampler(COUNTS, buckets_per_item=0)
 
 
 # Batches

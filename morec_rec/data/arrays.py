@@ -84,30 +84,34 @@ def ranges(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class InverseCDF:
-    """Inverse-CDF lookups over the running sums of ``n`` weights >= 0, in one step on
-    average whatever the weights.
+    """Inverse-CDF lookups over the running sums of ``n`` weights >= 0, in ``1 + n / m``
+    steps on average whatever the weights, with a guide of ``m`` buckets.
 
     Attributes:
         cumulative: float64 (n + 1,), the running sums, then +inf.
-        guide: int64 (n + 1,), ``guide[b]``: how many running sums fall in the buckets
-            before ``b`` of ``n`` equal buckets of the total.
+        guide: int64 (m + 1,), ``guide[b]``: how many running sums fall in the buckets
+            before ``b`` of ``m`` equal buckets of the total.
     """
 
     cumulative: np.ndarray
     guide: np.ndarray
 
     @classmethod
-    def build(cls, weights: np.ndarray) -> "InverseCDF":
-        """The lookups of ``weights`` (n,), >= 0, in order."""
+    def build(cls, weights: np.ndarray, buckets: int | None = None) -> "InverseCDF":
+        """The lookups of ``weights`` (n,), >= 0, in order, with a guide of ``buckets``
+        equal buckets of the total (default ``n``): more buckets take more memory and
+        fewer steps a key."""
         num_rows = len(weights)
+        buckets = num_rows if buckets is None else buckets
         cumulative = np.empty(num_rows + 1)
         cumulative[:num_rows] = _cumsum(np.asarray(weights, dtype=np.float64))
         cumulative[num_rows] = np.inf
         running = cumulative[:num_rows]
-        guide = np.zeros(num_rows + 1, dtype=np.int64)
-        # A running sum's bucket is at most n, as the sum is at most the total.
-        counts = np.bincount(cls._bucket(running, running), minlength=num_rows + 1)
-        guide[1:] = _cumsum(counts[:num_rows])
+        total = running[-1] if num_rows else 0.0
+        guide = np.zeros(buckets + 1, dtype=np.int64)
+        # A running sum's bucket is at most m, as the sum is at most the total.
+        counts = np.bincount(cls._bucket(running, total, buckets), minlength=buckets + 1)
+        guide[1:] = _cumsum(counts[:buckets])
         return cls(cumulative, guide)
 
     @property
@@ -120,14 +124,13 @@ class InverseCDF:
         position whose running sum exceeds it (``searchsorted(..., side="right")``; a key
         at the total or above gets ``n``).
 
-        The guide puts each key at most a bucket's rows before its position: one row on
-        average, whatever the weights, for keys spread evenly over the total (the ``n``
-        equal buckets hold ``n`` rows); keys still short after :data:`GUIDE_STEPS` steps
-        are binary-searched.
+        The guide puts each key before its position by at most the running sums in its
+        bucket: ``n / m`` on average, whatever the weights, for keys spread evenly over
+        the total; keys still short after :data:`GUIDE_STEPS` steps are binary-searched.
         """
-        num_rows = len(self.guide) - 1
-        bucket = self._bucket(keys, self.cumulative[:num_rows])
-        position = self.guide[np.minimum(bucket, num_rows)]
+        buckets = len(self.guide) - 1
+        bucket = self._bucket(keys, self.total, buckets)
+        position = self.guide[np.minimum(bucket, buckets, out=bucket)]
         short = np.flatnonzero(self.cumulative[position] <= keys)
         for _ in range(GUIDE_STEPS):
             if not short.size:
@@ -138,11 +141,10 @@ class InverseCDF:
         return position
 
     @staticmethod
-    def _bucket(values: np.ndarray, running: np.ndarray) -> np.ndarray:
-        """int64 ``floor(values / total · n)``: the bucket of each value among ``n`` equal
-        buckets of the ``n`` running sums' total; monotone in the value, as rounding is."""
-        total = running[-1] if len(running) else 0.0
-        scale = len(running) / total if total > 0 else 0.0
+    def _bucket(values: np.ndarray, total: float, buckets: int) -> np.ndarray:
+        """int64 ``floor(values / total · buckets)``: the bucket of each value among
+        ``buckets`` equal buckets of ``total``; monotone in the value, as rounding is."""
+        scale = buckets / total if total > 0 else 0.0
         return (values * scale).astype(np.int64)
 
 

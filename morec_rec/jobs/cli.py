@@ -189,7 +189,13 @@ def _job_configs(args: argparse.Namespace,
         for name in set(names) & set(file[table]):
             raise MorecError(f"{args.config}: [{table}] {name}: a job takes it from [train] "
                              f"for every stage; set it there")
-    tables = {k: {**(defaults or {}).get(k, {}), **v} for k, v in file.items()}
+    return _build_job({k: {**(defaults or {}).get(k, {}), **v} for k, v in file.items()}, args)
+
+
+def _build_job(tables: dict[str, dict[str, Any]], args: argparse.Namespace,
+               ) -> tuple[TrainConfig, SamplerConfig, MoRecConfig]:
+    """The job's configs from its ``train``, ``sampler`` and ``morec`` tables and the
+    flags, the :data:`FROM_TRAIN` settings taken from the train config."""
     train = build(TrainConfig, tables["train"], args)
     shared = {table: {name: getattr(train, name) for name in names}
               for table, names in FROM_TRAIN.items()}
@@ -403,9 +409,7 @@ def _run(args: argparse.Namespace) -> None:
         raise MorecError("--resume continues the job's own data, base and settings: "
                          "drop --data, --base and --config")
     job = read_job(args.out)
-    train = build(TrainConfig, job["train"], args)
-    sampler = build(SamplerConfig, {**job["sampler"], "seed": train.seed}, args)
-    morec = build(MoRecConfig, job["morec"], args)
+    train, sampler, morec = _build_job(job, args)
     _keep_job_settings(args.out, job, train, sampler, morec)
     dataset = PreparedDataset.open(job["data"])
     _check_job(dataset, job["base"], train, sampler)

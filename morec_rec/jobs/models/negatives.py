@@ -12,32 +12,46 @@ from morec_rec.data.arrays import InverseCDF
 from morec_rec.errors import MorecError
 
 
+#: Guide buckets an item (:class:`~morec_rec.data.arrays.InverseCDF`): about one draw in
+#: 30 then steps past its bucket's first item, against one in two at a bucket an item.
+BUCKETS_PER_ITEM = 16
+#: At most this many buckets (8 MiB of guide), unless the catalogue has more items.
+MAX_BUCKETS = 1 << 20
+
+
 class NegativeSampler:
     """Draws item ids ∝ ``train_count ** beta``, never a row's own positive.
 
     With ``beta > 0`` items that never occur in training have weight 0 and are never
     drawn; with ``beta == 0`` every item has weight 1. Draws are inverse-CDF lookups on
-    the cumulative weights (:class:`~morec_rec.data.arrays.InverseCDF`): O(1)
-    expected steps each, vectorised. Holds only numpy arrays, so it pickles to
+    the cumulative weights (:class:`~morec_rec.data.arrays.InverseCDF`), vectorised,
+    with a fine guide: about one lookup each. Holds only numpy arrays, so it pickles to
     DataLoader workers.
 
     Args:
         train_count: int (num_items,), training interactions per item id.
         beta: the popularity exponent, >= 0.
+        buckets_per_item: the guide's buckets an item (at most :data:`MAX_BUCKETS` in
+            all, at least one an item); the draws do not depend on it, their cost does.
     """
 
-    def __init__(self, train_count: np.ndarray, beta: float = 0.75) -> None:
+    def __init__(self, train_count: np.ndarray, beta: float = 0.75, *,
+                 buckets_per_item: int = BUCKETS_PER_ITEM) -> None:
         counts = np.asarray(train_count, dtype=np.float64)
         if counts.ndim != 1 or (counts < 0).any():
             raise MorecError("negative sampler: train_count must be a 1-d array of counts >= 0")
         if beta < 0:
             raise MorecError(f"negative sampler: beta {beta} must be >= 0")
+        if buckets_per_item < 1:
+            raise MorecError(f"negative sampler: buckets_per_item {buckets_per_item} must be "
+                             ">= 1")
         weights = np.ones_like(counts) if beta == 0 else counts**beta
         drawable = np.flatnonzero(weights > 0)
         # With a single drawable item, a row whose positive is that item has no negative.
         if len(drawable) < 2:
             raise MorecError("negative sampler: fewer than 2 items can be drawn")
-        self._inverse = InverseCDF.build(weights)
+        buckets = min(buckets_per_item * len(weights), max(len(weights), MAX_BUCKETS))
+        self._inverse = InverseCDF.build(weights, buckets)
         self._last = int(drawable[-1])
 
     def draw(self, size: int | tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -55,9 +69,9 @@ class NegativeSampler:
         """
         positives = np.asarray(positives, dtype=np.int64)
         negatives = self.draw((len(positives), n), rng)
-        hit = np.nonzero(negatives == positives[:, None])
-        while len(hit[0]):
-            negatives[hit] = self.draw(len(hit[0]), rng)
-            clash = negatives[hit] == positives[hit[0]]
-            hit = (hit[0][clash], hit[1][clash])
+        flat = negatives.reshape(-1)  # a view; hits in row-major order, as np.nonzero's
+        hit = np.flatnonzero(negatives == positives[:, None])
+        while hit.size:
+            flat[hit] = self.draw(hit.size, rng)
+            hit = hit[flat[hit] == positives[hit // n]]
         return negatives
