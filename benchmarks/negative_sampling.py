@@ -7,10 +7,11 @@ whose draws are the same.
 
 For each synthetic profile (seed 0), one process, one thread:
 
-* ``sample_us``: ``NegativeSampler.sample`` (MF's 10 negatives a row) on batches of the training log's own items as
-  positives (the first shard's, in order, so that popular positives collide with their
-  negatives as in a job), each batch's generator seeded as the collate seeds it (seed,
-  rank, batch index). The two guides' draws are compared first: they must be equal.
+* ``sample_us``: ``NegativeSampler.sample`` (MF's 10 negatives a row) on batches of the
+  training log's own items as positives (the first shard's, in order, so that popular
+  positives collide with their negatives as in a job), each batch's generator seeded as
+  the collate seeds it (seed, rank, batch index). The two guides' draws are compared
+  first: they must be equal.
 * ``loader_us``: the reference job's MF loader in process (``training_loader``, no worker:
   the sampler and the collate), its first ``--batches`` batches of epoch 0, with each
   guide in its collate.

@@ -84,8 +84,8 @@ def ranges(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class InverseCDF:
-    """Inverse-CDF lookups over the running sums of ``n`` weights >= 0, in ``1 + n / m``
-    steps on average whatever the weights, with a guide of ``m`` buckets.
+    """Inverse-CDF lookups over the running sums of ``n`` weights >= 0 with a guide of
+    ``m`` buckets: a lookup, then at most ``n / m`` steps on average whatever the weights.
 
     Attributes:
         cumulative: float64 (n + 1,), the running sums, then +inf.
