@@ -101,6 +101,28 @@ def test_negative_draws_are_the_inverse_cdf_of_the_generators_uniforms(
     np.testing.assert_array_equal(sampler.draw((64, 10), np.random.default_rng(3)), expected)
 
 
+def test_collisions_are_redrawn_in_row_major_order_from_the_next_uniforms() -> None:
+    # Rows whose positive is a popular item: some of their first draws hit it. Each round
+    # re-draws the hits still left, in row-major order, from the generator's next uniforms.
+    sampler = NegativeSampler(COUNTS)
+    cdf = np.cumsum(COUNTS.astype(float) ** 0.75)
+    positives = np.array([11, 9, 11, 3, 11, 8, 11, 11])
+    uniforms = np.random.default_rng(5)
+    expected = [[int(np.flatnonzero(cdf > u * cdf[-1])[0]) for u in row]
+                for row in uniforms.random((len(positives), 4))]
+    hits = [(r, c) for r in range(len(positives)) for c in range(4)
+            if expected[r][c] == positives[r]]
+    rounds = 0
+    while hits:
+        rounds += 1
+        for (r, c), u in zip(hits, uniforms.random(len(hits))):
+            expected[r][c] = int(np.flatnonzero(cdf > u * cdf[-1])[0])
+        hits = [(r, c) for r, c in hits if expected[r][c] == positives[r]]
+    assert rounds >= 2  # the case exercises the re-draw loop
+    np.testing.assert_array_equal(sampler.sample(positives, 4, np.random.default_rng(5)),
+                                  expected)
+
+
 @pytest.mark.parametrize("counts, beta", [
     ([0, 5, 0], 0.75),  # one drawable item: its rows would have no negative
     ([1, -1, 2], 0.75),
