@@ -577,9 +577,15 @@ def load_file(path: Path | None, sections: tuple[str, ...]) -> dict[str, dict[st
         raise MorecError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as e:
         raise MorecError(f"{path}: not valid TOML ({e})") from None
-    unknown = sorted(set(content) - set(sections))
-    if unknown:
-        raise MorecError(f"{path}: unknown section(s) {', '.join(unknown)}")
+    for key in sorted(set(content) - set(sections)):
+        owner = next((table for cls, (table, _) in SECTIONS.items() if table in sections
+                      and key in {f.name for f in dataclasses.fields(cls)}), None)
+        where = f": it belongs in [{owner}]" if owner else f" (expected {', '.join(sections)})"
+        raise MorecError(f"{path}: {key} is not a section{where}")
+    for section in sections:
+        if not isinstance(content.get(section, {}), dict):
+            raise MorecError(f"{path}: {section} = {content[section]!r} is not a table: "
+                             f"write [{section}] above its keys")
     return {s: content.get(s, {}) for s in sections}
 
 

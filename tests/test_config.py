@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,16 @@ def test_bad_hold_names_the_entry(hold: dict, message: str) -> None:
 def test_a_file_value_of_the_wrong_type_is_refused_under_its_flag() -> None:
     with pytest.raises(MorecError, match="config: epochs = '2' is not an int"):
         build(MoRecConfig, {"epochs": "2"}, _flags("--epochs", "1"))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("preference = [0.4, 0.3, 0.3]\n", "preference is not a section: it belongs in [morec]"),
+    ("[sampler]\nseed = 1\n[foo]\nx = 1\n", "foo is not a section (expected train, morec)"),
+    ("morec = 3\n", "morec = 3 is not a table: write [morec] above its keys"),
+    ("[morec\n", "not valid TOML"),
+])
+def test_a_misplaced_table_or_key_is_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    with pytest.raises(MorecError, match="^" + re.escape(f"{path}: {message}")):
+        load_file(path, ("train", "morec"))
