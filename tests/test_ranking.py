@@ -66,6 +66,21 @@ def test_scores_of_another_shape_or_type_are_refused() -> None:
     with pytest.raises(MorecError, match=r"scorer: returned ndarray, expected a float tensor "
                                          r"\(users, 6\)"):
         evaluate(lambda users: np.zeros((len(users), 6)), task, k=2)
+    with pytest.raises(MorecError, match=r"scorer: returned a torch.int64 tensor, expected a "
+                                         r"float tensor \(users, 6\)"):
+        evaluate(lambda users: torch.zeros(len(users), 6, dtype=torch.int64), task, k=2)
+
+
+def test_scores_that_view_a_parameter_are_ranked_without_writing_into_it() -> None:
+    # Each user's seen items are masked in the scores: never in the tensor a view shares
+    # (here every user's row is the one row of item biases), nor in a parameter.
+    task = _task(exclude=[[5, 3], []], held_out=[2, 3])
+    bias = torch.nn.Parameter(torch.arange(6, dtype=torch.float32))
+    expected = evaluate(PopularityScorer(np.arange(6)), task, k=2)
+    for scorer in (lambda users: bias.detach().expand(len(users), -1),
+                   lambda users: bias.expand(len(users), -1)):
+        assert evaluate(scorer, task, k=2).as_dict() == expected.as_dict()
+        assert bias.tolist() == list(range(6))
 
 
 def test_nan_scores_are_refused_where_they_could_rank() -> None:

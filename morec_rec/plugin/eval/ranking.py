@@ -147,7 +147,8 @@ def load_task(dataset: PreparedDataset, split: str, held: pa.Table | None = None
 
 
 #: Scores every item for a chunk of users: float (len(users), num_items), on any device,
-#: a tensor that evaluation may overwrite. A collective call under ``torch.distributed``
+#: a tensor that evaluation may overwrite (it copies a view or one that requires grad
+#: first, but cannot tell a tensor the scorer keeps and returns again). A collective call under ``torch.distributed``
 #: for a scorer backed by a sharded model (every rank calls it the same number of times).
 Scorer = Callable[[RankingTask], torch.Tensor]
 
@@ -268,15 +269,21 @@ def _top_lists(scorer: Scorer, task: RankingTask, k: int,
         padding = len(users) == 0
         chunk = _placeholder(task) if padding else users
         scores = scorer(chunk)
-        if not isinstance(scores, torch.Tensor):
-            raise MorecError(f"scorer: returned {type(scores).__name__}, expected a float "
-                             f"tensor (users, {task.num_items})")
+        if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
+            kind = (f"a {scores.dtype} tensor" if isinstance(scores, torch.Tensor)
+                    else type(scores).__name__)
+            raise MorecError(f"scorer: returned {kind}, expected a float tensor "
+                             f"(users, {task.num_items})")
         if tuple(scores.shape) != (len(chunk), task.num_items):
             raise MorecError(f"scorer: scores of shape {tuple(scores.shape)} for {len(chunk)} "
                              f"users, expected (users, {task.num_items}): every item's score "
                              "for each user of the chunk")
         if padding:
             continue
+        if scores.requires_grad or scores._is_view():
+            # The exclusions are written into the scores: not into a view of another
+            # tensor (a parameter's, or one row expanded to every user) nor into the graph.
+            scores = scores.detach().clone()
         excluded = torch.from_numpy(np.repeat(np.arange(len(users)),
                                               np.diff(users.exclude_offsets)))
         scores[excluded.to(scores.device),
