@@ -102,6 +102,16 @@ def test_morec_without_its_sampler_weighs_the_losses_by_the_current_coefficients
     torch.testing.assert_close(grad, torch.from_numpy(q @ GRADIENTS).float())
 
 
+def test_a_pass_without_training_returns_the_models_loss_and_records_nothing() -> None:
+    hook = _hook(Static(np.array([3.0, 1.0])))
+    rows = torch.tensor([0, 1])
+    hook.model.eval()
+    loss, _ = hook(SegmentedBatch(rows, torch.tensor([0, 0]), 0, item_id=rows))
+    assert loss.item() == pytest.approx(0.35)  # the model's own mean loss, unweighed
+    assert hook.trained is None and hook.weights is None
+    assert np.isnan(hook.losses.reduce()).all()
+
+
 def test_mgda_over_sub_batches_weighs_each_segments_mean_loss() -> None:
     # MoRec's sampler drew row 0 for accuracy and row 1 for revenue: ℓ = (c1·z_0, c2·z_1),
     # ∇ℓ = (1, 0) and (0, 2); the min-norm point of their hull is at α = (0.8, 0.2), and

@@ -147,9 +147,15 @@ def test_under_sampling_coefficients_the_hook_returns_the_models_own_loss_and_ou
     assert controller_steps(c) == 1  # the hook never steps it
     assert hook.losses.reduce().tolist() == MEANS
     assert hook.trained == 3
-    model.eval()  # a validation pass through the hook: measured, not counted as trained
+    # A pass through the hook in eval mode or without gradient (validation) trains
+    # nothing: it neither counts as trained nor adds to the training losses.
+    model.eval()
     hook(segmented(SEGMENTS, index=4))
+    model.train()
+    with torch.no_grad():
+        hook(segmented(SEGMENTS, index=5))
     assert hook.trained == 3
+    assert np.isnan(hook.losses.reduce()).all()
 
 
 # Rows of 3 objectives (segments 2, 0, 1) with 2 examples each, the examples' losses
@@ -214,6 +220,14 @@ def test_loss_coefficients_refuse_per_example_losses_without_a_gradient() -> Non
     with torch.no_grad():  # a pass without gradient (validation) needs none
         loss, _ = hook(segmented(SEGMENTS))
     assert loss.item() == pytest.approx(np.dot(c.q, MEANS), rel=1e-12)
+    assert controller_steps(c) == 0  # nor steps the controllers per step
+
+
+def test_the_hook_takes_only_the_loaders_batches() -> None:
+    hook = make_hook(FixedModel(LOSSES), coordinator())
+    with pytest.raises(MorecError, match="loss hook: got a dict, expected the SegmentedBatch "
+                                         "that morec.loader yields"):
+        hook({"user": torch.zeros(6)})
 
 
 def test_a_batch_trained_again_is_refused() -> None:

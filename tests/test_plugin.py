@@ -336,6 +336,19 @@ def test_a_restored_morec_goes_on_as_if_uninterrupted(tiny: Path, manifest: dict
         np.testing.assert_allclose(restored.masses[name], final[name], rtol=0, atol=1e-12)
 
 
+def test_a_hook_for_another_model_object_goes_on_where_the_last_one_stopped(
+        tiny: Path, manifest: dict) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    morec = make(tiny, manifest, model)
+    trained = train(morec, model, range(1), validate_every=100, stop=5)
+    remade = MF(manifest["num_users"], manifest["num_items"])  # as a job that re-shards
+    remade.load_state_dict(model.state_dict())
+    hook = morec.loss(remade)
+    assert morec.position == 5 and morec.state_dict()["position"] == 5
+    with pytest.raises(MorecError, match="batch 4 comes after batch 4 was trained"):
+        hook(trained[-1])
+
+
 def test_state_must_be_loaded_before_the_hook(tiny: Path, manifest: dict) -> None:
     model = MF(manifest["num_users"], manifest["num_items"])
     state = make(tiny, manifest, model).state_dict()

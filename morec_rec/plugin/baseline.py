@@ -34,6 +34,7 @@ from morec_rec.plugin.control.rules import Rule
 from morec_rec.plugin.hook import (
     Examples,
     ObjectiveLosses,
+    is_training_step,
     model_output,
     next_trained,
     segment_sums,
@@ -118,21 +119,22 @@ class BaselineLoss:
         self._segments = torch.arange(len(self.names))
 
     def __call__(self, batch: SegmentedBatch) -> tuple[torch.Tensor, Any]:
+        training = is_training_step(self.model, batch)
         loss, output = model_output(self.model, batch.batch)
+        if not training:
+            return loss, output
         per_example = self.examples.losses(batch.batch, loss, output, len(batch.segment))
         values = self.terms(per_example, self.examples.expand(batch.segment, per_example),
                             None if batch.item_id is None
                             else self.examples.expand(batch.item_id, per_example))
-        if self._segments.device != values.device:  # once: the model's device
-            self._segments = self._segments.to(values.device)
-        self.losses.add(values, self._segments)
-        if not (self.model.training and torch.is_grad_enabled()):
-            return loss, output
         if not values.requires_grad:
             raise MorecError("a baseline coordinator weighs the per-example losses, which "
                              "have no gradient here (rows= computes them from a detached "
                              "output?)")
         self.trained = next_trained(self.trained, batch.index)
+        if self._segments.device != values.device:  # once: the model's device
+            self._segments = self._segments.to(values.device)
+        self.losses.add(values, self._segments)
         if self.rule.needs_gradients:
             self.weights = self._weights(values.detach(), self._gram(values, batch.batch,
                                                                      output))

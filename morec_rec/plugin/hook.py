@@ -69,6 +69,17 @@ class Examples:
         return self.layout.expand(per_row, per_example.shape[0])
 
 
+def is_training_step(model: nn.Module, batch: Any) -> bool:
+    """Whether a hook's call on ``batch`` trains ``model`` (train mode, with gradient): only
+    those steps count as trained, record training losses and step per-step controllers.
+    MorecError for a batch that is not the loader's :class:`SegmentedBatch`."""
+    if not isinstance(batch, SegmentedBatch):
+        raise MorecError(f"loss hook: got a {type(batch).__name__}, expected the "
+                         "SegmentedBatch that morec.loader yields (move it with "
+                         "batch.to(device), which keeps its objectives' segments)")
+    return model.training and torch.is_grad_enabled()
+
+
 def model_output(model: Callable[[Any], Any], batch: Any) -> tuple[torch.Tensor, Any]:
     """``model(batch)`` as ``(loss, output)``, the pair TorchRec's pipeline takes from a
     model; MorecError for a model that returns anything else."""
@@ -200,12 +211,13 @@ class MoRecLoss:
         self._q: tuple[np.ndarray, torch.Tensor] | None = None  # q, and its device copy
 
     def __call__(self, batch: SegmentedBatch) -> tuple[torch.Tensor, Any]:
+        training = is_training_step(self.model, batch)
         loss, output = model_output(self.model, batch.batch)
         per_example = self.examples.losses(batch.batch, loss, output, batch.segment.shape[0])
         segment = self.examples.expand(batch.segment, per_example)
-        self.losses.add(per_example, segment)
-        if self.model.training and torch.is_grad_enabled():
+        if training:
             self.trained = next_trained(self.trained, batch.index)
+            self.losses.add(per_example, segment)
         if not self.weigh:
             return loss, output
         if torch.is_grad_enabled() and not per_example.requires_grad:
@@ -215,11 +227,13 @@ class MoRecLoss:
         n = self.losses.num_objectives
         values = per_example.to(torch.promote_types(per_example.dtype, torch.float32))
         sums, counts = segment_sums(values, segment, n)
-        return (self._coefficients(sums, counts) * sums / counts.clamp(min=1)).sum(), output
+        q = self._coefficients(sums, counts, step=training and self.control_per_step)
+        return (q * sums / counts.clamp(min=1)).sum(), output
 
-    def _coefficients(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """q on the losses' device: copied only when it changes (never read back)."""
-        if self.control_per_step:
+    def _coefficients(self, sums: torch.Tensor, counts: torch.Tensor, step: bool) -> torch.Tensor:
+        """q on the losses' device, after a controller step on this batch's losses if
+        ``step``: copied only when it changes (never read back)."""
+        if step:
             total, count = all_reduce(torch.cat([sums, counts]).to(torch.float64)
                                       ).numpy().reshape(2, -1)
             if not (count > 0).all():

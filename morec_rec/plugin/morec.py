@@ -35,7 +35,7 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -70,6 +70,8 @@ from morec_rec.plugin.validation import (
 )
 
 logger = logging.getLogger(__name__)
+
+Hook = TypeVar("Hook", MoRecLoss, BaselineLoss)
 
 #: The version of :meth:`MoRec.state_dict`'s layout.
 STATE_FORMAT = 1
@@ -287,18 +289,26 @@ class MoRec:
         if self.rule is not None:
             assert self._terms is not None
             if self._hook is None or self._hook.model is not model:
-                self._hook = BaselineLoss(model, self.rule, self.names, self.examples,
-                                          self._terms, self._losses, self.representation)
+                self._hook = self._continued(BaselineLoss(
+                    model, self.rule, self.names, self.examples, self._terms, self._losses,
+                    self.representation))
             return self._hook
         if self.coordinator is None:
             self._base_losses = self.calibrate(model)
             self.coordinator = Coordinator.from_config(self.config, self.names,
                                                        self._base_losses)
         if self._hook is None or self._hook.model is not model:
-            self._hook = MoRecLoss(model, self.coordinator, self.examples, self._losses,
-                                   weigh=not self._sampling,
-                                   control_per_step=self.config.control == "training")
+            self._hook = self._continued(MoRecLoss(
+                model, self.coordinator, self.examples, self._losses, weigh=not self._sampling,
+                control_per_step=self.config.control == "training"))
         return self._hook
+
+    def _continued(self, hook: Hook) -> Hook:
+        """``hook``, going on after the batches the hook before it trained: a new hook is
+        made for another model object (a job that wraps or re-shards its model)."""
+        if self._hook is not None:
+            hook.trained = self._hook.trained
+        return hook
 
     def calibrate(self, model: nn.Module) -> dict[str, float]:
         """Each objective's mean loss under ``model``, without gradient, in its current

@@ -147,9 +147,10 @@ def load_task(dataset: PreparedDataset, split: str, held: pa.Table | None = None
 
 
 #: Scores every item for a chunk of users: float (len(users), num_items), on any device,
-#: a tensor that evaluation may overwrite (it copies a view or one that requires grad
-#: first, but cannot tell a tensor the scorer keeps and returns again). A collective call under ``torch.distributed``
-#: for a scorer backed by a sharded model (every rank calls it the same number of times).
+#: a tensor that evaluation may overwrite: a new one each call (evaluation copies a view
+#: or one that requires grad first, but cannot tell one the scorer keeps). A collective
+#: call under ``torch.distributed`` for a scorer backed by a sharded model (every rank
+#: calls it the same number of times).
 Scorer = Callable[[RankingTask], torch.Tensor]
 
 
