@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import numbers
 import re
 import textwrap
 import tomllib
@@ -90,7 +91,7 @@ class SourceConfig:
     category_prefix: int = 2
 
     def __post_init__(self) -> None:
-        _check_options(self)
+        _check_fields(self)
         _check(len(self.delimiter) == 1, "delimiter", self.delimiter, "one character")
         _check(1 <= self.category_prefix <= 6, "category_prefix", self.category_prefix, "1..6")
 
@@ -128,12 +129,13 @@ class PrepareConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_options(self)
+        _check_fields(self)
         _check(self.k_core >= 3, "k_core", self.k_core, ">= 3: leave-one-out needs 3 per user")
         _check(self.history_length >= 0, "history_length", self.history_length, ">= 0")
         _check(self.popularity_groups >= 1, "popularity_groups", self.popularity_groups, ">= 1")
         _check(0 <= self.min_group_share < 0.5, "min_group_share", self.min_group_share, "[0, 0.5)")
         _check(self.row_group_size >= 1, "row_group_size", self.row_group_size, ">= 1")
+        _check(self.seed >= 0, "seed", self.seed, ">= 0")
         _check(
             self.rows_per_shard >= self.row_group_size,
             "rows_per_shard",
@@ -175,12 +177,13 @@ class SamplerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_options(self)
+        _check_fields(self)
         _check(len(self.objectives) >= 1, "objectives", self.objectives, "at least one")
         _check(self.sub_batch_size >= 1, "sub_batch_size", self.sub_batch_size, ">= 1")
         _check(self.window_batches >= 1, "window_batches", self.window_batches, ">= 1")
         _check(self.step > 0, "step", self.step, "> 0")
         _check(0 <= self.floor < 1, "floor", self.floor, "[0, 1)")
+        _check(self.seed >= 0, "seed", self.seed, ">= 0")
 
 
 @dataclasses.dataclass
@@ -235,7 +238,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_options(self)
+        _check_fields(self)
         _check(self.embedding_dim >= 1, "embedding_dim", self.embedding_dim, ">= 1")
         _check(self.lr > 0, "lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
@@ -251,6 +254,7 @@ class TrainConfig:
                ">= 1")
         _check(self.eval_chunk_users >= 1, "eval_chunk_users", self.eval_chunk_users, ">= 1")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
+        _check(self.seed >= 0, "seed", self.seed, ">= 0")
 
 
 
@@ -342,7 +346,7 @@ class MoRecConfig:
     continued_lr: float = 1e-4
 
     def __post_init__(self) -> None:
-        _check_options(self)
+        _check_fields(self)
         _check(all(p >= 0 for p in self.preference)
                and (not self.preference or abs(sum(self.preference) - 1) < 1e-6),
                "preference", self.preference, "entries >= 0 that sum to 1")
@@ -381,8 +385,13 @@ SECTIONS: dict[type, tuple[str, str]] = {
 }
 
 
-def _check_options(config: Any) -> None:
-    """MorecError naming the first field whose value is not among its options."""
+def _check_fields(config: Any) -> None:
+    """Gives each field its type (numbers as plain ``int`` or ``float``, numpy's too;
+    sequences as tuples); MorecError naming the first field whose value is not of its
+    type or not among its options."""
+    given = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for name, value in _typed(type(config), given).items():
+        setattr(config, name, value)
     for field in dataclasses.fields(config):
         options = _options(type(config), field.name)
         if options:
@@ -559,10 +568,14 @@ def _typed(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
             value = _tuple_of(cls, name, value)
         if kind is dict and isinstance(value, dict):  # TOML tables, dotted-key flags
             value = _dict_of(cls, name, value)
-        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+        if kind in (int, float) and isinstance(value, numbers.Real) \
+                and not isinstance(value, bool) \
+                and (kind is float or isinstance(value, numbers.Integral)):
+            value = kind(value)
+        if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
             article = "an" if kind.__name__[0] in "aeiou" else "a"
             raise MorecError(f"config: {name} = {value!r} is not {article} {kind.__name__}")
-        typed[name] = float(value) if kind is float else value
+        typed[name] = value
     return typed
 
 

@@ -1,4 +1,5 @@
-"""Config tables: ``hold`` from TOML, from its flag and from a run's JSON record, alike."""
+"""Config: tables from TOML, flags and records alike; a misplaced table or key, or a value
+of the wrong type, refused in one line naming it."""
 
 import argparse
 import dataclasses
@@ -6,9 +7,17 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from morec_rec.config import HoldTarget, MoRecConfig, add_arguments, build, load_file
+from morec_rec.config import (
+    HoldTarget,
+    MoRecConfig,
+    SamplerConfig,
+    add_arguments,
+    build,
+    load_file,
+)
 from morec_rec.errors import MorecError
 
 HOLD = {"accuracy": HoldTarget(relative=1.02), "revenue": HoldTarget(value=0.2)}
@@ -69,3 +78,23 @@ def test_a_misplaced_table_or_key_is_named(tmp_path: Path, text: str, message: s
     path.write_text(text)
     with pytest.raises(MorecError, match="^" + re.escape(f"{path}: {message}")):
         load_file(path, ("train", "morec"))
+
+
+def test_settings_made_in_python_take_numpy_numbers_as_plain_ones() -> None:
+    config = SamplerConfig(sub_batch_size=np.int64(8), step=np.float32(0.5),
+                           objectives=["accuracy", "revenue"])
+    assert config == SamplerConfig(sub_batch_size=8, step=0.5, objectives=("accuracy", "revenue"))
+    assert type(config.sub_batch_size) is int and type(config.step) is float
+    json.dumps(dataclasses.asdict(config))  # as a run's record and MoRec's state keep it
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"sub_batch_size": 2.5}, "sub_batch_size = 2.5 is not an int"),
+    ({"sub_batch_size": True}, "sub_batch_size = True is not an int"),
+    ({"objectives": "accuracy"}, "objectives = 'accuracy' is not a tuple"),
+    ({"draw": 3}, "draw = 3 is not a str"),
+    ({"seed": -1}, r"seed = -1 is out of range \(expected >= 0\)"),
+])
+def test_settings_made_in_python_of_another_type_are_refused(values: dict, message: str) -> None:
+    with pytest.raises(MorecError, match=f"^config: {message}"):
+        SamplerConfig(**values)
