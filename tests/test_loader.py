@@ -109,5 +109,8 @@ def test_in_process_loading_draws_one_batch_at_a_time(dataset: PreparedDataset) 
     assert loader.lookahead == 0
     for batch in loader:
         assert drawing.highest.value == batch.batch_index == loader.undrawn - 1
-    with pytest.raises(MorecError, match="batches_per_request 0"):
-        SamplerLoader(drawing, as_is, num_workers=1, batches_per_request=0)
+    for counts, message in (({"batches_per_request": 0}, "batches_per_request = 0 must be"),
+                            ({"prefetch_factor": 0}, "prefetch_factor = 0 must be an int >= 1"),
+                            ({"num_workers": 1.5}, "num_workers = 1.5 must be an int >= 0")):
+        with pytest.raises(MorecError, match=f"^loader: {message}"):
+            SamplerLoader(drawing, as_is, **{"num_workers": 1, **counts})

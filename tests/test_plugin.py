@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from morec_rec import (
+    ExampleLayout,
     HoldTarget,
     MoRec,
     MoRecConfig,
@@ -82,12 +84,11 @@ def manifest(tiny: Path) -> dict:
 
 
 def make(tiny: Path, manifest: dict, model: MF, **kwargs) -> MoRec:
-    from morec_rec import ExampleLayout
-
     options = {"objectives": ["accuracy", "revenue", "fairness", "alignment", Cheap()],
                "sampler": SamplerConfig(sub_batch_size=40),
-               "config": MoRecConfig(preference=(0.25,) * 4, beta_max=2.0, ki=5.0), **kwargs}
-    return MoRec(tiny, Collate(manifest["num_items"]), rows=rows, layout=ExampleLayout.BLOCKED,
+               "config": MoRecConfig(preference=(0.25,) * 4, beta_max=2.0, ki=5.0),
+               "layout": ExampleLayout.BLOCKED, **kwargs}
+    return MoRec(tiny, Collate(manifest["num_items"]), rows=rows,
                  scorer=lambda users: model.user(torch.as_tensor(users.user_id))
                  @ model.item.weight.T, **options)
 
@@ -192,6 +193,41 @@ def test_settings_that_need_a_scorer_say_so(tiny: Path, manifest: dict) -> None:
     with pytest.raises(MorecError, match="objective 'alignment' .its top-K exposure. needs"):
         MoRec(tiny, Collate(manifest["num_items"]), rows=rows, config=MoRecConfig(
             control="training", coefficients="loss", hold={"accuracy": HoldTarget(value=1.0)}))
+
+
+class Named(Cheap):
+    """Cheap under another name or group count."""
+
+    def __init__(self, name: object = "cheap", num_groups: object = 1) -> None:
+        self.name, self.num_groups = name, num_groups  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"objectives": "accuracy"}, "objectives: 'accuracy' is one objective; give a list"),
+    ({"objectives": []}, "objectives: none given; list at least one"),
+    ({"objectives": ["accuracy", 3]}, "objectives: 3 (int) is neither a built-in objective's"),
+    ({"objectives": ["accuracy", Named("batch")]}, "objective name 'batch': a name is a str "
+                                                   "other than 'batch'"),
+    ({"objectives": ["accuracy", Named(num_groups="2")]}, "objective 'cheap': num_groups = '2' "
+                                                          "must be an int >= 1"),
+    ({"objectives": ["accuracy", Named(num_groups=0)]}, "objective 'cheap': num_groups = 0"),
+    ({"layout": "sideways"}, "layout = 'sideways' is not an ExampleLayout (one of ROWS, "),
+    ({"chunk_users": 0}, "chunk_users = 0 must be an int >= 1"),
+    ({"num_workers": -1}, "loader: num_workers = -1 must be an int >= 0"),
+])
+def test_arguments_that_cannot_work_are_refused_at_construction(
+        tiny: Path, manifest: dict, arguments: dict, message: str) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    with pytest.raises(MorecError, match="^" + re.escape(message)):
+        make(tiny, manifest, model, **arguments)
+
+
+def test_a_layout_may_be_named_and_an_epoch_must_be_an_int(tiny: Path, manifest: dict) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    morec = make(tiny, manifest, model, layout="blocked")
+    assert morec.examples.layout is ExampleLayout.BLOCKED
+    with pytest.raises(MorecError, match=r"set_epoch: epoch 0.5 must be an int >= 0"):
+        morec.set_epoch(0.5)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import math
 import pickle
+import re
 import shutil
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -92,6 +93,50 @@ def test_user_defined_objective_through_the_sampler(dataset: PreparedDataset) ->
     drawn = torch.cat([b.price[b.objective == 1] for b in epochs(s, 3)]).numpy()
     observed = np.bincount((drawn >= 50).astype(int), minlength=2)
     assert chi_square_p(observed, np.array([0.2, 0.8]) * len(drawn)) > ALPHA
+
+
+class Rows(Objective):
+    """A job's objective whose groups and weights are whatever a test makes of the rows."""
+
+    name, num_groups, columns = "rows", 2, ("price",)
+
+    def __init__(self, groups: Callable | None = None, weights: Callable | None = None) -> None:
+        self._groups, self._weights = groups, weights
+
+    def initial_masses(self) -> np.ndarray:
+        return np.array([0.5, 0.5])
+
+    def groups(self, rows: dict) -> np.ndarray | None:
+        return None if self._groups is None else self._groups(rows["price"])
+
+    def weights(self, rows: dict) -> np.ndarray | None:
+        return None if self._weights is None else self._weights(rows["price"])
+
+
+@pytest.mark.parametrize(("objective", "message"), [
+    (Rows(groups=lambda price: (price >= 50).astype(int) * 2),
+     "groups() gave group 2, outside [0, 2)"),
+    (Rows(groups=lambda price: -(price >= 50).astype(int)),
+     "groups() gave group -1, outside [0, 2)"),
+    (Rows(groups=lambda price: (price >= 50) * 1.0),
+     "groups() gave float64 of shape (512,) for 512 rows"),
+    (Rows(groups=lambda price: np.zeros(3, dtype=int)),
+     "groups() gave int64 of shape (3,) for 512 rows"),
+    (Rows(groups=lambda price: np.zeros(len(price), int), weights=lambda price: price - 50),
+     "weights() gave weight -"),
+    (Rows(groups=lambda price: np.zeros(len(price), int), weights=lambda price: np.full(len(price), np.inf)),
+     "weights() gave weight inf, expected finite weights >= 0"),
+    (Rows(groups=lambda price: np.zeros(len(price), int), weights=lambda price: price[:9]),
+     "weights() gave float64 of shape (9,) for 512 rows"),
+])
+def test_an_objectives_groups_and_weights_are_checked_against_its_rows(
+        dataset: PreparedDataset, objective: Objective, message: str) -> None:
+    config = SamplerConfig(objectives=("accuracy", "rows"), sub_batch_size=64, window_batches=4)
+    s = WeightedStreamSampler(dataset, [*build_objectives(("accuracy",), dataset.manifest),
+                                        objective], config)
+    s.set_epoch(0)
+    with pytest.raises(MorecError, match="^" + re.escape(f"objective 'rows': {message}")):
+        next(iter(s))
 
 
 def test_exact_mode_gives_rounded_counts(dataset: PreparedDataset) -> None:

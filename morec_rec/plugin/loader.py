@@ -17,6 +17,7 @@ to is drawn, whatever the pipeline in front of the loader holds.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 import torch
@@ -84,6 +85,17 @@ def in_index_order(groups: Iterable[list[tuple[int, T]]]) -> Iterator[tuple[int,
                            f"{min(waiting)} on were held back")
 
 
+def check_loader_settings(num_workers: int, prefetch_factor: int,
+                          batches_per_request: int) -> None:
+    """MorecError naming the first of a loader's counts that is not an int at or above
+    its least value."""
+    for name, value, least in (("num_workers", num_workers, 0),
+                               ("prefetch_factor", prefetch_factor, 1),
+                               ("batches_per_request", batches_per_request, 1)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            raise MorecError(f"loader: {name} = {value!r} must be an int >= {least}")
+
+
 class SamplerLoader(Generic[T]):
     """Yields the batches ``collate`` makes of the sampler's epoch set by
     :meth:`set_epoch`, in ``batch_index`` order.
@@ -102,8 +114,7 @@ class SamplerLoader(Generic[T]):
                  num_workers: int, prefetch_factor: int = 2,
                  batches_per_request: int = TrainConfig.batches_per_request,
                  pin_memory: bool = False) -> None:
-        if batches_per_request < 1:
-            raise MorecError(f"loader: batches_per_request {batches_per_request} must be >= 1")
+        check_loader_settings(num_workers, prefetch_factor, batches_per_request)
         self.sampler = sampler
         self.collate = collate
         self.num_workers = num_workers

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import numbers
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -57,7 +58,7 @@ from morec_rec.plugin.control.rules import Coefficients, Rule, build_rule
 from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.eval.ranking import K, Scorer, evaluate, load_task
 from morec_rec.plugin.hook import Examples, MoRecLoss, ObjectiveLosses, Rows, model_output
-from morec_rec.plugin.loader import Collate, MoRecLoader, Segmenting
+from morec_rec.plugin.loader import Collate, MoRecLoader, Segmenting, check_loader_settings
 from morec_rec.plugin.sampling.objectives import Objective, ValidationSignal, build_objectives
 from morec_rec.plugin.sampling.sampler import BATCH, WeightedStreamSampler
 from morec_rec.plugin.sampling.store import Masses, StoreSpec, WeightStore, publish_and_sync
@@ -155,6 +156,14 @@ class MoRec:
                  batches_per_request: int = TrainConfig.batches_per_request,
                  pin_memory: bool = False, device: torch.device | str = "cpu",
                  chunk_users: int = 1024) -> None:
+        check_loader_settings(num_workers, prefetch_factor, batches_per_request)
+        if not isinstance(chunk_users, numbers.Integral) or chunk_users < 1:
+            raise MorecError(f"chunk_users = {chunk_users!r} must be an int >= 1")
+        try:
+            layout = ExampleLayout(layout)
+        except ValueError:
+            raise MorecError(f"layout = {layout!r} is not an ExampleLayout (one of "
+                             f"{', '.join(e.name for e in ExampleLayout)})") from None
         self.dataset = (dataset if isinstance(dataset, PreparedDataset)
                         else PreparedDataset.open(Path(dataset)))
         sampler, config = sampler or SamplerConfig(), config or MoRecConfig()
@@ -276,8 +285,8 @@ class MoRec:
         """The loader's next iteration yields the batches of ``epoch`` from
         :attr:`position` on: all of a new epoch, the rest of the one a restored job
         stopped in."""
-        if epoch < 0:
-            raise MorecError(f"set_epoch: epoch {epoch} must be >= 0")
+        if not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise MorecError(f"set_epoch: epoch {epoch!r} must be an int >= 0")
         start = self.position - epoch * self.batches_per_epoch
         self.loader.set_epoch(epoch, min(max(start, 0), self.batches_per_epoch))
 
@@ -514,12 +523,28 @@ def _objectives(dataset: PreparedDataset, config: SamplerConfig,
                 given: Sequence[Objective | str] | None) -> list[Objective]:
     """The objectives in order: instances as given, names built for ``dataset``; each
     checked against the columns of the training data."""
+    if isinstance(given, (str, Objective)):
+        raise MorecError(f"objectives: {given!r} is one objective; give a list of them")
     given = list(config.objectives if given is None else given)
+    if not given:
+        raise MorecError("objectives: none given; list at least one (e.g. ['accuracy'])")
+    for entry in given:
+        if not isinstance(entry, (str, Objective)):
+            raise MorecError(f"objectives: {entry!r} ({type(entry).__name__}) is neither a "
+                             "built-in objective's name nor an Objective")
     names = [o for o in given if isinstance(o, str)]
     built = iter(build_objectives(names, dataset.manifest, step=config.step,
                                   floor=config.floor, rule=config.update_rule,
                                   fairness_signal=config.fairness_signal))
     objectives = [next(built) if isinstance(o, str) else o for o in given]
+    for objective in objectives:
+        if not isinstance(objective.name, str) or objective.name == BATCH:
+            raise MorecError(f"objective name {objective.name!r}: a name is a str other than "
+                             f"{BATCH!r} (which holds the objectives' shares of a batch)")
+        count = objective.num_groups
+        if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 1:
+            raise MorecError(f"objective {objective.name!r}: num_groups = {count!r} must be "
+                             "an int >= 1")
     seen = [o.name for o in objectives]
     for i, name in enumerate(seen):
         if name in seen[:i]:

@@ -299,6 +299,46 @@ def check_masses(name: str, masses: npt.ArrayLike, num_groups: int, *,
     return array / array.sum()
 
 
+def row_groups(objective: Objective, rows: Mapping[str, np.ndarray],
+               num_rows: int) -> np.ndarray | None:
+    """``objective.groups(rows)`` of ``num_rows`` rows, checked: integers of shape
+    (num_rows,) in ``[0, num_groups)``, or None. MorecError naming the objective
+    otherwise."""
+    groups = objective.groups(rows)
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if groups.shape != (num_rows,) or groups.dtype.kind not in "iu":
+        raise MorecError(f"objective {objective.name!r}: groups() gave {groups.dtype} of shape "
+                         f"{groups.shape} for {num_rows} rows, expected integers of shape "
+                         f"({num_rows},)")
+    outside = (groups < 0) | (groups >= objective.num_groups)
+    if outside.any():
+        raise MorecError(f"objective {objective.name!r}: groups() gave group "
+                         f"{groups[outside][0]}, outside [0, {objective.num_groups})")
+    return groups
+
+
+def row_weights(objective: Objective, rows: Mapping[str, np.ndarray],
+                num_rows: int) -> np.ndarray | None:
+    """``objective.weights(rows)`` of ``num_rows`` rows, checked: finite numbers >= 0 of
+    shape (num_rows,), as float64, or None. MorecError naming the objective otherwise."""
+    weights = objective.weights(rows)
+    if weights is None:
+        return None
+    weights = np.asarray(weights)
+    if weights.shape != (num_rows,) or weights.dtype.kind not in "iuf":
+        raise MorecError(f"objective {objective.name!r}: weights() gave {weights.dtype} of "
+                         f"shape {weights.shape} for {num_rows} rows, expected numbers of "
+                         f"shape ({num_rows},)")
+    weights = weights.astype(np.float64, copy=False)
+    bad = ~(weights >= 0) | np.isinf(weights)  # NaN fails >= 0
+    if bad.any():
+        raise MorecError(f"objective {objective.name!r}: weights() gave weight "
+                         f"{weights[bad][0]}, expected finite weights >= 0")
+    return weights
+
+
 BUILTINS: dict[str, type[Objective]] = {
     cls.name: cls for cls in (Accuracy, Revenue, Fairness, Alignment)
 }

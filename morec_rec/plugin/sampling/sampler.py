@@ -48,7 +48,12 @@ from morec_rec.config import SamplerConfig
 from morec_rec.data.format import ITEM_ATTRIBUTES, PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.plugin.sampling.draw import GroupIndex, draw, largest_remainder
-from morec_rec.plugin.sampling.objectives import Objective, check_masses
+from morec_rec.plugin.sampling.objectives import (
+    Objective,
+    check_masses,
+    row_groups,
+    row_weights,
+)
 from morec_rec.plugin.sampling.partition import (
     Segment,
     list_row_groups,
@@ -379,9 +384,10 @@ class _Window:
         """Each drawing objective's index of the window, built at the window's first draw,
         in the thread that draws: built with the read, they made the reading thread the
         sampler's slower one."""
+        rows = len(self.visit_order)
         return {
-            o.name: GroupIndex.build(o.groups(self.columns), o.weights(self.columns),
-                                     o.num_groups, len(self.visit_order))
+            o.name: GroupIndex.build(row_groups(o, self.columns, rows),
+                                     row_weights(o, self.columns, rows), o.num_groups, rows)
             for o in self.objectives if not o.is_uniform
         }
 
