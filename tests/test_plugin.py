@@ -10,8 +10,9 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -403,7 +404,7 @@ def test_state_must_be_loaded_with_the_same_loader_workers_and_sampler(tiny: Pat
                                          r"each, restored on 1 with 2: a resume needs the same"):
         make(tiny, manifest, model, num_workers=2).load_state_dict(state)
     # The batches depend on the objectives and the sampler's settings too.
-    with pytest.raises(MorecError, match=r"saved with objectives \['accuracy', 'revenue', "
+    with pytest.raises(MorecError, match=r"saved with objectives = \['accuracy', 'revenue', "
                                          r"'fairness', 'alignment', 'cheap'\], restored with "
                                          r"\['accuracy', 'revenue', 'fairness', 'alignment'\]"):
         make(tiny, manifest, model, objectives=["accuracy", "revenue", "fairness", "alignment"],
@@ -418,3 +419,35 @@ def test_state_must_be_loaded_with_the_same_loader_workers_and_sampler(tiny: Pat
         make(tiny, manifest, model, config=MoRecConfig(
             preference=(0.25,) * 4, beta_max=2.0, ki=5.0, validation_users=50)
              ).load_state_dict(state)
+    # The controllers and masses are of the coordination, and the position of the data.
+    with pytest.raises(MorecError, match=r"saved with method = \{'coordinator': 'morec', "
+                                         r"'coefficients': 'sampling', 'control': 'validation'\}"
+                                         r", restored with \{'coordinator': 'morec', "
+                                         r"'coefficients': 'loss'"):
+        make(tiny, manifest, model, config=MoRecConfig(
+            preference=(0.25,) * 4, beta_max=2.0, ki=5.0, coefficients="loss")
+             ).load_state_dict(state)
+    with pytest.raises(MorecError, match=r"saved with data = \{'users': 1, 'items': 138, "
+                                         r"'shard_rows': \[3220\]\}, restored with \{'users': "
+                                         r"259"):
+        make(tiny, manifest, model).load_state_dict({**state, "data": {
+            "users": 1, "items": 138, "shard_rows": [3220]}})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda state: [state], "MoRec state: got list, expected the mapping that state_dict()"),
+    (lambda state: {k: v for k, v in state.items() if k != "base"},
+     "MoRec state lacks base: not what state_dict() gives"),
+    (lambda state: {**state, "position": -5}, "MoRec state: position -5 is not an int >= 0"),
+    (lambda state: {**state, "journal": [{"effective_from": 3, "values": {"novelty": [1.0]}}]},
+     "MoRec state: masses of novelty, which are not among this MoRec's accuracy, revenue"),
+    (lambda state: {**state, "journal": [{"effective_from": 3, "values": {"alignment": [1.0]}}]},
+     "objective 'alignment': masses must have shape (10,), got (1,)"),
+])
+def test_a_state_that_is_not_a_morecs_is_refused_before_anything_is_restored(
+        tiny: Path, manifest: dict, change: Callable[[dict], Any], message: str) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    morec = make(tiny, manifest, model)
+    with pytest.raises(MorecError, match="^" + re.escape(message)):
+        morec.load_state_dict(change(morec.state_dict()))
+    assert morec.store.latest_version() == 0 and morec.base is None  # nothing restored

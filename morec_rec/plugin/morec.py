@@ -59,7 +59,12 @@ from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.eval.ranking import K, Scorer, evaluate, load_task
 from morec_rec.plugin.hook import Examples, MoRecLoss, ObjectiveLosses, Rows, model_output
 from morec_rec.plugin.loader import Collate, MoRecLoader, Segmenting, check_loader_settings
-from morec_rec.plugin.sampling.objectives import Objective, ValidationSignal, build_objectives
+from morec_rec.plugin.sampling.objectives import (
+    Objective,
+    ValidationSignal,
+    build_objectives,
+    check_masses,
+)
 from morec_rec.plugin.sampling.sampler import BATCH, WeightedStreamSampler
 from morec_rec.plugin.sampling.store import Masses, StoreSpec, WeightStore, publish_and_sync
 from morec_rec.plugin.segments import ExampleLayout
@@ -238,6 +243,19 @@ class MoRec:
                                         sampler.seed)
         self._task = (load_task(self.dataset, "valid", self._valid_rows, rank=self.rank,
                                 world_size=self.world_size) if scorer is not None else None)
+
+    @property
+    def _data(self) -> dict[str, Any]:
+        """What identifies the training data in a saved state: its counts and shards' rows."""
+        manifest = self.dataset.manifest
+        return {"users": manifest["num_users"], "items": manifest["num_items"],
+                "shard_rows": [shard["rows"] for shard in manifest["shards"]]}
+
+    @property
+    def _method(self) -> dict[str, str]:
+        """How the objectives weigh, which a saved state's controllers and masses are of."""
+        return {"coordinator": self.config.coordinator,
+                "coefficients": self.config.coefficients, "control": self.config.control}
 
     @property
     def _sampling(self) -> bool:
@@ -460,7 +478,7 @@ class MoRec:
                     for m in self._journal if m.effective_from > position]
         return {"format": STATE_FORMAT, "position": position, "journal": journal,
                 "world_size": self.world_size, "num_workers": self.loader.num_workers,
-                "objectives": self.names,
+                "data": self._data, "method": self._method, "objectives": self.names,
                 "sampler": json.loads(json.dumps(dataclasses.asdict(self.sampler_config))),
                 "validation_users": self.config.validation_users,
                 "coordinator": None if self.coordinator is None
@@ -472,37 +490,14 @@ class MoRec:
         """Restores a :meth:`state_dict` into a MoRec made with the same settings, before
         :meth:`loss` and before it publishes anything (a collective: the versions are
         republished into this MoRec's own namespace of the store, so a fresh store loses
-        none)."""
-        if state.get("format") != STATE_FORMAT:
-            raise MorecError(f"MoRec state of format {state.get('format')!r}, "
-                             f"expected {STATE_FORMAT}")
+        none). MorecError, before anything is restored, for a state this MoRec cannot go
+        on from."""
         # Under training control loss() measures the objectives' losses under the model
         # it is given: after a resume those of the resumed model, not the base's.
         if self._journal or self._hook is not None:
             raise MorecError("load_state_dict() must come before loss(), training and "
                              "validation")
-        # The position's batches, and where its epochs start, depend on both; a state
-        # that does not record them (an older format 1) is taken as matching.
-        saved = (state.get("world_size", self.world_size),
-                 state.get("num_workers", self.loader.num_workers))
-        if saved != (self.world_size, self.loader.num_workers):
-            raise MorecError(f"MoRec state saved on {saved[0]} rank(s) with {saved[1]} loader "
-                             f"worker(s) each, restored on {self.world_size} with "
-                             f"{self.loader.num_workers}: a resume needs the same")
-        # So do the objectives and the sampler's settings (a state without them: as above).
-        if state.get("objectives", self.names) != self.names:
-            raise MorecError(f"MoRec state saved with objectives {state['objectives']}, "
-                             f"restored with {self.names}: a resume needs the same")
-        sampler = json.loads(json.dumps(dataclasses.asdict(self.sampler_config)))
-        for key, value in state.get("sampler", sampler).items():
-            if sampler.get(key) != value:
-                raise MorecError(f"MoRec state saved with sampler {key} = {value!r}, restored "
-                                 f"with {sampler.get(key)!r}: a resume needs the same")
-        # The reference, and every pass's measures against it, are of the validation users.
-        users = state.get("validation_users", self.config.validation_users)
-        if users != self.config.validation_users:
-            raise MorecError(f"MoRec state saved with validation_users = {users}, restored "
-                             f"with {self.config.validation_users}: a resume needs the same")
+        journal = self._check_state(state)
         self._base, self._base_losses = state["base"], state["base_losses"]
         if self.coordinator is None and self._base_losses is not None:
             self.coordinator = Coordinator.from_config(self.config, self.names,
@@ -513,11 +508,61 @@ class MoRec:
             self.coordinator.load_state_dict(state["coordinator"])
         if state.get("rule") is not None and hasattr(self.rule, "load_state_dict"):
             self.rule.load_state_dict(state["rule"])
-        for entry in state["journal"]:
-            values = {k: np.asarray(v, dtype=np.float64) for k, v in entry["values"].items()}
-            self._append(publish_and_sync(self.store, values, int(entry["effective_from"])))
-        self._position = int(state["position"])
+        for values, effective_from in journal:
+            self._append(publish_and_sync(self.store, values, effective_from))
+        self._position = state["position"]
 
+    def _check_state(self, state: Mapping[str, Any]) -> list[tuple[dict[str, np.ndarray], int]]:
+        """MorecError unless ``state`` is a :meth:`state_dict` this MoRec can go on from:
+        one of the same data, world size, loader workers, coordination, objectives, sampler
+        settings and validation users. Returns its journal: (masses, effective_from)."""
+        if not isinstance(state, Mapping):
+            raise MorecError(f"MoRec state: got {type(state).__name__}, expected the mapping "
+                             "that state_dict() gives")
+        if state.get("format") != STATE_FORMAT:
+            raise MorecError(f"MoRec state of format {state.get('format')!r}, "
+                             f"expected {STATE_FORMAT}")
+        missing = sorted({"position", "journal", "coordinator", "base", "base_losses"}
+                         - set(state))
+        if missing:
+            raise MorecError(f"MoRec state lacks {', '.join(missing)}: not what state_dict() "
+                             "gives")
+        if not isinstance(state["position"], int) or state["position"] < 0:
+            raise MorecError(f"MoRec state: position {state['position']!r} is not an int >= 0")
+        # The position's batches, and where its epochs start, depend on both; a state
+        # that does not record them (an older format 1) is taken as matching.
+        saved = (state.get("world_size", self.world_size),
+                 state.get("num_workers", self.loader.num_workers))
+        if saved != (self.world_size, self.loader.num_workers):
+            raise MorecError(f"MoRec state saved on {saved[0]} rank(s) with {saved[1]} loader "
+                             f"worker(s) each, restored on {self.world_size} with "
+                             f"{self.loader.num_workers}: a resume needs the same")
+        # So do the data, how the objectives weigh, the objectives and the sampler's
+        # settings; and the reference, and every round's measures against it, are of the
+        # validation users (a state without them: as above).
+        sampler = json.loads(json.dumps(dataclasses.asdict(self.sampler_config)))
+        for key, now in (("data", self._data), ("method", self._method),
+                         ("objectives", self.names),
+                         ("validation_users", self.config.validation_users)):
+            if state.get(key, now) != now:
+                raise MorecError(f"MoRec state saved with {key} = {state[key]!r}, restored "
+                                 f"with {now!r}: a resume needs the same")
+        for key, value in state.get("sampler", sampler).items():
+            if sampler.get(key) != value:
+                raise MorecError(f"MoRec state saved with sampler {key} = {value!r}, restored "
+                                 f"with {sampler.get(key)!r}: a resume needs the same")
+        sizes = {o.name: o.num_groups for o in self.objectives} | {BATCH: len(self.objectives)}
+        journal = []
+        for entry in state["journal"]:
+            unknown = sorted(set(entry["values"]) - set(sizes))
+            if unknown:
+                raise MorecError(f"MoRec state: masses of {', '.join(unknown)}, which are not "
+                                 f"among this MoRec's {', '.join(sizes)}")
+            values = {k: np.asarray(v, dtype=np.float64) for k, v in entry["values"].items()}
+            for name, masses in values.items():
+                check_masses(name, masses, sizes[name])
+            journal.append((values, int(entry["effective_from"])))
+        return journal
 
 def _objectives(dataset: PreparedDataset, config: SamplerConfig,
                 given: Sequence[Objective | str] | None) -> list[Objective]:
