@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import numbers
 import re
 import textwrap
@@ -94,6 +95,14 @@ class SourceConfig:
         _check_fields(self)
         _check(len(self.delimiter) == 1, "delimiter", self.delimiter, "one character")
         _check(1 <= self.category_prefix <= 6, "category_prefix", self.category_prefix, "1..6")
+        interactions = ("user_column", "item_column", "time_column",
+                        *(("rating_column",) if self.rating_column else ()))
+        for fields in (interactions, ("item_column", "price_column", "category_column")):
+            named = [getattr(self, field) for field in fields]
+            repeated = sorted({c for c in named if named.count(c) > 1})
+            if repeated:
+                raise MorecError(f"config: {', '.join(fields)} name column(s) "
+                                 f"{', '.join(map(repr, repeated))} more than once")
 
 
 @dataclasses.dataclass
@@ -130,6 +139,7 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        _check(math.isfinite(self.min_rating), "min_rating", self.min_rating, "a finite number")
         _check(self.k_core >= 3, "k_core", self.k_core, ">= 3: leave-one-out needs 3 per user")
         _check(self.history_length >= 0, "history_length", self.history_length, ">= 0")
         _check(self.popularity_groups >= 1, "popularity_groups", self.popularity_groups, ">= 1")
@@ -588,8 +598,10 @@ def load_file(path: Path | None, sections: tuple[str, ...]) -> dict[str, dict[st
             content = tomllib.load(f)
     except FileNotFoundError:
         raise MorecError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise MorecError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise MorecError(f"{path}: cannot read the config file ({e.strerror})") from None
     for key in sorted(set(content) - set(sections)):
         owner = next((table for cls, (table, _) in SECTIONS.items() if table in sections
                       and key in {f.name for f in dataclasses.fields(cls)}), None)

@@ -13,7 +13,9 @@ import pytest
 from morec_rec.config import (
     HoldTarget,
     MoRecConfig,
+    PrepareConfig,
     SamplerConfig,
+    SourceConfig,
     add_arguments,
     build,
     load_file,
@@ -98,3 +100,24 @@ def test_settings_made_in_python_take_numpy_numbers_as_plain_ones() -> None:
 def test_settings_made_in_python_of_another_type_are_refused(values: dict, message: str) -> None:
     with pytest.raises(MorecError, match=f"^config: {message}"):
         SamplerConfig(**values)
+
+
+def test_a_config_path_that_is_no_readable_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(MorecError, match=f"^{re.escape(str(tmp_path))}: cannot read the config "
+                                         r"file \(Is a directory\)"):
+        load_file(tmp_path, ("train",))
+    binary = tmp_path / "job.toml"
+    binary.write_bytes(b"\xff\xfe[train]\n")
+    with pytest.raises(MorecError, match=f"^{re.escape(str(binary))}: not valid TOML"):
+        load_file(binary, ("train",))
+
+
+def test_prepare_settings_that_cannot_read_the_data_are_refused() -> None:
+    with pytest.raises(MorecError, match="^config: user_column, item_column, time_column, "
+                                         "rating_column name column.s. 'timestamp' more than"):
+        SourceConfig(rating_column="timestamp")
+    with pytest.raises(MorecError, match="^config: item_column, price_column, category_column "
+                                         "name column.s. 'item' more than once"):
+        SourceConfig(category_column="item")
+    with pytest.raises(MorecError, match=r"^config: min_rating = nan is out of range"):
+        PrepareConfig(min_rating=float("nan"))
