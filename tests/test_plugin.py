@@ -212,7 +212,8 @@ class Named(Cheap):
     ({"objectives": ["accuracy", Named(num_groups="2")]}, "objective 'cheap': num_groups = '2' "
                                                           "must be an int >= 1"),
     ({"objectives": ["accuracy", Named(num_groups=0)]}, "objective 'cheap': num_groups = 0"),
-    ({"layout": "sideways"}, "layout = 'sideways' is not an ExampleLayout (one of ROWS, "),
+    ({"layout": "sideways"}, "layout = 'sideways' is not an ExampleLayout nor one's value "
+                             "('rows', 'blocked', 'interleaved')"),
     ({"chunk_users": 0}, "chunk_users = 0 must be an int >= 1"),
     ({"num_workers": -1}, "loader: num_workers = -1 must be an int >= 0"),
 ])

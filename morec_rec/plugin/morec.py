@@ -167,8 +167,8 @@ class MoRec:
         try:
             layout = ExampleLayout(layout)
         except ValueError:
-            raise MorecError(f"layout = {layout!r} is not an ExampleLayout (one of "
-                             f"{', '.join(e.name for e in ExampleLayout)})") from None
+            raise MorecError(f"layout = {layout!r} is not an ExampleLayout nor one's value "
+                             f"({', '.join(repr(e.value) for e in ExampleLayout)})") from None
         self.dataset = (dataset if isinstance(dataset, PreparedDataset)
                         else PreparedDataset.open(Path(dataset)))
         sampler, config = sampler or SamplerConfig(), config or MoRecConfig()
