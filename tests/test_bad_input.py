@@ -479,3 +479,28 @@ def test_a_resumed_job_keeps_its_settings_but_how_long_it_trains(tiny: Path, run
     assert done.returncode == 0, done.stderr[-3000:]
     for record in (out / "job.json", out / "morec" / "run.json"):
         assert json.loads(record.read_text())["morec"]["epochs"] == 2
+
+
+# 13. Prepare: silently wrong values, and outputs that are links.
+
+@pytest.mark.parametrize(("items", "names"), [
+    (ITEMS.replace("i1,1.5", "i1,1e400"), ["column 'price'", "non-finite value '1e400'"]),
+    (ITEMS.replace("\ni", "\nj"), ["none of the 5 items of the interactions is in it",
+                               "e.g. 'i0' in", "the catalogue has e.g. 'j0'"]),
+])
+def test_prepare_bad_catalogue(files: tuple[Path, Path], tmp_path: Path, items: str,
+                               names: list[str]) -> None:
+    files[1].write_text(items)
+    fails(prepare(*files, tmp_path / "out"), str(files[1]), *names)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.parametrize("target", ["empty", "nowhere"])
+def test_prepare_into_a_symbolic_link(files: tuple[Path, Path], tmp_path: Path,
+                                      target: str) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / target)
+    fails(prepare(*files, tmp_path / "out"), f"{tmp_path / 'out'}: output is a symbolic link")
+    assert (tmp_path / "out").is_symlink() and list((tmp_path / "empty").iterdir()) == []
+    assert not list(tmp_path.glob(".out.partial-*"))

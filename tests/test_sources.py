@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import datetime
+import decimal
+import gzip
+import lzma
+import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from morec_rec.config import SourceConfig
+from morec_rec.data.raw import RawData
 from morec_rec.data.sources import generic, read_source, tafeng
 from morec_rec.errors import MorecError
 
@@ -130,3 +137,145 @@ def test_generic_needs_meta(tmp_path: Path) -> None:
 def test_unknown_source() -> None:
     with pytest.raises(MorecError, match="unknown source 'nope'"):
         read_source("nope", Path("x"), None, SourceConfig())
+
+
+def test_tafeng_empty_quantity_or_price(tmp_path: Path) -> None:
+    """An empty AMOUNT or SALES_PRICE would become a NaN unit price, silently imputed."""
+    for name, row, column in (("a.zip", "11/1/2000,007,,1,110411,0471,,1,5", "AMOUNT"),
+                              ("b.zip", '11/1/2000,007,,1,110411,0471,1,1,""', "SALES_PRICE")):
+        path = _tafeng_zip(tmp_path / name, ["11/1/2000,007,,1,110411,0471,1,1,5", row])
+        with pytest.raises(MorecError, match=rf"{name}: column '{column}' is empty in row 1$"):
+            tafeng.read(path, None, SourceConfig())
+
+
+def test_tafeng_infinite_price(tmp_path: Path) -> None:
+    path = _tafeng_zip(tmp_path / "t.zip", ["11/1/2000,007,,1,110411,0471,1,1,1e400"])
+    with pytest.raises(MorecError, match=r"t\.zip: column 'SALES_PRICE' has a non-finite "
+                                         r"value '1e400' in row 0$"):
+        tafeng.read(path, None, SourceConfig())
+
+
+def _generic(tmp_path: Path, inter: pa.Table | str, items: pa.Table | str,
+             suffix: str = ".csv") -> RawData:
+    """``generic.read`` of the two tables (CSV text, or Parquet where given a table)."""
+    paths = []
+    for name, content in (("inter", inter), ("items", items)):
+        if isinstance(content, str):
+            path = tmp_path / f"{name}{suffix}"
+            path.write_text(content)
+        else:
+            path = tmp_path / f"{name}.parquet"
+            pq.write_table(content, path)
+        paths.append(path)
+    return generic.read(*paths, SourceConfig())
+
+
+INTER_CSV = "user,item,timestamp\nu1,i1,100\nu2,i1,200\n"
+ITEMS_CSV = "item,price,category\ni1,3,c\n"
+
+
+@pytest.mark.parametrize(("items", "message"), [
+    ("item,price,category\ni1,1e400,c\n", "has a non-finite value '1e400' in row 0"),
+    ("item,price,category\ni1,3,c\ni2,NaN,c\n", "has a non-numeric value 'NaN' in row 1"),
+    (pa.table({"item": ["i1", "i2"], "price": [1.0, float("inf")], "category": ["c", "c"]}),
+     "has a non-finite value inf in row 1"),
+    (pa.table({"item": ["i1"], "price": [float("nan")], "category": ["c"]}),
+     "has a non-finite value nan in row 0"),
+], ids=["csv 1e400", "csv NaN", "parquet inf", "parquet nan"])
+def test_generic_non_finite_price(tmp_path: Path, items: pa.Table | str, message: str) -> None:
+    suffix = ".csv" if isinstance(items, str) else ".parquet"
+    with pytest.raises(MorecError, match=rf"items{suffix}: column 'price' {message}$"):
+        _generic(tmp_path, INTER_CSV, items)
+
+
+def test_generic_decimal_prices(tmp_path: Path) -> None:
+    items = pa.table({"item": ["i1"], "price": pa.array([decimal.Decimal("2.50")],
+                                                        pa.decimal128(5, 2)),
+                      "category": ["c"]})
+    assert _generic(tmp_path, INTER_CSV, items).items["price"].to_pylist() == [2.5]
+
+
+def test_generic_only_empty_cells_are_missing(tmp_path: Path) -> None:
+    """pyarrow's null markers ("NA", "null", "#N/A"...) are values; only empty cells are
+    missing, quoted or not."""
+    inter = 'user,item,timestamp\nNA,null,100\n"",i1,200\n'
+    with pytest.raises(MorecError, match=r"inter\.csv: column 'user' is empty in row 1$"):
+        _generic(tmp_path, inter, ITEMS_CSV)
+    raw = _generic(tmp_path, "user,item,timestamp\nNA,null,100\n",
+                   'item,price,category\nnull,"",NA\ni2,,#N/A\n')
+    assert raw.interactions.select(["user", "item"]).to_pylist() == [{"user": "NA", "item": "null"}]
+    assert raw.items.to_pylist() == [{"item": "null", "price": None, "category": "NA"},
+                                     {"item": "i2", "price": None, "category": "#N/A"}]
+
+
+@pytest.mark.parametrize(("column", "values", "message"), [
+    ("user", [1.0, float("nan")], "column 'user' is NaN in row 1"),
+    ("user", pa.array([None, "u"], pa.string()), "column 'user' is empty in row 0"),
+    ("item", [" ", "i1"], "column 'item' is empty in row 0"),
+    ("user", [[1], [2]], "column 'user' has type list<element: int64>, expected text or "
+                         "integers"),
+    ("user", pa.array([b"u", b"\xff"]), "column 'user' is not UTF-8 text in row 1"),
+])
+def test_generic_bad_parquet_ids(tmp_path: Path, column: str, values: Any, message: str) -> None:
+    inter = {"user": ["u1", "u2"], "item": ["i1", "i1"], "timestamp": [100, 200]}
+    inter[column] = values
+    with pytest.raises(MorecError, match=rf"inter\.parquet: {re.escape(message)}$"):
+        _generic(tmp_path, pa.table(inter), ITEMS_CSV)
+
+
+def test_generic_ids_of_other_types(tmp_path: Path) -> None:
+    inter = pa.table({"user": pa.array([b"u1", b"u2"]),
+                      "item": pa.array(["i1", "i1"]).dictionary_encode(),
+                      "timestamp": [100, 200]})
+    items = pa.table({"item": pa.array(["i1"], pa.large_string()), "price": [1.0],
+                      "category": pa.array([7]).dictionary_encode()})
+    raw = _generic(tmp_path, inter, items)
+    assert raw.interactions["user"].to_pylist() == ["u1", "u2"]
+    assert raw.items.to_pylist() == [{"item": "i1", "price": 1.0, "category": "7"}]
+
+
+def test_generic_category_of_an_unsupported_type(tmp_path: Path) -> None:
+    items = pa.table({"item": ["i1"], "price": [1.0], "category": [["a", "b"]]})
+    with pytest.raises(MorecError, match=r"items\.parquet: column 'category' has type "
+                                         r"list<element: string>, expected text or integers$"):
+        _generic(tmp_path, INTER_CSV, items)
+
+
+@pytest.mark.parametrize("kind", ["large_string", "dictionary"])
+def test_generic_iso_times_of_other_string_types(tmp_path: Path, kind: str) -> None:
+    times = pa.array(["1970-01-01T00:01:40", "1970-01-01T00:03:20"], pa.large_string())
+    if kind == "dictionary":
+        times = pa.array(times.to_pylist()).dictionary_encode()
+    inter = pa.table({"user": ["u1", "u2"], "item": ["i1", "i1"], "timestamp": times})
+    assert _generic(tmp_path, inter, ITEMS_CSV).interactions["timestamp"].to_pylist() \
+        == [100, 200]
+
+
+@pytest.mark.parametrize(("data", "suffix"), [
+    ("user,item,timestamp\n".encode("latin-1") + "\xe9,i1,100\n".encode("latin-1"), ".csv"),
+    ("us\xe9r,item,timestamp\nu1,i1,100\n".encode("latin-1"), ".csv"),
+    (INTER_CSV.encode("utf-16"), ".csv"),  # its NUL bytes are valid UTF-8
+    (INTER_CSV.encode("utf-16-le"), ".csv"),  # without a byte-order mark
+    (gzip.compress(INTER_CSV.encode()), ".csv"),  # compressed, without its suffix
+    (lzma.compress(INTER_CSV.encode()), ".csv.xz"),  # a compression not supported
+], ids=["latin-1 cell", "latin-1 header", "utf-16", "utf-16-le", "gzip as .csv", "xz"])
+def test_generic_not_utf8(tmp_path: Path, data: bytes, suffix: str) -> None:
+    path = tmp_path / f"inter{suffix}"
+    path.write_bytes(data)
+    (tmp_path / "items.csv").write_text(ITEMS_CSV)
+    message = (r"not UTF-8 text \(convert it to UTF-8; a compressed file must be named "
+               r"\.gz, \.bz2, \.zst or \.zip\)")
+    if data.startswith(b"user,"):  # the header is fine: the cell is named
+        message = "column 'user' is not UTF-8 text in row 0"
+    with pytest.raises(MorecError, match=rf"inter{re.escape(suffix)}: {message}$"):
+        generic.read(path, tmp_path / "items.csv", SourceConfig())
+
+
+def test_generic_dictionary_that_is_not_utf8(tmp_path: Path) -> None:
+    """The row is that of the first bad value (a dictionary validates as a whole)."""
+    text = pc.cast(pa.array([b"u1", b"\xff"]), pa.string(), safe=False)
+    users = pa.DictionaryArray.from_arrays(pa.array([0, 0, 1], pa.int32()), text)
+    inter = pa.table({"user": users, "item": ["i1"] * 3, "timestamp": [1, 2, 3]})
+    with pytest.raises(MorecError, match=r"inter\.parquet: column 'user' is not UTF-8 text "
+                                         r"in row 2$"):
+        _generic(tmp_path, inter, ITEMS_CSV)

@@ -6,6 +6,7 @@ import ast
 import gzip
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -197,7 +198,74 @@ def test_truncated_gzip(tmp_path: Path, reviews: Path) -> None:
         _read(reviews, meta)
 
 
-def test_negative_price(tmp_path: Path, reviews: Path) -> None:
-    meta = _write(tmp_path / "meta.json", ["{'asin': '0001', 'price': -2.0}"])
-    with pytest.raises(MorecError, match=r"meta\.json: column 'price' has a negative value"):
+@pytest.mark.parametrize(("record", "shown"), [
+    ("{'asin': '0002', 'price': -2.0}", "-2.0"),  # 2014
+    ('{"asin": "0002", "price": "-$5.00", "category": []}', "'-$5.00'"),  # 2018: not unparsed
+    ('{"asin": "0002", "price": "$-5.00", "category": []}', "'$-5.00'"),
+])
+def test_negative_price(tmp_path: Path, reviews: Path, record: str, shown: str) -> None:
+    first = ("{'asin': '0001', 'price': 2.0}" if record.startswith("{'")
+             else '{"asin": "0001", "price": "$2.00", "category": []}')
+    meta = _write(tmp_path / "meta.json", [first, record])
+    with pytest.raises(MorecError, match=rf"meta\.json: record 2 \(asin '0002'\) has a "
+                                         rf"negative price {re.escape(shown)}$"):
+        _read(reviews, meta)
+
+
+def test_infinite_price(tmp_path: Path, reviews: Path) -> None:
+    meta = _write(tmp_path / "meta.json",
+                  [json.dumps({"asin": "0001", "price": "$" + "9" * 400, "category": []})])
+    with pytest.raises(MorecError, match=r"meta\.json: record 1 \(asin '0001'\) has a "
+                                         r"non-finite price '\$999"):
+        _read(reviews, meta)
+
+
+def test_nan_rating(tmp_path: Path) -> None:
+    lines = _json_lines(REVIEWS)
+    lines[1] = lines[1].replace('"overall": 2', '"overall": NaN')
+    path = _write(tmp_path / "reviews.json", lines)
+    with pytest.raises(MorecError, match=r"reviews\.json: column 'overall' has a non-finite "
+                                         r"value nan in row 1$"):
+        _read(path, _write(tmp_path / "meta.json", META_2014))
+
+
+@pytest.mark.parametrize("key", ["reviewerID", "asin"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_review_ids(tmp_path: Path, key: str, value: str) -> None:
+    records = [dict(r) for r in REVIEWS]
+    records[2][key] = value
+    path = _write(tmp_path / "reviews.json", _json_lines(records))
+    with pytest.raises(MorecError, match=rf"reviews\.json: record 3 has an empty '{key}'$"):
+        _read(path, _write(tmp_path / "meta.json", META_2014))
+
+
+def test_empty_meta_asin(tmp_path: Path, reviews: Path) -> None:
+    meta = _write(tmp_path / "meta.json", [*_json_lines(META_2018[:2]), '{"asin": ""}'])
+    with pytest.raises(MorecError, match=r"meta\.json: record 3 has an empty 'asin'$"):
+        _read(reviews, meta)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_json_that_is_not_utf8(tmp_path: Path, suffix: str) -> None:
+    """pyarrow.json does not check UTF-8: the reader does, naming the record."""
+    lines = [line.encode() for line in _json_lines(REVIEWS)]
+    lines[1] = lines[1].replace(b'"0002"', b'"0\xe9"')
+    data = b"\n".join(lines) + b"\n"
+    path = tmp_path / f"reviews{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    with pytest.raises(MorecError,
+                       match=rf"reviews{re.escape(suffix)}: record 2: 'asin' is not UTF-8 text$"):
+        _read(path, _write(tmp_path / "meta.json", META_2014))
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(json.dumps(META_2018[0]).encode() + b"\n"
+                     + b'{"asin": "0002", "price": "", "category": ["B\xe9", "x"]}\n')
+    with pytest.raises(MorecError, match=r"meta\.json: record 2: 'category' is not UTF-8 text$"):
+        _read(_write(tmp_path / "ok.json", _json_lines(REVIEWS)), meta)
+
+
+def test_literal_that_is_not_utf8(tmp_path: Path, reviews: Path) -> None:
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(META_2014[0].encode() + b"\n{'asin': '0\xe9', 'price': 1.0}\n")
+    with pytest.raises(MorecError, match=r"meta\.json: line 2 is not UTF-8 text \(a compressed "
+                                         r"file must be named \.gz\)$"):
         _read(reviews, meta)

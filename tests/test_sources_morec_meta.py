@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -121,3 +122,16 @@ def test_missing_files(tmp_path: Path, interactions: Path) -> None:
         morec_meta.read(interactions, tmp_path / "item_meta_morec.csv", CONFIG)
     with pytest.raises(MorecError, match=r"nothere\.csv: no such file"):
         morec_meta.read(tmp_path / "nothere.csv", _write(tmp_path / "meta.csv", META), CONFIG)
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ("4,1e400,2,3", "column 'weight' has a non-finite value '1e400' in row 4"),
+    ("4,1,1e30,3", "column 'fair_group' has a value 1e30 in row 4 outside the 64-bit "
+                   "integer range"),
+    ("4,1,2,-1e19", "column 'align_group' has a value -1e19 in row 4 outside the 64-bit "
+                    "integer range"),
+])
+def test_values_out_of_range(tmp_path: Path, interactions: Path, row: str, message: str) -> None:
+    meta = _write(tmp_path / "meta.csv", META + row + "\n")
+    with pytest.raises(MorecError, match=rf"meta\.csv: {re.escape(message)}$"):
+        morec_meta.read(interactions, meta, CONFIG)

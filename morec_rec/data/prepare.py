@@ -81,7 +81,7 @@ def prepare(raw: RawData, out: Path, config: PrepareConfig) -> dict[str, Any]:
         )
     split = _leave_one_out(user_id, len(user_ids))
     price, category = _item_attributes(item_ids, raw.items, config.missing, counts,
-                                       _source_file(raw.source, catalogue=True))
+                                       _source_file(raw.source, catalogue=True), where)
 
     train_count = np.bincount(item_id[split == 0], minlength=len(item_ids))
     popularity = popularity_groups(train_count, config.popularity_groups, config.popularity_rule)
@@ -162,9 +162,12 @@ def _staging(out: Path) -> Iterator[Path]:
 
 
 def check_output(out: Path) -> None:
-    """Raises :class:`MorecError` unless ``out`` is absent or an empty directory, and can
-    be written (staged beside it: see :func:`check_writable`)."""
+    """Raises :class:`MorecError` unless ``out`` is absent or an empty directory, not a
+    symbolic link (which the final rename would replace or fail on), and can be written
+    (staged beside it: see :func:`check_writable`)."""
     out = Path(out)
+    if out.is_symlink():
+        raise MorecError(f"{out}: output is a symbolic link (give a directory path instead)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MorecError(f"{out}: output exists and is not an empty directory")
     check_writable(out, staged=True)
@@ -293,7 +296,8 @@ def _compact(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _item_attributes(
-    item_ids: pa.Array, catalogue: pa.Table, missing: str, counts: dict[str, Any], where: str
+    item_ids: pa.Array, catalogue: pa.Table, missing: str, counts: dict[str, Any], where: str,
+    interactions: str,
 ) -> tuple[np.ndarray, pa.Array]:
     """Price (float64) and category (string) of each item, indexed by item id.
 
@@ -301,9 +305,16 @@ def _item_attributes(
     missing that field:
     with ``missing="impute"`` its category becomes "unknown" and its price the median
     price of its category's items (of all items if its category has no price). Errors
-    name ``where`` (the catalogue's file).
+    name ``where`` (the catalogue's file); a catalogue holding none of the items is one,
+    naming ``interactions`` (their file) too.
     """
     row = pc.index_in(item_ids, value_set=catalogue["item"])  # the first row wins
+    if row.null_count == len(row):
+        raise MorecError(
+            f"{where}: item catalogue: none of the {len(row):,} items of the interactions is "
+            f"in it (e.g. {item_ids[0].as_py()!r} in {interactions}; the catalogue has e.g. "
+            f"{catalogue['item'][0].as_py()!r})"
+        )
     price = pc.take(catalogue["price"].combine_chunks(), row)
     category = pc.take(catalogue["category"].combine_chunks(), row)
     category = pc.if_else(pc.equal(pc.utf8_trim_whitespace(category), ""), None, category)

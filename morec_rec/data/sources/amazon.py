@@ -50,6 +50,9 @@ _PRICE = (
     r"(?:\s*-\s*\$?\s*(?:\d[\d,]*(?:\.\d*)?|\.\d+))?\s*$"
 )
 
+#: A negative amount such as "-$5.00", "$-5.00" or "-5".
+_NEGATIVE_PRICE = r"^\s*(?:-\s*\$?|\$\s*-)\s*(?:\d|\.\d)"
+
 #: Lines converted per ``pyarrow.json`` call when a file is not strict JSON.
 _LINES_PER_BATCH = 100_000
 
@@ -115,7 +118,7 @@ def _read_reviews(path: Path) -> pa.Table:
             "user": table["reviewerID"],
             "item": table["asin"],
             "timestamp": tables.to_seconds(table, "unixReviewTime", path),
-            "rating": table["overall"],
+            "rating": tables.to_float(table, "overall", path),  # NaN is an error
         }
     )
 
@@ -126,15 +129,19 @@ def _read_meta(path: Path) -> tuple[pa.Table, dict[str, Any]]:
     layout = _META_2018 if "category" in first else _META_2014
     records = _read_records(path, layout.schema, strict)
     _require_keys(records.select(["asin"]), path)
-    table, duplicates = tables.first_per_key(records, "asin")
-    price, unparsed = _parse_prices(table["price"])
-    tables.require_non_negative(price, "price", path)
-    items = pa.table({"item": table["asin"], "price": price, "category": layout.category(table)})
+    price, unparsed = _parse_prices(records["price"])
+    _require_prices(records, price, path)
+    table, duplicates = tables.first_per_key(
+        records.append_column("amount", price).append_column("unparsed", unparsed), "asin"
+    )
+    items = pa.table(
+        {"item": table["asin"], "price": table["amount"], "category": layout.category(table)}
+    )
     facts = {
         "meta_release": layout.release,
         "meta_records_read": records.num_rows,
         "catalogue_duplicates_dropped": duplicates,
-        "price_unparsed": unparsed,
+        "price_unparsed": pc.sum(table["unparsed"]).as_py() or 0,
     }
     return items, facts
 
@@ -157,12 +164,22 @@ def _read_records(path: Path, schema: pa.Schema, strict: bool) -> pa.Table:
 
 
 def _parse_json(source: pa.NativeFile | io.BytesIO, path: Path, schema: pa.Schema) -> pa.Table:
+    """Reads JSON lines with ``schema``; a string that is not UTF-8 is an error.
+
+    Records are numbered from 1 within ``source``: the whole file where it is strict JSON
+    (the re-encoded batches of :func:`_as_json` are valid UTF-8 by construction).
+    """
     options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     try:
-        return pa_json.read_json(source, parse_options=options)
+        table = pa_json.read_json(source, parse_options=options)
     except (pa.ArrowInvalid, OSError) as e:
         # pyarrow's row numbers count within a block, so no line number can be given.
         raise MorecError(f"{path}: malformed JSON lines ({tables.first_line(e)})") from None
+    for key in table.column_names:  # pyarrow.json does not check UTF-8
+        row = tables.first_invalid_utf8(table[key])
+        if row is not None:
+            raise MorecError(f"{path}: record {row + 1}: '{key}' is not UTF-8 text")
+    return table
 
 
 def _as_json(path: Path, schema: pa.Schema) -> Iterator[bytes]:
@@ -205,7 +222,13 @@ def _parse_line(line: bytes, path: Path, number: int) -> tuple[dict[str, Any], b
         record, strict = json.loads(line), True
     except ValueError:
         try:
-            record, strict = ast.literal_eval(line.decode("utf-8")), False
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MorecError(
+                f"{path}: line {number} is not UTF-8 text (a compressed file must be named .gz)"
+            ) from None
+        try:
+            record, strict = ast.literal_eval(text), False
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise MorecError(
                 f"{path}: line {number} is neither JSON nor a Python literal"
@@ -216,29 +239,49 @@ def _parse_line(line: bytes, path: Path, number: int) -> tuple[dict[str, Any], b
 
 
 def _require_keys(table: pa.Table, path: Path) -> None:
-    """Every record must have every key of ``table`` (an absent key reads as null).
+    """Every record must have every key of ``table`` (an absent key reads as null), and no
+    empty or blank string there.
 
     Records are numbered from 1, blank lines not counted.
     """
     for key in table.column_names:
-        missing = pc.is_null(table[key])
+        values = table[key]
+        missing = pc.is_null(values)
+        if pa.types.is_string(values.type):
+            missing = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""), True)
         if pc.any(missing).as_py():
-            record = pc.index(missing, True).as_py() + 1
-            raise MorecError(f"{path}: record {record} has no '{key}'")
+            row = pc.index(missing, True).as_py()
+            what = "no" if values[row].as_py() is None else "an empty"
+            raise MorecError(f"{path}: record {row + 1} has {what} '{key}'")
 
 
-def _parse_prices(prices: pa.ChunkedArray) -> tuple[pa.ChunkedArray, int]:
-    """Prices as float64 and the number of non-empty values that are not an amount.
+def _parse_prices(prices: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """Prices as float64, and whether each is a non-empty value that is not an amount.
 
     Numbers (2014) are kept. Strings (2018) must match :data:`_PRICE`; a range becomes its
     lower bound; an empty string is a missing price, anything else unparsed.
     """
     if not pa.types.is_string(prices.type):
-        return pc.cast(prices, pa.float64()), 0
+        return pc.cast(prices, pa.float64()), pa.chunked_array([pa.repeat(False, len(prices))])
     low = pc.struct_field(pc.extract_regex(prices, _PRICE), "low")  # null: no match
     parsed = pc.cast(pc.replace_substring(low, ",", ""), pa.float64())
     given = pc.not_equal(pc.utf8_trim_whitespace(prices), "")
-    return parsed, pc.sum(pc.and_(given, pc.is_null(parsed))).as_py() or 0
+    return parsed, pc.fill_null(pc.and_(given, pc.is_null(parsed)), False)
+
+
+def _require_prices(records: pa.Table, price: pa.ChunkedArray, path: Path) -> None:
+    """Raises :class:`MorecError` naming the first record whose price is negative (e.g. a
+    2018 "-$5.00", which :data:`_PRICE` would leave unparsed) or not finite."""
+    given = records["price"]
+    negative = (pc.match_substring_regex(given, _NEGATIVE_PRICE)
+                if pa.types.is_string(given.type) else pc.less(price, 0))
+    for bad, what in ((negative, "negative"), (pc.invert(pc.is_finite(price)), "non-finite")):
+        if pc.any(bad).as_py():
+            row = pc.index(bad, True).as_py()
+            raise MorecError(
+                f"{path}: record {row + 1} (asin {records['asin'][row].as_py()!r}) has a "
+                f"{what} price {given[row].as_py()!r}"
+            )
 
 
 def _element(lists: pa.ChunkedArray, index: int) -> pa.ChunkedArray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from morec_rec.config import SourceConfig
 from morec_rec.data.raw import RawData
@@ -27,9 +26,7 @@ def read(input: Path, meta: Path | None, config: SourceConfig) -> RawData:
     )
     price = tables.to_float(table, config.price_column, meta)
     tables.require_non_negative(price, config.price_column, meta)
-    category = table[config.category_column]
-    if not pa.types.is_string(category.type):
-        category = pc.cast(category, pa.string())
+    category = tables.to_strings(table, config.category_column, meta)
     items, duplicates = tables.first_per_key(
         pa.table({
             "item": tables.to_string_ids(table, config.item_column, meta),

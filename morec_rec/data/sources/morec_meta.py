@@ -71,8 +71,16 @@ def _read_items(path: Path) -> pa.Table:
 
 
 def _to_integers(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
-    """A column of whole numbers as int64, nulls kept; a fractional value is an error."""
+    """A column of whole numbers as int64, nulls kept; a fractional value, or one outside
+    the int64 range, is an error."""
     values = tables.to_float(table, column, path)
+    outside = pc.or_(pc.less(values, -(2.0**63)), pc.greater_equal(values, 2.0**63))
+    if pc.any(outside).as_py():
+        row = pc.index(outside, True).as_py()
+        raise MorecError(
+            f"{path}: column '{column}' has a value {table[column][row].as_py()} in row {row} "
+            "outside the 64-bit integer range"
+        )
     fractional = pc.not_equal(pc.floor(values), values)
     if pc.any(fractional).as_py():
         row = pc.index(fractional, True).as_py()

@@ -6,6 +6,7 @@ column presence and type checks, and fingerprints of the files that were read.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import zipfile
@@ -21,6 +22,9 @@ import pyarrow.parquet as pq
 from morec_rec.errors import MorecError
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+
+#: The compressions that a CSV file's suffix selects (see :func:`_open_text`).
+_COMPRESSIONS = ".gz, .bz2, .zst or .zip"
 
 
 def require_file(path: Path) -> Path:
@@ -58,7 +62,7 @@ def read_table(path: Path, columns: Iterable[str], delimiter: str = ",") -> pa.T
 
 
 def _read_table(path: Path, columns: list[str], delimiter: str) -> pa.Table:
-    """:func:`read_table`'s reading, empty or not."""
+    """:func:`read_table`'s reading, empty or not; every string column is valid UTF-8."""
     if path.suffix in (".parquet", ".pq"):
         try:
             schema = pq.read_schema(path)
@@ -66,10 +70,13 @@ def _read_table(path: Path, columns: list[str], delimiter: str) -> pa.Table:
             raise MorecError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
         _require_columns(path, columns, schema.names)
         try:
-            return pq.read_table(path, columns=columns)
+            table = pq.read_table(path, columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise MorecError(f"{path}: corrupt Parquet data ({first_line(e)})") from None
+        _require_utf8(table, path)
+        return table
     try:
+        _require_utf8_header(path)
         with _open_text(path) as stream:
             header = pa_csv.open_csv(
                 stream, parse_options=pa_csv.ParseOptions(delimiter=delimiter)
@@ -79,17 +86,83 @@ def _read_table(path: Path, columns: list[str], delimiter: str) -> pa.Table:
     _require_columns(path, columns, header)
     try:
         with _open_text(path) as stream:
-            return pa_csv.read_csv(
+            table = pa_csv.read_csv(
                 stream,
                 parse_options=pa_csv.ParseOptions(delimiter=delimiter),
                 convert_options=pa_csv.ConvertOptions(
                     include_columns=columns,
                     column_types={c: pa.string() for c in columns},
+                    # Only an empty cell, quoted or not, is missing (not "NA", "null"...).
+                    null_values=[""],
                     strings_can_be_null=True,
+                    check_utf8=False,  # checked below, to name the column and the row
                 ),
             )
     except (pa.ArrowInvalid, OSError) as e:
         raise MorecError(f"{path}: malformed CSV ({first_line(e)})") from None
+    _require_utf8(table, path)
+    return table
+
+
+def _require_utf8_header(path: Path) -> None:
+    """Raises :class:`MorecError` unless the first line of a CSV file is UTF-8 text.
+
+    Catches what would otherwise fail obscurely: another encoding (Latin-1; UTF-16, whose
+    NUL bytes are valid UTF-8), or compressed data without its suffix.
+    """
+    with _open_text(path) as stream:
+        line = stream.read(1 << 16).split(b"\n", 1)[0]
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(line)  # a cut last character is fine
+        text = b"\0" not in line
+    except UnicodeDecodeError:
+        text = False
+    if not text:
+        raise MorecError(
+            f"{path}: not UTF-8 text (convert it to UTF-8; a compressed file must be named "
+            f"{_COMPRESSIONS})"
+        )
+
+
+def _require_utf8(table: pa.Table, path: Path) -> None:
+    """Raises :class:`MorecError` naming the first column and row that is not UTF-8 text."""
+    for column in table.column_names:
+        row = first_invalid_utf8(table[column])
+        if row is not None:
+            raise MorecError(f"{path}: column '{column}' is not UTF-8 text in row {row}")
+
+
+def first_invalid_utf8(values: pa.ChunkedArray) -> int | None:
+    """The index of the first value holding a string that is not valid UTF-8, or None.
+
+    For readers that do not check it (``pyarrow.json``, Parquet, CSV with ``check_utf8``
+    off): a full validation, then a bisection (about twice the column's work) to the row.
+    A list's row is that of its first bad element, a dictionary's that of its first bad
+    value (validating a slice of either validates all its elements or dictionary).
+    """
+    if _is_valid(values):
+        return None
+    if pa.types.is_dictionary(values.type):
+        return first_invalid_utf8(pc.cast(values, values.type.value_type))
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        element = first_invalid_utf8(pc.list_flatten(values))
+        return None if element is None else pc.list_parent_indices(values)[element].as_py()
+    low, high = 0, len(values)  # the first bad row lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _is_valid(values.slice(low, middle - low)):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _is_valid(values: pa.ChunkedArray) -> bool:
+    try:
+        values.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -107,20 +180,50 @@ def _open_text(path: Path) -> Iterator[Any]:
             yield stream
 
 
+def to_strings(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
+    """A column of text or numbers as strings, nulls kept.
+
+    Accepts strings, integers, floats (NaN is an error), UTF-8 binary and dictionaries of
+    these; any other type (e.g. a list) is an error naming the column.
+    """
+    values = _decoded(table[column])
+    kind = values.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        values = pc.cast(values, pa.string(), safe=False)  # not checked by the cast...
+        row = first_invalid_utf8(values)  # ...but here, to name the row
+        if row is not None:
+            raise MorecError(f"{path}: column '{column}' is not UTF-8 text in row {row}")
+    elif pa.types.is_floating(kind):
+        nan = pc.is_nan(values)
+        if pc.any(nan).as_py():
+            raise MorecError(f"{path}: column '{column}' is NaN in row {_first_index(nan)}")
+    elif not (pa.types.is_string(kind) or pa.types.is_integer(kind)):
+        raise MorecError(f"{path}: column '{column}' has type {kind}, expected text or integers")
+    return values if values.type == pa.string() else pc.cast(values, pa.string())
+
+
 def to_string_ids(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
-    """The identifier column as strings; a null identifier is an error."""
-    values = table[column]
-    if values.null_count:
-        row = _first_index(pc.is_null(values))
-        raise MorecError(f"{path}: column '{column}' is empty in row {row}")
-    if not pa.types.is_string(values.type):
-        values = pc.cast(values, pa.string())
+    """The identifier column as strings (see :func:`to_strings`); a null, empty or blank
+    identifier is an error."""
+    values = to_strings(table, column, path)
+    blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""), True)
+    if pc.any(blank).as_py():
+        raise MorecError(f"{path}: column '{column}' is empty in row {_first_index(blank)}")
     return values
 
 
 def to_float(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
-    """A numeric column as float64, nulls kept; a non-numeric value is an error."""
-    values = table[column]
+    """A numeric column as float64, nulls kept (an empty or blank string is null).
+
+    Accepts numbers (decimals too), strings of numbers and dictionaries of these. A
+    non-numeric value, NaN or an infinity (also one that overflows, such as "1e400") is an
+    error naming the column, the row and the value.
+    """
+    return _floats(_decoded(table[column]), column, path)
+
+
+def _floats(values: pa.ChunkedArray, column: str, path: Path) -> pa.ChunkedArray:
+    """:func:`to_float` of a column that is not a dictionary."""
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
         values = pc.if_else(pc.equal(pc.utf8_trim_whitespace(values), ""), None, values)
         bad = pc.invert(pc.match_substring_regex(values, _NUMBER))
@@ -130,25 +233,47 @@ def to_float(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
                 f"{path}: column '{column}' has a non-numeric value {values[row].as_py()!r} "
                 f"in row {row}"
             )
-        values = pc.cast(pc.utf8_trim_whitespace(values), pa.float64())
-    elif pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
-        values = pc.cast(values, pa.float64())
+        number = pc.cast(pc.utf8_trim_whitespace(values), pa.float64())
+    elif (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
+          or pa.types.is_decimal(values.type)):
+        number = pc.cast(values, pa.float64())
     else:
         raise MorecError(f"{path}: column '{column}' has type {values.type}, expected numbers")
-    if pc.any(pc.is_nan(values)).as_py():
-        row = _first_index(pc.is_nan(values))
-        raise MorecError(f"{path}: column '{column}' is NaN in row {row}")
+    non_finite = pc.invert(pc.is_finite(number))  # NaN too; null stays null
+    if pc.any(non_finite).as_py():
+        row = _first_index(non_finite)
+        raise MorecError(
+            f"{path}: column '{column}' has a non-finite value {values[row].as_py()!r} "
+            f"in row {row}"
+        )
+    return number
+
+
+def _decoded(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A dictionary column as its values; a large string column as strings; others as is."""
+    if pa.types.is_dictionary(values.type):
+        values = pc.cast(values, values.type.value_type)
+    if pa.types.is_large_string(values.type):
+        values = pc.cast(values, pa.string())
     return values
+
+
+def require_values(values: pa.ChunkedArray, column: str, path: Path) -> None:
+    """Raises :class:`MorecError` naming the first null (empty) value of ``column``."""
+    if values.null_count:
+        row = _first_index(pc.is_null(values))
+        raise MorecError(f"{path}: column '{column}' is empty in row {row}")
 
 
 def to_seconds(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
     """A time column as int64 seconds since the epoch.
 
     Accepts numbers (already seconds), Arrow timestamps or dates, and ISO-8601 strings
-    (without a zone: UTC), not a mixture of numbers and strings. A missing or negative time,
-    or one after :data:`MAX_SECONDS` (9999-12-31), is an error naming the value.
+    (without a zone: UTC; also large or dictionary-encoded), not a mixture of numbers and
+    strings. A missing or negative time, or one after :data:`MAX_SECONDS` (9999-12-31), is
+    an error naming the value.
     """
-    values = table[column]
+    values = _decoded(table[column])
     kind = values.type
     if pa.types.is_timestamp(kind) or pa.types.is_date(kind):  # fractions of a second go
         seconds = pc.cast(pc.cast(values, pa.timestamp("s"), safe=False), pa.int64())
@@ -157,12 +282,10 @@ def to_seconds(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
     ).as_py():
         seconds = _parse_times(values, column, path)
     else:
-        number = to_float(table, column, path)
+        number = _floats(values, column, path)
         _require_time_range(number, values, column, path)  # before int64 could overflow
         seconds = pc.cast(pc.floor(number), pa.int64())
-    if seconds.null_count:
-        row = _first_index(pc.is_null(seconds))
-        raise MorecError(f"{path}: column '{column}' is empty in row {row}")
+    require_values(seconds, column, path)
     _require_time_range(seconds, values, column, path)
     return seconds
 

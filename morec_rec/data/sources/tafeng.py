@@ -32,6 +32,8 @@ def read(input: Path, meta: Path | None, config: SourceConfig) -> RawData:
     day = _days(table, input)
     amount = tables.to_float(table, AMOUNT, input)
     sales = tables.to_float(table, SALES, input)
+    tables.require_values(amount, AMOUNT, input)  # a unit price needs both
+    tables.require_values(sales, SALES, input)
     tables.require_non_negative(sales, SALES, input)
     if not pc.all(pc.greater(amount, 0)).as_py():
         row = pc.index(pc.less_equal(amount, 0), True).as_py()
