@@ -304,18 +304,12 @@ def row_groups(objective: Objective, rows: Mapping[str, np.ndarray],
     """``objective.groups(rows)`` of ``num_rows`` rows, checked: integers of shape
     (num_rows,) in ``[0, num_groups)``, or None. MorecError naming the objective
     otherwise."""
-    groups = objective.groups(rows)
-    if groups is None:
-        return None
-    groups = np.asarray(groups)
-    if groups.shape != (num_rows,) or groups.dtype.kind not in "iu":
-        raise MorecError(f"objective {objective.name!r}: groups() gave {groups.dtype} of shape "
-                         f"{groups.shape} for {num_rows} rows, expected integers of shape "
-                         f"({num_rows},)")
-    outside = (groups < 0) | (groups >= objective.num_groups)
-    if outside.any():
-        raise MorecError(f"objective {objective.name!r}: groups() gave group "
-                         f"{groups[outside][0]}, outside [0, {objective.num_groups})")
+    groups = _one_a_row(objective, "groups", rows, num_rows, "iu", "integers")
+    if groups is not None:
+        outside = (groups < 0) | (groups >= objective.num_groups)
+        if outside.any():
+            raise MorecError(f"objective {objective.name!r}: groups() gave group "
+                             f"{groups[outside][0]}, outside [0, {objective.num_groups})")
     return groups
 
 
@@ -323,20 +317,30 @@ def row_weights(objective: Objective, rows: Mapping[str, np.ndarray],
                 num_rows: int) -> np.ndarray | None:
     """``objective.weights(rows)`` of ``num_rows`` rows, checked: finite numbers >= 0 of
     shape (num_rows,), as float64, or None. MorecError naming the objective otherwise."""
-    weights = objective.weights(rows)
+    weights = _one_a_row(objective, "weights", rows, num_rows, "iuf", "numbers")
     if weights is None:
         return None
-    weights = np.asarray(weights)
-    if weights.shape != (num_rows,) or weights.dtype.kind not in "iuf":
-        raise MorecError(f"objective {objective.name!r}: weights() gave {weights.dtype} of "
-                         f"shape {weights.shape} for {num_rows} rows, expected numbers of "
-                         f"shape ({num_rows},)")
     weights = weights.astype(np.float64, copy=False)
     bad = ~(weights >= 0) | np.isinf(weights)  # NaN fails >= 0
     if bad.any():
         raise MorecError(f"objective {objective.name!r}: weights() gave weight "
                          f"{weights[bad][0]}, expected finite weights >= 0")
     return weights
+
+
+def _one_a_row(objective: Objective, method: str, rows: Mapping[str, np.ndarray],
+               num_rows: int, kinds: str, expected: str) -> np.ndarray | None:
+    """What ``objective.<method>(rows)`` gives, as an array of shape (num_rows,) whose
+    dtype is of one of numpy's ``kinds``, or None; MorecError naming it otherwise."""
+    values = getattr(objective, method)(rows)
+    if values is None:
+        return None
+    values = np.asarray(values)
+    if values.shape != (num_rows,) or values.dtype.kind not in kinds:
+        raise MorecError(f"objective {objective.name!r}: {method}() gave {values.dtype} of "
+                         f"shape {values.shape} for {num_rows} rows, expected {expected} of "
+                         f"shape ({num_rows},)")
+    return values
 
 
 BUILTINS: dict[str, type[Objective]] = {
