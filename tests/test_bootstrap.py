@@ -101,6 +101,21 @@ def test_an_undefined_imp_term_is_named() -> None:
         "imp_undefined"] == ["min_hit@10"]
 
 
+def test_an_imp_without_a_defined_term_has_no_interval() -> None:
+    # B's min-Hit is 0 in every resample (one group never hit): Imp over it alone is
+    # undefined, and so are its interval and share, in the table and as JSON null.
+    top_k, held_out, hit = _pair(300)
+    top_k[held_out % 2 == 1, 0] = (held_out[held_out % 2 == 1] + 3) % 6  # group 1 missed
+    rows = rows_of(top_k, held_out)
+    result = paired_bootstrap(rows, rows.copy(), Q, k=2, num_fairness_groups=2, resamples=50,
+                              imp_terms=("min_hit",))
+    assert result.imp is None and result.imp_interval is None and result.imp_positive is None
+    assert format_comparison("A", "B", "test", 300, result, as_json=False).splitlines()[-1] == (
+        "  Imp of A over B (B's min_hit@2 = 0) undefined")
+    record = json.loads(format_comparison("A", "B", "test", 300, result, as_json=True))
+    assert record["imp"] is None and record["imp_interval"] is None
+
+
 def test_one_user_more_is_within_noise() -> None:
     top_k, held_out, hit = _pair(2000)
     better = top_k.copy()

@@ -176,6 +176,17 @@ def test_a_job_is_not_a_run_to_evaluate(tmp_path: Path,
     assert f"a job, not a run: evaluate one of its runs ({tmp_path / 'morec'})" in _error(capsys)
 
 
+def test_comparison_flags_need_a_comparison(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--run", str(tmp_path), "--seed", "3", "--imp-over", "hit"]) == 2
+    assert "--seed, --imp-over: for a comparison of two runs (--against)" in _error(capsys)
+    with pytest.raises(SystemExit) as exited:
+        main(["evaluate", "--run", str(tmp_path), "--against", str(tmp_path),
+              "--resamples", "0"])
+    assert exited.value.code == 2
+    assert "argument --resamples: '0': expected an int >= 1" in _error(capsys)
+
+
 def test_unknown_config_key(files: tuple[Path, Path], tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "c.toml"

@@ -35,10 +35,11 @@ class PairedBootstrap:
             if none is).
         imp_undefined: the metrics of ``imp_terms`` that Imp leaves out, B's being 0 on
             the users as evaluated.
-        imp_interval: the percentile interval of that Imp over the resamples.
-        imp_positive: the share of resamples in which A's Imp over B is > 0. A term
-            undefined in a resample (B's metric 0 there) is left out of that resample's
-            Imp, as in :func:`~morec_rec.plugin.eval.metrics.improvement`.
+        imp_interval: the percentile interval of that Imp over the resamples (None if no
+            resample defines it).
+        imp_positive: the share of resamples in which A's Imp over B is > 0 (None as
+            above). A term undefined in a resample (B's metric 0 there) is left out of
+            that resample's Imp, as in :func:`~morec_rec.plugin.eval.metrics.improvement`.
         imp_terms: the metrics Imp is over (names of ``METRICS``).
         resamples, level, seed: as given.
     """
@@ -50,8 +51,8 @@ class PairedBootstrap:
     above: dict[str, float]
     imp: float | None
     imp_undefined: tuple[str, ...]
-    imp_interval: tuple[float, float]
-    imp_positive: float
+    imp_interval: tuple[float, float] | None
+    imp_positive: float | None
     imp_terms: tuple[str, ...]
     resamples: int
     level: float
@@ -97,12 +98,14 @@ def paired_bootstrap(rows_a: np.ndarray, rows_b: np.ndarray, q: np.ndarray, *, k
     bounds = np.percentile(differences, tails, axis=0)
     keys = list(a)
     gain = improvement(b, a, imp_terms)
+    defined = np.array(imps)[~np.isnan(imps)]
     return PairedBootstrap(
         a=a, b=b, difference={m: a[m] - b[m] for m in keys},
         interval={m: (float(bounds[0, i]), float(bounds[1, i])) for i, m in enumerate(keys)},
         above={m: float(np.mean(differences[:, i] > 0)) for i, m in enumerate(keys)},
         imp=gain.imp_defined, imp_undefined=gain.undefined,
-        imp_interval=tuple(float(x) for x in np.nanpercentile(imps, tails)),
-        imp_positive=float(np.nanmean(np.array(imps) > 0)),
+        imp_interval=(tuple(float(x) for x in np.percentile(defined, tails))
+                      if len(defined) else None),
+        imp_positive=float(np.mean(np.array(imps) > 0)) if len(defined) else None,
         imp_terms=tuple(imp_terms), resamples=resamples, level=level, seed=seed,
     )

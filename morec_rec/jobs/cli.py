@@ -128,10 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--against", type=Path,
                           help="a second run: compare --run with it on the same users, by a "
                                "paired bootstrap over the users (one process)")
-    evaluate.add_argument("--resamples", type=int, default=1000,
+    # None where not given: they are refused without --against, which defaults them.
+    evaluate.add_argument("--resamples", type=_positive,
                           help="paired resamples for --against (default: 1000)")
-    evaluate.add_argument("--seed", type=int, default=0, help="resampling seed for --against")
-    evaluate.add_argument("--imp-over", type=_imp_terms, default=METRICS, metavar="TERMS",
+    evaluate.add_argument("--seed", type=int, help="resampling seed for --against (default: 0)")
+    evaluate.add_argument("--imp-over", type=_imp_terms, metavar="TERMS",
                           help="the metrics Imp averages for --against, comma-separated "
                                f"(default: {','.join(METRICS)})")
     evaluate.set_defaults(command=_evaluate)
@@ -155,6 +156,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_job_arguments(demo, DEMO_SETTINGS)
     demo.set_defaults(command=_demo)
     return parser
+
+
+def _positive(text: str) -> int:
+    """``--resamples``: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an int >= 1")
+    return value
 
 
 def _imp_terms(text: str) -> tuple[str, ...]:
@@ -277,6 +289,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.against is not None:
         _compare(args)
         return
+    given = [flag for flag, value in (("--resamples", args.resamples), ("--seed", args.seed),
+                                      ("--imp-over", args.imp_over)) if value is not None]
+    if given:
+        raise MorecError(f"{', '.join(given)}: for a comparison of two runs (--against)")
     env = distributed.init()
     if args.run is not None:
         if args.model is not None:
@@ -318,8 +334,8 @@ def _compare(args: argparse.Namespace) -> None:
         rows = [evaluate_users(scorer, task, chunk_users=config.eval_chunk_users)
                 for scorer, _, config in scorers]
     result = paired_bootstrap(*rows, task.q, k=K, num_fairness_groups=task.num_fairness_groups,
-                              resamples=args.resamples, seed=args.seed,
-                              imp_terms=args.imp_over)
+                              resamples=args.resamples or 1000, seed=args.seed or 0,
+                              imp_terms=args.imp_over or METRICS)
     print(format_comparison(str(args.run), str(args.against), args.split, len(task), result,
                             args.json))
 
@@ -368,16 +384,19 @@ def format_comparison(a: str, b: str, split: str, users: int, result: PairedBoot
         lines.append(f"  {key:<12}{result.a[key]:>10.4f}{result.b[key]:>10.4f}"
                      f"{difference:>+10.4f}   {f'[{low:+.4f}, {high:+.4f}]':<20}"
                      f"  {100 * result.above[key]:5.1f}%")
-    imp = "undefined" if result.imp is None else f"{100 * result.imp:+.2f}%"
-    low, high = result.imp_interval
     terms = [term for term in result.imp_terms
              if not any(key.startswith(term + "@") for key in result.imp_undefined)]
-    notes = [] if set(terms) == set(METRICS) else [f"over {', '.join(terms)}"]
+    notes = [f"over {', '.join(terms)}"] if terms and set(terms) != set(METRICS) else []
     if result.imp_undefined:
         notes.append(f"B's {', '.join(result.imp_undefined)} = 0")
     over = f" ({'; '.join(notes)})" if notes else ""
-    lines.append(f"  Imp of A over B{over} {imp} [{100 * low:+.2f}%, {100 * high:+.2f}%]; "
-                 f"> 0 in {100 * result.imp_positive:.1f}% of the resamples")
+    if result.imp is None or result.imp_interval is None or result.imp_positive is None:
+        lines.append(f"  Imp of A over B{over} undefined")
+    else:
+        low, high = result.imp_interval
+        lines.append(f"  Imp of A over B{over} {100 * result.imp:+.2f}% "
+                     f"[{100 * low:+.2f}%, {100 * high:+.2f}%]; "
+                     f"> 0 in {100 * result.imp_positive:.1f}% of the resamples")
     return "\n".join(lines)
 
 
