@@ -4,6 +4,7 @@ that a kill at any point of a save leaves readable and resumable."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -19,10 +20,12 @@ import torch
 from conftest import run_cli
 from torch.distributed.checkpoint.api import CheckpointException
 
+from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.data.sources.tables import to_seconds
 from morec_rec.errors import MorecError
 from morec_rec.jobs import checkpoint, distributed
+from morec_rec.jobs.cli import _keep_job_settings
 from morec_rec.jobs.run import hold
 
 #: Small and fast training settings (the tiny profile has 3,220 training rows).
@@ -457,6 +460,14 @@ def test_a_resumed_run_keeps_its_settings_but_how_long_it_trains(run: Path,
     assert done.returncode == 0, done.stderr[-3000:]
     # Recorded, so that a later resume goes on to the second epoch too.
     assert json.loads((copied / "run.json").read_text())["config"]["max_epochs"] == 2
+    record = (copied / "run.json").read_bytes()
+    # A resume trains on; it neither undoes epochs nor reads another config file.
+    fails(run_cli("train", "--resume", "--out", str(copied), "--max-epochs", "1"), str(copied),
+          "2 epoch(s) trained already, more than --max-epochs 1")
+    (tmp_path / "job.toml").write_text("[train]\nlr = 0.5\n")
+    fails(run_cli("train", "--resume", "--out", str(copied), "--config",
+                  str(tmp_path / "job.toml")), "drop --data and --config")
+    assert (copied / "run.json").read_bytes() == record
 
 
 def test_a_resumed_job_keeps_its_settings_but_how_long_it_trains(tiny: Path, run: Path,
@@ -479,6 +490,34 @@ def test_a_resumed_job_keeps_its_settings_but_how_long_it_trains(tiny: Path, run
     assert done.returncode == 0, done.stderr[-3000:]
     for record in (out / "job.json", out / "morec" / "run.json"):
         assert json.loads(record.read_text())["morec"]["epochs"] == 2
+    job = (out / "job.json").read_bytes()
+    fails(run_cli("run", "--out", str(out), "--resume", "--epochs", "1"), str(out / "morec"),
+          "2 epoch(s) trained already, more than --epochs 1")
+    # MoRec continued the base's best checkpoint: a base whose best moved since (trained
+    # on) would make the results compare runs of two bases.
+    record = out / "morec" / "run.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "base_best_step": 1}))
+    fails(run_cli("run", "--out", str(out), "--resume"), str(out / "morec"),
+          "best checkpoint of step 1, which is now one of step", "start a new job")
+    assert (out / "job.json").read_bytes() == job
+
+
+def test_a_job_whose_morec_stage_started_keeps_its_bases_training(tiny: Path, run: Path,
+                                                                  tmp_path: Path) -> None:
+    # As a job that pretrained its base: --max-epochs and --patience would train it on
+    # and move the best checkpoint that MoRec continued.
+    out = tmp_path / "job"
+    (out / "morec").mkdir(parents=True)
+    (out / "morec" / "run.json").write_text("{}")
+    job = {"train": {**dataclasses.asdict(TrainConfig()), "patience": 2}, "base": None,
+           "sampler": dataclasses.asdict(SamplerConfig()), "morec": dataclasses.asdict(
+               MoRecConfig())}
+    for changed in ({"patience": 3}, {"max_epochs": 60, "patience": 2}):
+        with pytest.raises(MorecError, match="its MoRec stage continues the base's best "
+                                             "checkpoint, so --(max-epochs|patience)"):
+            _keep_job_settings(out, job, TrainConfig(**changed), SamplerConfig(), MoRecConfig())
+    assert not _keep_job_settings(out, job, TrainConfig(patience=2), SamplerConfig(),
+                                  MoRecConfig())
 
 
 # 13. Prepare: silently wrong values, and outputs that are links.

@@ -249,12 +249,14 @@ def _train(args: argparse.Namespace) -> None:
 
     resume = args.resume or _is_restart(args.out / RECORD, args.data)
     if resume:
-        if args.resume and args.data is not None:
-            raise MorecError("--resume continues the run's own data and config: drop --data")
+        if args.resume and (args.data is not None or args.config is not None):
+            raise MorecError("--resume continues the run's own data and settings: drop --data "
+                             "and --config")
         run = Run.open(args.out)
         record = run.record
         config = build(TrainConfig, record["config"], args)
         _keep_settings(args.out / RECORD, record["config"], config, _resumable(TrainConfig))
+        _keep_epochs(args.out, config.max_epochs, "--max-epochs")
         dataset = PreparedDataset.open(record["data"])
         env = distributed.init()
         _check_batch(dataset, config, env.world_size)
@@ -521,10 +523,38 @@ def _keep_job_settings(out: Path, job: dict[str, Any], train: TrainConfig,
     """:func:`_keep_settings` for each config of the job in ``out``, before it is resumed;
     whether any of them changes."""
     from morec_rec.jobs.job import JOB
+    from morec_rec.jobs.run import RECORD
 
     changed = [_keep_settings(out / JOB, job[name], config, _resumable(*JOB_CONFIGS))
                for name, config in (("train", train), ("sampler", sampler), ("morec", morec))]
+    if job["base"] is None:
+        _keep_epochs(out / "base", train.max_epochs, "--max-epochs")
+        if (out / "morec" / RECORD).is_file():
+            # Training the base on would change the best checkpoint MoRec continued.
+            moved = [f"--{name.replace('_', '-')}" for name in ("max_epochs", "patience")
+                     if getattr(train, name) != job["train"][name]]
+            if moved:
+                raise MorecError(f"{out}: its MoRec stage continues the base's best checkpoint, "
+                                 f"so {' and '.join(moved)}, which train the base on, can no "
+                                 "longer change: start a new job with them")
+    for stage in ("morec", "continued"):
+        _keep_epochs(out / stage, morec.epochs, "--epochs")
     return any(changed)
+
+
+def _keep_epochs(root: Path, epochs: int, flag: str) -> None:
+    """Raises :class:`MorecError` if the run at ``root`` (if any) has trained more than
+    ``epochs`` epochs: a resume may train a run on, not undo its training."""
+    from morec_rec.jobs import checkpoint
+    from morec_rec.jobs.run import RECORD, Run
+
+    last = Run(root).last
+    if not (root / RECORD).is_file() or checkpoint.resolve(last) is None:
+        return
+    done = checkpoint.read_meta(last)["progress"]["epoch"]
+    if epochs < done:
+        raise MorecError(f"{root}: {done} epoch(s) trained already, more than {flag} {epochs}; "
+                         "a resume trains a run on, it cannot undo its training")
 
 
 def _resumable(*configs: type) -> str:

@@ -90,12 +90,22 @@ def pretrain(dataset: PreparedDataset, root: Path, config: TrainConfig,
 
 def continued(base: Run, dataset: PreparedDataset, root: Path, train_config: TrainConfig,
               sampler_config: SamplerConfig, config: MoRecConfig, resume: bool = False) -> Run:
-    """Continues ``base`` with ``config`` into ``root``."""
+    """Continues ``base`` with ``config`` into ``root``; MorecError, before anything is
+    written, for a run in ``root`` that continued another best checkpoint of ``base``."""
     env = distributed.init()
+    base_best = checkpoint.read_meta(base.best)["progress"]["best_step"]
+    if resume and (root / RECORD).is_file():
+        started = Run.open(root).record.get("base_best_step", base_best)
+        if started != base_best:
+            raise MorecError(f"{root}: continued {base.root}'s best checkpoint of step "
+                             f"{started}, which is now one of step {base_best} (the base "
+                             "trained on since): its results would mix two bases; start a "
+                             "new job")
     run, existing = stage(root, {"config": dataclasses.asdict(train_config),
                                  "sampler": dataclasses.asdict(sampler_config),
                                  "morec": dataclasses.asdict(config),
                                  "base": str(base.root.resolve()),
+                                 "base_best_step": base_best,
                                  "data": str(dataset.root.resolve()),
                                  "world_size": env.world_size}, resume)
     continue_training(base, dataset, train_config, sampler_config, config, run,
