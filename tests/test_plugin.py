@@ -372,6 +372,8 @@ def test_a_restored_morec_goes_on_as_if_uninterrupted(tiny: Path, manifest: dict
     same_batches(whole, head + tail)
     for name in (*final, BATCH):
         np.testing.assert_allclose(restored.masses[name], final[name], rtol=0, atol=1e-12)
+    # The restored job numbers its versions on from the saved state's, as its log shows.
+    assert restored.state_dict()["published"] == morec.state_dict()["published"] > 2
 
 
 def test_a_hook_for_another_model_object_goes_on_where_the_last_one_stopped(

@@ -222,6 +222,9 @@ class MoRec:
                                 else np.full(len(self.objectives), 1 / len(self.objectives)))
         self._masses = dict(self._initial)  # the latest published, rank 0's update input
         self._journal: list[Masses] = []  # every version published by this job
+        # The job's number of a version is its number in this MoRec's store plus this: a
+        # restored job republishes its versions merged, under new numbers.
+        self._renumbered = 0
         self._warned_unseen = False
 
         spec, self._store_server = StoreSpec.for_loader(num_workers)
@@ -383,7 +386,8 @@ class MoRec:
         Returns the round's record: ``users`` (the validation users measured),
         ``metrics`` (None without a scorer), ``measures`` (the controlled values),
         ``group_loss`` (the signal), ``coefficients`` (each held objective's β), ``q``, and
-        the ``version``, ``effective_from`` and ``masses`` published (absent if none).
+        the ``version`` (the job's count of versions so far, restores included),
+        ``effective_from`` and ``masses`` published (absent if none).
         """
         if self.coordinator is None:
             raise MorecError("validate() needs the coordinator that loss(model) makes: "
@@ -434,7 +438,7 @@ class MoRec:
         effective_from = max(_max_over_ranks(self.loader.undrawn),
                              self._journal[-1].effective_from if self._journal else 0)
         masses = self._append(publish_and_sync(self.store, updated, effective_from))
-        return {"version": masses.version, "effective_from": effective_from,
+        return {"version": masses.version + self._renumbered, "effective_from": effective_from,
                 "masses": {k: v.tolist() for k, v in masses.values.items()}}
 
     def _warn_if_unseen(self) -> None:
@@ -463,9 +467,10 @@ class MoRec:
     def state_dict(self) -> dict[str, Any]:
         """Everything MoRec needs to go on exactly where the hook last trained (JSON-
         serialisable, the same on every rank): the position, the versions published
-        (those in force there merged into one), the controllers, the reference (and the
-        number of validation users it is of), and what the position's batches depend on:
-        the world size, the loader workers, the objectives and the sampler's settings."""
+        (those in force there merged into one) and their count, the controllers, the
+        reference (and the number of validation users it is of), and what the position's
+        batches depend on: the world size, the loader workers, the objectives and the
+        sampler's settings."""
         position = self.position
         applied = [m for m in self._journal if m.effective_from <= position]
         merged: dict[str, Any] = {}
@@ -477,6 +482,8 @@ class MoRec:
                      "values": {k: v.tolist() for k, v in m.values.items()}}
                     for m in self._journal if m.effective_from > position]
         return {"format": STATE_FORMAT, "position": position, "journal": journal,
+                "published": (self._journal[-1].version if self._journal else 0)
+                + self._renumbered,
                 "world_size": self.world_size, "num_workers": self.loader.num_workers,
                 "data": self._data, "method": self._method, "objectives": self.names,
                 "sampler": json.loads(json.dumps(dataclasses.asdict(self.sampler_config))),
@@ -510,6 +517,7 @@ class MoRec:
             self.rule.load_state_dict(state["rule"])
         for values, effective_from in journal:
             self._append(publish_and_sync(self.store, values, effective_from))
+        self._renumbered = state.get("published", len(journal)) - len(journal)
         self._position = state["position"]
 
     def _check_state(self, state: Mapping[str, Any]) -> list[tuple[dict[str, np.ndarray], int]]:
