@@ -26,7 +26,7 @@ from morec_rec.data.sources.tables import to_seconds
 from morec_rec.errors import MorecError
 from morec_rec.jobs import checkpoint, distributed
 from morec_rec.jobs.cli import _keep_job_settings
-from morec_rec.jobs.run import hold
+from morec_rec.jobs.run import Run, hold
 
 #: Small and fast training settings (the tiny profile has 3,220 training rows).
 TRAIN = ("--max-epochs", "1", "--batch-size", "256", "--num-workers", "0",
@@ -543,3 +543,149 @@ def test_prepare_into_a_symbolic_link(files: tuple[Path, Path], tmp_path: Path,
     fails(prepare(*files, tmp_path / "out"), f"{tmp_path / 'out'}: output is a symbolic link")
     assert (tmp_path / "out").is_symlink() and list((tmp_path / "empty").iterdir()) == []
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+# 14. Records damaged or edited by hand, and what a kill leaves in them.
+
+def edit_json(path: Path, edit: Callable[[Any], Any]) -> None:
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def without(key: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda record: {k: v for k, v in record.items() if k != key}
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda record: [1], "run.json: not a JSON object"),
+    (without("config"), "run.json: no 'config'"),
+    (lambda record: {**record, "config": {**record["config"], "lr": "abc"}},
+     "run.json: config: lr = 'abc' is not a float"),
+])
+def test_a_damaged_run_record(run: Path, tmp_path: Path, edit: Callable[[Any], Any],
+                              message: str) -> None:
+    copied = copy(run, tmp_path)
+    edit_json(copied / "run.json", edit)
+    for args in (("train", "--resume", "--out", str(copied), "--max-epochs", "2"),
+                 ("evaluate", "--run", str(copied))):
+        fails(run_cli(*args), str(copied / message))
+
+
+def test_a_checkpoint_meta_without_its_progress(run: Path, tmp_path: Path) -> None:
+    copied = copy(run, tmp_path)
+    meta = copied / "checkpoints" / "last" / "meta.json"
+    edit_json(meta, without("progress"))
+    fails(run_cli("train", "--resume", "--out", str(copied), "--max-epochs", "2"),
+          f"{meta}: corrupt checkpoint metadata ('progress' missing)")
+    with pytest.raises(MorecError, match="'morec' missing"):  # a continued run's is read so
+        checkpoint.read_meta(copied / "checkpoints" / "best", ("progress", "morec"))
+
+
+def test_a_damaged_log(run: Path, tmp_path: Path, group: None) -> None:
+    copied = copy(run, tmp_path)
+    log = copied / "log.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines) + lines[-1][:20])  # a write cut short by a kill
+    Run(copied).truncate_log(10**9)
+    assert log.read_text() == "".join(lines)  # the cut line gone, every other kept as it was
+    log.write_text("".join(lines[:2]) + "garbage\n" + "".join(lines[2:]))
+    with pytest.raises(MorecError, match=re.escape(f"{log}, line 3: not JSON")):
+        Run(copied).truncate_log(10**9)
+
+
+def job_record(tiny: Path, **train: Any) -> dict[str, Any]:
+    """A job's record of the default settings on ``tiny``, ``train`` settings changed."""
+    return {"train": {**dataclasses.asdict(TrainConfig()), **train},
+            "sampler": dataclasses.asdict(SamplerConfig()),
+            "morec": dataclasses.asdict(MoRecConfig()), "data": str(tiny), "base": None,
+            "continued": False}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "job.json: not JSON"),
+    ('{"train": {', "job.json: not JSON"),
+    ("{}", "job.json: no 'train', 'sampler', 'morec', 'data', 'base', 'continued'"),
+    ("bad value", "job.json: train: lr = 'abc' is not a float"),
+])
+def test_a_damaged_job_record(tiny: Path, tmp_path: Path, text: str, message: str) -> None:
+    out = tmp_path / "job"
+    out.mkdir()
+    if text == "bad value":
+        text = json.dumps(job_record(tiny, lr="abc"))
+    (out / "job.json").write_text(text)
+    fails(run_cli("run", "--out", str(out), "--resume"), str(out / message))
+
+
+def test_a_bad_value_in_a_config_file_names_the_file(tiny: Path, tmp_path: Path) -> None:
+    config = tmp_path / "job.toml"
+    config.write_text('[train]\nlr = "abc"\n')
+    for command in ("train", "run"):
+        fails(run_cli(command, "--data", str(tiny), "--out", str(tmp_path / "out"),
+                      "--config", str(config)),
+              f"{config}: [train]: lr = 'abc' is not a float")
+    config.write_text("[train]\nlr = 0.01\n")  # a bad flag is not the file's
+    line = fails(run_cli("train", "--data", str(tiny), "--out", str(tmp_path / "out"),
+                         "--config", str(config), "--lr", "-1"), "lr = -1.0 is out of range")
+    assert str(config) not in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("left", [["checkpoints/"], ["run.json.partial"],
+                                  ["checkpoints/", "run.json.partial"]])
+def test_a_kill_while_a_run_is_created_leaves_a_new_run(tmp_path: Path, group: None,
+                                                         left: list[str]) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    for name in left:
+        (root / name).mkdir() if name.endswith("/") else (root / name).write_text('{"con')
+    created = Run.create(root, {"config": {}, "data": "d"})
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoints", "run.json"]
+    assert created.record["data"] == "d"
+    (tmp_path / "other" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "other" / "checkpoints" / "last").mkdir()  # not what a kill in create leaves
+    with pytest.raises(MorecError, match="output exists and is not an empty directory"):
+        Run.create(tmp_path / "other", {"config": {}, "data": "d"})
+
+
+def test_a_kill_while_loading_on_another_rank_is_no_corrupt_checkpoint(
+        tmp_path: Path, group: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_version(tmp_path / "last", 1)
+
+    def load_raising(error: BaseException) -> Callable[..., None]:
+        def load(*args: Any, **kwargs: Any) -> None:
+            raise error
+        return load
+
+    lost = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"
+    for error in (RuntimeError(lost), torch.distributed.DistBackendError("NCCL error"),
+                  CheckpointException("load", {1: (RuntimeError(lost), None)})):
+        monkeypatch.setattr(checkpoint.dcp, "load", load_raising(error))
+        with pytest.raises(MorecError, match=re.escape(
+                f"{tmp_path / 'last'}: a rank failed while the checkpoint was loading (")
+                + ".*the checkpoint may be fine"):
+            read_version(tmp_path / "last")
+    monkeypatch.setattr(checkpoint.dcp, "load", load_raising(
+        CheckpointException("load", {0: (EOFError("Ran out of input"), None)})))
+    with pytest.raises(MorecError, match=re.escape("corrupt checkpoint (EOFError: Ran out")):
+        read_version(tmp_path / "last")
+
+
+def test_a_job_on_an_unfinished_base_and_a_kill_while_it_plots(tiny: Path, run: Path,
+                                                               tmp_path: Path) -> None:
+    base = copy(run, tmp_path)
+    edit_json(base / "run.json",
+              lambda record: {**record, "config": {**record["config"], "max_epochs": 3}})
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "job.json.partial").write_text('{"tr')  # killed before the job's record
+    done = run_cli("run", "--data", str(tiny), "--out", str(out), "--base", str(base), *JOB)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"morec-rec: warning: {base}: unfinished run (1 of 3 epochs): continuing its best " \
+           "checkpoint so far" in done.stderr.splitlines()
+    # The results mark a finished job: written after the plots.
+    assert (out / "results.json").stat().st_mtime_ns >= (out / "metrics.png").stat().st_mtime_ns
+    # Killed while plotting: no results, a plot's temporary file.
+    (out / "results.json").unlink()
+    (out / ".masses.png.0123abcd.partial").write_bytes(b"\x89PNG")
+    done = run_cli("run", "--out", str(out), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "results.json").is_file() and not list(out.glob("*.partial"))

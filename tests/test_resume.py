@@ -287,3 +287,6 @@ def test_a_restart_resumes_only_the_job_of_its_own_data(monkeypatch: pytest.Monk
     assert not _is_restart(tmp_path / "none.json", tmp_path / "a")  # killed before its record
     with pytest.raises(MorecError, match=f"{record}: torchrun restarted a job on .*a, not"):
         _is_restart(record, tmp_path / "b")
+    record.write_text('{"da')  # damaged: one line naming it, no traceback
+    with pytest.raises(MorecError, match=f"{record}: not JSON"):
+        _is_restart(record, tmp_path / "a")

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -81,9 +82,10 @@ def recover(path: Path) -> None:
         shutil.rmtree(_old(path), ignore_errors=True)
 
 
-def read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path, required: Sequence[str] = ()) -> dict[str, Any]:
     """The metadata of the checkpoint at ``path`` (see :func:`resolve`); MorecError if
-    there is none or it is unreadable."""
+    there is none, it is unreadable, or one of the ``required`` keys is missing or not a
+    JSON object."""
     found = resolve(path)
     if found is None or not (found / META).is_file():
         raise MorecError(f"{path}: not a checkpoint (no {META})")
@@ -94,19 +96,25 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise MorecError(f"{file}: corrupt checkpoint metadata ({e})") from None
     if not isinstance(meta, dict):
         raise MorecError(f"{file}: corrupt checkpoint metadata (not a JSON object)")
+    for key in required:
+        if not isinstance(meta.get(key), dict):
+            found_as = "missing" if key not in meta else f"{meta[key]!r}, not a JSON object"
+            raise MorecError(f"{file}: corrupt checkpoint metadata ({key!r} {found_as})")
     return meta
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-         expect: Mapping[str, Any]) -> dict[str, Any]:
+         expect: Mapping[str, Any], required: Sequence[str] = ()) -> dict[str, Any]:
     """Loads a checkpoint into ``model`` (and ``optimizer``); returns its metadata.
 
     ``path`` is read as :func:`resolve` says. ``expect`` holds metadata fields that must
-    match (the model's name and sizes): a checkpoint of another model is refused before
-    anything is loaded. A missing, truncated or corrupt checkpoint file is a
-    :class:`MorecError` naming the checkpoint.
+    match (the model's name and sizes), ``required`` those it must hold (see
+    :func:`read_meta`): a checkpoint of another model is refused before anything is
+    loaded. A missing, truncated or corrupt checkpoint file is a :class:`MorecError`
+    naming the checkpoint; so is another rank's failure during the load (its message
+    says so: the checkpoint may be fine).
     """
-    meta = read_meta(path)
+    meta = read_meta(path, required)
     wrong = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
     if wrong:
         found = ", ".join(f"{k} {got!r} (expected {want!r})" for k, (got, want) in wrong.items())
@@ -120,6 +128,9 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     try:
         dcp.load(state, checkpoint_id=source)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        if _communication(e):
+            raise MorecError(f"{source}: a rank failed while the checkpoint was loading "
+                             f"({_cause(e)}); the checkpoint may be fine") from None
         raise MorecError(f"{source}: corrupt checkpoint ({_cause(e)})") from None
     model.load_state_dict(state["model"])
     if optimizer is not None:
@@ -163,6 +174,21 @@ def _check_dcp_metadata(path: Path) -> None:
         raise MorecError(f"{path}: corrupt checkpoint ({DCP_METADATA}: {_cause(e)})") from None
     if not isinstance(metadata, Metadata):
         raise MorecError(f"{path}: corrupt checkpoint ({DCP_METADATA} holds no DCP metadata)")
+
+
+#: Words of the messages of the process group's failures that torch raises as plain
+#: RuntimeErrors (gloo's, a peer's closed connection).
+_COMMUNICATION = re.compile(r"gloo|nccl|connection|peer|socket|timed out|timeout", re.I)
+
+
+def _communication(error: BaseException) -> bool:
+    """Whether ``error`` (or, for DCP's CheckpointException, a rank's error in it) is a
+    failure of the process group rather than of the checkpoint's files."""
+    if isinstance(error, CheckpointException):
+        return any(_communication(failure) for failure, _ in error.failures.values())
+    if isinstance(error, dist.DistError):
+        return True
+    return type(error) is RuntimeError and bool(_COMMUNICATION.search(str(error)))
 
 
 def _cause(error: BaseException) -> str:

@@ -13,7 +13,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Sequence, TypeVar
 
 from morec_rec.config import (
     MoRecConfig,
@@ -32,6 +32,8 @@ from morec_rec.plugin.eval.metrics import METRICS
 
 if TYPE_CHECKING:
     from morec_rec.jobs.run import Run
+
+C = TypeVar("C")
 
 DEMO_PROFILE = "demo"
 #: The demo's settings beside the defaults: small enough for a few minutes on 2 CPU cores.
@@ -201,18 +203,40 @@ def _job_configs(args: argparse.Namespace,
         for name in set(names) & set(file[table]):
             raise MorecError(f"{args.config}: [{table}] {name}: a job takes it from [train] "
                              f"for every stage; set it there")
-    return _build_job({k: {**(defaults or {}).get(k, {}), **v} for k, v in file.items()}, args)
+    return _build_job({k: {**(defaults or {}).get(k, {}), **v} for k, v in file.items()}, args,
+                      args.config, "[{}]")
 
 
 def _build_job(tables: dict[str, dict[str, Any]], args: argparse.Namespace,
+               file: Path | None, where: str = "{}",
                ) -> tuple[TrainConfig, SamplerConfig, MoRecConfig]:
-    """The job's configs from its ``train``, ``sampler`` and ``morec`` tables and the
-    flags, the :data:`FROM_TRAIN` settings taken from the train config."""
-    train = build(TrainConfig, tables["train"], args)
+    """The job's configs from its ``train``, ``sampler`` and ``morec`` tables, read from
+    ``file`` (``where`` formats a table's name in its errors), and the flags; the
+    :data:`FROM_TRAIN` settings taken from the train config."""
+    train = _built(TrainConfig, tables["train"], args, file, where.format("train"))
     shared = {table: {name: getattr(train, name) for name in names}
               for table, names in FROM_TRAIN.items()}
-    return (train, build(SamplerConfig, {**tables["sampler"], **shared["sampler"]}, args),
-            build(MoRecConfig, {**tables["morec"], **shared["morec"]}, args))
+    return (train, _built(SamplerConfig, {**tables["sampler"], **shared["sampler"]}, args,
+                          file, where.format("sampler")),
+            _built(MoRecConfig, {**tables["morec"], **shared["morec"]}, args, file,
+                   where.format("morec")))
+
+
+def _built(cls: type[C], values: dict[str, Any], args: argparse.Namespace | None,
+           file: Path | None, table: str) -> C:
+    """``build(cls, values, args)``, ``values`` read from ``table`` of ``file`` (if any):
+    an error that those values raise without the flags names the file and table."""
+    try:
+        return build(cls, values, args)
+    except MorecError:
+        if file is None:
+            raise
+        try:
+            build(cls, values, None)
+        except MorecError as error:
+            detail = str(error).removeprefix("config: ")
+            raise MorecError(f"{file}: {table}: {detail}") from None
+        raise
 
 
 def _add_common(parser: argparse.ArgumentParser, tables: str) -> None:
@@ -226,8 +250,8 @@ def _prepare(args: argparse.Namespace) -> None:
     from morec_rec.data.sources import read_source
 
     file = load_file(args.config, ("prepare", "source"))
-    config = build(PrepareConfig, file["prepare"], args)
-    source = build(SourceConfig, file["source"], args)
+    config = _built(PrepareConfig, file["prepare"], args, args.config, "[prepare]")
+    source = _built(SourceConfig, file["source"], args, args.config, "[source]")
     check_output(args.out)  # before the (possibly long) read
     raw = read_source(args.source, args.input, args.meta, source)
     print(summary(args.out, prepare(raw, args.out, config)))
@@ -236,7 +260,8 @@ def _prepare(args: argparse.Namespace) -> None:
 def _synth(args: argparse.Namespace) -> None:
     from morec_rec.data.prepare import check_output
 
-    config = build(PrepareConfig, load_file(args.config, ("prepare",))["prepare"], args)
+    config = _built(PrepareConfig, load_file(args.config, ("prepare",))["prepare"], args,
+                    args.config, "[prepare]")
     check_output(args.out)  # before the (possibly long) generation
     print(summary(args.out, synthesize(args.profile, args.out, config)))
 
@@ -254,7 +279,7 @@ def _train(args: argparse.Namespace) -> None:
                              "and --config")
         run = Run.open(args.out)
         record = run.record
-        config = build(TrainConfig, record["config"], args)
+        config = _built(TrainConfig, record["config"], args, args.out / RECORD, "config")
         _keep_settings(args.out / RECORD, record["config"], config, _resumable(TrainConfig))
         _keep_epochs(args.out, config.max_epochs, "--max-epochs")
         dataset = PreparedDataset.open(record["data"])
@@ -263,7 +288,8 @@ def _train(args: argparse.Namespace) -> None:
     else:
         if args.data is None:
             raise MorecError("train needs --data (or --resume)")
-        config = build(TrainConfig, load_file(args.config, ("train",))["train"], args)
+        config = _built(TrainConfig, load_file(args.config, ("train",))["train"], args,
+                        args.config, "[train]")
         dataset = PreparedDataset.open(args.data)
         env = distributed.init()
         _check_batch(dataset, config, env.world_size)
@@ -357,18 +383,29 @@ def _evaluable(root: Path, is_main: bool) -> Run:
     if checkpoint.resolve(run.best) is None:
         raise MorecError(f"{root}: nothing to evaluate: no best checkpoint (the run stopped "
                          "before its first validation)")
-    record = run.record
-    config = record["config"]
-    done = (checkpoint.read_meta(run.last)["progress"]
-            if checkpoint.resolve(run.last) is not None else {"epoch": 0, "stale": 0})
-    if "morec" in record:  # continued training: a fixed number of epochs
-        total, stopped = record["morec"]["epochs"], False
-    else:  # a backbone: until early stop or max_epochs
-        total, stopped = config["max_epochs"], done["stale"] >= config["patience"]
-    if is_main and done["epoch"] < total and not stopped:
-        print(f"morec-rec: warning: {root}: unfinished run ({done['epoch']} of {total} "
-              "epochs): evaluating its best checkpoint so far", file=sys.stderr)
+    unfinished = _unfinished(run)
+    if is_main and unfinished:
+        print(f"morec-rec: warning: {root}: unfinished run ({unfinished}): evaluating its "
+              "best checkpoint so far", file=sys.stderr)
     return run
+
+
+def _unfinished(run: Run) -> str | None:
+    """How far ``run``'s training got ("1 of 3 epochs") if it did not finish, else None."""
+    from morec_rec.jobs import checkpoint
+    from morec_rec.jobs.run import RECORD
+
+    record = run.record
+    config = _built(TrainConfig, record["config"], None, run.root / RECORD, "config")
+    done = (checkpoint.read_meta(run.last, ("progress",))["progress"]
+            if checkpoint.resolve(run.last) is not None else {})
+    epoch = done.get("epoch", 0)
+    if "morec" in record:  # continued training: a fixed number of epochs
+        total = _built(MoRecConfig, record["morec"], None, run.root / RECORD, "morec").epochs
+        stopped = False
+    else:  # a backbone: until early stop or max_epochs
+        total, stopped = config.max_epochs, done.get("stale", 0) >= config.patience
+    return f"{epoch} of {total} epochs" if epoch < total and not stopped else None
 
 
 def format_comparison(a: str, b: str, split: str, users: int, result: PairedBootstrap,
@@ -430,7 +467,7 @@ def _run(args: argparse.Namespace) -> None:
         raise MorecError("--resume continues the job's own data, base and settings: "
                          "drop --data, --base and --config")
     job = read_job(args.out)
-    train, sampler, morec = _build_job(job, args)
+    train, sampler, morec = _build_job(job, args, args.out / JOB)
     _keep_job_settings(args.out, job, train, sampler, morec)
     dataset = PreparedDataset.open(job["data"])
     _check_job(dataset, job["base"], train, sampler)
@@ -448,7 +485,7 @@ def _base_model(base: Path | None) -> dict[str, dict[str, Any]]:
     if base is None:
         return {}
     recorded = Run.open(base).record["config"]
-    return {"train": {name: recorded[name] for name in MODEL_SETTINGS}}
+    return {"train": {name: recorded[name] for name in MODEL_SETTINGS if name in recorded}}
 
 
 def _is_restart(record: Path, data: Path | None) -> bool:
@@ -457,10 +494,11 @@ def _is_restart(record: Path, data: Path | None) -> bool:
     checkpoint, as ``--resume`` does. Raises :class:`MorecError` if that job's data is
     not ``data``."""
     from morec_rec.jobs import distributed
+    from morec_rec.jobs.run import read_record
 
     if not distributed.restart_count() or not record.is_file():
         return False
-    recorded = Path(json.loads(record.read_text())["data"])
+    recorded = Path(read_record(record, ("data",))["data"])
     if data is None or data.resolve() != recorded.resolve():
         raise MorecError(f"{record}: torchrun restarted a job on {recorded}, not on --data {data}")
     return True
@@ -481,7 +519,8 @@ def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainCo
     from morec_rec.jobs.run import Run
     from morec_rec.jobs.train import model_identity
 
-    world_size = distributed.init().world_size
+    env = distributed.init()
+    world_size = env.world_size
     if base is None:
         _check_batch(dataset, train, world_size)
     else:
@@ -498,18 +537,23 @@ def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainCo
         if wrong:
             raise MorecError(f"{base}: the base's model differs from the settings: "
                              f"{', '.join(wrong)}")
+        unfinished = _unfinished(run)
+        if env.is_main and unfinished:
+            print(f"morec-rec: warning: {base}: unfinished run ({unfinished}): continuing "
+                  "its best checkpoint so far", file=sys.stderr)
     objectives = len(sampler.objectives)
     dataset.check_batch(sampler.sub_batch_size * objectives,
                         world_size * max(train.num_workers, 1),
                         f"sub_batch_size = {sampler.sub_batch_size} × {objectives} objective(s)")
 
 
-def _keep_settings(record: Path, recorded: dict[str, Any], config: Any, flags: str) -> bool:
+def _keep_settings(record: Path, recorded: dict[str, Any], config: Any, flags: str,
+                   table: str = "config") -> bool:
     """Raises :class:`MorecError` naming the first setting of ``config`` (a config
-    dataclass) that differs from its value ``recorded`` in ``record`` and is not one of
-    :data:`RESUMABLE` (whose ``flags`` the message lists); returns whether one of those
-    differs."""
-    started = build(type(config), recorded, None)
+    dataclass) that differs from its value ``recorded`` in ``record`` (its ``table``) and
+    is not one of :data:`RESUMABLE` (whose ``flags`` the message lists); returns whether
+    one of those differs."""
+    started = _built(type(config), recorded, None, record, table)
     for field in dataclasses.fields(config):
         old, new = getattr(started, field.name), getattr(config, field.name)
         if old != new and field.name not in RESUMABLE:
@@ -525,14 +569,15 @@ def _keep_job_settings(out: Path, job: dict[str, Any], train: TrainConfig,
     from morec_rec.jobs.job import JOB
     from morec_rec.jobs.run import RECORD
 
-    changed = [_keep_settings(out / JOB, job[name], config, _resumable(*JOB_CONFIGS))
+    changed = [_keep_settings(out / JOB, job[name], config, _resumable(*JOB_CONFIGS), name)
                for name, config in (("train", train), ("sampler", sampler), ("morec", morec))]
     if job["base"] is None:
         _keep_epochs(out / "base", train.max_epochs, "--max-epochs")
         if (out / "morec" / RECORD).is_file():
             # Training the base on would change the best checkpoint MoRec continued.
+            started = build(TrainConfig, job["train"], None)  # checked above
             moved = [f"--{name.replace('_', '-')}" for name in ("max_epochs", "patience")
-                     if getattr(train, name) != job["train"][name]]
+                     if getattr(train, name) != getattr(started, name)]
             if moved:
                 raise MorecError(f"{out}: its MoRec stage continues the base's best checkpoint, "
                                  f"so {' and '.join(moved)}, which train the base on, can no "
@@ -551,7 +596,7 @@ def _keep_epochs(root: Path, epochs: int, flag: str) -> None:
     last = Run(root).last
     if not (root / RECORD).is_file() or checkpoint.resolve(last) is None:
         return
-    done = checkpoint.read_meta(last)["progress"]["epoch"]
+    done = checkpoint.read_meta(last, ("progress",))["progress"].get("epoch", 0)
     if epochs < done:
         raise MorecError(f"{root}: {done} epoch(s) trained already, more than {flag} {epochs}; "
                          "a resume trains a run on, it cannot undo its training")

@@ -33,13 +33,15 @@ from morec_rec.errors import MorecError
 from morec_rec.jobs import checkpoint, distributed
 from morec_rec.jobs.continued import continue_training
 from morec_rec.jobs.models.scorer import ModelScorer
-from morec_rec.jobs.run import RECORD, Run, hold, read_log
+from morec_rec.jobs.run import RECORD, Run, hold, leftover, read_log, read_record
 from morec_rec.jobs.train import build_sharded, model_identity, train
 from morec_rec.plugin.eval.metrics import RankingMetrics, improvement, is_valid
 from morec_rec.plugin.eval.ranking import evaluate, load_task
 from morec_rec.plugin.morec import check_settings
 
 JOB = "job.json"
+#: The keys of a job's record (see :func:`run_job`).
+JOB_KEYS = ("train", "sampler", "morec", "data", "base", "continued")
 RESULTS = "results.json"
 #: The share of training, at its end, over which the controller is judged.
 JUDGED_SHARE = 0.2
@@ -49,8 +51,12 @@ def run_scorer(run: Run, env: distributed.Environment,
                ) -> tuple[ModelScorer, PreparedDataset, TrainConfig]:
     """A scorer of ``run``'s best checkpoint (sharded, in eval mode), with the run's dataset
     and training settings."""
-    config = build(TrainConfig, run.record["config"], None)
-    dataset = PreparedDataset.open(run.record["data"])
+    record = run.record
+    try:
+        config = build(TrainConfig, record["config"], None)
+    except MorecError as error:
+        raise MorecError(f"{run.root / RECORD}: {error}") from None
+    dataset = PreparedDataset.open(record["data"])
     model, _ = build_sharded(config, dataset, env)
     checkpoint.load(run.best, model, None, model_identity(config, dataset))
     model.eval()
@@ -93,7 +99,7 @@ def continued(base: Run, dataset: PreparedDataset, root: Path, train_config: Tra
     """Continues ``base`` with ``config`` into ``root``; MorecError, before anything is
     written, for a run in ``root`` that continued another best checkpoint of ``base``."""
     env = distributed.init()
-    base_best = checkpoint.read_meta(base.best)["progress"]["best_step"]
+    base_best = checkpoint.read_meta(base.best, ("progress",))["progress"]["best_step"]
     if resume and (root / RECORD).is_file():
         started = Run.open(root).record.get("base_best_step", base_best)
         if started != base_best:
@@ -108,6 +114,8 @@ def continued(base: Run, dataset: PreparedDataset, root: Path, train_config: Tra
                                  "base_best_step": base_best,
                                  "data": str(dataset.root.resolve()),
                                  "world_size": env.world_size}, resume)
+    if existing and checkpoint.resolve(run.last) is not None:  # what resuming it reads
+        checkpoint.read_meta(run.last, ("progress", "morec"))
     continue_training(base, dataset, train_config, sampler_config, config, run,
                       resume=existing)
     return run
@@ -160,10 +168,15 @@ def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
 
 
 def read_job(out: Path) -> dict[str, Any]:
-    """The settings a job in ``out`` was started with (see :func:`run_job`)."""
+    """The settings a job in ``out`` was started with (see :func:`run_job`): a JSON object
+    holding :data:`JOB_KEYS`, its configs objects; else MorecError naming ``job.json``."""
     if not (out / JOB).is_file():
         raise MorecError(f"{out}: no {JOB}: not the output of a job to resume")
-    return json.loads((out / JOB).read_text())
+    job = read_record(out / JOB, JOB_KEYS)
+    for table in ("train", "sampler", "morec"):
+        if not isinstance(job[table], dict):
+            raise MorecError(f"{out / JOB}: {table} = {job[table]!r} is not a JSON object")
+    return job
 
 
 def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
@@ -181,7 +194,8 @@ def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
         if taken:
             raise MorecError(f"{out}: holds {', '.join(taken)} of an earlier job; pass "
                              "--resume to continue it, or choose another --out")
-        if any(path.resolve() != dataset.root.resolve() for path in out.iterdir()):
+        if any(path.resolve() != dataset.root.resolve() and not leftover(path)
+               for path in out.iterdir()):
             raise MorecError(f"{out}: output exists and is not an empty directory")
     check_settings(dataset, sampler_config, config)  # before hours of pretraining
     if with_continued:
@@ -196,6 +210,9 @@ def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
         out.mkdir(parents=True, exist_ok=True)
     with hold(out):  # a resumed stage completes its interrupted saves (Run.resume)
         if env.is_main:
+            for path in out.glob("*.partial"):  # what a kill left (a plot, a record)
+                if leftover(path):
+                    path.unlink()
             (out / (JOB + ".partial")).write_text(json.dumps(settings, indent=2) + "\n")
             (out / (JOB + ".partial")).rename(out / JOB)
         return _run_stages(dataset, out, train_config, sampler_config, config, settings,
@@ -232,16 +249,16 @@ def _run_stages(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
         results["continued_versus_base"] = versus(test["base"], test["continued"])
         results["morec_versus_continued"] = versus(test["continued"], test["morec"])
     morec_log = read_log(runs["morec"].root / "log.jsonl") if env.is_main else []
-    results["selected"] = {name: checkpoint.read_meta(run.best)["progress"]["best"]
+    results["selected"] = {name: checkpoint.read_meta(run.best, ("progress",))["progress"]["best"]
                            for name, run in runs.items() if name != "base"}
     results["control"] = control_record(morec_log)
     results["settings"] = {**settings, "base": str(base_run.root)}
     results["wall_s"] = wall_s
     if env.is_main:
+        _plot(runs["morec"].root / "log.jsonl", out, test)
         partial = out / (RESULTS + ".partial")
         partial.write_text(json.dumps(results, indent=2) + "\n")
-        partial.rename(out / RESULTS)
-        _plot(runs["morec"].root / "log.jsonl", out, test)
+        partial.rename(out / RESULTS)  # last: the job's completion marker
     return results
 
 

@@ -21,7 +21,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,8 @@ from morec_rec.errors import MorecError
 from morec_rec.version import __version__
 
 RECORD = "run.json"
+#: The keys every run's record holds (a continued run's holds more).
+RECORD_KEYS = ("config", "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,26 +50,32 @@ class Run:
 
     @property
     def record(self) -> dict[str, Any]:
-        """What was run (``run.json``); MorecError naming the file if it is not JSON."""
-        try:
-            return json.loads((self.root / RECORD).read_text())
-        except json.JSONDecodeError as error:
-            raise MorecError(f"{self.root / RECORD}: not JSON ({error.msg})") from None
+        """What was run (``run.json``): a JSON object holding :data:`RECORD_KEYS`, its
+        ``config`` an object; else MorecError naming the file."""
+        record = read_record(self.root / RECORD, RECORD_KEYS)
+        if not isinstance(record["config"], dict):
+            raise MorecError(f"{self.root / RECORD}: config = {record['config']!r} is not a "
+                             "JSON object")
+        return record
 
     @classmethod
     def create(cls, root: Path, record: Mapping[str, Any]) -> "Run":
-        """A new run at ``root`` (absent or empty); rank 0 writes its record."""
+        """A new run at ``root`` (absent, empty, or holding only what a kill in an earlier
+        ``create`` left: see :func:`leftover`); rank 0 writes its record."""
         root = Path(root)
         if (root / RECORD).exists():
             raise MorecError(f"{root}: a run exists here; pass --resume to continue it")
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and not all(leftover(path) for path in root.iterdir()):
             raise MorecError(f"{root}: output exists and is not an empty directory")
         dist.barrier()  # every rank has checked before rank 0 writes
         if dist.get_rank() == 0:
-            (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            root.mkdir(parents=True, exist_ok=True)
+            for path in root.glob("*.partial"):
+                path.unlink()  # leftovers (checked above)
             partial = root / (RECORD + ".partial")
             partial.write_text(json.dumps({**record, "versions": versions()}, indent=2) + "\n")
-            partial.rename(root / RECORD)
+            partial.rename(root / RECORD)  # first: a run.json makes the directory a run
+            (root / "checkpoints").mkdir(exist_ok=True)
         dist.barrier()
         return cls(root)
 
@@ -102,14 +110,18 @@ class Run:
 
     def truncate_log(self, step: int | None) -> None:
         """Drops the log's records of steps after ``step`` (all of them for None), so that
-        a resumed run logs those steps once (rank 0 rewrites the log; others wait)."""
-        if dist.get_rank() == 0 and (self.root / "log.jsonl").exists():
-            records = (self.root / "log.jsonl").read_text().splitlines(keepends=True)
-            kept = [] if step is None else [
-                line for line in records if json.loads(line).get("step", 0) <= step]
+        a resumed run logs those steps once (rank 0 rewrites the log; others wait). A last
+        line cut short by a kill goes too; another line that is no JSON object is a
+        MorecError naming file and line (on every rank)."""
+        path = self.root / "log.jsonl"
+        kept = None if not path.exists() else [] if step is None else [
+            line for line, record in _log_lines(path, torn=True)
+            if record.get("step", 0) <= step]
+        dist.barrier()  # every rank has read the log before rank 0 rewrites it
+        if dist.get_rank() == 0 and kept is not None:
             partial = self.root / "log.jsonl.partial"
             partial.write_text("".join(kept))
-            partial.rename(self.root / "log.jsonl")
+            partial.rename(path)
         dist.barrier()
 
     def log(self, record: Mapping[str, Any]) -> None:
@@ -167,7 +179,13 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise MorecError(f"{path}: no such log file")
-    records = []
+    return [record for _, record in _log_lines(path)]
+
+
+def _log_lines(path: Path, torn: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each non-blank line of the log ``path`` (ending in a newline) with its record;
+    MorecError naming file and line for one that is not a JSON object. With ``torn``, a
+    last line without its newline that is not JSON (a write cut short) is skipped."""
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -175,8 +193,35 @@ def read_log(path: Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
+                if torn and not line.endswith("\n"):
+                    return
                 raise MorecError(f"{path}, line {number}: not JSON ({e.msg})") from None
             if not isinstance(record, dict):
                 raise MorecError(f"{path}, line {number}: not a JSON object")
-            records.append(record)
-    return records
+            yield line if line.endswith("\n") else line + "\n", record
+
+
+def read_record(path: Path, keys: Sequence[str]) -> dict[str, Any]:
+    """The JSON object in the record ``path`` (``run.json``, ``job.json``); MorecError
+    naming the file unless it is one holding ``keys``."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise MorecError(f"{path}: not JSON ({error.msg}; damaged or cut short?)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise MorecError(f"{path}: cannot be read ({error})") from None
+    if not isinstance(record, dict):
+        raise MorecError(f"{path}: not a JSON object")
+    missing = [key for key in keys if key not in record]
+    if missing:
+        raise MorecError(f"{path}: no {', '.join(repr(key) for key in missing)} (damaged or "
+                         "edited?)")
+    return record
+
+
+def leftover(path: Path) -> bool:
+    """Whether ``path``, in a run's or a job's directory, is all that a kill while it was
+    being created can have left: an empty ``checkpoints/`` or a ``*.partial`` file."""
+    if path.name == "checkpoints" and path.is_dir() and not path.is_symlink():
+        return not any(path.iterdir())
+    return path.name.endswith(".partial") and path.is_file() and not path.is_symlink()

@@ -102,7 +102,7 @@ def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
     identity = model_identity(config, dataset)
     progress = PretrainingProgress()
     if resume and checkpoint.resolve(run.last):
-        meta = checkpoint.load(run.last, model, optimizer, identity)
+        meta = checkpoint.load(run.last, model, optimizer, identity, ("progress",))
         progress = PretrainingProgress(**meta["progress"])
         run.truncate_log(progress.step)  # records after the checkpoint go
     else:
