@@ -605,12 +605,15 @@ def job_record(tiny: Path, **train: Any) -> dict[str, Any]:
     ('{"train": {', "job.json: not JSON"),
     ("{}", "job.json: no 'train', 'sampler', 'morec', 'data', 'base', 'continued'"),
     ("bad value", "job.json: train: lr = 'abc' is not a float"),
+    ("bad base", "job.json: base = 5 is not what a job records"),
 ])
 def test_a_damaged_job_record(tiny: Path, tmp_path: Path, text: str, message: str) -> None:
     out = tmp_path / "job"
     out.mkdir()
     if text == "bad value":
         text = json.dumps(job_record(tiny, lr="abc"))
+    if text == "bad base":
+        text = json.dumps({**job_record(tiny), "base": 5})
     (out / "job.json").write_text(text)
     fails(run_cli("run", "--out", str(out), "--resume"), str(out / message))
 

@@ -634,7 +634,8 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     from morec_rec.data.prepare import check_writable
-    from morec_rec.jobs.job import JOB, RESULTS, read_job, run_job
+    from morec_rec.jobs.job import JOB, RESULT_KEYS, RESULTS, read_job, run_job
+    from morec_rec.jobs.run import read_record
 
     train, sampler, morec = _job_configs(args, DEMO_SETTINGS)
     data = args.out / "data"
@@ -655,7 +656,7 @@ def _demo(args: argparse.Namespace) -> None:
         changed = _keep_job_settings(args.out, read_job(args.out), train, sampler, morec)
         if (args.out / RESULTS).is_file() and not changed:
             # A finished demo, asked for nothing more: its results again.
-            _print_results(json.loads((args.out / RESULTS).read_text()), args.out)
+            _print_results(read_record(args.out / RESULTS, RESULT_KEYS), args.out)
             return
     # An interrupted demo, or a finished one asked for more, goes on where it stopped.
     dataset = PreparedDataset.open(data)

@@ -43,6 +43,8 @@ JOB = "job.json"
 #: The keys of a job's record (see :func:`run_job`).
 JOB_KEYS = ("train", "sampler", "morec", "data", "base", "continued")
 RESULTS = "results.json"
+#: The keys of a job's results that its summary prints (see :func:`_run_stages`).
+RESULT_KEYS = ("base", "morec", "imp_text", "valid", "control", "settings")
 #: The share of training, at its end, over which the controller is judged.
 JUDGED_SHARE = 0.2
 
@@ -169,13 +171,16 @@ def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
 
 def read_job(out: Path) -> dict[str, Any]:
     """The settings a job in ``out`` was started with (see :func:`run_job`): a JSON object
-    holding :data:`JOB_KEYS`, its configs objects; else MorecError naming ``job.json``."""
+    holding :data:`JOB_KEYS`, each of its type; else MorecError naming ``job.json``."""
     if not (out / JOB).is_file():
         raise MorecError(f"{out}: no {JOB}: not the output of a job to resume")
     job = read_record(out / JOB, JOB_KEYS)
-    for table in ("train", "sampler", "morec"):
-        if not isinstance(job[table], dict):
-            raise MorecError(f"{out / JOB}: {table} = {job[table]!r} is not a JSON object")
+    kinds = {"train": dict, "sampler": dict, "morec": dict, "data": str,
+             "base": (str, type(None)), "continued": bool}
+    for key, kind in kinds.items():
+        if not isinstance(job[key], kind):
+            raise MorecError(f"{out / JOB}: {key} = {job[key]!r} is not what a job records "
+                             "(damaged or edited?)")
     return job
 
 
