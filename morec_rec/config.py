@@ -411,8 +411,15 @@ def _check_fields(config: Any) -> None:
 
 def _options(cls: type, name: str) -> tuple[str, ...]:
     """The words a ``Literal`` field takes (empty for any other field)."""
-    kind = typing.get_type_hints(cls)[name]
+    kind = _hints(cls)[name]
     return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """``cls``'s field annotations, evaluated once: every config checks its fields' types
+    as it is made."""
+    return typing.get_type_hints(cls)
 
 
 def _check(ok: bool, field: str, value: Any, expected: str) -> None:
@@ -616,7 +623,7 @@ def load_file(path: Path | None, sections: tuple[str, ...]) -> dict[str, dict[st
 
 def _field_type(cls: type, name: str) -> type:
     """The type a field's values must have: ``X | None`` → X, ``tuple[str, ...]`` → tuple."""
-    kind = typing.get_type_hints(cls)[name]
+    kind = _hints(cls)[name]
     if typing.get_origin(kind) is Literal:
         return str
     if isinstance(kind, types.UnionType):
@@ -626,7 +633,7 @@ def _field_type(cls: type, name: str) -> type:
 
 def _tuple_of(cls: type, name: str, value: list | tuple) -> tuple:
     """``value`` as a tuple of the field's element type (``tuple[float, ...]`` -> floats)."""
-    (element, _) = typing.get_args(typing.get_type_hints(cls)[name])
+    (element, _) = typing.get_args(_hints(cls)[name])
     try:
         return tuple(element(v) for v in value)
     except (TypeError, ValueError):
@@ -637,7 +644,7 @@ def _tuple_of(cls: type, name: str, value: list | tuple) -> tuple:
 def _dict_of(cls: type, name: str, value: dict) -> dict:
     """``value``'s tables as the field's value dataclass (``{"a": {"relative": 1}}`` ->
     ``{"a": HoldTarget(relative=1.0)}``)."""
-    (_, element) = typing.get_args(typing.get_type_hints(cls)[name])
+    (_, element) = typing.get_args(_hints(cls)[name])
     fields = {f.name for f in dataclasses.fields(element)}
     out = {}
     for key, entry in value.items():

@@ -572,6 +572,7 @@ class MoRec:
             journal.append((values, int(entry["effective_from"])))
         return journal
 
+
 def _objectives(dataset: PreparedDataset, config: SamplerConfig,
                 given: Sequence[Objective | str] | None) -> list[Objective]:
     """The objectives in order: instances as given, names built for ``dataset``; each
