@@ -562,8 +562,25 @@ def _markdown(text: str) -> str:
     return re.sub(r"``(.+?)``", r"`\1`", text)
 
 
-def build(cls: type[C], file_values: dict[str, Any], args: argparse.Namespace | None) -> C:
-    """An instance of ``cls`` from a config-file table, overridden by the flags set in ``args``."""
+def build(cls: type[C], file_values: dict[str, Any], args: argparse.Namespace | None,
+          source: str | None = None) -> C:
+    """An instance of ``cls`` from a config-file table, overridden by the flags set in
+    ``args``. ``source`` says where the table was read (a file and its table): an error
+    that its values raise without the flags names it."""
+    try:
+        return _build(cls, file_values, args)
+    except MorecError:
+        if source is None:
+            raise
+        try:
+            _build(cls, file_values, None)
+        except MorecError as error:
+            raise MorecError(f"{source}: {str(error).removeprefix('config: ')}") from None
+        raise
+
+
+def _build(cls: type[C], file_values: dict[str, Any], args: argparse.Namespace | None) -> C:
+    """:func:`build` of values from wherever."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(file_values) - names)
     if unknown:

@@ -13,7 +13,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Sequence
 
 from morec_rec.config import (
     MoRecConfig,
@@ -32,8 +32,6 @@ from morec_rec.plugin.eval.metrics import METRICS
 
 if TYPE_CHECKING:
     from morec_rec.jobs.run import Run
-
-C = TypeVar("C")
 
 DEMO_PROFILE = "demo"
 #: The demo's settings beside the defaults: small enough for a few minutes on 2 CPU cores.
@@ -213,30 +211,19 @@ def _build_job(tables: dict[str, dict[str, Any]], args: argparse.Namespace,
     """The job's configs from its ``train``, ``sampler`` and ``morec`` tables, read from
     ``file`` (``where`` formats a table's name in its errors), and the flags; the
     :data:`FROM_TRAIN` settings taken from the train config."""
-    train = _built(TrainConfig, tables["train"], args, file, where.format("train"))
+    train = build(TrainConfig, tables["train"], args, _where(file, where.format("train")))
     shared = {table: {name: getattr(train, name) for name in names}
               for table, names in FROM_TRAIN.items()}
-    return (train, _built(SamplerConfig, {**tables["sampler"], **shared["sampler"]}, args,
-                          file, where.format("sampler")),
-            _built(MoRecConfig, {**tables["morec"], **shared["morec"]}, args, file,
-                   where.format("morec")))
+    return (train, build(SamplerConfig, {**tables["sampler"], **shared["sampler"]}, args,
+                         _where(file, where.format("sampler"))),
+            build(MoRecConfig, {**tables["morec"], **shared["morec"]}, args,
+                  _where(file, where.format("morec"))))
 
 
-def _built(cls: type[C], values: dict[str, Any], args: argparse.Namespace | None,
-           file: Path | None, table: str) -> C:
-    """``build(cls, values, args)``, ``values`` read from ``table`` of ``file`` (if any):
-    an error that those values raise without the flags names the file and table."""
-    try:
-        return build(cls, values, args)
-    except MorecError:
-        if file is None:
-            raise
-        try:
-            build(cls, values, None)
-        except MorecError as error:
-            detail = str(error).removeprefix("config: ")
-            raise MorecError(f"{file}: {table}: {detail}") from None
-        raise
+def _where(file: Path | None, table: str) -> str | None:
+    """Where config values were read, for :func:`~morec_rec.config.build`: ``table`` of
+    ``file``, or None for no file."""
+    return None if file is None else f"{file}: {table}"
 
 
 def _add_common(parser: argparse.ArgumentParser, tables: str) -> None:
@@ -250,8 +237,8 @@ def _prepare(args: argparse.Namespace) -> None:
     from morec_rec.data.sources import read_source
 
     file = load_file(args.config, ("prepare", "source"))
-    config = _built(PrepareConfig, file["prepare"], args, args.config, "[prepare]")
-    source = _built(SourceConfig, file["source"], args, args.config, "[source]")
+    config = build(PrepareConfig, file["prepare"], args, _where(args.config, "[prepare]"))
+    source = build(SourceConfig, file["source"], args, _where(args.config, "[source]"))
     check_output(args.out)  # before the (possibly long) read
     raw = read_source(args.source, args.input, args.meta, source)
     print(summary(args.out, prepare(raw, args.out, config)))
@@ -260,8 +247,8 @@ def _prepare(args: argparse.Namespace) -> None:
 def _synth(args: argparse.Namespace) -> None:
     from morec_rec.data.prepare import check_output
 
-    config = _built(PrepareConfig, load_file(args.config, ("prepare",))["prepare"], args,
-                    args.config, "[prepare]")
+    config = build(PrepareConfig, load_file(args.config, ("prepare",))["prepare"], args,
+                   _where(args.config, "[prepare]"))
     check_output(args.out)  # before the (possibly long) generation
     print(summary(args.out, synthesize(args.profile, args.out, config)))
 
@@ -279,7 +266,7 @@ def _train(args: argparse.Namespace) -> None:
                              "and --config")
         run = Run.open(args.out)
         record = run.record
-        config = _built(TrainConfig, record["config"], args, args.out / RECORD, "config")
+        config = build(TrainConfig, record["config"], args, f"{args.out / RECORD}: config")
         _keep_settings(args.out / RECORD, record["config"], config, _resumable(TrainConfig))
         _keep_epochs(args.out, config.max_epochs, "--max-epochs")
         dataset = PreparedDataset.open(record["data"])
@@ -288,8 +275,8 @@ def _train(args: argparse.Namespace) -> None:
     else:
         if args.data is None:
             raise MorecError("train needs --data (or --resume)")
-        config = _built(TrainConfig, load_file(args.config, ("train",))["train"], args,
-                        args.config, "[train]")
+        config = build(TrainConfig, load_file(args.config, ("train",))["train"], args,
+                       _where(args.config, "[train]"))
         dataset = PreparedDataset.open(args.data)
         env = distributed.init()
         _check_batch(dataset, config, env.world_size)
@@ -396,12 +383,12 @@ def _unfinished(run: Run) -> str | None:
     from morec_rec.jobs.run import RECORD
 
     record = run.record
-    config = _built(TrainConfig, record["config"], None, run.root / RECORD, "config")
+    config = build(TrainConfig, record["config"], None, f"{run.root / RECORD}: config")
     done = (checkpoint.read_meta(run.last, ("progress",))["progress"]
             if checkpoint.resolve(run.last) is not None else {})
     epoch = done.get("epoch", 0)
     if "morec" in record:  # continued training: a fixed number of epochs
-        total = _built(MoRecConfig, record["morec"], None, run.root / RECORD, "morec").epochs
+        total = build(MoRecConfig, record["morec"], None, f"{run.root / RECORD}: morec").epochs
         stopped = False
     else:  # a backbone: until early stop or max_epochs
         total, stopped = config.max_epochs, done.get("stale", 0) >= config.patience
@@ -553,7 +540,7 @@ def _keep_settings(record: Path, recorded: dict[str, Any], config: Any, flags: s
     dataclass) that differs from its value ``recorded`` in ``record`` (its ``table``) and
     is not one of :data:`RESUMABLE` (whose ``flags`` the message lists); returns whether
     one of those differs."""
-    started = _built(type(config), recorded, None, record, table)
+    started = build(type(config), recorded, None, f"{record}: {table}")
     for field in dataclasses.fields(config):
         old, new = getattr(started, field.name), getattr(config, field.name)
         if old != new and field.name not in RESUMABLE:

@@ -54,10 +54,7 @@ def run_scorer(run: Run, env: distributed.Environment,
     """A scorer of ``run``'s best checkpoint (sharded, in eval mode), with the run's dataset
     and training settings."""
     record = run.record
-    try:
-        config = build(TrainConfig, record["config"], None)
-    except MorecError as error:
-        raise MorecError(f"{run.root / RECORD}: {error}") from None
+    config = build(TrainConfig, record["config"], None, f"{run.root / RECORD}: config")
     dataset = PreparedDataset.open(record["data"])
     model, _ = build_sharded(config, dataset, env)
     checkpoint.load(run.best, model, None, model_identity(config, dataset))
