@@ -26,6 +26,7 @@ from morec_rec.data.sources.tables import to_seconds
 from morec_rec.errors import MorecError
 from morec_rec.jobs import checkpoint, distributed
 from morec_rec.jobs.cli import _keep_job_settings
+from morec_rec.jobs.continued import MoRecProgress
 from morec_rec.jobs.run import Run, hold
 
 #: Small and fast training settings (the tiny profile has 3,220 training rows).
@@ -578,6 +579,30 @@ def test_a_checkpoint_meta_without_its_progress(run: Path, tmp_path: Path) -> No
           f"{meta}: corrupt checkpoint metadata ('progress' missing)")
     with pytest.raises(MorecError, match="'morec' missing"):  # a continued run's is read so
         checkpoint.read_meta(copied / "checkpoints" / "best", ("progress", "morec"))
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (without("best_step"), "fields ['best_hit', 'epoch', 'epoch_loss_sum', 'stale', 'step'], "
+                           "expected ['best_hit', 'best_step', 'epoch', 'epoch_loss_sum', "
+                           "'stale', 'step']"),
+    (lambda progress: {**progress, "step": "10"}, "step = '10'"),
+    (lambda progress: {**progress, "best_hit": True}, "best_hit = True"),
+])
+def test_a_checkpoint_meta_with_a_damaged_progress(run: Path, tmp_path: Path,
+                                                   edit: Callable[[Any], Any],
+                                                   problem: str) -> None:
+    copied = copy(run, tmp_path)
+    last = copied / "checkpoints" / "last"
+    edit_json(last / "meta.json", lambda meta: {**meta, "progress": edit(meta["progress"])})
+    fails(run_cli("train", "--resume", "--out", str(copied), "--max-epochs", "2"),
+          f"{copied / 'checkpoints' / 'last'}: corrupt checkpoint metadata (progress: {problem})")
+
+
+def test_a_continued_runs_progress_is_checked_field_by_field(tmp_path: Path) -> None:
+    saved = {**dataclasses.asdict(MoRecProgress()), "best_key": [1, 0.5], "base": {"hit": 0.3}}
+    assert MoRecProgress.restore(saved, tmp_path) == MoRecProgress(**saved)
+    with pytest.raises(MorecError, match=re.escape("progress: best = [1]")):
+        MoRecProgress.restore({**saved, "best": [1]}, tmp_path)
 
 
 def test_a_damaged_log(run: Path, tmp_path: Path, group: None) -> None:

@@ -7,6 +7,7 @@ import multiprocessing
 import time
 from typing import Iterator
 
+import numpy as np
 import pytest
 from sampling_data import make_dataset
 
@@ -14,7 +15,7 @@ from morec_rec.config import SamplerConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.plugin.loader import SamplerLoader, in_index_order
-from morec_rec.plugin.sampling.objectives import build_objectives
+from morec_rec.plugin.sampling.objectives import Objective, build_objectives
 from morec_rec.plugin.sampling.sampled import SampledBatch
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 
@@ -114,3 +115,30 @@ def test_in_process_loading_draws_one_batch_at_a_time(dataset: PreparedDataset) 
                             ({"num_workers": 1.5}, "num_workers = 1.5 must be an int >= 0")):
         with pytest.raises(MorecError, match=f"^loader: {message}"):
             SamplerLoader(drawing, as_is, **{"num_workers": 1, **counts})
+
+
+class Unpriced(Objective):
+    """A job's objective whose groups() fails on every window: a user's bug."""
+
+    name, num_groups, columns = "unpriced", 2, ("price",)
+
+    def initial_masses(self) -> np.ndarray:
+        return np.array([0.5, 0.5])
+
+    def groups(self, rows: dict) -> np.ndarray:
+        return np.full(len(rows["price"]), 2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_error_in_a_worker_reaches_the_trainer_as_raised(dataset: PreparedDataset,
+                                                             num_workers: int) -> None:
+    config = SamplerConfig(objectives=("accuracy", "unpriced"), sub_batch_size=32,
+                           window_batches=8)
+    loader = SamplerLoader(
+        WeightedStreamSampler(dataset, [*build_objectives(("accuracy",), dataset.manifest),
+                                        Unpriced()], config),
+        as_is, num_workers=num_workers)
+    loader.set_epoch(0)
+    with pytest.raises(MorecError) as raised:
+        next(iter(loader))
+    assert str(raised.value) == ("objective 'unpriced': groups() gave group 2, outside [0, 2)")

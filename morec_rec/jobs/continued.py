@@ -71,14 +71,14 @@ def continue_training(base: Run, dataset: PreparedDataset, train_config: TrainCo
     distributed.keep_freed_memory()
     model, optimizer = build_sharded(train_config, dataset, env)
     identity = model_identity(train_config, dataset)
-    meta = (checkpoint.load(run.last, model, optimizer, identity)
+    meta = (checkpoint.load(run.last, model, optimizer, identity, ("progress", "morec"))
             if resume and checkpoint.resolve(run.last) else None)
     if meta is None:
         checkpoint.load(base.best, model, optimizer, identity)
     if config.continued_lr:  # a checkpoint's optimizer state carries the base's
         for group in optimizer.param_groups:
             group["lr"] = config.continued_lr
-    progress = MoRecProgress(**meta["progress"]) if meta else MoRecProgress()
+    progress = MoRecProgress.restore(meta["progress"], run.last) if meta else MoRecProgress()
     run.truncate_log(progress.step if meta else None)
 
     negatives = NegativeSampler(dataset.item_columns(["train_count"])["train_count"],

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Protocol
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Self
 
 import numpy as np
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
+from morec_rec.errors import MorecError
 from morec_rec.jobs import distributed
 from morec_rec.jobs.run import Run
 
@@ -35,6 +39,33 @@ class Progress:
     epoch: int = 0  # epochs completed
     step: int = 0  # batches trained, over all epochs
     best_step: int = -1  # the step of the ``best`` checkpoint (-1: none yet)
+
+    @classmethod
+    def restore(cls, record: Any, checkpoint: Path) -> Self:
+        """The progress a checkpoint's metadata saved (``dataclasses.asdict``); MorecError
+        naming ``checkpoint`` when ``record`` is not every field of ``cls`` with a value of
+        its type."""
+        hints = typing.get_type_hints(cls)
+        if not isinstance(record, dict) or set(record) != set(hints):
+            found = sorted(record) if isinstance(record, dict) else record
+            problem = f"fields {found!r}, expected {sorted(hints)}"
+        else:
+            problem = next((f"{name} = {value!r}" for name, value in record.items()
+                            if not _holds(value, hints[name])), None)
+        if problem:
+            raise MorecError(f"{checkpoint}: corrupt checkpoint metadata (progress: {problem})")
+        return cls(**record)
+
+
+def _holds(value: Any, hint: Any) -> bool:
+    """Whether the JSON ``value`` is of the annotation ``hint`` (numbers, containers,
+    unions of them)."""
+    if isinstance(hint, types.UnionType):
+        return any(_holds(value, option) for option in typing.get_args(hint))
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) \
+            and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(hint) or hint)
 
 
 class Stage(Protocol):

@@ -103,7 +103,7 @@ def train(dataset: PreparedDataset, config: TrainConfig, run: Run, *,
     progress = PretrainingProgress()
     if resume and checkpoint.resolve(run.last):
         meta = checkpoint.load(run.last, model, optimizer, identity, ("progress",))
-        progress = PretrainingProgress(**meta["progress"])
+        progress = PretrainingProgress.restore(meta["progress"], run.last)
         run.truncate_log(progress.step)  # records after the checkpoint go
     else:
         run.truncate_log(None)  # a new run, or one stopped before its first checkpoint

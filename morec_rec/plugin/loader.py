@@ -152,6 +152,11 @@ class SamplerLoader(Generic[T]):
             for index, batch in in_index_order(self._loader):
                 self._next = index + 1
                 yield batch
+        except MorecError as error:
+            raised = _raised_in_worker(error)
+            if raised is None:
+                raise
+            raise raised from error
         finally:
             self._running = False
 
@@ -159,6 +164,17 @@ class SamplerLoader(Generic[T]):
     def undrawn(self) -> int:
         """The lowest batch index that no worker can have drawn yet."""
         return self._next + (self.lookahead if self._running else 0)
+
+
+def _raised_in_worker(error: MorecError) -> MorecError | None:
+    """The MorecError a loader worker raised (the sampler's or the job's collate's), as it
+    was raised there; None for one raised in this process. The DataLoader re-raises a
+    worker's exception with the worker's traceback in its message; the one-line message is
+    the traceback's last line."""
+    lines = str(error).rstrip().splitlines() or [""]
+    message = lines[-1].partition(f"{MorecError.__name__}: ")[2]
+    wrapped = lines[0].startswith(f"Caught {MorecError.__name__} in DataLoader worker")
+    return MorecError(message) if wrapped and message else None
 
 
 class MoRecLoader(SamplerLoader[SegmentedBatch]):
