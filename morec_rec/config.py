@@ -337,7 +337,8 @@ class MoRecConfig:
     #: ``training`` control.
     calibration_batches: int = 20
     #: Validation passes (signals, a controller step under ``validation`` control, then a
-    #: mass update) per epoch of continued training.
+    #: mass update) per epoch of continued training, in the ``run`` job (a plugin job
+    #: validates when it calls ``MoRec.validate``).
     updates_per_epoch: int = 16
     #: Validation users a pass measures (ranking metrics and group losses): a fixed
     #: sample, the same users at every pass and for the reference, drawn with the
@@ -503,8 +504,8 @@ def reference() -> str:
         "(`history_length` becomes `--history-length`; a tuple is a comma list on the",
         "command line, an array in TOML). Flags override the file, the file overrides the",
         "defaults; `demo` has defaults of its own, and `run --base RUN` takes the base's",
-        "model, embedding size and table optimizer (their `--help` shows them). Unknown",
-        "keys and out-of-range values are errors that name the key.",
+        "model, embedding size, table optimizer and dropout (their `--help` shows them).",
+        "Unknown keys and out-of-range values are errors that name the key.",
         "In a Python job the same dataclasses are built directly, e.g.",
         "`MoRecConfig(hold={\"accuracy\": HoldTarget(relative=1.02)})`.",
     ]

@@ -404,13 +404,29 @@ def test_wrong_model_for_the_base_leaves_out_untouched(tiny: Path, run: Path,
     # The base's model settings are the job's defaults: a SASRec base needs no --model.
     sasrec = tmp_path / "sasrec"
     done = run_cli("train", "--data", str(tiny), "--out", str(sasrec), *TRAIN,
-                   "--model", "sasrec")
+                   "--model", "sasrec", "--dropout", "0.5")
     assert done.returncode == 0, done.stderr[-3000:]
     done = run_cli("run", "--data", str(tiny), "--out", str(tmp_path / "on_sasrec"), "--base",
                    str(sasrec), *JOB)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((tmp_path / "on_sasrec" / "job.json").read_text())["train"]["model"] \
-        == "sasrec"
+    train = json.loads((tmp_path / "on_sasrec" / "job.json").read_text())["train"]
+    assert (train["model"], train["dropout"]) == ("sasrec", 0.5)
+
+
+@pytest.mark.parametrize(("data", "flags", "message"), [
+    ("tiny", ("--embedding-dim", "2"), "model = 'sasrec' needs embedding_dim >= 3, got 2"),
+    ("no_histories", (), "model = 'sasrec' needs histories: the dataset has history_length 0"),
+])
+def test_a_sasrec_that_cannot_learn_is_refused_before_its_run_is_made(
+        tiny: Path, tmp_path: Path, data: str, flags: tuple[str, ...], message: str) -> None:
+    if data == "no_histories":
+        assert run_cli("synth", "--profile", "tiny", "--history-length", "0", "--out",
+                       str(tmp_path / data)).returncode == 0
+    path = tiny if data == "tiny" else tmp_path / data
+    out = tmp_path / "run"
+    fails(run_cli("train", "--data", str(path), "--out", str(out), *TRAIN, "--model", "sasrec",
+                  *flags), message)
+    assert not out.exists()
 
 
 def test_a_job_writes_only_into_an_empty_directory(tiny: Path, run: Path,
@@ -717,3 +733,16 @@ def test_a_job_on_an_unfinished_base_and_a_kill_while_it_plots(tiny: Path, run: 
     done = run_cli("run", "--out", str(out), "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "results.json").is_file() and not list(out.glob("*.partial"))
+
+
+def test_a_sasrec_run_on_data_reprepared_with_other_histories_is_another_model(
+        tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "run"
+    assert run_cli("synth", "--profile", "tiny", "--out", str(data)).returncode == 0
+    done = run_cli("train", "--data", str(data), "--out", str(out), *TRAIN, "--model", "sasrec")
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.rmtree(data)  # prepared again in place: SASRec's positions are as many as these
+    assert run_cli("synth", "--profile", "tiny", "--history-length", "5", "--out",
+                   str(data)).returncode == 0
+    fails(run_cli("evaluate", "--run", str(out)),
+          "checkpoint of another model", "history_length")

@@ -234,9 +234,19 @@ def test_a_batch_trained_again_is_refused() -> None:
     # As a loader iterated again without set_epoch yields the batches of its last epoch.
     hook = make_hook(FixedModel(LOSSES), coordinator())
     hook(segmented(SEGMENTS, 4))
-    with pytest.raises(MorecError, match="batch 4 comes after batch 4 was trained: call "
+    with pytest.raises(MorecError, match="batch 3 comes after batch 4 was trained: call "
                                          r"morec.set_epoch\(epoch\) before iterating"):
-        hook(segmented(SEGMENTS, 4))
+        hook(segmented(SEGMENTS, 3))
+
+
+def test_a_second_pass_on_a_batch_is_weighed_as_the_first_without_a_step() -> None:
+    # SAM's second pass, an optimizer closure's: the same step, not another.
+    c = coordinator()
+    hook = make_hook(FixedModel(LOSSES), c, control_per_step=True)
+    first, _ = hook(segmented(SEGMENTS, 4))
+    second, _ = hook(segmented(SEGMENTS, 4))
+    assert controller_steps(c) == 1 and hook.trained == 4
+    assert second.item() == first.item()
 
 
 def test_a_model_that_returns_only_its_output_is_refused() -> None:

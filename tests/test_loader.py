@@ -98,6 +98,9 @@ def test_undrawn_is_the_first_batch_no_worker_drew(dataset: PreparedDataset, num
     for batch in loader:
         time.sleep(0.01)  # the workers fill every request they have
         assert drawing.highest.value < loader.undrawn
+        # The workers draw the next epoch only when its iteration starts.
+        assert loader.undrawn == min(batch.batch_index + 1 + loader.lookahead,
+                                     loader.batches_per_epoch)
         reached += drawing.highest.value == loader.undrawn - 1
     assert reached  # the bound is met, not just kept
     assert loader.undrawn == loader.batches_per_epoch  # no iterator running

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -203,6 +205,15 @@ class Named(Cheap):
         self.name, self.num_groups = name, num_groups  # type: ignore[assignment]
 
 
+class Undeclared(Objective):
+    """An objective that forgot its class attributes but one."""
+
+    num_groups = 1
+
+    def initial_masses(self) -> np.ndarray:
+        return np.ones(1)
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     ({"objectives": "accuracy"}, "objectives: 'accuracy' is one objective; give a list"),
     ({"objectives": []}, "objectives: none given; list at least one"),
@@ -216,6 +227,10 @@ class Named(Cheap):
                              "('rows', 'blocked', 'interleaved')"),
     ({"chunk_users": 0}, "chunk_users = 0 must be an int >= 1"),
     ({"num_workers": -1}, "loader: num_workers = -1 must be an int >= 0"),
+    ({"columns": "price"}, "sampler: columns 'price' is one name; give a list of them"),
+    ({"objectives": ["accuracy", Undeclared()]}, "objective Undeclared: an Objective declares "
+                                                 "name, columns (class attributes"),
+    ({"representation": 3}, "representation = 3 is not a function"),
 ])
 def test_arguments_that_cannot_work_are_refused_at_construction(
         tiny: Path, manifest: dict, arguments: dict, message: str) -> None:
@@ -385,8 +400,88 @@ def test_a_hook_for_another_model_object_goes_on_where_the_last_one_stopped(
     remade.load_state_dict(model.state_dict())
     hook = morec.loss(remade)
     assert morec.position == 5 and morec.state_dict()["position"] == 5
-    with pytest.raises(MorecError, match="batch 4 comes after batch 4 was trained"):
-        hook(trained[-1])
+    with pytest.raises(MorecError, match="batch 3 comes after batch 4 was trained"):
+        hook(trained[-2])
+
+
+def test_a_second_pass_on_a_batch_is_neither_measured_nor_trained_again(
+        tiny: Path, manifest: dict) -> None:
+    # SAM: a pass, the weights perturbed, a second pass on the same batch.
+    model = MF(manifest["num_users"], manifest["num_items"])
+    morec = make(tiny, manifest, model)
+    hook = morec.loss(model)
+    morec.set_epoch(0)
+    batch = next(iter(morec.loader))
+    hook(batch)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.user.weight.add_(1.0)
+    hook(batch)
+    assert morec.position == 1
+    model.load_state_dict(original)
+    per_example = rows(batch.batch, model(batch.batch)[1]).detach().double()
+    segment = morec.examples.expand(batch.segment, per_example)
+    expected = [per_example[segment == o].mean().item() for o in range(len(morec.names))]
+    assert list(morec.objective_losses().values()) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_restored_morec_refuses_the_batches_it_trained_before(tiny: Path,
+                                                                manifest: dict) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    stopped = make(tiny, manifest, model)
+    train(stopped, model, range(1), validate_every=100, stop=9)
+    restored = make(tiny, manifest, model)
+    restored.load_state_dict(stopped.state_dict())
+    hook = restored.loss(model)
+    with pytest.raises(MorecError, match=r"batch 0 comes after batch 8 was trained: call "
+                                         r"morec.set_epoch\(epoch\)"):
+        hook(next(iter(restored.loader)))  # no set_epoch: the epoch from its start
+
+
+def test_validation_restores_each_modules_own_mode(tiny: Path, manifest: dict) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    model.frozen = nn.Dropout()  # a part the job keeps in eval mode while it trains
+    model.frozen.eval()
+    morec = make(tiny, manifest, model)
+    morec.loss(model)
+    morec.validate(model)
+    assert model.training and not model.frozen.training
+
+
+def test_a_failed_reference_round_keeps_no_reference(tiny: Path, manifest: dict) -> None:
+    # A scorer that ranks each validation user's held-out item last: the reference
+    # Hit@10 is 0, which no relative target can be held against.
+    valid = PreparedDataset.open(tiny).split("valid")
+    held_out = dict(zip(valid["user_id"].to_pylist(), valid["item_id"].to_pylist()))
+    model = MF(manifest["num_users"], manifest["num_items"])
+    good = [False]
+
+    def scorer(users) -> torch.Tensor:
+        scores = model.user(torch.as_tensor(users.user_id)) @ model.item.weight.T
+        if not good[0]:
+            scores = torch.zeros_like(scores)
+            scores[range(len(scores)), [held_out[u] for u in users.user_id.tolist()]] = -1.0
+        return scores
+
+    morec = MoRec(tiny, Collate(manifest["num_items"]), rows=rows, scorer=scorer,
+                  layout=ExampleLayout.BLOCKED)
+    morec.loss(model)
+    with pytest.raises(MorecError, match="hit@10 is 0"):
+        morec.validate(model)
+    assert morec.base is None
+    good[0] = True
+    assert morec.validate(model)["metrics"] == morec.base
+
+
+def test_a_morec_made_before_the_process_group_is_refused(
+        tiny: Path, manifest: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    morec = make(tiny, manifest, model)  # no process group: rank 0 of 1
+    monkeypatch.setattr("morec_rec.plugin.morec._place", lambda: (1, 2))  # one made since
+    for call in (morec.loss, morec.validate):
+        with pytest.raises(MorecError, match=r"MoRec was made as rank 0 of 1 and is used as "
+                                             r"rank 1 of 2: make it after torch.distributed"):
+            call(model)
 
 
 def test_state_must_be_loaded_before_the_hook(tiny: Path, manifest: dict) -> None:
@@ -442,6 +537,9 @@ def test_state_must_be_loaded_with_the_same_loader_workers_and_sampler(tiny: Pat
     (lambda state: {k: v for k, v in state.items() if k != "base"},
      "MoRec state lacks base: not what state_dict() gives"),
     (lambda state: {**state, "position": -5}, "MoRec state: position -5 is not an int >= 0"),
+    (lambda state: {**state, "journal": [{"values": {}}]},
+     "MoRec state: journal entry {'values': {}} is not {'effective_from': int, 'values'"),
+    (lambda state: {**state, "journal": 3}, "MoRec state: journal 3 is not a list"),
     (lambda state: {**state, "journal": [{"effective_from": 3, "values": {"novelty": [1.0]}}]},
      "MoRec state: masses of novelty, which are not among this MoRec's accuracy, revenue"),
     (lambda state: {**state, "journal": [{"effective_from": 3, "values": {"alignment": [1.0]}}]},
@@ -454,3 +552,27 @@ def test_a_state_that_is_not_a_morecs_is_refused_before_anything_is_restored(
     with pytest.raises(MorecError, match="^" + re.escape(message)):
         morec.load_state_dict(change(morec.state_dict()))
     assert morec.store.latest_version() == 0 and morec.base is None  # nothing restored
+
+
+def test_a_segmented_batch_is_pipelineable_where_torchrec_comes_after_morec(tiny: Path) -> None:
+    code = (
+        "import sys\n"
+        "from morec_rec import MoRec, SegmentedBatch\n"
+        "morec = MoRec(sys.argv[1], lambda rows: rows, scorer=lambda users: None)\n"
+        "assert 'torchrec' not in sys.modules\n"
+        "from torchrec.streamable import Pipelineable\n"
+        "morec.set_epoch(0)\n"
+        "assert isinstance(next(iter(morec.loader)), Pipelineable)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_loss_and_validate_take_the_model(tiny: Path, manifest: dict) -> None:
+    model = MF(manifest["num_users"], manifest["num_items"])
+    morec = make(tiny, manifest, model)
+    with pytest.raises(MorecError, match=r"^loss\(\): got a NoneType, expected the job's model"):
+        morec.loss(None)  # type: ignore[arg-type]
+    hook = morec.loss(model)
+    with pytest.raises(MorecError, match=r"^validate\(\): got a MoRecLoss, expected the job's"):
+        morec.validate(hook)  # type: ignore[arg-type]

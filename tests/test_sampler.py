@@ -140,6 +140,31 @@ def test_an_objectives_groups_and_weights_are_checked_against_its_rows(
         next(iter(s))
 
 
+class EvenItems(Objective):
+    """A job's objective of one group that weighs rows by a column every row has: it
+    reads no other (``columns`` empty)."""
+
+    name, num_groups, columns = "even_items", 1, ()
+
+    def initial_masses(self) -> np.ndarray:
+        return np.ones(1)
+
+    def weights(self, rows: dict) -> np.ndarray:
+        return (rows["item_id"] % 2 == 0).astype(float)
+
+
+def test_a_one_group_objective_that_weighs_rows_is_drawn_by_its_weights(
+        dataset: PreparedDataset) -> None:
+    config = SamplerConfig(objectives=("accuracy", "even_items"), sub_batch_size=64,
+                           window_batches=4)
+    s = WeightedStreamSampler(dataset, [*build_objectives(("accuracy",), dataset.manifest),
+                                        EvenItems()], config)
+    for batch in epochs(s, 1):
+        items = batch.item_id
+        assert (items[batch.objective == 1] % 2 == 0).all()
+        assert (items[batch.objective == 0] % 2 == 1).any()  # accuracy's: every row
+
+
 def test_exact_mode_gives_rounded_counts(dataset: PreparedDataset) -> None:
     masses = np.array([0.5, 0.0, 0.3, 0.15, 0.05])
     s = sampler(dataset, ("fairness",), masses={"fairness": masses}, draw="exact")

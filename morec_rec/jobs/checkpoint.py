@@ -103,6 +103,12 @@ def read_meta(path: Path, required: Sequence[str] = ()) -> dict[str, Any]:
     return meta
 
 
+def mismatches(meta: Mapping[str, Any], expect: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The fields of ``expect`` that a checkpoint's ``meta`` records otherwise, as (recorded,
+    expected); one it does not record (saved before it was recorded) is not compared."""
+    return {k: (meta[k], v) for k, v in expect.items() if k in meta and meta[k] != v}
+
+
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
          expect: Mapping[str, Any], required: Sequence[str] = ()) -> dict[str, Any]:
     """Loads a checkpoint into ``model`` (and ``optimizer``); returns its metadata.
@@ -115,7 +121,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     says so: the checkpoint may be fine).
     """
     meta = read_meta(path, required)
-    wrong = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
+    wrong = mismatches(meta, expect)
     if wrong:
         found = ", ".join(f"{k} {got!r} (expected {want!r})" for k, (got, want) in wrong.items())
         raise MorecError(f"{path}: checkpoint of another model: {found}")

@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, type=Path, help="output directory")
     run.add_argument("--base", type=Path,
                      help="an existing base run (default: pretrain one); its model, "
-                          "embedding size and table optimizer are the job's defaults")
+                          "embedding size, table optimizer and dropout are the job's defaults")
     run.add_argument("--continued", action="store_true",
                      help="also run accuracy-only continued training from the same base")
     run.add_argument("--resume", action="store_true",
@@ -464,15 +464,16 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _base_model(base: Path | None) -> dict[str, dict[str, Any]]:
-    """The model settings of the run ``base`` (its model, embedding size and table
-    optimizer), as the defaults of a job that continues it; none without a base."""
+    """The model settings of the run ``base`` (its model, embedding size, table optimizer
+    and dropout), as the defaults of a job that continues it; none without a base."""
     from morec_rec.jobs.run import Run
     from morec_rec.jobs.train import MODEL_SETTINGS
 
     if base is None:
         return {}
     recorded = Run.open(base).record["config"]
-    return {"train": {name: recorded[name] for name in MODEL_SETTINGS if name in recorded}}
+    return {"train": {name: recorded[name] for name in (*MODEL_SETTINGS, "dropout")
+                      if name in recorded}}
 
 
 def _is_restart(record: Path, data: Path | None) -> bool:
@@ -492,7 +493,11 @@ def _is_restart(record: Path, data: Path | None) -> bool:
 
 
 def _check_batch(dataset: PreparedDataset, config: TrainConfig, world_size: int) -> None:
-    """Raises :class:`MorecError` unless a batch of ``config`` fits each loader stream."""
+    """Raises :class:`MorecError` unless ``config``'s backbone can learn from the data and
+    a batch of it fits each loader stream."""
+    from morec_rec.jobs.models import check_backbone
+
+    check_backbone(config.model, dataset.manifest["history_length"], config.embedding_dim)
     dataset.check_batch(config.batch_size, world_size * max(config.num_workers, 1),
                         f"batch_size = {config.batch_size}")
 
@@ -518,9 +523,8 @@ def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainCo
         if checkpoint.resolve(run.best) is None:
             raise MorecError(f"{base}: a base without a best checkpoint: nothing to continue")
         meta = checkpoint.read_meta(run.best)
-        wrong = [f"{key} = {value!r} (the base's: {meta.get(key)!r})"
-                 for key, value in model_identity(train, dataset).items()
-                 if meta.get(key) != value]
+        wrong = [f"{key} = {value!r} (the base's: {recorded!r})" for key, (recorded, value)
+                 in checkpoint.mismatches(meta, model_identity(train, dataset)).items()]
         if wrong:
             raise MorecError(f"{base}: the base's model differs from the settings: "
                              f"{', '.join(wrong)}")

@@ -56,10 +56,13 @@ MODEL_SETTINGS = ("model", "embedding_dim", "table_optimizer")
 
 
 def model_identity(config: TrainConfig, dataset: PreparedDataset) -> dict[str, Any]:
-    """What a checkpoint must match to be loaded into this model."""
+    """What a checkpoint must match to be loaded into this model (SASRec's position table
+    is as long as the data's histories)."""
     manifest = dataset.manifest
     return {**{name: getattr(config, name) for name in MODEL_SETTINGS},
-            "num_users": manifest["num_users"], "num_items": manifest["num_items"]}
+            "num_users": manifest["num_users"], "num_items": manifest["num_items"],
+            **({"history_length": manifest["history_length"]} if config.model == "sasrec"
+               else {})}
 
 
 def build_sharded(config: TrainConfig, dataset: PreparedDataset, env: distributed.Environment,

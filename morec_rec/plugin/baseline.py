@@ -34,9 +34,9 @@ from morec_rec.plugin.control.rules import Rule
 from morec_rec.plugin.hook import (
     Examples,
     ObjectiveLosses,
+    first_pass,
     is_training_step,
     model_output,
-    next_trained,
     segment_sums,
 )
 from morec_rec.plugin.segments import SegmentedBatch
@@ -131,15 +131,17 @@ class BaselineLoss:
             raise MorecError("a baseline coordinator weighs the per-example losses, which "
                              "have no gradient here (rows= computes them from a detached "
                              "output?)")
-        self.trained = next_trained(self.trained, batch.index)
-        if self._segments.device != values.device:  # once: the model's device
-            self._segments = self._segments.to(values.device)
-        self.losses.add(values, self._segments)
-        if self.rule.needs_gradients:
-            self.weights = self._weights(values.detach(), self._gram(values, batch.batch,
-                                                                     output))
-        else:
-            self.weights = np.asarray(self.rule.weights(None, None), dtype=np.float64)
+        if first_pass(self.trained, batch.index):
+            self.trained = batch.index
+            if self._segments.device != values.device:  # once: the model's device
+                self._segments = self._segments.to(values.device)
+            self.losses.add(values, self._segments)
+            if self.rule.needs_gradients:
+                self.weights = self._weights(values.detach(), self._gram(values, batch.batch,
+                                                                         output))
+            else:
+                self.weights = np.asarray(self.rule.weights(None, None), dtype=np.float64)
+        assert self.weights is not None  # set by the batch's first pass
         return (torch.from_numpy(self.weights).to(values) * values).sum(), output
 
     def _gram(self, values: torch.Tensor, batch: Any, output: Any) -> torch.Tensor:

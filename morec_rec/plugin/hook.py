@@ -92,15 +92,16 @@ def model_output(model: Callable[[Any], Any], batch: Any) -> tuple[torch.Tensor,
     return result[0], result[1]
 
 
-def next_trained(trained: int | None, index: int) -> int:
-    """``index``, the batch a hook trains on, which must come after ``trained``, the last
-    one it trained on (MorecError otherwise: a loader iterated again without
-    ``set_epoch`` yields the epoch it yielded before)."""
-    if trained is not None and index <= trained:
+def first_pass(trained: int | None, index: int) -> bool:
+    """Whether training on batch ``index`` is a first pass on it, ``trained`` being the
+    last batch trained on: a second pass on that one (SAM's, an optimizer closure's) is
+    neither measured nor stepped again. MorecError for an earlier batch: a loader iterated
+    again without ``set_epoch`` yields the epoch it yielded before."""
+    if trained is not None and index < trained:
         raise MorecError(f"loss hook: batch {index} comes after batch {trained} was trained: "
                          "call morec.set_epoch(epoch) before iterating morec.loader for each "
                          "epoch")
-    return index
+    return trained is None or index > trained
 
 
 def segment_sums(values: torch.Tensor, segment: torch.Tensor,
@@ -211,12 +212,13 @@ class MoRecLoss:
         self._q: tuple[np.ndarray, torch.Tensor] | None = None  # q, and its device copy
 
     def __call__(self, batch: SegmentedBatch) -> tuple[torch.Tensor, Any]:
-        training = is_training_step(self.model, batch)
+        training = (is_training_step(self.model, batch)
+                    and first_pass(self.trained, batch.index))
         loss, output = model_output(self.model, batch.batch)
         per_example = self.examples.losses(batch.batch, loss, output, batch.segment.shape[0])
         segment = self.examples.expand(batch.segment, per_example)
         if training:
-            self.trained = next_trained(self.trained, batch.index)
+            self.trained = batch.index
             self.losses.add(per_example, segment)
         if not self.weigh:
             return loss, output

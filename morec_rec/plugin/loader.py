@@ -8,9 +8,10 @@ batch a request.
 
 The loader knows which batches its workers may already have drawn: at most
 :attr:`SamplerLoader.lookahead` beyond those it has yielded (the groups of the
-DataLoader's outstanding requests), none that it will yield while no iterator is running
-(its workers persist between epochs; what they drew for an iteration left unfinished is
-dropped when the next one starts). An update published to apply from
+DataLoader's outstanding requests) and none past the epoch it iterates, nor any while no
+iterator is running (its workers persist between epochs, and draw the next epoch only when
+its iteration starts; what they drew for an iteration left unfinished is dropped when the
+next one starts). An update published to apply from
 :attr:`SamplerLoader.undrawn` therefore reaches every worker before the batch it applies
 to is drawn, whatever the pipeline in front of the loader holds.
 """
@@ -24,6 +25,7 @@ import torch
 
 from morec_rec.config import TrainConfig
 from morec_rec.errors import MorecError
+from morec_rec.plugin.adapters import register_pipelineable
 from morec_rec.plugin.sampling.sampled import SampledBatch
 from morec_rec.plugin.sampling.sampler import WeightedStreamSampler
 from morec_rec.plugin.segments import SegmentedBatch
@@ -135,6 +137,7 @@ class SamplerLoader(Generic[T]):
             generator=torch.Generator().manual_seed(sampler.config.seed))
         self._start = 0  # the epoch's first position
         self._next = 0  # the index of the next batch to yield
+        self._end = self.batches_per_epoch  # the index past the epoch's last batch
         self._running = False
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -142,6 +145,7 @@ class SamplerLoader(Generic[T]):
         self.sampler.set_epoch(epoch, start)
         self._start = start
         self._next = epoch * self.batches_per_epoch + start
+        self._end = (epoch + 1) * self.batches_per_epoch
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self._start
@@ -163,7 +167,7 @@ class SamplerLoader(Generic[T]):
     @property
     def undrawn(self) -> int:
         """The lowest batch index that no worker can have drawn yet."""
-        return self._next + (self.lookahead if self._running else 0)
+        return min(self._next + self.lookahead, self._end) if self._running else self._next
 
 
 def _raised_in_worker(error: MorecError) -> MorecError | None:
@@ -194,3 +198,7 @@ class MoRecLoader(SamplerLoader[SegmentedBatch]):
         super().__init__(sampler, Segmenting(collate, item_ids=item_ids),
                          num_workers=num_workers, prefetch_factor=prefetch_factor,
                          batches_per_request=batches_per_request, pin_memory=pin_memory)
+
+    def __iter__(self) -> Iterator[SegmentedBatch]:
+        register_pipelineable()  # the job may have imported TorchRec after making MoRec
+        return super().__iter__()

@@ -49,7 +49,6 @@ from morec_rec.collectives import all_reduce, is_distributed
 from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
-from morec_rec.plugin.adapters import register_pipelineable
 from morec_rec.plugin.baseline import BaselineLoss, LossForms, Representation, SubBatchMeans
 from morec_rec.plugin.control.coordinator import Coordinator, needs_base_losses
 from morec_rec.plugin.control.measures import relative_measures
@@ -162,6 +161,11 @@ class MoRec:
                  pin_memory: bool = False, device: torch.device | str = "cpu",
                  chunk_users: int = 1024) -> None:
         check_loader_settings(num_workers, prefetch_factor, batches_per_request)
+        given = {"collate": collate, "rows": rows, "scorer": scorer,
+                 "representation": representation, "validation_collate": validation_collate}
+        for name, function in given.items():
+            if (function is not None or name == "collate") and not callable(function):
+                raise MorecError(f"{name} = {function!r:.80} is not a function")
         if not isinstance(chunk_users, numbers.Integral) or chunk_users < 1:
             raise MorecError(f"chunk_users = {chunk_users!r} must be an int >= 1")
         try:
@@ -175,8 +179,7 @@ class MoRec:
         self.objectives = _objectives(self.dataset, sampler, objectives)
         #: The objectives the coefficients weigh, in segment (or weight) order.
         self.names = [o.name for o in self.objectives]
-        self.rank, self.world_size = ((dist.get_rank(), dist.get_world_size())
-                                      if dist.is_initialized() else (0, 1))
+        self.rank, self.world_size = _place()
         self.dataset.check_batch(
             sampler.sub_batch_size * len(self.objectives), self.world_size * max(num_workers, 1),
             f"sub_batch_size = {sampler.sub_batch_size} × {len(self.objectives)} objective(s)")
@@ -230,7 +233,6 @@ class MoRec:
         spec, self._store_server = StoreSpec.for_loader(num_workers)
         self._spec = dataclasses.replace(spec, prefix=f"{spec.prefix}/{_generation()}")
         self.store = WeightStore.connect(self._spec)
-        register_pipelineable()
         self.loader = MoRecLoader(
             WeightedStreamSampler(self.dataset, self.objectives, sampler, rank=self.rank,
                                   world_size=self.world_size, store=self._spec,
@@ -316,6 +318,8 @@ class MoRec:
         the plain loop's ``loss, output = hook(batch)``. Under ``training`` control with a
         ``relative`` target it first measures the objectives' losses under ``model`` (a
         collective, see :meth:`calibrate`)."""
+        self._check_place()
+        _check_model("loss", model)
         if self.rule is not None:
             assert self._terms is not None
             if self._hook is None or self._hook.model is not model:
@@ -333,11 +337,22 @@ class MoRec:
                 control_per_step=self.config.control == "training"))
         return self._hook
 
+    def _check_place(self) -> None:
+        """MorecError unless this process holds the place in the process group that it held
+        when this MoRec was made: made before ``init_process_group``, every rank's loader
+        would yield the same batches."""
+        rank, world_size = _place()
+        if (rank, world_size) != (self.rank, self.world_size):
+            raise MorecError(f"MoRec was made as rank {self.rank} of {self.world_size} and is "
+                             f"used as rank {rank} of {world_size}: make it after "
+                             "torch.distributed.init_process_group")
+
     def _continued(self, hook: Hook) -> Hook:
-        """``hook``, going on after the batches the hook before it trained: a new hook is
-        made for another model object (a job that wraps or re-shards its model)."""
-        if self._hook is not None:
-            hook.trained = self._hook.trained
+        """``hook``, going on after the batches trained before it: by the hook before it (a
+        new hook is made for another model object, as a job that wraps or re-shards its
+        model asks), or before the state this MoRec was restored from."""
+        hook.trained = (self._hook.trained if self._hook is not None
+                        else self._position - 1 if self._position else None)
         return hook
 
     def calibrate(self, model: nn.Module) -> dict[str, float]:
@@ -389,18 +404,23 @@ class MoRec:
         the ``version`` (the job's count of versions so far, restores included),
         ``effective_from`` and ``masses`` published (absent if none).
         """
+        self._check_place()
+        _check_model("validate", model)
         if self.coordinator is None:
             raise MorecError("validate() needs the coordinator that loss(model) makes: "
                              "call loss() first")
         metrics, signal = self._measure(model)
-        if self._base is None:
-            self._base = {} if metrics is None else metrics.as_dict()
+        base = self._base
+        if base is None:
+            base = {} if metrics is None else metrics.as_dict()
         measures: dict[str, float] = {}
         if self.config.control == "validation":
             assert metrics is not None  # a scorer is required for it
-            measures = relative_measures(self.coordinator.targets, self._base,
-                                         metrics.as_dict(), metrics.k)
+            # Raises for a base no measure can be relative to: it is not kept then.
+            measures = relative_measures(self.coordinator.targets, base, metrics.as_dict(),
+                                         metrics.k)
             self.coordinator.observe(measures)
+        self._base = base
         record: dict[str, Any] = {
             "users": len(self._valid_rows),
             "metrics": None if metrics is None else metrics.as_dict(), "measures": measures,
@@ -410,15 +430,20 @@ class MoRec:
         return {**record, **self._publish(signal)}
 
     def _measure(self, model: nn.Module) -> tuple[RankingMetrics | None, ValidationSignal]:
-        training = model.training
+        # Each module's own mode is restored: a job may keep some in eval mode (a frozen
+        # BatchNorm) while it trains the rest.
+        modes = [(module, module.training) for module in model.modules()]
         model.eval()
-        with torch.no_grad():
-            metrics = (None if self.scorer is None else
-                       evaluate(self.scorer, self._task, k=K, chunk_users=self.chunk_users))
-            losses = group_losses(model, self._valid_rows, self.validation_collate,
-                                  loss_groups(self.dataset.manifest), examples=self.examples,
-                                  device=self.device)
-        model.train(training)
+        try:
+            with torch.no_grad():
+                metrics = (None if self.scorer is None else
+                           evaluate(self.scorer, self._task, k=K, chunk_users=self.chunk_users))
+                losses = group_losses(model, self._valid_rows, self.validation_collate,
+                                      loss_groups(self.dataset.manifest),
+                                      examples=self.examples, device=self.device)
+        finally:
+            for module, training in modes:
+                module.training = training
         if metrics is None:
             return None, ValidationSignal(group_loss=losses, exposure={})
         return metrics, validation_signal(losses, metrics)
@@ -535,6 +560,8 @@ class MoRec:
         if missing:
             raise MorecError(f"MoRec state lacks {', '.join(missing)}: not what state_dict() "
                              "gives")
+        if not isinstance(state["journal"], list):
+            raise MorecError(f"MoRec state: journal {state['journal']!r:.100} is not a list")
         if not isinstance(state["position"], int) or state["position"] < 0:
             raise MorecError(f"MoRec state: position {state['position']!r} is not an int >= 0")
         # The position's batches, and where its epochs start, depend on both; a state
@@ -562,6 +589,10 @@ class MoRec:
         sizes = {o.name: o.num_groups for o in self.objectives} | {BATCH: len(self.objectives)}
         journal = []
         for entry in state["journal"]:
+            if not (isinstance(entry, Mapping) and isinstance(entry.get("values"), Mapping)
+                    and isinstance(entry.get("effective_from"), int)):
+                raise MorecError(f"MoRec state: journal entry {entry!r:.100} is not "
+                                 "{'effective_from': int, 'values': {name: masses}}")
             unknown = sorted(set(entry["values"]) - set(sizes))
             if unknown:
                 raise MorecError(f"MoRec state: masses of {', '.join(unknown)}, which are not "
@@ -592,6 +623,10 @@ def _objectives(dataset: PreparedDataset, config: SamplerConfig,
                                   fairness_signal=config.fairness_signal))
     objectives = [next(built) if isinstance(o, str) else o for o in given]
     for objective in objectives:
+        undeclared = [a for a in ("name", "num_groups", "columns") if not hasattr(objective, a)]
+        if undeclared:
+            raise MorecError(f"objective {type(objective).__name__}: an Objective declares "
+                             f"{', '.join(undeclared)} (class attributes, as the built-ins do)")
         if not isinstance(objective.name, str) or objective.name == BATCH:
             raise MorecError(f"objective name {objective.name!r}: a name is a str other than "
                              f"{BATCH!r} (which holds the objectives' shares of a batch)")
@@ -661,6 +696,17 @@ def _generation() -> str:
     if is_distributed():
         dist.broadcast_object_list(name, src=0)
     return name[0]
+
+
+def _check_model(method: str, model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise MorecError(f"{method}(): got a {type(model).__name__}, expected the job's model "
+                         "(an nn.Module)")
+
+
+def _place() -> tuple[int, int]:
+    """This process's rank and world size (0 and 1 without a process group)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def _max_over_ranks(value: int) -> int:

@@ -66,13 +66,24 @@ def build_model(name: str, num_users: int, num_items: int, history_length: int, 
     from morec_rec.jobs.models.mf import MatrixFactorization
     from morec_rec.jobs.models.sasrec import SASRec
 
+    check_backbone(name, history_length, embedding_dim)
     if name == "mf":
         return MatrixFactorization(num_users, num_items, embedding_dim, device=device)
-    if name == "sasrec":
-        if history_length < 1:
-            raise MorecError("sasrec needs histories: the dataset has history_length 0")
-        return SASRec(num_items, history_length, embedding_dim, dropout=dropout, device=device)
-    raise MorecError(f"unknown model {name!r} (expected one of {', '.join(NEGATIVES)})")
+    return SASRec(num_items, history_length, embedding_dim, dropout=dropout, device=device)
+
+
+def check_backbone(name: str, history_length: int, embedding_dim: int) -> None:
+    """MorecError for a backbone that cannot learn from a dataset of ``history_length``
+    with ``embedding_dim``: an unknown one, SASRec without histories, or SASRec below 3
+    dimensions (its last layer norm over the embedding leaves one vector for every user
+    at 1, two at 2)."""
+    num_negatives(name)
+    if name == "sasrec" and history_length < 1:
+        raise MorecError("model = 'sasrec' needs histories: the dataset has history_length 0")
+    if name == "sasrec" and embedding_dim < 3:
+        raise MorecError(f"model = 'sasrec' needs embedding_dim >= 3, got {embedding_dim}: "
+                         "its layer norm over the embedding gives every user one vector at "
+                         "1, one of two at 2")
 
 
 def num_negatives(name: str) -> int:

@@ -73,12 +73,9 @@ class Objective(abc.ABC):
 
     @property
     def is_uniform(self) -> bool:
-        """Whether every row is equally likely (the sampler then draws without replacement).
-
-        True for one group read from no row column: an objective that reads columns is
-        assumed to weight rows by them.
-        """
-        return self.num_groups == 1 and not self.columns
+        """Whether every row is equally likely (the sampler then draws without replacement):
+        one group, and :meth:`weights` not overridden."""
+        return self.num_groups == 1 and type(self).weights is Objective.weights
 
 
 class OneGroup(Objective):

@@ -125,6 +125,8 @@ class WeightedStreamSampler(IterableDataset):
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.store = store
+        if isinstance(columns, str):
+            raise MorecError(f"sampler: columns {columns!r} is one name; give a list of them")
         self.carried = tuple(OPTIONAL_COLUMNS if columns is None else columns)
         unknown = sorted(set(self.carried) - set(OPTIONAL_COLUMNS))
         if unknown:
