@@ -576,3 +576,20 @@ def test_loss_and_validate_take_the_model(tiny: Path, manifest: dict) -> None:
     hook = morec.loss(model)
     with pytest.raises(MorecError, match=r"^validate\(\): got a MoRecLoss, expected the job's"):
         morec.validate(hook)  # type: ignore[arg-type]
+
+
+def test_validation_rows_carry_the_columns_training_rows_do(tiny: Path, manifest: dict) -> None:
+    # A collate that reads a column it did not ask for fails at the first round, as it
+    # would at the first training batch, not only once training has started.
+    seen: list[tuple[bool, bool]] = []
+    collate = Collate(manifest["num_items"])
+
+    def recording(sampled) -> dict:
+        seen.append((sampled.price is None, sampled.history_values is None))
+        return collate(sampled)
+
+    model = MF(manifest["num_users"], manifest["num_items"])
+    morec = make(tiny, manifest, model, columns=["price"], validation_collate=recording)
+    morec.loss(model)
+    morec.validate(model)
+    assert seen and set(seen) == {(False, True)}

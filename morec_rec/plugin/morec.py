@@ -440,7 +440,8 @@ class MoRec:
                            evaluate(self.scorer, self._task, k=K, chunk_users=self.chunk_users))
                 losses = group_losses(model, self._valid_rows, self.validation_collate,
                                       loss_groups(self.dataset.manifest),
-                                      examples=self.examples, device=self.device)
+                                      examples=self.examples,
+                                      columns=self.loader.sampler.carried, device=self.device)
         finally:
             for module, training in modes:
                 module.training = training

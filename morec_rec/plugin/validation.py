@@ -11,7 +11,7 @@ Two measurements of one validation pass feed the sampler's mass updates:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,7 @@ from morec_rec.plugin.hook import Examples, check_finite, model_output
 from morec_rec.plugin.loader import Collate
 from morec_rec.plugin.sampling.objectives import ValidationSignal
 from morec_rec.plugin.sampling.sampled import SampledBatch
+from morec_rec.plugin.sampling.sampler import OPTIONAL_COLUMNS
 from morec_rec.plugin.segments import move
 
 #: The row column that top-K exposure is counted over.
@@ -53,22 +54,28 @@ def loss_groups(manifest: Mapping[str, Any]) -> dict[str, int]:
             "popularity_group": len(groups["popularity"]["q"])}
 
 
-def rows_batch(rows: pa.Table, batch_index: int) -> SampledBatch:
-    """Rows of a prepared split as one SampledBatch of a single objective (segment 0)."""
-    history = rows["history"].combine_chunks()
-    offsets = history.offsets.to_numpy()
-    gather, _ = arrays.ranges(offsets[:-1], np.diff(offsets))
+def rows_batch(rows: pa.Table, batch_index: int,
+               columns: Collection[str] = OPTIONAL_COLUMNS) -> SampledBatch:
+    """Rows of a prepared split as one SampledBatch of a single objective (segment 0),
+    carrying the optional ``columns`` (as the sampler's batches do)."""
+    def column(name: str, dtype: type = np.int64) -> torch.Tensor | None:
+        return torch.from_numpy(rows[name].to_numpy().astype(dtype)) if name in columns \
+            else None
 
-    def column(name: str, dtype: type = np.int64) -> torch.Tensor:
-        return torch.from_numpy(rows[name].to_numpy().astype(dtype))
-
+    history: dict[str, torch.Tensor] = {}
+    if "history" in columns:
+        lists = rows["history"].combine_chunks()
+        offsets = lists.offsets.to_numpy()
+        gather, _ = arrays.ranges(offsets[:-1], np.diff(offsets))
+        history = {
+            "history_values": torch.from_numpy(lists.values.to_numpy().astype(np.int64)[gather]),
+            "history_lengths": torch.from_numpy(np.diff(offsets).astype(np.int64))}
     n = rows.num_rows
     return SampledBatch(
-        user_id=column("user_id"), item_id=column("item_id"),
-        price=column("price", np.float32),
-        fairness_group=column("fairness_group"), popularity_group=column("popularity_group"),
-        history_values=torch.from_numpy(history.values.to_numpy().astype(np.int64)[gather]),
-        history_lengths=torch.from_numpy(np.diff(offsets).astype(np.int64)),
+        user_id=torch.from_numpy(rows["user_id"].to_numpy().astype(np.int64)),
+        item_id=torch.from_numpy(rows["item_id"].to_numpy().astype(np.int64)),
+        price=column("price", np.float32), fairness_group=column("fairness_group"),
+        popularity_group=column("popularity_group"), **history,
         objective=torch.zeros(n, dtype=torch.int64), starved=torch.zeros(1, dtype=torch.int64),
         batch_index=batch_index, epoch=0, masses_version=0,
     )
@@ -76,7 +83,7 @@ def rows_batch(rows: pa.Table, batch_index: int) -> SampledBatch:
 
 def group_losses(model: nn.Module, rows: pa.Table, collate: Collate,
                  num_groups: dict[str, int], *, examples: Examples = Examples(),
-                 chunk_rows: int = 4096,
+                 chunk_rows: int = 4096, columns: Collection[str] = OPTIONAL_COLUMNS,
                  device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
     """Mean per-example loss of ``model`` per group of each column in ``num_groups``.
 
@@ -84,7 +91,8 @@ def group_losses(model: nn.Module, rows: pa.Table, collate: Collate,
     of ``chunk_rows``, chunk c scored by rank c mod world size as batch index c, so the
     result does not depend on the number of ranks. ``model(batch) -> (loss, output)`` is
     called in whatever mode the caller set (eval, under ``torch.no_grad``); ``examples``
-    finds the per-example losses and lays them over the rows. A collective under
+    finds the per-example losses and lays them over the rows; ``collate`` gets the
+    optional ``columns`` of the rows, as the training batches carry them. A collective under
     ``torch.distributed``: every rank makes the same number of model calls. Returns
     float64 (num_groups[column],) per column, NaN for a group without examples; raises
     MorecError where a loss is NaN or infinite.
@@ -96,7 +104,7 @@ def group_losses(model: nn.Module, rows: pa.Table, collate: Collate,
     for c in range(rank, -(-chunks // world) * world, world):
         padding = c >= chunks  # no chunk left for this rank: still join the collective
         chunk = rows.slice(0 if padding else c * chunk_rows, 1 if padding else chunk_rows)
-        batch = move(collate(rows_batch(chunk, batch_index=c)), device)
+        batch = move(collate(rows_batch(chunk, c, columns)), device)
         loss, output = model_output(model, batch)
         if padding:
             continue
