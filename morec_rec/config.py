@@ -114,7 +114,8 @@ class PrepareConfig:
     #: Iterative k-core: every user and item keeps at least this many interactions; >= 3,
     #: since the leave-one-out split takes two of each user's.
     k_core: int = 5
-    #: Items kept in the ``history`` column (the most recent last); 0 keeps none.
+    #: Items kept in the ``history`` column (the most recent last); 0 keeps none. SASRec's
+    #: sequence length: its attention takes memory in batch_size × history_length² a step.
     history_length: int = 50
     #: Popularity groups, cut over items sorted by training count; at most the number of
     #: items left after filtering (more is an error: a group would have no item).
