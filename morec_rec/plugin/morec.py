@@ -443,8 +443,12 @@ class MoRec:
                                       examples=self.examples,
                                       columns=self.loader.sampler.carried, device=self.device)
         finally:
-            for module, training in modes:
-                module.training = training
+            # Through train(), in tree order: modules may override it (TorchRec's sharded
+            # ones set their lookups' modes, which are not submodules).
+            model.train(modes[0][1])
+            for module, training in modes[1:]:
+                if module.training != training:
+                    module.train(training)
         if metrics is None:
             return None, ValidationSignal(group_loss=losses, exposure={})
         return metrics, validation_signal(losses, metrics)
