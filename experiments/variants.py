@@ -65,7 +65,7 @@ def _variant(args: argparse.Namespace, index: int, name: str, flags: str) -> dic
     return metric_row(name, results["morec"], flags=f"`{flags}`" if flags else "(defaults)",
                       min_hit_diff=paired["difference"]["min_hit@10"],
                       min_hit_ci={"low": low, "high": high, "decimals": 4},
-                      min_hit_above=round(100 * paired["above"]["min_hit@10"], 1),
+                      min_hit_above=round(100 * paired["ahead"]["min_hit@10"], 1),
                       imp=imp_cell(results), valid=valid_cell(results), **timing)
 
 

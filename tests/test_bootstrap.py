@@ -9,7 +9,7 @@ import pytest
 
 from morec_rec.jobs.bootstrap import PairedBootstrap, paired_bootstrap
 from morec_rec.jobs.cli import format_comparison
-from morec_rec.plugin.eval.metrics import METRICS, RankingMetricSums, user_rows
+from morec_rec.plugin.eval.metrics import METRICS, RankingMetricSums, improvement, user_rows
 
 # Six items: price i + 1, fairness group i mod 2, popularity group i mod 3.
 PRICE = np.arange(6, dtype=np.float64) + 1
@@ -48,7 +48,7 @@ def test_a_model_against_itself_differs_by_nothing() -> None:
     result = paired_bootstrap(rows, rows.copy(), Q, k=2, num_fairness_groups=2, resamples=200)
     assert all(d == 0 for d in result.difference.values())
     assert all(interval == (0.0, 0.0) for interval in result.interval.values())
-    assert all(share == 0 for share in result.above.values())
+    assert all(share == 0 for share in result.ahead.values())
     assert result.imp == 0 and result.imp_positive == 0 and result.imp_interval == (0.0, 0.0)
 
 
@@ -64,7 +64,7 @@ def test_a_model_that_hits_more_users_leads_in_every_resample() -> None:
     assert result.difference["hit@2"] == pytest.approx(extra.mean())
     assert result.interval["hit@2"][0] > 0 and result.interval["rhit@2"][0] > 0
     assert result.interval["pop_kl@2"] == (0.0, 0.0)
-    assert result.above["hit@2"] == 1.0 and result.above["pop_kl@2"] == 0.0
+    assert result.ahead["hit@2"] == 1.0 and result.ahead["pop_kl@2"] == 0.0
     assert result.imp > 0 and result.imp_positive == 1.0
 
 
@@ -91,14 +91,37 @@ def test_an_undefined_imp_term_is_named() -> None:
         a={**metrics, "min_hit@10": 0.1}, b={**metrics, "min_hit@10": 0.0},
         difference={**dict.fromkeys(metrics, 0.0), "min_hit@10": 0.1},
         interval=dict.fromkeys([*metrics, "min_hit@10"], (0.0, 0.0)),
-        above=dict.fromkeys([*metrics, "min_hit@10"], 0.0), imp=0.0,
-        imp_undefined=("min_hit@10",), imp_interval=(0.0, 0.0), imp_positive=0.0,
-        imp_terms=METRICS, resamples=10, level=0.95, seed=0)
+        ahead=dict.fromkeys([*metrics, "min_hit@10"], 0.0), imp=0.0,
+        imp_undefined=("min_hit@10",), imp_unresolved={}, imp_interval=(0.0, 0.0),
+        imp_positive=0.0, imp_terms=METRICS, resamples=10, level=0.95, seed=0)
     assert format_comparison("A", "B", "test", 5, result, as_json=False).splitlines()[-1] == (
         "  Imp of A over B (over hit, rhit, pop_kl; B's min_hit@10 = 0) +0.00% "
         "[+0.00%, +0.00%]; > 0 in 0.0% of the resamples")
     assert json.loads(format_comparison("A", "B", "test", 5, result, as_json=True))[
         "imp_undefined"] == ["min_hit@10"]
+
+
+def test_a_term_some_resamples_leave_undefined_is_left_out_of_every_one() -> None:
+    # B hits fairness group 1 for one user of 300: its min-Hit is defined on the users as
+    # evaluated, and 0 in the resamples that miss that user, (1 − 1/300)^300 ≈ 36.7% of
+    # them. Imp and its resamples are then over the three other terms, all of them.
+    top_k, held_out, _ = _pair(300)
+    group_1 = np.flatnonzero(held_out % 2 == 1)
+    top_k[group_1, 0] = (held_out[group_1] + 3) % 6  # B misses group 1 ...
+    top_k[group_1[0], 0] = held_out[group_1[0]]  # ... but for one user
+    better = top_k.copy()
+    better[:, 0] = held_out  # A hits every user
+    result = paired_bootstrap(rows_of(better, held_out), rows_of(top_k, held_out), Q, k=2,
+                              num_fairness_groups=2, resamples=1000)
+    assert result.imp_undefined == () and list(result.imp_unresolved) == ["min_hit@2"]
+    assert result.imp_unresolved["min_hit@2"] == pytest.approx(1000 * (1 - 1 / 300) ** 300,
+                                                               abs=4 * 15.2)  # 4 sd
+    three = improvement(result.b, result.a, ("hit", "rhit", "pop_kl")).imp
+    assert result.imp == pytest.approx(three)
+    line = format_comparison("A", "B", "test", 300, result, as_json=False).splitlines()[-1]
+    assert line.startswith(f"  Imp of A over B (over hit, rhit, pop_kl; B's min_hit@2 = 0 in "
+                           f"{result.imp_unresolved['min_hit@2']:,} of the resamples) "
+                           f"{100 * three:+.2f}% [")
 
 
 def test_an_imp_without_a_defined_term_has_no_interval() -> None:
@@ -127,7 +150,7 @@ def test_one_user_more_is_within_noise() -> None:
     # of them (binomial sd 1.5 points over 1,000 resamples; bound at 4 sd). In the other
     # 36.8% the two are equal, so the interval's lower end is 0.
     assert result.imp_positive == pytest.approx(1 - (1 - 1 / 2000) ** 2000, abs=0.06)
-    assert result.above["hit@2"] == result.imp_positive  # Hit is the only term that moves
+    assert result.ahead["hit@2"] == result.imp_positive  # Hit is the only term that moves
     assert result.interval["hit@2"][0] == 0.0 and result.interval["hit@2"][1] > 0
 
 

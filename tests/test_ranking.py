@@ -83,6 +83,18 @@ def test_scores_that_view_a_parameter_are_ranked_without_writing_into_it() -> No
         assert bias.tolist() == list(range(6))
 
 
+def test_a_scorers_own_minus_inf_ranks_above_the_excluded_items() -> None:
+    # A scorer that masks items with -inf (here 0-3) ties them with the seen items the
+    # ranking masks so (0, 1): those must still never be shown. Top 3: 4, 5, then 2,
+    # the held-out item, not 0.
+    task = _task(exclude=[[0, 1]], held_out=[2])
+
+    def scorer(users: RankingTask) -> torch.Tensor:
+        return torch.tensor([[-torch.inf] * 4 + [1.0, 1.0]]).repeat(len(users), 1)
+
+    assert evaluate(scorer, task, k=3).hit == 1.0
+
+
 def test_nan_scores_are_refused_where_they_could_rank() -> None:
     # User 1's NaN is on an item it saw (excluded), user 2's on one it could be shown;
     # the chunk of users 0-1 ranks, the one with user 2 is refused.

@@ -14,7 +14,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from morec_rec.plugin.eval.metrics import METRICS, RankingMetricSums, improvement
+from morec_rec.plugin.eval.metrics import (
+    LOWER_IS_BETTER,
+    METRICS,
+    RankingMetricSums,
+    improvement,
+)
 
 #: Resamples whose weight matrix is built at once: (CHUNK, U) int64.
 _CHUNK = 100
@@ -29,18 +34,21 @@ class PairedBootstrap:
         difference: A − B per metric, on the users as evaluated.
         interval: per metric, the (low, high) percentile interval of A − B over the
             resamples at ``level``.
-        above: per metric, the share of resamples in which A's value exceeds B's (for
-            Pop-KL, lower is better: A ahead is ``1 - above`` less the ties).
-        imp: Imp of A over B (B as the base; over the defined ones of ``imp_terms``; None
-            if none is).
+        ahead: per metric, the share of resamples in which A's value is better than B's
+            (higher; lower for Pop-KL).
+        imp: Imp of A over B (B as the base) over the terms of ``imp_terms`` that every
+            resample defines, so that it and its resamples are one statistic; None if no
+            term is left.
         imp_undefined: the metrics of ``imp_terms`` that Imp leaves out, B's being 0 on
             the users as evaluated.
-        imp_interval: the percentile interval of that Imp over the resamples (None if no
-            resample defines it).
+        imp_unresolved: the other metrics of ``imp_terms`` that Imp leaves out, with the
+            number of resamples in which B's is 0 (which would leave them out of those
+            resamples' Imp alone).
+        imp_interval: the percentile interval of that Imp over the resamples (None with
+            ``imp``).
         imp_positive: the share of resamples in which A's Imp over B is > 0 (None as
-            above). A term undefined in a resample (B's metric 0 there) is left out of
-            that resample's Imp, as in :func:`~morec_rec.plugin.eval.metrics.improvement`.
-        imp_terms: the metrics Imp is over (names of ``METRICS``).
+            above).
+        imp_terms: the metrics Imp was asked to be over (names of ``METRICS``).
         resamples, level, seed: as given.
     """
 
@@ -48,9 +56,10 @@ class PairedBootstrap:
     b: dict[str, float]
     difference: dict[str, float]
     interval: dict[str, tuple[float, float]]
-    above: dict[str, float]
+    ahead: dict[str, float]
     imp: float | None
     imp_undefined: tuple[str, ...]
+    imp_unresolved: dict[str, int]
     imp_interval: tuple[float, float] | None
     imp_positive: float | None
     imp_terms: tuple[str, ...]
@@ -84,28 +93,33 @@ def paired_bootstrap(rows_a: np.ndarray, rows_b: np.ndarray, q: np.ndarray, *, k
     a, b = metrics(rows_a.sum(axis=0)), metrics(rows_b.sum(axis=0))
     users = len(rows_a)
     rng = np.random.default_rng(seed)
-    differences, imps = [], []
+    pairs = []  # each resample's (A's, B's) metrics
     for start in range(0, resamples, _CHUNK):
         weights = rng.multinomial(users, np.full(users, 1.0 / users),
                                   size=min(_CHUNK, resamples - start)).astype(np.float64)
-        for total_a, total_b in zip(weights @ rows_a, weights @ rows_b):
-            resampled_a, resampled_b = metrics(total_a), metrics(total_b)
-            differences.append([resampled_a[m] - resampled_b[m] for m in resampled_a])
-            imp = improvement(resampled_b, resampled_a, imp_terms).imp_defined
-            imps.append(np.nan if imp is None else imp)
-    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
-    differences = np.array(differences)
-    bounds = np.percentile(differences, tails, axis=0)
+        pairs += [(metrics(total_a), metrics(total_b))
+                  for total_a, total_b in zip(weights @ rows_a, weights @ rows_b)]
     keys = list(a)
+    differences = np.array([[pa[m] - pb[m] for m in keys] for pa, pb in pairs])
+    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    bounds = np.percentile(differences, tails, axis=0)
+    better = np.array([-1.0 if m.partition("@")[0] in LOWER_IS_BETTER else 1.0 for m in keys])
     gain = improvement(b, a, imp_terms)
-    defined = np.array(imps)[~np.isnan(imps)]
+    # A term is left out of every resample's Imp where B's is 0 in any resample.
+    zeros = {key: sum(pb[key] == 0 for _, pb in pairs)
+             for key in gain.per_metric if key not in gain.undefined}
+    unresolved = {key: count for key, count in zeros.items() if count}
+    terms = [key.partition("@")[0] for key in zeros if key not in unresolved]
+    imps = (np.array([improvement(pb, pa, terms).imp for pa, pb in pairs], dtype=np.float64)
+            if terms else None)
     return PairedBootstrap(
         a=a, b=b, difference={m: a[m] - b[m] for m in keys},
         interval={m: (float(bounds[0, i]), float(bounds[1, i])) for i, m in enumerate(keys)},
-        above={m: float(np.mean(differences[:, i] > 0)) for i, m in enumerate(keys)},
-        imp=gain.imp_defined, imp_undefined=gain.undefined,
-        imp_interval=(tuple(float(x) for x in np.percentile(defined, tails))
-                      if len(defined) else None),
-        imp_positive=float(np.mean(np.array(imps) > 0)) if len(defined) else None,
+        ahead=dict(zip(keys, np.mean(differences * better > 0, axis=0).tolist())),
+        imp=improvement(b, a, terms).imp if terms else None, imp_undefined=gain.undefined,
+        imp_unresolved=unresolved,
+        imp_interval=(None if imps is None
+                      else tuple(float(x) for x in np.percentile(imps, tails))),
+        imp_positive=None if imps is None else float(np.mean(imps > 0)),
         imp_terms=tuple(imp_terms), resamples=resamples, level=level, seed=seed,
     )

@@ -28,7 +28,7 @@ from morec_rec.config import (
 from morec_rec.data.format import MANIFEST, PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.jobs.bootstrap import PairedBootstrap
-from morec_rec.plugin.eval.metrics import METRICS
+from morec_rec.plugin.eval.metrics import METRICS, VALIDITY_THRESHOLD
 
 if TYPE_CHECKING:
     from morec_rec.jobs.run import Run
@@ -404,17 +404,20 @@ def format_comparison(a: str, b: str, split: str, users: int, result: PairedBoot
     percent = round(100 * result.level)
     lines = [f"{a} against {b} on {split} ({users:,} users; {result.resamples:,} paired "
              f"resamples of the users, {percent}% intervals)",
-             f"  {'metric':<12}{'A':>10}{'B':>10}{'A - B':>10}   {'interval':<20}  A > B in"]
+             f"  {'metric':<12}{'A':>10}{'B':>10}{'A - B':>10}   {'interval':<20}  A ahead in"]
     for key, difference in result.difference.items():
         low, high = result.interval[key]
         lines.append(f"  {key:<12}{result.a[key]:>10.4f}{result.b[key]:>10.4f}"
                      f"{difference:>+10.4f}   {f'[{low:+.4f}, {high:+.4f}]':<20}"
-                     f"  {100 * result.above[key]:5.1f}%")
+                     f"  {100 * result.ahead[key]:5.1f}%")
+    left_out = [*result.imp_undefined, *result.imp_unresolved]
     terms = [term for term in result.imp_terms
-             if not any(key.startswith(term + "@") for key in result.imp_undefined)]
+             if not any(key.startswith(term + "@") for key in left_out)]
     notes = [f"over {', '.join(terms)}"] if terms and set(terms) != set(METRICS) else []
     if result.imp_undefined:
         notes.append(f"B's {', '.join(result.imp_undefined)} = 0")
+    notes += [f"B's {key} = 0 in {count:,} of the resamples"
+              for key, count in result.imp_unresolved.items()]
     over = f" ({'; '.join(notes)})" if notes else ""
     if result.imp is None or result.imp_interval is None or result.imp_positive is None:
         lines.append(f"  Imp of A over B{over} undefined")
@@ -613,8 +616,11 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
         if name in results:
             print(f"{label:<12}" + "".join(f"{results[name][key]:>12.4f}" for key in keys))
     title = {"morec": "MoRec", "static": "Static weights"}.get(coordinator, coordinator.upper())
+    base_hit, hit = results["base"]["hit@10"], results["morec"]["hit@10"]
+    share = f"hit@10 {hit / base_hit:.1%} of the base's" if base_hit else "hit@10"
     print(f"{title} against the base on test: {results['imp_text']}, "
-          f"{'valid' if results['valid'] else 'INVALID'} (hit@10 >= 97% of the base's)")
+          f"{'valid' if results['valid'] else 'INVALID'} ({share}; valid from "
+          f"{VALIDITY_THRESHOLD:.0%})")
     for name, held in results["control"].items():
         print(f"controller of {name}, last fifth of training: mean "
               f"{held['mean']:.4f} against target {held['target']:.4f} "

@@ -285,12 +285,24 @@ def _top_lists(scorer: Scorer, task: RankingTask, k: int,
             # The exclusions are written into the scores: not into a view of another
             # tensor (a parameter's, or one row expanded to every user) nor into the graph.
             scores = scores.detach().clone()
-        excluded = torch.from_numpy(np.repeat(np.arange(len(users)),
-                                              np.diff(users.exclude_offsets)))
-        scores[excluded.to(scores.device),
-               torch.from_numpy(users.exclude_items).to(scores.device)] = -torch.inf
-        top = top_k(scores, k)
-        # torch ranks NaN above every number: a user with a NaN score has one first. One
-        # copy to the host brings the flags with the lists.
-        host = torch.cat([top, scores.gather(1, top[:, :1]).isnan()], dim=1).cpu().numpy()
-        yield users, host[:, :-1], host[:, -1].astype(bool)
+        excluded = (torch.from_numpy(np.repeat(np.arange(len(users)),
+                                               np.diff(users.exclude_offsets))).to(scores.device),
+                    torch.from_numpy(users.exclude_items).to(scores.device))
+        scores[excluded] = -torch.inf
+        host = _ranked(scores, k)
+        if host[:, -1].any():
+            # A k-th score of -inf: the scorer's own -inf ties with the exclusions, and ties
+            # go to the lower item id. Raised to the lowest number, they rank above them.
+            scores.clamp_(min=torch.finfo(scores.dtype).min)
+            scores[excluded] = -torch.inf
+            host = _ranked(scores, k)
+        yield users, host[:, :-2], host[:, -2].astype(bool)
+
+
+def _ranked(scores: torch.Tensor, k: int) -> np.ndarray:
+    """On the host, int64 (U, k + 2): each user's top-``k`` items (all, if fewer), whether
+    its first score is NaN (torch ranks NaN above every number: a user with a NaN score has
+    one first) and whether its last is -inf; one copy brings the flags with the lists."""
+    top = top_k(scores, k)
+    flags = [scores.gather(1, top[:, :1]).isnan(), scores.gather(1, top[:, -1:]).isneginf()]
+    return torch.cat([top, *flags], dim=1).cpu().numpy()
