@@ -207,7 +207,8 @@ def test_demo_runs_the_job_and_reruns(tmp_path: Path,
     assert {"imp", "valid"} <= set(results)
     written = (tmp_path / "run" / "results.json").stat().st_mtime_ns
     assert main(["demo", "--out", str(tmp_path / "run")]) == 0  # shows the finished job
-    again = capsys.readouterr().out
+    notice, again = capsys.readouterr().out.split("\n", 1)
+    assert notice == f"the finished demo in {tmp_path / 'run'} (remove it to run the demo again):"
     assert first.endswith(again) and "prepared" not in again  # the data is reused
     assert (tmp_path / "run" / "results.json").stat().st_mtime_ns == written  # not rerun
     assert main(["demo", "--out", str(tmp_path / "run"), "--seed", "1"]) == 2

@@ -653,6 +653,7 @@ def _demo(args: argparse.Namespace) -> None:
         changed = _keep_job_settings(args.out, read_job(args.out), train, sampler, morec)
         if (args.out / RESULTS).is_file() and not changed:
             # A finished demo, asked for nothing more: its results again.
+            print(f"the finished demo in {args.out} (remove it to run the demo again):")
             _print_results(read_record(args.out / RESULTS, RESULT_KEYS), args.out)
             return
     # An interrupted demo, or a finished one asked for more, goes on where it stopped.
