@@ -112,6 +112,22 @@ def test_a_pass_without_training_returns_the_models_loss_and_records_nothing() -
     assert np.isnan(hook.losses.reduce()).all()
 
 
+def test_a_second_pass_on_a_batch_keeps_the_first_passes_weights() -> None:
+    # SAM's second pass, at perturbed parameters: the weights of the batch's first pass
+    # (MGDA's from its gradients), and no second measurement.
+    rows = torch.tensor([0, 1])
+    grad, hook = _step(MGDA())
+    first = hook.weights.copy()
+    with torch.no_grad():
+        hook.model.theta.add_(torch.tensor([5.0, -5.0]))
+    hook.model.zero_grad()
+    loss, _ = hook(SegmentedBatch(rows, torch.tensor([0, 0]), 0, item_id=rows))
+    loss.backward()
+    assert hook.trained == 0 and np.array_equal(hook.weights, first)
+    torch.testing.assert_close(hook.model.theta.grad, grad)  # the losses are linear in θ
+    np.testing.assert_allclose(hook.losses.reduce(), [0.35, 0.3])  # the first pass's only
+
+
 def test_mgda_over_sub_batches_weighs_each_segments_mean_loss() -> None:
     # MoRec's sampler drew row 0 for accuracy and row 1 for revenue: ℓ = (c1·z_0, c2·z_1),
     # ∇ℓ = (1, 0) and (0, 2); the min-norm point of their hull is at α = (0.8, 0.2), and
