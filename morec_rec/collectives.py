@@ -11,6 +11,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def place() -> tuple[int, int]:
+    """This process's rank and world size (0 and 1 without a process group)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def all_reduce(values: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
                ) -> torch.Tensor:
     """``values`` reduced over every rank, on the host (returned as a new CPU tensor;

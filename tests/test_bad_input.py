@@ -746,3 +746,10 @@ def test_a_sasrec_run_on_data_reprepared_with_other_histories_is_another_model(
                    str(data)).returncode == 0
     fails(run_cli("evaluate", "--run", str(out)),
           "checkpoint of another model", "history_length")
+
+
+def test_a_checkpoint_lacking_an_identity_field_differs_unless_it_predates_the_field() -> None:
+    expect = {"model": "sasrec", "num_users": 3, "history_length": 5}
+    assert checkpoint.mismatches({"model": "sasrec"}, expect) == {"num_users": (None, 3)}
+    assert checkpoint.mismatches({**expect, "history_length": 50}, expect) == {
+        "history_length": (50, 5)}

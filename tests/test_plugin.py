@@ -477,7 +477,7 @@ def test_a_morec_made_before_the_process_group_is_refused(
         tiny: Path, manifest: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     model = MF(manifest["num_users"], manifest["num_items"])
     morec = make(tiny, manifest, model)  # no process group: rank 0 of 1
-    monkeypatch.setattr("morec_rec.plugin.morec._place", lambda: (1, 2))  # one made since
+    monkeypatch.setattr("morec_rec.plugin.morec.place", lambda: (1, 2))  # one made since
     for call in (morec.loss, morec.validate):
         with pytest.raises(MorecError, match=r"MoRec was made as rank 0 of 1 and is used as "
                                              r"rank 1 of 2: make it after torch.distributed"):

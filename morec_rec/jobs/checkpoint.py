@@ -103,10 +103,16 @@ def read_meta(path: Path, required: Sequence[str] = ()) -> dict[str, Any]:
     return meta
 
 
+#: Model identity fields that checkpoints saved before they were recorded lack: such a
+#: checkpoint is not compared on them (on any other field, a missing one differs).
+RECORDED_LATER = frozenset({"history_length"})
+
+
 def mismatches(meta: Mapping[str, Any], expect: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """The fields of ``expect`` that a checkpoint's ``meta`` records otherwise, as (recorded,
-    expected); one it does not record (saved before it was recorded) is not compared."""
-    return {k: (meta[k], v) for k, v in expect.items() if k in meta and meta[k] != v}
+    expected), None where it records none (see :data:`RECORDED_LATER`)."""
+    return {k: (meta.get(k), v) for k, v in expect.items()
+            if meta.get(k) != v and (k in meta or k not in RECORDED_LATER)}
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -271,7 +271,7 @@ def _train(args: argparse.Namespace) -> None:
         _keep_epochs(args.out, config.max_epochs, "--max-epochs")
         dataset = PreparedDataset.open(record["data"])
         env = distributed.init()
-        _check_batch(dataset, config, env.world_size)
+        _check_training(dataset, config, env.world_size)
     else:
         if args.data is None:
             raise MorecError("train needs --data (or --resume)")
@@ -279,7 +279,7 @@ def _train(args: argparse.Namespace) -> None:
                        _where(args.config, "[train]"))
         dataset = PreparedDataset.open(args.data)
         env = distributed.init()
-        _check_batch(dataset, config, env.world_size)
+        _check_training(dataset, config, env.world_size)
         check_writable(args.out)
         run = Run.create(args.out, {"config": dataclasses.asdict(config),
                                     "data": str(dataset.root.resolve()),
@@ -495,7 +495,7 @@ def _is_restart(record: Path, data: Path | None) -> bool:
     return True
 
 
-def _check_batch(dataset: PreparedDataset, config: TrainConfig, world_size: int) -> None:
+def _check_training(dataset: PreparedDataset, config: TrainConfig, world_size: int) -> None:
     """Raises :class:`MorecError` unless ``config``'s backbone can learn from the data and
     a batch of it fits each loader stream."""
     from morec_rec.jobs.models import check_backbone
@@ -507,9 +507,10 @@ def _check_batch(dataset: PreparedDataset, config: TrainConfig, world_size: int)
 
 def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainConfig,
                sampler: SamplerConfig) -> None:
-    """Checks, before a job writes anything, what would fail it later: its batches fit the
-    data's loader streams, and a given ``base`` is a run of the same model on the same
-    data with a best checkpoint. (The job checks its objectives and controllers itself.)"""
+    """Checks, before a job writes anything, what would fail it later: its backbone learns
+    from the data and its batches fit the data's loader streams, and a given ``base`` is a
+    run of the same model on the same data with a best checkpoint. (The job checks its
+    objectives and controllers itself.)"""
     from morec_rec.jobs import checkpoint, distributed
     from morec_rec.jobs.run import Run
     from morec_rec.jobs.train import model_identity
@@ -517,7 +518,7 @@ def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainCo
     env = distributed.init()
     world_size = env.world_size
     if base is None:
-        _check_batch(dataset, train, world_size)
+        _check_training(dataset, train, world_size)
     else:
         run = Run.open(Path(base))
         data = Path(run.record["data"]).resolve()

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from morec_rec.collectives import all_reduce, is_distributed
+from morec_rec.collectives import all_reduce, is_distributed, place
 from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
@@ -179,7 +179,7 @@ class MoRec:
         self.objectives = _objectives(self.dataset, sampler, objectives)
         #: The objectives the coefficients weigh, in segment (or weight) order.
         self.names = [o.name for o in self.objectives]
-        self.rank, self.world_size = _place()
+        self.rank, self.world_size = place()
         self.dataset.check_batch(
             sampler.sub_batch_size * len(self.objectives), self.world_size * max(num_workers, 1),
             f"sub_batch_size = {sampler.sub_batch_size} × {len(self.objectives)} objective(s)")
@@ -341,7 +341,7 @@ class MoRec:
         """MorecError unless this process holds the place in the process group that it held
         when this MoRec was made: made before ``init_process_group``, every rank's loader
         would yield the same batches."""
-        rank, world_size = _place()
+        rank, world_size = place()
         if (rank, world_size) != (self.rank, self.world_size):
             raise MorecError(f"MoRec was made as rank {self.rank} of {self.world_size} and is "
                              f"used as rank {rank} of {world_size}: make it after "
@@ -707,11 +707,6 @@ def _check_model(method: str, model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise MorecError(f"{method}(): got a {type(model).__name__}, expected the job's model "
                          "(an nn.Module)")
-
-
-def _place() -> tuple[int, int]:
-    """This process's rank and world size (0 and 1 without a process group)."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def _max_over_ranks(value: int) -> int:

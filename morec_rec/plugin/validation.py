@@ -16,10 +16,9 @@ from typing import Any, Collection, Mapping
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from morec_rec.collectives import all_reduce
+from morec_rec.collectives import all_reduce, place
 from morec_rec.data import arrays
 from morec_rec.plugin.eval.metrics import RankingMetrics
 from morec_rec.plugin.hook import Examples, check_finite, model_output
@@ -58,9 +57,11 @@ def rows_batch(rows: pa.Table, batch_index: int,
                columns: Collection[str] = OPTIONAL_COLUMNS) -> SampledBatch:
     """Rows of a prepared split as one SampledBatch of a single objective (segment 0),
     carrying the optional ``columns`` (as the sampler's batches do)."""
-    def column(name: str, dtype: type = np.int64) -> torch.Tensor | None:
-        return torch.from_numpy(rows[name].to_numpy().astype(dtype)) if name in columns \
-            else None
+    def column(name: str, dtype: type = np.int64) -> torch.Tensor:
+        return torch.from_numpy(rows[name].to_numpy().astype(dtype))
+
+    def optional(name: str, dtype: type = np.int64) -> torch.Tensor | None:
+        return column(name, dtype) if name in columns else None
 
     history: dict[str, torch.Tensor] = {}
     if "history" in columns:
@@ -72,10 +73,9 @@ def rows_batch(rows: pa.Table, batch_index: int,
             "history_lengths": torch.from_numpy(np.diff(offsets).astype(np.int64))}
     n = rows.num_rows
     return SampledBatch(
-        user_id=torch.from_numpy(rows["user_id"].to_numpy().astype(np.int64)),
-        item_id=torch.from_numpy(rows["item_id"].to_numpy().astype(np.int64)),
-        price=column("price", np.float32), fairness_group=column("fairness_group"),
-        popularity_group=column("popularity_group"), **history,
+        user_id=column("user_id"), item_id=column("item_id"),
+        price=optional("price", np.float32), fairness_group=optional("fairness_group"),
+        popularity_group=optional("popularity_group"), **history,
         objective=torch.zeros(n, dtype=torch.int64), starved=torch.zeros(1, dtype=torch.int64),
         batch_index=batch_index, epoch=0, masses_version=0,
     )
@@ -97,7 +97,7 @@ def group_losses(model: nn.Module, rows: pa.Table, collate: Collate,
     float64 (num_groups[column],) per column, NaN for a group without examples; raises
     MorecError where a loss is NaN or infinite.
     """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = place()
     chunks = -(-rows.num_rows // chunk_rows)
     sums = {c: np.zeros(g) for c, g in num_groups.items()}
     counts = {c: np.zeros(g) for c, g in num_groups.items()}

@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from morec_rec.collectives import all_reduce
+from morec_rec.collectives import all_reduce, place
 from morec_rec.data.format import PreparedDataset, read_parquet
 from morec_rec.errors import MorecError
 from morec_rec.plugin.eval.metrics import RankingMetrics, RankingMetricSums, user_rows
@@ -234,7 +234,7 @@ def _item_groups(task: RankingTask) -> tuple[Any, ...]:
 def _local_users(task: RankingTask) -> RankingTask:
     """This rank's users of ``task``: the task itself if it is this rank's share, its
     share of them if it is the whole task; MorecError for another rank's share."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = place()
     if task.share == (rank, world):
         return task
     if task.share == (0, 1):
