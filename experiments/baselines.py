@@ -20,7 +20,7 @@ table per seed, rows added or replaced), with paired bootstraps over the test us
 against every baseline's chosen solution (the best of them on validation marked): Imp
 over the four terms, and over the ``--resolved`` ones where the test set cannot resolve
 them all (on Ta-Feng min-Hit is 0–3 users: a term that comes and goes with the
-resample). ``python
+resample); an Imp that the resamples leave fewer terms names those it is over. ``python
 experiments/tables.py`` then renders the tables into the experiment's README.
 """
 
@@ -112,7 +112,8 @@ def _choose(solutions: list[dict[str, Any]]) -> dict[str, Any]:
 def _bootstrap(a: Path, b: Path, resamples: int, a_name: str, b_name: str,
                resolved: tuple[str, ...]) -> dict[str, Any]:
     """MoRec's run ``a`` against ``b``: Imp over the four terms, and over ``resolved``
-    (``resolved_``-prefixed keys) where those are fewer."""
+    (``resolved_``-prefixed keys) where those are fewer; each Imp over fewer terms than
+    asked (the resamples leaving some undefined) names those it is over."""
     row = {"a": a_name, "b": b_name}
     for prefix, terms in (("", METRICS), ("resolved_", resolved)):
         if prefix and set(terms) == set(METRICS):
@@ -121,7 +122,10 @@ def _bootstrap(a: Path, b: Path, resamples: int, a_name: str, b_name: str,
                                       "--json", "--resamples", str(resamples),
                                       "--imp-over", ",".join(terms)))
         low, high = result["imp_interval"]
-        row.update({f"{prefix}imp_pct": 100 * result["imp"],
+        imp = {"pct": 100 * result["imp"]}
+        if len(result["imp_over"]) < len(terms):
+            imp["note"] = f"over {', '.join(result['imp_over'])}"
+        row.update({f"{prefix}imp_pct": imp,
                     f"{prefix}imp_ci": {"low": 100 * low, "high": 100 * high, "decimals": 2,
                                         "unit": "%"},
                     f"{prefix}ahead_pct": round(100 * result["imp_positive"], 1)})

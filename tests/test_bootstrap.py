@@ -93,7 +93,8 @@ def test_an_undefined_imp_term_is_named() -> None:
         interval=dict.fromkeys([*metrics, "min_hit@10"], (0.0, 0.0)),
         ahead=dict.fromkeys([*metrics, "min_hit@10"], 0.0), imp=0.0,
         imp_undefined=("min_hit@10",), imp_unresolved={}, imp_interval=(0.0, 0.0),
-        imp_positive=0.0, imp_terms=METRICS, resamples=10, level=0.95, seed=0)
+        imp_positive=0.0, imp_terms=METRICS, imp_over=("hit", "rhit", "pop_kl"), resamples=10,
+        level=0.95, seed=0)
     assert format_comparison("A", "B", "test", 5, result, as_json=False).splitlines()[-1] == (
         "  Imp of A over B (over hit, rhit, pop_kl; B's min_hit@10 = 0) +0.00% "
         "[+0.00%, +0.00%]; > 0 in 0.0% of the resamples")
@@ -114,6 +115,7 @@ def test_a_term_some_resamples_leave_undefined_is_left_out_of_every_one() -> Non
     result = paired_bootstrap(rows_of(better, held_out), rows_of(top_k, held_out), Q, k=2,
                               num_fairness_groups=2, resamples=1000)
     assert result.imp_undefined == () and list(result.imp_unresolved) == ["min_hit@2"]
+    assert result.imp_over == ("hit", "rhit", "pop_kl")
     assert result.imp_unresolved["min_hit@2"] == pytest.approx(1000 * (1 - 1 / 300) ** 300,
                                                                abs=4 * 15.2)  # 4 sd
     three = improvement(result.b, result.a, ("hit", "rhit", "pop_kl")).imp
@@ -133,10 +135,11 @@ def test_an_imp_without_a_defined_term_has_no_interval() -> None:
     result = paired_bootstrap(rows, rows.copy(), Q, k=2, num_fairness_groups=2, resamples=50,
                               imp_terms=("min_hit",))
     assert result.imp is None and result.imp_interval is None and result.imp_positive is None
+    assert result.imp_over == ()
     assert format_comparison("A", "B", "test", 300, result, as_json=False).splitlines()[-1] == (
         "  Imp of A over B (B's min_hit@2 = 0) undefined")
     record = json.loads(format_comparison("A", "B", "test", 300, result, as_json=True))
-    assert record["imp"] is None and record["imp_interval"] is None
+    assert record["imp"] is None and record["imp_interval"] is None and record["imp_over"] == []
 
 
 def test_one_user_more_is_within_noise() -> None:

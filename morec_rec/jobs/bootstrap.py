@@ -49,6 +49,7 @@ class PairedBootstrap:
         imp_positive: the share of resamples in which A's Imp over B is > 0 (None as
             above).
         imp_terms: the metrics Imp was asked to be over (names of ``METRICS``).
+        imp_over: those it is over, the others left out (none, if no term is left).
         resamples, level, seed: as given.
     """
 
@@ -63,6 +64,7 @@ class PairedBootstrap:
     imp_interval: tuple[float, float] | None
     imp_positive: float | None
     imp_terms: tuple[str, ...]
+    imp_over: tuple[str, ...]
     resamples: int
     level: float
     seed: int
@@ -121,5 +123,5 @@ def paired_bootstrap(rows_a: np.ndarray, rows_b: np.ndarray, q: np.ndarray, *, k
         imp_interval=(None if imps is None
                       else tuple(float(x) for x in np.percentile(imps, tails))),
         imp_positive=None if imps is None else float(np.mean(imps > 0)),
-        imp_terms=tuple(imp_terms), resamples=resamples, level=level, seed=seed,
+        imp_terms=tuple(imp_terms), imp_over=tuple(terms), resamples=resamples, level=level, seed=seed,
     )

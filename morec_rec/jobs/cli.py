@@ -410,9 +410,7 @@ def format_comparison(a: str, b: str, split: str, users: int, result: PairedBoot
         lines.append(f"  {key:<12}{result.a[key]:>10.4f}{result.b[key]:>10.4f}"
                      f"{difference:>+10.4f}   {f'[{low:+.4f}, {high:+.4f}]':<20}"
                      f"  {100 * result.ahead[key]:5.1f}%")
-    left_out = [*result.imp_undefined, *result.imp_unresolved]
-    terms = [term for term in result.imp_terms
-             if not any(key.startswith(term + "@") for key in left_out)]
+    terms = result.imp_over
     notes = [f"over {', '.join(terms)}"] if terms and set(terms) != set(METRICS) else []
     if result.imp_undefined:
         notes.append(f"B's {', '.join(result.imp_undefined)} = 0")
