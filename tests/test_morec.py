@@ -336,6 +336,24 @@ def test_objective_needing_a_missing_column(tiny: Path) -> None:
                        ["accuracy", ByAge()])
 
 
+@pytest.mark.parametrize("coordinator", ["mgda", "epo"])
+def test_a_loss_form_that_is_0_on_every_batch_is_refused(tiny: Path, tmp_path: Path,
+                                                          coordinator: str) -> None:
+    # Items of one category: no fairness group splits a batch, so fairness's loss form is
+    # 0 without gradient; MGDA's min-norm point would be 0 (no training), EPO would stop.
+    for path in tiny.iterdir():
+        (tmp_path / path.name).symlink_to(path)
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    manifest["groups"]["fairness"]["names"] = ["other"]
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MorecError, match="1 fairness group, so the fairness loss form is 0"):
+        check_settings(PreparedDataset.open(tmp_path), SamplerConfig(),
+                       MoRecConfig(coordinator=coordinator))
+    check_settings(PreparedDataset.open(tmp_path), SamplerConfig(),  # MoRec draws it: fine
+                   MoRecConfig())
+
+
 def test_finished_job_is_not_overwritten(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "job"
     (out / "morec").mkdir(parents=True)

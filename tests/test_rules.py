@@ -18,6 +18,13 @@ def test_min_norm_of_two_orthogonal_gradients_weighs_them_by_inverse_squared_nor
     np.testing.assert_allclose(min_norm(np.diag([4.0, 1.0])), [0.2, 0.8], atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-10, 1e-6, 1.0, 1e6])
+def test_min_norm_does_not_depend_on_the_gradients_scale(scale: float) -> None:
+    # |a·g1 + b·g2|² = s(4a² + b²): the same a = 0.2 whatever s (the demo's gradients have
+    # squared norms near 1e-6; an absolute stopping tolerance gave uniform weights at 1e-10).
+    np.testing.assert_allclose(min_norm(scale * np.diag([4.0, 1.0])), [0.2, 0.8], atol=1e-6)
+
+
 def test_min_norm_takes_a_vertex_when_it_is_the_closest_point() -> None:
     # g1 = (1, 0), g2 = (1, 1): the segment's points (1, γ) are shortest at γ = 0.
     np.testing.assert_allclose(min_norm(np.array([[1.0, 1.0], [1.0, 2.0]])), [1.0, 0.0],
@@ -88,11 +95,16 @@ def test_epo_descends_when_the_losses_match_the_preference() -> None:
     assert rule.fallbacks == 0
 
 
-def test_epo_falls_back_to_the_preference_when_the_lp_fails() -> None:
+def test_epo_falls_back_to_the_preference_when_the_lp_fails(
+        caplog: pytest.LogCaptureFixture) -> None:
     rule = EPO(np.array([3.0, 1.0]))
     rule._linprog = lambda *args, **kwargs: SimpleNamespace(status=2, x=np.full(2, np.nan))
-    np.testing.assert_allclose(rule.weights(np.array([2.0, 1.0]), np.eye(2)), [1.5, 0.5])
-    assert rule.fallbacks == 1
+    for _ in range(2):
+        np.testing.assert_allclose(rule.weights(np.array([2.0, 1.0]), np.eye(2)), [1.5, 0.5])
+    assert rule.fallbacks == 2
+    assert [r.message for r in caplog.records].count(  # the first one is logged, once
+        "EPO: a linear program of this step has no solution; the step weighs the preference "
+        "r instead (EPO.fallbacks counts such steps)") == 1
 
 
 def test_epo_refuses_a_preference_with_a_zero_entry() -> None:

@@ -91,7 +91,7 @@ def check_settings(dataset: PreparedDataset, sampler_config: SamplerConfig,
     built = _objectives(dataset, sampler_config, objectives)
     names = [o.name for o in built]
     if _loss_forms(config):
-        check_loss_objectives(names)
+        _check_loss_forms(dataset, names)
     if config.coordinator == "morec":
         Coordinator.from_config(config, names, dict.fromkeys(names, 1.0))  # raises if inconsistent
     else:
@@ -190,7 +190,7 @@ class MoRec:
         if _loss_forms(config):
             # A baseline, and MoRec without its data sampler, draw MoRec's batch size from
             # accuracy's uniform distribution and weigh the objectives' loss forms.
-            check_loss_objectives(self.names)
+            _check_loss_forms(self.dataset, self.names)
             sampler = dataclasses.replace(
                 sampler, sub_batch_size=sampler.sub_batch_size * len(self.names))
             self.objectives = _objectives(self.dataset, sampler, ["accuracy"])
@@ -664,10 +664,21 @@ def _weighed_by_rule(config: MoRecConfig) -> bool:
 
 def _loss_forms(config: MoRecConfig) -> bool:
     """Whether batches are drawn uniformly and the hook weighs the objectives' loss forms
-    (not MoRec's sub-batches): MoRec without its data sampler, or a baseline but under
+    (not MoRec's sub-batches): MoRec without its data sampler, or a baseline except under
     ``loss`` coefficients."""
     return config.coefficients == "loss_forms" or (config.coordinator != "morec"
                                                   and config.coefficients != "loss")
+
+
+def _check_loss_forms(dataset: PreparedDataset, names: Sequence[str]) -> None:
+    """MorecError for an objective without a loss form, or one whose loss form is 0 on
+    every batch of ``dataset``: fairness where its items make one group."""
+    check_loss_objectives(names)
+    groups = len(dataset.manifest["groups"]["fairness"]["names"])
+    if "fairness" in names and groups < 2:
+        raise MorecError(f"{dataset.root}: the items make {groups} fairness group, so the "
+                         "fairness loss form is 0, without gradient, on every batch: leave "
+                         "fairness out of the objectives")
 
 
 def _without_controllers(config: MoRecConfig) -> MoRecConfig:

@@ -22,11 +22,14 @@ Every rule is deterministic in ``(L, G)``: ranks that feed it all-reduced values
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Protocol
 
 import numpy as np
 
 from morec_rec.errors import MorecError
+
+logger = logging.getLogger(__name__)
 
 
 #: The baseline coordinators, by their names in ``MoRecConfig.coordinator``.
@@ -51,8 +54,9 @@ def min_norm(gram: np.ndarray, *, max_iter: int = 1000, tol: float = 1e-10) -> n
     convergence on the simplex, where plain Frank–Wolfe, as in Sener and Koltun's Alg. 2,
     zig-zags): from uniform weights, each step moves towards the vertex of smallest
     ``(Gα)_t`` or away from the used vertex of largest, whichever descends faster. It stops
-    when the duality gap ``αᵀGα − min_t (Gα)_t`` is below ``tol`` or after ``max_iter``
-    steps.
+    when the duality gap ``αᵀGα − min_t (Gα)_t`` is below ``tol`` times the largest
+    squared norm ``max_t G_tt`` (the weights do not depend on the vectors' scale) or after
+    ``max_iter`` steps.
 
     Args:
         gram: float (n, n), symmetric positive semi-definite, n >= 1.
@@ -63,6 +67,9 @@ def min_norm(gram: np.ndarray, *, max_iter: int = 1000, tol: float = 1e-10) -> n
     gram = np.asarray(gram, dtype=np.float64)
     n = gram.shape[0]
     alpha = np.full(n, 1.0 / n)
+    largest = float(np.max(np.diag(gram)))
+    if largest > 0:
+        gram = gram / largest
     for _ in range(max_iter):
         g_alpha = gram @ alpha
         norm_sq = alpha @ g_alpha
@@ -152,7 +159,9 @@ class ParetoMTL:
     gradients; once inside, of the objectives' and the violated constraints' gradients.
     Since ``∇c_j = Σ_i (û_j − û_k)_i ∇L_i`` (ignoring |L|'s change, as the authors do), the
     direction is a combination of the objectives' gradients; its weights are scaled so
-    that ``Σ|α_i| = n`` (the authors' normalisation).
+    that ``Σ|α_i| = n`` in both phases (the authors' code scales the main phase's so and
+    leaves the initial phase's as they are). Where the losses lie inside the sub-region
+    from the first step, no constraint is violated and the weights are MGDA's times n.
 
     Args:
         references: float (K, n), the reference vectors, K >= 2, entries >= 0.
@@ -207,7 +216,9 @@ class EPO:
     objectives that are already worst; otherwise a *descent* LP maximises ``Σ C α``
     subject to ``C α >= 0`` (no objective rises, to first order). The weights are
     ``n · α`` (the authors' scale). Where an LP is infeasible or its solver fails, α is
-    ``r / Σ r`` for that step (:attr:`fallbacks` counts them).
+    ``r / Σ r`` for that step (:attr:`fallbacks` counts them; the first is logged). The
+    losses are taken as they are: where their scales differ, the objective with the
+    largest ``r_i · L_i`` may be the only one a balance step descends, step after step.
 
     Args:
         preference: r, float (n,), entries > 0: the solution sought has
@@ -251,6 +262,10 @@ class EPO:
             alpha = self._solve(-gram.sum(axis=0), np.vstack([gram, ca]),
                                 np.append(np.zeros(n), floor))
         if alpha is None:
+            if not self.fallbacks:
+                logger.warning("EPO: a linear program of this step has no solution; the "
+                               "step weighs the preference r instead (EPO.fallbacks "
+                               "counts such steps)")
             self.fallbacks += 1
             alpha = r.copy()
         return n * alpha
