@@ -123,5 +123,6 @@ def paired_bootstrap(rows_a: np.ndarray, rows_b: np.ndarray, q: np.ndarray, *, k
         imp_interval=(None if imps is None
                       else tuple(float(x) for x in np.percentile(imps, tails))),
         imp_positive=None if imps is None else float(np.mean(imps > 0)),
-        imp_terms=tuple(imp_terms), imp_over=tuple(terms), resamples=resamples, level=level, seed=seed,
+        imp_terms=tuple(imp_terms), imp_over=tuple(terms), resamples=resamples, level=level,
+        seed=seed,
     )
