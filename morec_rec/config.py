@@ -77,7 +77,9 @@ class SourceConfig:
     #: Item-id column of the ``generic`` and ``morec`` interaction files.
     item_column: str = "item"
     #: Time column of the ``generic`` and ``morec`` interaction files: it orders each
-    #: user's interactions for the leave-one-out split.
+    #: user's interactions for the leave-one-out split. Seconds since the epoch, a
+    #: timestamp or date, or ISO-8601 text (``2015-01-31T12:00:00``, taken as UTC, or with
+    #: a zone: ``...+02:00``, ``...Z``); fractions of a second are dropped.
     time_column: str = "timestamp"
     #: Rating column; empty means implicit feedback (no rating filter).
     rating_column: str = ""
@@ -121,7 +123,8 @@ class PrepareConfig:
     #: items left after filtering (more is an error: a group would have no item).
     popularity_groups: int = 10
     #: ``equal_items``: each group holds the same number of items; ``equal_interactions``:
-    #: each holds about the same number of training interactions.
+    #: each holds about the same number of training interactions (a group may then hold
+    #: no item, where a few items hold many interactions).
     popularity_rule: PopularityRule = "equal_items"
     #: Smallest categories fold into "other" until every fairness group holds at least
     #: this share of the held-out items of the validation and of the test split; in

@@ -7,9 +7,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -370,15 +373,33 @@ def test_directory_as_input(files: tuple[Path, Path], tmp_path: Path) -> None:
           f"{tmp_path / 'dir'}: is a directory")
 
 
+def test_a_pipe_as_input_is_not_called_missing(files: tuple[Path, Path], tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")  # as `--input <(zcat log.gz)` gives: read once only
+    fails(prepare(tmp_path / "pipe", files[1], tmp_path / "out"),
+          f"{tmp_path / 'pipe'}: not a regular file (a pipe or a device); give a file")
+
+
 @pytest.mark.parametrize(("column", "message"), [
     (["1", "-1e20", "3"], "has a negative value -1e20 in row 1"),
     (["1", "1e20", "3"], "has a value 1e20 in row 1 after 9999-12-31"),
     (["2020-01-01", "2020-13-01", "2020-01-03"], "is not a time in row 1: '2020-13-01'"),
     (["2020-01-01", "17", "2020-01-03"], "is not a time in row 1: '17'"),
+    ([None, "2020-01-01Z", "2020-01-02"], "is not a time in row 1: '2020-01-01Z'"),
+    (["2020-01-01T00:00:00Z", "2020-01-02T00:00:00"],  # a zone, then none
+     "is not a time in row 1: '2020-01-02T00:00:00'"),
 ])
 def test_to_seconds_names_the_bad_value(column: list[str], message: str) -> None:
     with pytest.raises(MorecError, match=re.escape(f"f.csv: column 't' {message}")):
         to_seconds(pa.table({"t": column}), "t", Path("f.csv"))
+
+
+def test_iso_times_with_a_zone_or_a_fraction_are_seconds_since_the_epoch() -> None:
+    # 2015-01-31T12:00:00 UTC is 1,422,705,600 s.
+    for column, seconds in ((["2015-01-31T12:00:00Z", "2015-01-31T14:00:00+02:00"],
+                             [1_422_705_600, 1_422_705_600]),
+                            (["2015-01-31 12:00:00.75", "2015-01-31"],
+                             [1_422_705_600, 1_422_662_400])):
+        assert to_seconds(pa.table({"t": column}), "t", Path("f.csv")).to_pylist() == seconds
 
 
 def test_parquet_times_drop_fractions_of_a_second() -> None:
@@ -550,6 +571,26 @@ def test_prepare_bad_catalogue(files: tuple[Path, Path], tmp_path: Path, items: 
     fails(prepare(*files, tmp_path / "out"), str(files[1]), *names)
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_prepare_terminated_while_writing_leaves_nothing(files: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    # SIGTERM (timeout, a scheduler) arrives while the shards are written.
+    code = ("import os, signal, sys, time\n"
+            "import morec_rec.data.prepare as prepare\n"
+            "def write_train(*args):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(60)\n"
+            "prepare._write_train = write_train\n"
+            "from morec_rec.jobs.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", code, "prepare", "--source", "generic",
+                           "--input", str(files[0]), "--meta", str(files[1]), "--out",
+                           str(tmp_path / "out"), "--k-core", "3", "--popularity-groups", "5"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert done.stderr.splitlines() == ["morec-rec: terminated"], done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inter.csv", "items.csv"]
 
 
 @pytest.mark.parametrize("target", ["empty", "nowhere"])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,8 @@ from conftest import raw_data
 
 from morec_rec.config import PrepareConfig
 from morec_rec.data.format import FORMAT_VERSION, ROW_SCHEMA, PreparedDataset
-from morec_rec.data.prepare import prepare
+from morec_rec.data import prepare as prepare_module
+from morec_rec.data.prepare import check_output, prepare
 from morec_rec.data.raw import RawData
 from morec_rec.errors import MorecError
 
@@ -186,6 +190,60 @@ def test_interrupted_write_leaves_nothing(cascade: RawData, tmp_path: Path,
     with pytest.raises(KeyboardInterrupt):
         prepare(cascade, tmp_path / "d", _config())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_error_is_one_line_and_leaves_nothing(cascade: RawData, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(root: Path, *args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root / "train"))
+
+    monkeypatch.setattr("morec_rec.data.prepare._write_train", full)
+    with pytest.raises(MorecError, match=r"/\.d\.partial-\d+/train: cannot be written "
+                                         r"\(No space left on device\)$"):
+        prepare(cascade, tmp_path / "d", _config())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_written_meanwhile_keeps_the_prepared_data(
+        cascade: RawData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_train = prepare_module._write_train
+
+    def and_another_process(root: Path, *args: object) -> object:
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "theirs").write_text("")
+        return write_train(root, *args)
+
+    monkeypatch.setattr("morec_rec.data.prepare._write_train", and_another_process)
+    with pytest.raises(MorecError, match="something else was written there meanwhile; the "
+                                         "prepared data is complete in") as raised:
+        prepare(cascade, tmp_path / "d", _config())
+    kept = Path(str(raised.value).rpartition(" in ")[2])
+    assert PreparedDataset.open(kept).manifest["num_users"] == 3
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["theirs"]
+
+
+def test_a_killed_process_staging_is_removed_by_the_next(cascade: RawData,
+                                                         tmp_path: Path) -> None:
+    abandoned = tmp_path / f".d.partial-{_gone_pid()}"
+    (abandoned / "train").mkdir(parents=True)
+    running = tmp_path / f".d.partial-{os.getppid()}"  # another prepare's, still running
+    running.mkdir()
+    prepare(cascade, tmp_path / "d", _config())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d", running.name])
+
+
+def _gone_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_the_current_directory_is_refused_as_output(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "", str(tmp_path.parent)):
+        with pytest.raises(MorecError, match="output holds the current directory"):
+            check_output(Path(out))
 
 
 def test_prepare_into_existing_empty_directory(cascade: RawData, tmp_path: Path) -> None:

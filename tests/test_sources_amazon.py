@@ -169,8 +169,16 @@ def test_wrongly_typed_json(tmp_path: Path) -> None:
     records = [dict(r) for r in REVIEWS]
     records[2]["overall"] = "five"
     path = _write(tmp_path / "reviews.json", _json_lines(records))
-    with pytest.raises(MorecError, match=r"reviews\.json: malformed JSON.*overall"):
+    with pytest.raises(MorecError, match=r"reviews\.json: malformed JSON.*overall") as raised:
         _read(path, _write(tmp_path / "meta.json", META_2014))
+    assert " row " not in str(raised.value)  # pyarrow's count within a block misleads
+
+
+def test_a_record_longer_than_pyarrows_default_block_is_read(tmp_path: Path) -> None:
+    records = [dict(r) for r in REVIEWS]
+    records[1]["reviewText"] = "long " * 600_000  # 3 MB; pyarrow.json's blocks are 1 MiB
+    path = _write(tmp_path / "reviews.json", _json_lines(records))
+    assert _read(path, _write(tmp_path / "meta.json", META_2014)).interactions.num_rows > 0
 
 
 def test_malformed_literal_names_line(tmp_path: Path, reviews: Path) -> None:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import platform
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -129,7 +129,8 @@ def prepare(raw: RawData, out: Path, config: PrepareConfig) -> dict[str, Any]:
         "price": _price_statistics(price, item_id[split == 0], counts),
         "filtering": counts,
         "order": "rows of a user by timestamp; ties by a seeded hash of the (user, item) "
-                 "original ids, independent of the source's row order",
+                 "pair's ranks among the ids left after the rating filter, independent of "
+                 "the source's row order",
         "parameters": dataclasses.asdict(config),
         "source": raw.source,
         "created_by": _versions(),
@@ -148,17 +149,51 @@ def prepare(raw: RawData, out: Path, config: PrepareConfig) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
-    """A temporary directory beside ``out``, renamed to ``out`` if the block succeeds."""
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    """A temporary directory beside ``out``, renamed to ``out`` once the block has written
+    it; removed if the block fails (a write error is a MorecError naming the file).
+
+    The directory is named after this process, ``.<out>.partial-<pid>``: one left by a
+    process that was killed (SIGKILL) is removed by the next that stages ``out``.
+    """
+    _remove_abandoned(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed process's whose pid is ours again
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if out.exists():
-            out.rmdir()  # checked to be empty before any work
-        os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror or str(e).strip().partition("\n")[0] or type(e).__name__
+        raise MorecError(f"{e.filename or out}: cannot be written ({reason})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:
+        if out.exists():
+            out.rmdir()  # checked to be empty before any work
+        os.rename(tmp, out)
+    except OSError:
+        # Written in full: kept, for the user to move once ``out`` is theirs again.
+        raise MorecError(f"{out}: something else was written there meanwhile; the prepared "
+                         f"data is complete in {tmp}") from None
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Removes the staging directories of ``out`` whose process is gone."""
+    for staged in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = staged.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def check_output(out: Path) -> None:
@@ -168,6 +203,9 @@ def check_output(out: Path) -> None:
     out = Path(out)
     if out.is_symlink():
         raise MorecError(f"{out}: output is a symbolic link (give a directory path instead)")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise MorecError(f"{str(out) or '.'}: output holds the current directory (give the "
+                         "path of a directory to create)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MorecError(f"{out}: output exists and is not an empty directory")
     check_writable(out, staged=True)

@@ -7,13 +7,15 @@ value, and exit with status 2; nothing half-written is left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, NoReturn, Sequence
 
 from morec_rec.config import (
     MoRecConfig,
@@ -71,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("morec-rec: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("morec-rec: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
         if "torch.distributed" in sys.modules:  # only commands that train or evaluate
             from morec_rec.jobs import distributed
@@ -232,6 +237,27 @@ def _add_common(parser: argparse.ArgumentParser, tables: str) -> None:
     add_arguments(parser, PrepareConfig)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread is."""
+
+
+@contextlib.contextmanager
+def _cleanup_on_sigterm() -> Iterator[None]:
+    """SIGTERM (``timeout``, a scheduler, ``docker stop``) raises :class:`_Terminated`, so
+    that an output being written is removed as on Ctrl-C: by default it ends the process
+    where it stands. For the commands of one process; a torchrun job's ranks keep the
+    default, which their launcher relies on."""
+
+    def terminate(signum: int, frame: Any) -> NoReturn:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _prepare(args: argparse.Namespace) -> None:
     from morec_rec.data.prepare import check_output, prepare
     from morec_rec.data.sources import read_source
@@ -240,8 +266,10 @@ def _prepare(args: argparse.Namespace) -> None:
     config = build(PrepareConfig, file["prepare"], args, _where(args.config, "[prepare]"))
     source = build(SourceConfig, file["source"], args, _where(args.config, "[source]"))
     check_output(args.out)  # before the (possibly long) read
-    raw = read_source(args.source, args.input, args.meta, source)
-    print(summary(args.out, prepare(raw, args.out, config)))
+    with _cleanup_on_sigterm():
+        raw = read_source(args.source, args.input, args.meta, source)
+        manifest = prepare(raw, args.out, config)
+    print(summary(args.out, manifest))
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -250,7 +278,9 @@ def _synth(args: argparse.Namespace) -> None:
     config = build(PrepareConfig, load_file(args.config, ("prepare",))["prepare"], args,
                    _where(args.config, "[prepare]"))
     check_output(args.out)  # before the (possibly long) generation
-    print(summary(args.out, synthesize(args.profile, args.out, config)))
+    with _cleanup_on_sigterm():
+        manifest = synthesize(args.profile, args.out, config)
+    print(summary(args.out, manifest))
 
 
 def _train(args: argparse.Namespace) -> None:

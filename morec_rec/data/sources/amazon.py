@@ -22,6 +22,7 @@ import ast
 import dataclasses
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -55,6 +56,9 @@ _NEGATIVE_PRICE = r"^\s*(?:-\s*\$?|\$\s*-)\s*(?:\d|\.\d)"
 
 #: Lines converted per ``pyarrow.json`` call when a file is not strict JSON.
 _LINES_PER_BATCH = 100_000
+#: The bytes ``pyarrow.json`` parses as one block: the longest record it can read (its
+#: default, 1 MiB, refuses the longer product descriptions and review texts).
+_BLOCK_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +175,16 @@ def _parse_json(source: pa.NativeFile | io.BytesIO, path: Path, schema: pa.Schem
     """
     options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     try:
-        table = pa_json.read_json(source, parse_options=options)
+        table = pa_json.read_json(source, read_options=pa_json.ReadOptions(
+            block_size=_BLOCK_BYTES), parse_options=options)
     except (pa.ArrowInvalid, OSError) as e:
-        # pyarrow's row numbers count within a block, so no line number can be given.
-        raise MorecError(f"{path}: malformed JSON lines ({tables.first_line(e)})") from None
+        message = tables.first_line(e)
+        if "straddles two block boundaries" in message:
+            raise MorecError(f"{path}: a record is longer than {_BLOCK_BYTES >> 20} MiB, the "
+                             "longest this reader takes") from None
+        # pyarrow's row numbers count within a block: no line number can be given.
+        message = re.sub(r" in row \d+", "", message)
+        raise MorecError(f"{path}: malformed JSON lines ({message})") from None
     for key in table.column_names:  # pyarrow.json does not check UTF-8
         row = tables.first_invalid_utf8(table[key])
         if row is not None:

@@ -32,8 +32,10 @@ def require_file(path: Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise MorecError(f"{path}: is a directory, expected a file")
-    if not path.is_file():
+    if not path.exists():
         raise MorecError(f"{path}: no such file")
+    if not path.is_file():  # a pipe or device: read more than once, it would not hold
+        raise MorecError(f"{path}: not a regular file (a pipe or a device); give a file")
     return path
 
 
@@ -269,9 +271,10 @@ def to_seconds(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
     """A time column as int64 seconds since the epoch.
 
     Accepts numbers (already seconds), Arrow timestamps or dates, and ISO-8601 strings
-    (without a zone: UTC; also large or dictionary-encoded), not a mixture of numbers and
-    strings. A missing or negative time, or one after :data:`MAX_SECONDS` (9999-12-31), is
-    an error naming the value.
+    (without a zone: UTC; with one, or ``Z``; fractions of a second are dropped; also large
+    or dictionary-encoded), not a mixture of numbers and strings, nor of times with and
+    without a zone. A missing or negative time, or one after :data:`MAX_SECONDS`
+    (9999-12-31), is an error naming the value.
     """
     values = _decoded(table[column])
     kind = values.type
@@ -318,27 +321,47 @@ def _parse_times(values: pa.ChunkedArray, column: str, path: Path) -> pa.Chunked
     numeric = pc.match_substring_regex(values, _NUMBER)
     if pc.drop_null(numeric)[0].as_py():
         _not_a_time(values, _first_index(pc.invert(numeric)), column, path)
+    first = _first_index(pc.is_valid(values))
+    # The first time says which kind the column holds: Arrow parses a time with a zone
+    # only as a zoned timestamp, one without only as a naive one.
+    kind = next((kind for kind in _TIME_KINDS if _parses(values.slice(first, 1), kind)), None)
+    if kind is None:
+        _not_a_time(values, first, column, path)
     try:
-        return pc.cast(pc.cast(values, pa.timestamp("s")), pa.int64())
+        times = pc.cast(values, kind)
     except pa.ArrowInvalid:
-        pass
-    # Bisect to the first value that does not parse (pyarrow's message may quote another).
-    low, high = 0, len(values)  # the first bad row lies in [low, high)
-    while high - low > 1:
-        middle = (low + high) // 2
-        try:
-            pc.cast(values.slice(low, middle - low), pa.timestamp("s"))
-            low = middle
-        except pa.ArrowInvalid:
-            high = middle
-    _not_a_time(values, low, column, path)
+        # Bisect to the first value that does not parse (pyarrow's message may quote
+        # another).
+        low, high = 0, len(values)  # the first bad row lies in [low, high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if _parses(values.slice(low, middle - low), kind):
+                low = middle
+            else:
+                high = middle
+        _not_a_time(values, low, column, path)
+    # Fractions of a second go.
+    return pc.cast(pc.cast(times, pa.timestamp("s", kind.tz), safe=False), pa.int64())
+
+
+#: What ISO-8601 strings are parsed as: without a zone (taken as UTC), or with one. In
+#: microseconds, which hold fractions of a second and the years up to 9999.
+_TIME_KINDS = (pa.timestamp("us"), pa.timestamp("us", "UTC"))
+
+
+def _parses(values: pa.ChunkedArray, kind: pa.DataType) -> bool:
+    try:
+        pc.cast(values, kind)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _not_a_time(values: pa.ChunkedArray, row: int, column: str, path: Path) -> NoReturn:
     raise MorecError(
         f"{path}: column '{column}' is not a time in row {row}: {values[row].as_py()!r} "
-        "(expected seconds since the epoch, or ISO-8601 such as 2015-01-31T12:00:00, "
-        "one kind in the whole column)"
+        "(expected seconds since the epoch, or ISO-8601 such as 2015-01-31T12:00:00 (UTC) "
+        "or 2015-01-31T12:00:00.5+02:00, one kind in the whole column)"
     )
 
 
