@@ -785,8 +785,31 @@ def test_a_sasrec_run_on_data_reprepared_with_other_histories_is_another_model(
     shutil.rmtree(data)  # prepared again in place: SASRec's positions are as many as these
     assert run_cli("synth", "--profile", "tiny", "--history-length", "5", "--out",
                    str(data)).returncode == 0
+    record = json.loads((out / "run.json").read_text())
+    del record["data_fingerprint"]  # a run recorded before fingerprints: the model tells
+    (out / "run.json").write_text(json.dumps(record))
     fails(run_cli("evaluate", "--run", str(out)),
           "checkpoint of another model", "history_length")
+
+
+def test_data_prepared_again_in_place_is_not_taken_for_the_runs(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "run"
+
+    def synth(*settings: str) -> None:
+        shutil.rmtree(data, ignore_errors=True)
+        assert run_cli("synth", "--profile", "tiny", "--out", str(data),
+                       *settings).returncode == 0
+
+    synth()
+    assert run_cli("train", "--data", str(data), "--out", str(out), *TRAIN).returncode == 0
+    synth("--row-group-size", "1000")  # the same users and items, other training batches
+    for args in (("evaluate", "--run", str(out)),
+                 ("train", "--out", str(out), "--resume", "--max-epochs", "2"),
+                 ("run", "--data", str(data), "--base", str(out), "--out", str(tmp_path / "job"),
+                  *JOB)):
+        fails(run_cli(*args), f"{data}: prepared again since {out / 'run.json'} was written")
+    synth()  # prepared again as it was: the same data
+    assert run_cli("evaluate", "--run", str(out)).returncode == 0
 
 
 def test_a_checkpoint_lacking_an_identity_field_differs_unless_it_predates_the_field() -> None:

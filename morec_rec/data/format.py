@@ -15,6 +15,8 @@ A prepared dataset is a directory::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -78,6 +80,14 @@ class PreparedDataset:
 
     root: Path
     manifest: dict[str, Any]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the manifest (canonical JSON) but for the versions that wrote it: it
+        holds the source files' sha256, the preparation's settings and every count, so
+        data prepared again from other input or with other settings has another."""
+        content = {key: value for key, value in self.manifest.items() if key != "created_by"}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def open(cls, root: Path | str) -> "PreparedDataset":

@@ -286,7 +286,7 @@ def _synth(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from morec_rec.data.prepare import check_writable
     from morec_rec.jobs import distributed
-    from morec_rec.jobs.run import RECORD, Run, hold
+    from morec_rec.jobs.run import RECORD, Run, data_fields, hold, recorded_data
     from morec_rec.jobs.train import train
 
     resume = args.resume or _is_restart(args.out / RECORD, args.data)
@@ -299,7 +299,7 @@ def _train(args: argparse.Namespace) -> None:
         config = build(TrainConfig, record["config"], args, f"{args.out / RECORD}: config")
         _keep_settings(args.out / RECORD, record["config"], config, _resumable(TrainConfig))
         _keep_epochs(args.out, config.max_epochs, "--max-epochs")
-        dataset = PreparedDataset.open(record["data"])
+        dataset = recorded_data(record, args.out / RECORD)
         env = distributed.init()
         _check_training(dataset, config, env.world_size)
     else:
@@ -312,8 +312,7 @@ def _train(args: argparse.Namespace) -> None:
         _check_training(dataset, config, env.world_size)
         check_writable(args.out)
         run = Run.create(args.out, {"config": dataclasses.asdict(config),
-                                    "data": str(dataset.root.resolve()),
-                                    "world_size": env.world_size})
+                                    **data_fields(dataset), "world_size": env.world_size})
     with hold(args.out):
         if resume:
             run.resume(env.world_size, {"config": dataclasses.asdict(config)})
@@ -469,6 +468,7 @@ def format_metrics(name: str, split: str, users: int, metrics: dict[str, float],
 def _run(args: argparse.Namespace) -> None:
     from morec_rec.data.prepare import check_writable
     from morec_rec.jobs.job import JOB, read_job, run_job
+    from morec_rec.jobs.run import recorded_data
 
     if not (args.resume or _is_restart(args.out / JOB, args.data)):
         if args.data is None:
@@ -487,7 +487,7 @@ def _run(args: argparse.Namespace) -> None:
     job = read_job(args.out)
     train, sampler, morec = _build_job(job, args, args.out / JOB)
     _keep_job_settings(args.out, job, train, sampler, morec)
-    dataset = PreparedDataset.open(job["data"])
+    dataset = recorded_data(job, args.out / JOB)
     _check_job(dataset, job["base"], train, sampler)
     _print_results(run_job(dataset, args.out, train, sampler, morec, base=job["base"],
                            with_continued=job["continued"] or args.continued, resume=True),
@@ -540,7 +540,7 @@ def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainCo
     run of the same model on the same data with a best checkpoint. (The job checks its
     objectives and controllers itself.)"""
     from morec_rec.jobs import checkpoint, distributed
-    from morec_rec.jobs.run import Run
+    from morec_rec.jobs.run import RECORD, Run, check_same_data
     from morec_rec.jobs.train import model_identity
 
     env = distributed.init()
@@ -552,6 +552,7 @@ def _check_job(dataset: PreparedDataset, base: Path | str | None, train: TrainCo
         data = Path(run.record["data"]).resolve()
         if data != dataset.root.resolve():
             raise MorecError(f"{base}: a base trained on {data}, not on {dataset.root}")
+        check_same_data(run.record, dataset, run.root / RECORD)
         if checkpoint.resolve(run.best) is None:
             raise MorecError(f"{base}: a base without a best checkpoint: nothing to continue")
         meta = checkpoint.read_meta(run.best)

@@ -33,7 +33,16 @@ from morec_rec.errors import MorecError
 from morec_rec.jobs import checkpoint, distributed
 from morec_rec.jobs.continued import continue_training
 from morec_rec.jobs.models.scorer import ModelScorer
-from morec_rec.jobs.run import RECORD, Run, hold, leftover, read_log, read_record
+from morec_rec.jobs.run import (
+    RECORD,
+    Run,
+    data_fields,
+    hold,
+    leftover,
+    read_log,
+    read_record,
+    recorded_data,
+)
 from morec_rec.jobs.train import build_sharded, model_identity, train
 from morec_rec.plugin.eval.metrics import RankingMetrics, improvement, is_valid
 from morec_rec.plugin.eval.ranking import evaluate, load_task
@@ -55,7 +64,7 @@ def run_scorer(run: Run, env: distributed.Environment,
     and training settings."""
     record = run.record
     config = build(TrainConfig, record["config"], None, f"{run.root / RECORD}: config")
-    dataset = PreparedDataset.open(record["data"])
+    dataset = recorded_data(record, run.root / RECORD)
     model, _ = build_sharded(config, dataset, env)
     checkpoint.load(run.best, model, None, model_identity(config, dataset))
     model.eval()
@@ -87,7 +96,7 @@ def pretrain(dataset: PreparedDataset, root: Path, config: TrainConfig,
     """Trains the base to early stop into ``root``."""
     env = distributed.init()
     run, existing = stage(root, {"config": dataclasses.asdict(config),
-                                 "data": str(dataset.root.resolve()),
+                                 **data_fields(dataset),
                                  "world_size": env.world_size}, resume)
     train(dataset, config, run, resume=existing)
     return run
@@ -111,7 +120,7 @@ def continued(base: Run, dataset: PreparedDataset, root: Path, train_config: Tra
                                  "morec": dataclasses.asdict(config),
                                  "base": str(base.root.resolve()),
                                  "base_best_step": base_best,
-                                 "data": str(dataset.root.resolve()),
+                                 **data_fields(dataset),
                                  "world_size": env.world_size}, resume)
     if existing and checkpoint.resolve(run.last) is not None:  # what resuming it reads
         checkpoint.read_meta(run.last, ("progress", "morec"))
@@ -204,7 +213,7 @@ def run_job(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
         check_settings(dataset, *accuracy_only(sampler_config, config))
     settings = {"train": dataclasses.asdict(train_config),
                 "sampler": dataclasses.asdict(sampler_config),
-                "morec": dataclasses.asdict(config), "data": str(dataset.root.resolve()),
+                "morec": dataclasses.asdict(config), **data_fields(dataset),
                 "base": None if base is None else str(Path(base).resolve()),
                 "continued": with_continued}
     dist.barrier()  # every rank has checked ``out`` before rank 0 writes to it
@@ -243,7 +252,7 @@ def _run_stages(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
     with timed(wall_s, "test"):
         test = {name: evaluate_run(run, "test", env).as_dict() for name, run in runs.items()}
     results: dict[str, Any] = {
-        "data": str(dataset.root.resolve()), "world_size": env.world_size,
+        **data_fields(dataset), "world_size": env.world_size,
         "base": test["base"], "morec": test["morec"], **versus(test["base"], test["morec"]),
     }
     if with_continued:

@@ -1,6 +1,7 @@
 """A run directory: its record (config, data, versions), its log, and its checkpoints.
 
-    RUN/run.json            what was run: config, dataset, versions, world size
+    RUN/run.json            what was run: config, dataset (path and fingerprint),
+                            versions, world size
     RUN/log.jsonl           one JSON object per line: "step" and "eval" records (an
                             eval's "seconds": its pass's wall time, "users": the
                             validation users it measured), and "epoch"
@@ -28,6 +29,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
+from morec_rec.data.format import PreparedDataset
 from morec_rec.errors import MorecError
 from morec_rec.version import __version__
 
@@ -129,6 +131,29 @@ class Run:
         if dist.get_rank() == 0:
             with open(self.root / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def data_fields(dataset: PreparedDataset) -> dict[str, str]:
+    """What a record says of the data it trained on: its directory and its fingerprint."""
+    return {"data": str(dataset.root.resolve()), "data_fingerprint": dataset.fingerprint}
+
+
+def recorded_data(record: Mapping[str, Any], where: Path) -> PreparedDataset:
+    """The dataset that the record ``where`` (``record``, read) names, checked by
+    :func:`check_same_data`."""
+    dataset = PreparedDataset.open(record["data"])
+    check_same_data(record, dataset, where)
+    return dataset
+
+
+def check_same_data(record: Mapping[str, Any], dataset: PreparedDataset, where: Path) -> None:
+    """MorecError if ``dataset`` is not the data that the record ``where`` was made on,
+    by the fingerprint it holds (records written before fingerprints hold none)."""
+    recorded = record.get("data_fingerprint")
+    if recorded is not None and recorded != dataset.fingerprint:
+        raise MorecError(f"{dataset.root}: prepared again since {where} was written (its "
+                         "manifest differs from the one recorded there): resume or evaluate "
+                         "on the data it was made with, or start anew")
 
 
 @contextlib.contextmanager
