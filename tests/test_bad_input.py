@@ -5,6 +5,7 @@ that a kill at any point of a save leaves readable and resumable."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
@@ -27,7 +29,7 @@ from morec_rec.config import MoRecConfig, SamplerConfig, TrainConfig
 from morec_rec.data.format import PreparedDataset
 from morec_rec.data.sources.tables import to_seconds
 from morec_rec.errors import MorecError
-from morec_rec.jobs import checkpoint, distributed
+from morec_rec.jobs import checkpoint, cli, distributed
 from morec_rec.jobs.cli import _keep_job_settings
 from morec_rec.jobs.continued import MoRecProgress
 from morec_rec.jobs.run import Run, hold
@@ -752,6 +754,37 @@ def test_a_kill_while_loading_on_another_rank_is_no_corrupt_checkpoint(
         CheckpointException("load", {0: (EOFError("Ran out of input"), None)})))
     with pytest.raises(MorecError, match=re.escape("corrupt checkpoint (EOFError: Ran out")):
         read_version(tmp_path / "last")
+
+
+def test_a_save_interrupted_or_out_of_disk_says_so(tmp_path: Path, group: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # DCP wraps what a rank raised in a CheckpointException: Ctrl-C and a full disk (torch's
+    # writer reports a short write as "unexpected pos") come out as themselves.
+    full = OSError(errno.ENOSPC, "No space left on device", "x.distcp")
+    for failure, expected in ((KeyboardInterrupt(), KeyboardInterrupt), (full, OSError),
+                              (RuntimeError("[enforce fail at inline_container.cc:672] . "
+                                            "unexpected pos 704 vs 598"), MorecError)):
+        def save(*args: Any, failure: BaseException = failure, **kwargs: Any) -> None:
+            raise CheckpointException("save", {0: (failure, None)})
+
+        monkeypatch.setattr(checkpoint.dcp, "save", save)
+        with pytest.raises(expected) as raised:
+            save_version(tmp_path / "last", 1)
+        if expected is MorecError:
+            assert "the checkpoint could not be written (a full disk?)" in str(raised.value)
+        assert checkpoint.resolve(tmp_path / "last") is None  # nothing that looks saved
+
+
+def test_a_full_disk_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture) -> None:
+    def full(args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run.json"))
+
+    monkeypatch.setattr(cli, "_parser", lambda: SimpleNamespace(
+        parse_args=lambda argv: SimpleNamespace(command=full)))
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err == (f"morec-rec: error: {tmp_path / 'run.json'}: "
+                                       "No space left on device\n")
 
 
 def test_a_job_on_an_unfinished_base_and_a_kill_while_it_plots(tiny: Path, run: Path,

@@ -41,8 +41,19 @@ def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if dist.get_rank() == 0:
         recover(path)  # leaves no ``partial``
     dist.barrier()
-    dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-             checkpoint_id=partial)
+    try:
+        dcp.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                 checkpoint_id=partial)
+    except CheckpointException as error:
+        # DCP wraps what a rank raised; Ctrl-C and a full disk are the user's to see as such.
+        failure = next(iter(error.failures.values()))[0] if error.failures else None
+        if isinstance(failure, (KeyboardInterrupt, OSError)):
+            raise failure from None
+        if isinstance(failure, RuntimeError) and "unexpected pos" in str(failure):
+            # torch's file writer on a short write
+            raise MorecError(f"{partial}: the checkpoint could not be written (a full "
+                             f"disk?): {_cause(error)}") from None
+        raise
     if dist.get_rank() == 0:
         written = partial / (META + ".tmp")
         written.write_text(json.dumps(meta, indent=2) + "\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import signal
@@ -60,6 +61,11 @@ _QUIET_WARNINGS = (
 )
 
 
+#: What the machine, not the input or the code, refuses a command that writes its outputs.
+_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                       errno.EPERM, errno.EIO}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for message in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
@@ -69,6 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command(args)
     except MorecError as e:
         print(f"morec-rec: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRORS:
+            raise
+        print(f"morec-rec: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("morec-rec: interrupted", file=sys.stderr)
