@@ -143,7 +143,6 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)
-        _check(math.isfinite(self.min_rating), "min_rating", self.min_rating, "a finite number")
         _check(self.k_core >= 3, "k_core", self.k_core, ">= 3: leave-one-out needs 3 per user")
         _check(self.history_length >= 0, "history_length", self.history_length, ">= 0")
         _check(self.popularity_groups >= 1, "popularity_groups", self.popularity_groups, ">= 1")
@@ -340,9 +339,12 @@ class MoRecConfig:
     #: Batches whose mean losses are what ``relative`` targets are relative to, under
     #: ``training`` control.
     calibration_batches: int = 20
-    #: Validation passes (signals, a controller step under ``validation`` control, then a
-    #: mass update) per epoch of continued training, in the ``run`` job (a plugin job
-    #: validates when it calls ``MoRec.validate``).
+    #: N, the validation passes (signals, a controller step under ``validation`` control,
+    #: then a mass update) per epoch of continued training, in the ``run`` job: one every
+    #: ⌊batches_per_epoch / N⌋ batches and one at the epoch's end (one due within half
+    #: that interval of the end is left to it), so N or N + 1 where an epoch holds many
+    #: more batches than N, up to one a batch where it holds fewer than 2N. (A plugin job
+    #: validates when it calls ``MoRec.validate``.)
     updates_per_epoch: int = 16
     #: Validation users a pass measures (ranking metrics and group losses): a fixed
     #: sample, the same users at every pass and for the reference, drawn with the
@@ -614,6 +616,8 @@ def _typed(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
             article = "an" if kind.__name__[0] in "aeiou" else "a"
             raise MorecError(f"config: {name} = {value!r} is not {article} {kind.__name__}")
+        if kind is float and not math.isfinite(value):
+            raise MorecError(f"config: {name} = {value!r} is not a finite number")
         typed[name] = value
     return typed
 

@@ -756,6 +756,17 @@ def test_a_kill_while_loading_on_another_rank_is_no_corrupt_checkpoint(
         read_version(tmp_path / "last")
 
 
+def test_train_resume_on_a_jobs_continued_training_names_the_command(tmp_path: Path) -> None:
+    stage = tmp_path / "job" / "morec"
+    stage.mkdir(parents=True)
+    record = json.dumps({"config": {"max_epochs": 50}, "data": "d", "morec": {}})
+    (stage / "run.json").write_text(record)
+    fails(run_cli("train", "--out", str(stage), "--resume", "--max-epochs", "3"),
+          f"{stage}: a job's continued training, not a pretraining: resume its job with "
+          f"morec-rec run --out {tmp_path / 'job'} --resume")
+    assert (stage / "run.json").read_text() == record  # untouched
+
+
 def test_a_save_interrupted_or_out_of_disk_says_so(tmp_path: Path, group: None,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # DCP wraps what a rank raised in a CheckpointException: Ctrl-C and a full disk (torch's

@@ -16,6 +16,7 @@ from morec_rec.config import (
     PrepareConfig,
     SamplerConfig,
     SourceConfig,
+    TrainConfig,
     add_arguments,
     build,
     load_file,
@@ -119,5 +120,13 @@ def test_prepare_settings_that_cannot_read_the_data_are_refused() -> None:
     with pytest.raises(MorecError, match="^config: item_column, price_column, category_column "
                                          "name column.s. 'item' more than once"):
         SourceConfig(category_column="item")
-    with pytest.raises(MorecError, match=r"^config: min_rating = nan is out of range"):
+    with pytest.raises(MorecError, match=r"^config: min_rating = nan is not a finite number"):
         PrepareConfig(min_rating=float("nan"))
+
+
+@pytest.mark.parametrize(("config", "field"), [
+    (TrainConfig, "lr"), (TrainConfig, "negative_beta"), (MoRecConfig, "continued_lr")])
+def test_an_infinite_number_is_refused_where_a_bound_alone_would_take_it(config: type,
+                                                                       field: str) -> None:
+    with pytest.raises(MorecError, match=f"^config: {field} = inf is not a finite number$"):
+        config(**{field: float("inf")})

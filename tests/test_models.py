@@ -74,6 +74,14 @@ def test_negatives_follow_count_power_without_the_positive(beta: float) -> None:
     assert chi_square_p(observed[expected > 0], expected[expected > 0]) > ALPHA, observed
 
 
+def test_a_large_beta_does_not_overflow_the_weights() -> None:
+    # 1e6 ** 200 overflows a float64; (count / 1e6) ** 200 leaves the top item all the mass
+    # but for underflow, and a row whose positive it is draws the next.
+    sampler = NegativeSampler(np.array([999_000, 1_000_000, 10]), beta=200.0)
+    drawn = sampler.sample(np.array([1, 0]), 50, np.random.default_rng(0))
+    assert (drawn[0] == 0).all() and (drawn[1] == 1).all()
+
+
 def test_negatives_avoid_a_positive_that_holds_almost_all_the_mass() -> None:
     sampler = NegativeSampler(np.array([1, 1, 300]), beta=1.0)
     drawn = sampler.sample(np.full(1000, 2), 10, np.random.default_rng(0))

@@ -307,6 +307,10 @@ def _train(args: argparse.Namespace) -> None:
                              "and --config")
         run = Run.open(args.out)
         record = run.record
+        if "morec" in record:
+            raise MorecError(f"{args.out}: a job's continued training, not a pretraining: "
+                             f"resume its job with morec-rec run --out {args.out.parent} "
+                             "--resume")
         config = build(TrainConfig, record["config"], args, f"{args.out / RECORD}: config")
         _keep_settings(args.out / RECORD, record["config"], config, _resumable(TrainConfig))
         _keep_epochs(args.out, config.max_epochs, "--max-epochs")

@@ -45,7 +45,9 @@ class NegativeSampler:
         if buckets_per_item < 1:
             raise MorecError(f"negative sampler: buckets_per_item {buckets_per_item} must be "
                              ">= 1")
-        weights = np.ones_like(counts) if beta == 0 else counts**beta
+        # Relative to the largest count, whose power cannot overflow (a large beta leaves
+        # the rarest items a weight of 0).
+        weights = np.ones_like(counts) if beta == 0 else (counts / counts.max()) ** beta
         drawable = np.flatnonzero(weights > 0)
         # With a single drawable item, a row whose positive is that item has no negative.
         if len(drawable) < 2:
