@@ -107,7 +107,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="morec-rec", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="morec-rec", description="MoRec's jobs: prepare data, pretrain a "
+                     "backbone, continue it with MoRec or a baseline, evaluate and compare.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     prepare = commands.add_parser("prepare", help="prepare a raw source into the data format")
