@@ -263,7 +263,7 @@ def _run_stages(dataset: PreparedDataset, out: Path, train_config: TrainConfig,
     results["selected"] = {name: checkpoint.read_meta(run.best, ("progress",))["progress"]["best"]
                            for name, run in runs.items() if name != "base"}
     results["control"] = control_record(morec_log)
-    results["settings"] = {**settings, "base": str(base_run.root)}
+    results["settings"] = {**settings, "base": str(base_run.root.resolve())}
     results["wall_s"] = wall_s
     if env.is_main:
         _plot(runs["morec"].root / "log.jsonl", out, test)
