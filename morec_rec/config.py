@@ -292,7 +292,8 @@ class MoRecConfig:
     #: losses: MoRec with the baseline as its coordinator (the paper's ablation).
     coordinator: CoordinatorName = "morec"
     #: p: preference over the objectives other than accuracy, in the sampler's order;
-    #: entries >= 0 that sum to 1 (empty when accuracy is the only objective).
+    #: entries >= 0 that sum to 1, > 0 under ``pe-mtl`` and ``epo`` (empty when accuracy
+    #: is the only objective).
     preference: tuple[float, ...] = (0.4, 0.3, 0.3)
     #: λ: scale of the non-accuracy terms; > 0. The paper's 0.2 with β >= 0.6 leaves the
     #: accuracy term dominant even at β's lower bound, so the controller has no authority.
@@ -367,6 +368,8 @@ class MoRecConfig:
         _check(all(p >= 0 for p in self.preference)
                and (not self.preference or abs(sum(self.preference) - 1) < 1e-6),
                "preference", self.preference, "entries >= 0 that sum to 1")
+        _check(self.coordinator not in ("pe-mtl", "epo") or all(p > 0 for p in self.preference),
+               "preference", self.preference, f"entries > 0 under coordinator {self.coordinator}")
         _check(self.scale > 0, "scale", self.scale, "> 0")
         _check(self.coefficients == "loss" or self.control == "validation", "coefficients",
                self.coefficients, "loss under control = training")
@@ -591,7 +594,13 @@ def _build(cls: type[C], file_values: dict[str, Any], args: argparse.Namespace |
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(file_values) - names)
     if unknown:
-        raise MorecError(f"config: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
+        owners = {key: [f"[{table}]" for other, (table, _) in SECTIONS.items()
+                        if key in {f.name for f in dataclasses.fields(other)}]
+                  for key in unknown}
+        hint = "".join(f"; {key} is a key of {' or '.join(tables)}"
+                       for key, tables in owners.items() if tables)
+        raise MorecError(f"config: unknown key(s) {', '.join(unknown)} for "
+                         f"{cls.__name__}{hint}")
     # The file's values are checked even where a flag overrides them.
     values = _typed(cls, file_values)
     if args is not None:

@@ -124,6 +124,16 @@ def test_prepare_settings_that_cannot_read_the_data_are_refused() -> None:
         PrepareConfig(min_rating=float("nan"))
 
 
+def test_a_key_in_the_wrong_table_names_the_tables_that_hold_it() -> None:
+    with pytest.raises(MorecError, match=re.escape(
+            "config: unknown key(s) objectives, speed for MoRecConfig; objectives is a key "
+            "of [sampler]")):
+        build(MoRecConfig, {"objectives": ["accuracy"], "speed": 1}, None)
+    with pytest.raises(MorecError, match=re.escape("seed is a key of [prepare] or [train] or "
+                                                   "[sampler]")):
+        build(MoRecConfig, {"seed": 1}, None)
+
+
 @pytest.mark.parametrize(("config", "field"), [
     (TrainConfig, "lr"), (TrainConfig, "negative_beta"), (MoRecConfig, "continued_lr")])
 def test_an_infinite_number_is_refused_where_a_bound_alone_would_take_it(config: type,

@@ -312,7 +312,8 @@ def test_resume_needs_a_job(tmp_path: Path) -> None:
     (["--objectives", "accuracy,novelty", "--preference", "1"], "unknown objective 'novelty'"),
     (["--coordinator", "pcgrad"], "config: coordinator = 'pcgrad' is out of range"),
     (["--coordinator", "epo", "--preference", "1,0,0"],
-     "coordinator epo: preference [1.0, 1.0, 0.0, 0.0] must be finite entries > 0"),
+     "config: preference = (1.0, 0.0, 0.0) is out of range (expected entries > 0 under "
+     "coordinator epo)"),
 ])
 def test_bad_settings_fail_before_training(tiny: Path, tmp_path: Path, args: list[str],
                                            message: str) -> None:
