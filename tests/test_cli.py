@@ -139,7 +139,8 @@ def test_flags_are_spelled_out(tmp_path: Path, capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as exited:
         main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "job"), "--epoch", "2"])
     assert exited.value.code == 2
-    assert "unrecognized arguments: --epoch 2" in _error(capsys)
+    assert _error(capsys).strip() == ("morec-rec run: error: unrecognized arguments: --epoch 2 "
+                                      "(see morec-rec run --help)")  # the command's flags
 
 
 def test_a_job_takes_its_seed_and_validation_users_from_train(tmp_path: Path) -> None:

@@ -105,11 +105,23 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """As argparse's, but a command's unknown flag is that command's error (its
+        ``--help`` lists its flags), not the top-level parser's."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            commands = next(action for action in self._actions
+                            if isinstance(action, argparse._SubParsersAction))
+            parser = commands.choices.get(getattr(parsed, "command_name", None), self)
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="morec-rec", description="MoRec's jobs: prepare data, pretrain a "
                      "backbone, continue it with MoRec or a baseline, evaluate and compare.")
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command_name")
 
     prepare = commands.add_parser("prepare", help="prepare a raw source into the data format")
     prepare.add_argument("--source", required=True, help="generic, amazon, tafeng or morec")
