@@ -854,6 +854,13 @@ def test_data_prepared_again_in_place_is_not_taken_for_the_runs(tmp_path: Path) 
         fails(run_cli(*args), f"{data}: prepared again since {out / 'run.json'} was written")
     synth()  # prepared again as it was: the same data
     assert run_cli("evaluate", "--run", str(out)).returncode == 0
+    job = tmp_path / "job"  # a job's record, of data prepared otherwise since
+    job.mkdir()
+    (job / "job.json").write_text(json.dumps({
+        "train": {}, "sampler": {}, "morec": {}, "data": str(data), "base": None,
+        "continued": False, "data_fingerprint": "0" * 64}))
+    fails(run_cli("run", "--out", str(job), "--resume"),
+          f"{data}: prepared again since {job / 'job.json'} was written")
 
 
 def test_a_checkpoint_lacking_an_identity_field_differs_unless_it_predates_the_field() -> None:
