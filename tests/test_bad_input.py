@@ -386,7 +386,8 @@ def test_a_pipe_as_input_is_not_called_missing(files: tuple[Path, Path], tmp_pat
     (["1", "1e20", "3"], "has a value 1e20 in row 1 after 9999-12-31"),
     (["2020-01-01", "2020-13-01", "2020-01-03"], "is not a time in row 1: '2020-13-01'"),
     (["2020-01-01", "17", "2020-01-03"], "is not a time in row 1: '17'"),
-    ([None, "2020-01-01Z", "2020-01-02"], "is not a time in row 1: '2020-01-01Z'"),
+    (["2020-01-02", "2020-01-01Z"], "is not a time in row 1: '2020-01-01Z'"),
+    (pa.array([None, None], pa.string()), "is empty in row 0"),
     (["2020-01-01T00:00:00Z", "2020-01-02T00:00:00"],  # a zone, then none
      "is not a time in row 1: '2020-01-02T00:00:00'"),
 ])

@@ -277,6 +277,7 @@ def to_seconds(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
     (9999-12-31), is an error naming the value.
     """
     values = _decoded(table[column])
+    require_values(values, column, path)
     kind = values.type
     if pa.types.is_timestamp(kind) or pa.types.is_date(kind):  # fractions of a second go
         seconds = pc.cast(pc.cast(values, pa.timestamp("s"), safe=False), pa.int64())
@@ -288,7 +289,6 @@ def to_seconds(table: pa.Table, column: str, path: Path) -> pa.ChunkedArray:
         number = _floats(values, column, path)
         _require_time_range(number, values, column, path)  # before int64 could overflow
         seconds = pc.cast(pc.floor(number), pa.int64())
-    require_values(seconds, column, path)
     _require_time_range(seconds, values, column, path)
     return seconds
 
@@ -321,12 +321,11 @@ def _parse_times(values: pa.ChunkedArray, column: str, path: Path) -> pa.Chunked
     numeric = pc.match_substring_regex(values, _NUMBER)
     if pc.drop_null(numeric)[0].as_py():
         _not_a_time(values, _first_index(pc.invert(numeric)), column, path)
-    first = _first_index(pc.is_valid(values))
     # The first time says which kind the column holds: Arrow parses a time with a zone
     # only as a zoned timestamp, one without only as a naive one.
-    kind = next((kind for kind in _TIME_KINDS if _parses(values.slice(first, 1), kind)), None)
+    kind = next((kind for kind in _TIME_KINDS if _parses(values.slice(0, 1), kind)), None)
     if kind is None:
-        _not_a_time(values, first, column, path)
+        _not_a_time(values, 0, column, path)
     try:
         times = pc.cast(values, kind)
     except pa.ArrowInvalid:
